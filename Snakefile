@@ -1,0 +1,23 @@
+# groundset: LAION URL lists -> filtered, grounded text-to-image data. See README.md.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+workdir: config["workdir"]
+
+
+include: "workflow/rules/download.smk"
+include: "workflow/rules/filter.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets,

@@ -1,0 +1,135 @@
+"""`groundset` command line: each pipeline stage outside Snakemake, calling the same functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, download_options, find_source, load_config
+
+
+def _source(config: dict, name: str | None) -> dict:
+    """The named source, or the only one when the config has a single source."""
+    if name is None:
+        if len(config["sources"]) != 1:
+            raise ConfigError("--source is required when the config has several sources")
+        return config["sources"][0]
+    return find_source(config, name)
+
+
+def cmd_prefilter(args: argparse.Namespace, config: dict) -> dict:
+    """Drop URL-list rows whose metadata fails a later filter."""
+    from .prefilter import PrefilterRules, run_prefilter
+
+    source = _source(config, args.source)
+    opts = download_options(config, source)
+    return run_prefilter(
+        args.input or source["url_list"],
+        args.outdir,
+        args.stats or Path(args.outdir).with_name(Path(args.outdir).name + "_stats.json"),
+        PrefilterRules.from_config(config, opts),
+        source["save_additional_columns"],
+        opts["prefilter"]["batch_rows"],
+    )
+
+
+def cmd_download(args: argparse.Namespace, config: dict) -> dict:
+    """Download a (prefiltered) URL list with img2dataset."""
+    from .download import download_source
+
+    source = _source(config, args.source)
+    return download_source(
+        args.input or source["url_list"],
+        args.outdir,
+        args.stats or Path(args.outdir).with_name(Path(args.outdir).name + "_stats.json"),
+        download_options(config, source),
+        source["save_additional_columns"],
+        serve_dir=source.get("serve_dir"),
+    )
+
+
+def cmd_manifest(args: argparse.Namespace, config: dict) -> dict:
+    """Walk img2dataset output into a manifest JSONL."""
+    from .manifest import build_manifest
+
+    columns = None
+    name = args.source
+    if config is not None:
+        source = _source(config, args.source)
+        name, columns = source["name"], source["save_additional_columns"]
+    if name is None:
+        raise ConfigError("--source is required without a config")
+    return build_manifest(args.input, args.output, name, columns, args.stats)
+
+
+def cmd_split(args: argparse.Namespace, config: dict) -> dict:
+    """Split a manifest into shards."""
+    from .split import split_manifest
+
+    shard_size = args.shard_size or config["shard_size"]
+    index = split_manifest(args.input, args.outdir, shard_size)
+    return {"records": index["records"], "shards": len(index["shards"]), "shard_size": shard_size}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `groundset` command."""
+    parser = argparse.ArgumentParser(prog="groundset", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"groundset {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", default=None, help="config YAML (default: config/config.yaml)")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("prefilter", cmd_prefilter, cmd_prefilter.__doc__)
+    p.add_argument("--source", help="source name in the config")
+    p.add_argument("--input", help="parquet file or folder (default: the source's url_list)")
+    p.add_argument("--outdir", required=True, help="folder for the filtered parquet files")
+    p.add_argument("--stats", help="stats JSON (default: <outdir>_stats.json)")
+
+    p = add("download", cmd_download, cmd_download.__doc__)
+    p.add_argument("--source", help="source name in the config")
+    p.add_argument("--input", help="parquet file or folder (default: the source's url_list)")
+    p.add_argument("--outdir", required=True, help="img2dataset output folder")
+    p.add_argument("--stats", help="stats JSON (default: <outdir>_stats.json)")
+
+    p = add("manifest", cmd_manifest, cmd_manifest.__doc__)
+    p.add_argument("--source", help="source name (recorded in each record)")
+    p.add_argument("--input", required=True, help="img2dataset output folder")
+    p.add_argument("--output", required=True, help="manifest JSONL to write")
+    p.add_argument("--stats", help="stats JSON to write")
+
+    p = add("split", cmd_split, cmd_split.__doc__)
+    p.add_argument("--input", required=True, help="manifest JSONL")
+    p.add_argument("--outdir", required=True, help="folder for shard_{i}.jsonl and index.json")
+    p.add_argument("--shard-size", type=int, help="records per shard (default: config shard_size)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `groundset` console command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        needs_config = args.command != "manifest" or args.config or args.source is None
+        config = load_config(args.config) if needs_config else None
+        result = args.func(args, config)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
+        print(f"groundset {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Download stage: run the real img2dataset on a (prefiltered) parquet URL list, resumably."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import IO
+
+import pyarrow.parquet as pq
+
+from .io import atomic_write, read_json, write_json
+from .prefilter import list_parquet_files
+from .sample_server import proxy_env, serve
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "groundset_url_list.sha256"
+# Keys of the `download` config that are groundset's own, not img2dataset arguments.
+NOT_IMG2DATASET = {"prefilter", "extra_args"}
+
+
+def img2dataset_kwargs(opts: dict, url_list: str, output_folder: str, save_columns: list[str]) -> dict:
+    """Keyword arguments of `img2dataset.download` for one source."""
+    kwargs = {k: v for k, v in opts.items() if k not in NOT_IMG2DATASET}
+    kwargs.update(opts.get("extra_args", {}))
+    kwargs.update(
+        url_list=str(url_list),
+        output_folder=str(output_folder),
+        save_additional_columns=list(save_columns),
+        incremental_mode="incremental",
+    )
+    return kwargs
+
+
+def img2dataset_command(kwargs: dict) -> list[str]:
+    """The img2dataset command line (fire syntax) for `kwargs`, run with this interpreter."""
+    args = [sys.executable, "-m", "img2dataset.main"]
+    for key, value in kwargs.items():
+        if isinstance(value, list | dict):
+            value = json.dumps(value)
+        args.append(f"--{key}={value}")
+    return args
+
+
+def url_list_rows(files: list[Path]) -> int:
+    """Total rows of parquet files, read from their footers."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def url_list_fingerprint(files: list[Path]) -> str:
+    """Cheap identity of a URL list: names, sizes and the parquet footers (last 64 KiB)."""
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as handle:
+            handle.seek(max(0, size - 65536))
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def prepare_output(output_folder: Path, fingerprint: str) -> bool:
+    """Keep a resumable download folder if it was made from the same URL list, else clear it."""
+    marker = output_folder / FINGERPRINT_FILE
+    if output_folder.exists():
+        previous = marker.read_text().strip() if marker.exists() else None
+        if previous == fingerprint:
+            log.info("resuming download in %s (img2dataset skips finished shards)", output_folder)
+            return True
+        log.warning("%s was made from another URL list: removing it", output_folder)
+        shutil.rmtree(output_folder)
+    output_folder.mkdir(parents=True)
+    with atomic_write(marker) as handle:
+        handle.write(fingerprint + "\n")
+    return False
+
+
+def collect_stats(output_folder: str | os.PathLike) -> dict:
+    """Sum img2dataset's per-shard `*_stats.json` files into one summary."""
+    totals: Counter = Counter()
+    status: Counter = Counter()
+    shards = 0
+    for path in sorted(Path(output_folder).glob("*_stats.json")):
+        shard = read_json(path)
+        shards += 1
+        for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            totals[key] += int(shard.get(key, 0))
+        status.update({k: int(v) for k, v in shard.get("status_dict", {}).items()})
+    return {
+        "shards": shards,
+        "count": totals["count"],
+        "successes": totals["successes"],
+        "failed_to_download": totals["failed_to_download"],
+        "failed_to_resize": totals["failed_to_resize"],
+        "status": dict(sorted(status.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }
+
+
+def run_img2dataset(kwargs: dict, env: dict, stdout: IO | None = None) -> None:
+    """Run img2dataset in a child process; raise if it fails."""
+    cmd = img2dataset_command(kwargs)
+    log.info("running: %s", " ".join(cmd[1:]))
+    done = subprocess.run(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None)
+    if done.returncode != 0:
+        raise RuntimeError(f"img2dataset exited with status {done.returncode}")
+
+
+def download_source(
+    url_list: str | os.PathLike,
+    output_folder: str | os.PathLike,
+    stats_path: str | os.PathLike,
+    opts: dict,
+    save_columns: list[str],
+    serve_dir: str | os.PathLike | None = None,
+    stdout: IO | None = None,
+) -> dict:
+    """Download every row of `url_list` into `output_folder` (img2dataset `files`), write stats."""
+    output_folder = Path(output_folder).resolve()
+    files = list_parquet_files(url_list)
+    expected = url_list_rows(files)
+    prepare_output(output_folder, url_list_fingerprint(files))
+    if expected:
+        kwargs = img2dataset_kwargs(opts, str(Path(url_list).resolve()), str(output_folder), save_columns)
+        env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+        if not kwargs.get("enable_wandb"):
+            env["WANDB_MODE"] = "disabled"
+        with contextlib.ExitStack() as stack:
+            if serve_dir:
+                env = proxy_env(stack.enter_context(serve(serve_dir)), env)
+            run_img2dataset(kwargs, env, stdout)
+    stats = collect_stats(output_folder)
+    stats["rows_in_url_list"] = expected
+    if stats["count"] != expected:
+        raise RuntimeError(
+            f"img2dataset processed {stats['count']} of {expected} rows of {url_list}; "
+            "rerun to resume the missing shards"
+        )
+    write_json(stats_path, stats)
+    log.info(
+        "%s: %d of %d downloaded, %d failed to download, %d failed to resize",
+        output_folder, stats["successes"], expected, stats["failed_to_download"], stats["failed_to_resize"],
+    )
+    return stats

@@ -1,0 +1,79 @@
+import os
+import re
+
+from snakemake.utils import validate
+
+from groundset.config import check_config, download_options, find_source
+from groundset.prefilter import PrefilterRules
+from groundset.split import read_index
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+check_config(config)
+
+# User paths are relative to where snakemake starts; make them absolute before `workdir:`.
+for _source in config["sources"]:
+    _source["url_list"] = os.path.abspath(_source["url_list"])
+    if _source["serve_dir"]:
+        _source["serve_dir"] = os.path.abspath(_source["serve_dir"])
+
+SOURCES = [source["name"] for source in config["sources"]]
+
+
+wildcard_constraints:
+    source="|".join(re.escape(name) for name in SOURCES),
+    shard=r"\d+",
+
+
+def source_config(wildcards):
+    """The config entry of the source named by the `source` wildcard."""
+    return find_source(config, wildcards.source)
+
+
+def source_download(wildcards):
+    """Effective img2dataset settings of a source (global `download` plus its overrides)."""
+    return download_options(config, source_config(wildcards))
+
+
+def img2dataset_options(wildcards):
+    """The img2dataset part of a source's download settings (the prefilter's are not its business)."""
+    return {k: v for k, v in source_download(wildcards).items() if k != "prefilter"}
+
+
+def prefilter_rules(wildcards):
+    """Thresholds of the pre-download filter of a source, from the filter stage's keys."""
+    return vars(PrefilterRules.from_config(config, source_download(wildcards)))
+
+
+def url_list(wildcards):
+    """The URL list (parquet file or folder) of a source."""
+    return source_config(wildcards)["url_list"]
+
+
+def download_threads(wildcards):
+    """img2dataset processes for a source (Snakemake caps it at the available cores)."""
+    return source_download(wildcards)["processes_count"]
+
+
+def shard_ids(source):
+    """Shard indices of a source, known once its manifest is indexed (checkpoint)."""
+    index = checkpoints.index_shards.get(source=source).output.index
+    return [entry["shard"] for entry in read_index(index)["shards"]]
+
+
+def source_shard_counts(source):
+    """Per-shard count files of a source (the placeholder consumer of the shards)."""
+    return expand("shard_counts/{source}/shard_{shard}.json", source=source, shard=shard_ids(source))
+
+
+def shard_counts(wildcards):
+    """Input function: per-shard count files of the `source` wildcard."""
+    return source_shard_counts(wildcards.source)
+
+
+def all_targets(wildcards):
+    """Final outputs of the DAG; per-shard outputs are listed so a deleted one is remade."""
+    targets = expand("shard_counts/{source}.json", source=SOURCES)
+    for source in SOURCES:
+        targets += source_shard_counts(source)
+    return targets

@@ -1,0 +1,42 @@
+rule prefilter_urls:
+    input:
+        url_list,
+    output:
+        urls=directory("url_lists/{source}"),
+        stats="url_lists/{source}_stats.json",
+    log:
+        "logs/prefilter_urls/{source}.log",
+    benchmark:
+        "benchmarks/prefilter_urls/{source}.tsv"
+    params:
+        rules=prefilter_rules,
+        batch_rows=lambda wildcards: source_download(wildcards)["prefilter"]["batch_rows"],
+        columns=lambda wildcards: source_config(wildcards)["save_additional_columns"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    script:
+        "../scripts/prefilter_urls.py"
+
+
+rule download_images:
+    input:
+        urls="url_lists/{source}",
+    output:
+        stats="downloads/{source}_stats.json",
+    log:
+        "logs/download_images/{source}.log",
+    benchmark:
+        "benchmarks/download_images/{source}.tsv"
+    params:
+        folder="downloads/{source}",
+        download=img2dataset_options,
+        columns=lambda wildcards: source_config(wildcards)["save_additional_columns"],
+        serve_dir=lambda wildcards: source_config(wildcards)["serve_dir"],
+    threads: download_threads
+    resources:
+        mem_mb=8000,
+        runtime=24 * 60,
+    script:
+        "../scripts/download_images.py"
