@@ -75,6 +75,17 @@ def cmd_split(args: argparse.Namespace, config: dict) -> dict:
     return {"records": index["records"], "shards": len(index["shards"]), "shard_size": shard_size}
 
 
+def cmd_summary(args: argparse.Namespace, config: dict) -> dict | None:
+    """Print counts per stage of a run from its stats files."""
+    from .summary import collect, format_summary
+
+    summary = collect(args.workdir or config["workdir"])
+    if args.json:
+        return summary
+    print(format_summary(summary))
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `groundset` command."""
     parser = argparse.ArgumentParser(prog="groundset", description=__doc__)
@@ -110,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="manifest JSONL")
     p.add_argument("--outdir", required=True, help="folder for shard_{i}.jsonl and index.json")
     p.add_argument("--shard-size", type=int, help="records per shard (default: config shard_size)")
+
+    p = add("summary", cmd_summary, cmd_summary.__doc__)
+    p.add_argument("--workdir", help="the run's workdir (default: the config's workdir)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -121,13 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        needs_config = args.command != "manifest" or args.config or args.source is None
+        needs_config = not (
+            (args.command == "manifest" and args.source and not args.config)
+            or (args.command == "summary" and args.workdir and not args.config)
+        )
         config = load_config(args.config) if needs_config else None
         result = args.func(args, config)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
         print(f"groundset {args.command}: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2, default=str))
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ def load_schema(name: str = "config") -> dict:
     """Read `workflow/schemas/<name>.schema.yaml`."""
     path = SCHEMA_DIR / f"{name}.schema.yaml"
     if not path.exists():
-        raise FileNotFoundError(f"schema {path} not found (is groundset installed from its repository?)")
+        raise FileNotFoundError(
+            f"schema {path} not found (is groundset installed from its repository?)"
+        )
     with open(path, encoding="utf-8") as handle:
         return yaml.safe_load(handle)
 
@@ -68,7 +71,9 @@ def check_config(config: dict, source: str = "config") -> dict:
         if errors:
             raise ConfigError(
                 f"{source}: sources/{src['name']}/download: "
-                + "; ".join(f"{'/'.join(map(str, e.absolute_path)) or '.'}: {e.message}" for e in errors)
+                + "; ".join(
+                    f"{'/'.join(map(str, e.absolute_path)) or '.'}: {e.message}" for e in errors
+                )
             )
     return config
 
@@ -99,4 +104,40 @@ def find_source(config: dict, name: str) -> dict:
     for source in config["sources"]:
         if source["name"] == name:
             return source
-    raise KeyError(f"no source named {name!r} in config (have: {[s['name'] for s in config['sources']]})")
+    raise KeyError(
+        f"no source named {name!r} in config (have: {[s['name'] for s in config['sources']]})"
+    )
+
+
+def _type_name(schema: dict) -> str:
+    """A short type label for the config table."""
+    kind = schema.get("type", "")
+    kind = " or ".join(kind) if isinstance(kind, list) else kind
+    if "enum" in schema:
+        kind += " (" + ", ".join(str(v) for v in schema["enum"]) + ")"
+    return kind
+
+
+def config_table(schema: dict | None = None) -> str:
+    """Markdown table of every config key (path, type, default, description) from the schema."""
+    schema = schema or load_schema("config")
+    rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+
+    def walk(node: dict, prefix: str) -> None:
+        for name, sub in node.get("properties", {}).items():
+            path = f"{prefix}{name}"
+            default = "" if "default" not in sub else f"`{json.dumps(sub['default'])}`"
+            if "default" not in sub and name in node.get("required", []):
+                default = "required"
+            description = sub.get("description", "").replace("|", "\\|")
+            rows.append(f"| `{path}` | {_type_name(sub)} | {default} | {description} |")
+            walk(sub, path + ".")
+            if isinstance(sub.get("items"), dict):
+                walk(sub["items"], path + "[].")
+
+    walk(schema, "")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(config_table())

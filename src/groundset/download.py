@@ -27,7 +27,9 @@ FINGERPRINT_FILE = "groundset_url_list.sha256"
 NOT_IMG2DATASET = {"prefilter", "extra_args"}
 
 
-def img2dataset_kwargs(opts: dict, url_list: str, output_folder: str, save_columns: list[str]) -> dict:
+def img2dataset_kwargs(
+    opts: dict, url_list: str, output_folder: str, save_columns: list[str]
+) -> dict:
     """Keyword arguments of `img2dataset.download` for one source."""
     kwargs = {k: v for k, v in opts.items() if k not in NOT_IMG2DATASET}
     kwargs.update(opts.get("extra_args", {}))
@@ -128,7 +130,9 @@ def download_source(
     expected = url_list_rows(files)
     prepare_output(output_folder, url_list_fingerprint(files))
     if expected:
-        kwargs = img2dataset_kwargs(opts, str(Path(url_list).resolve()), str(output_folder), save_columns)
+        kwargs = img2dataset_kwargs(
+            opts, str(Path(url_list).resolve()), str(output_folder), save_columns
+        )
         env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
         if not kwargs.get("enable_wandb"):
             env["WANDB_MODE"] = "disabled"
@@ -146,6 +150,10 @@ def download_source(
     write_json(stats_path, stats)
     log.info(
         "%s: %d of %d downloaded, %d failed to download, %d failed to resize",
-        output_folder, stats["successes"], expected, stats["failed_to_download"], stats["failed_to_resize"],
+        output_folder,
+        stats["successes"],
+        expected,
+        stats["failed_to_download"],
+        stats["failed_to_resize"],
     )
     return stats

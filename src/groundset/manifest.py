@@ -18,8 +18,18 @@ log = logging.getLogger(__name__)
 
 # Keys img2dataset writes into every sidecar .json; anything else is a saved extra column.
 IMG2DATASET_KEYS = {
-    "caption", "url", "key", "status", "error_message", "width", "height",
-    "original_width", "original_height", "exif", "sha256", "md5",
+    "caption",
+    "url",
+    "key",
+    "status",
+    "error_message",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "exif",
+    "sha256",
+    "md5",
 }
 SIDE_EXTENSIONS = {".json", ".txt", ".parquet"}
 
@@ -123,5 +133,7 @@ def build_manifest(
     }
     if stats_path:
         write_json(stats_path, stats)
-    log.info("%s: %d records, %d failed downloads", output, stats["records"], stats["failed_downloads"])
+    log.info(
+        "%s: %d records, %d failed downloads", output, stats["records"], stats["failed_downloads"]
+    )
     return stats

@@ -45,7 +45,9 @@ def _handler(root: Path, host: str) -> type[BaseHTTPRequestHandler]:
                 return
             body = path.read_bytes()
             self.send_response(200)
-            self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+            self.send_header(
+                "Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            )
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

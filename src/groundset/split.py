@@ -37,10 +37,15 @@ def index_manifest(path: str | os.PathLike, shard_size: int, block: int = BLOCK)
     records = 0
     pos = 0
     last_byte = NEWLINE  # a file that starts with a newline starts with a blank line
-    with open(path, "rb") as handle, tqdm(total=size, unit="B", unit_scale=True, desc="index", mininterval=5) as bar:
+    with (
+        open(path, "rb") as handle,
+        tqdm(total=size, unit="B", unit_scale=True, desc="index", mininterval=5) as bar,
+    ):
         while chunk := handle.read(block):
             if b"\n\n" in chunk or (last_byte == NEWLINE and chunk[0] == NEWLINE):
-                raise ValueError(f"{path}: blank line near byte {pos}; every line must be one JSON record")
+                raise ValueError(
+                    f"{path}: blank line near byte {pos}; every line must be one JSON record"
+                )
             lines = chunk.count(b"\n")
             if records + lines >= shard_size * (len(ends) + 1):
                 newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == NEWLINE)
@@ -54,14 +59,15 @@ def index_manifest(path: str | os.PathLike, shard_size: int, block: int = BLOCK)
             bar.update(len(chunk))
     if size and last_byte != NEWLINE:
         records += 1  # a last line without its newline is still a record
-    if not ends or ends[-1] != size:
-        if records > len(ends) * shard_size:
-            ends.append(size)
-    starts = [0, *ends[:-1]]
+    if records > len(ends) * shard_size:  # a last, partial shard
+        ends.append(size)
+    starts = [0, *ends[:-1]] if ends else []
     shards = []
     for i, (start, end) in enumerate(zip(starts, ends, strict=True)):
         count = min(shard_size, records - i * shard_size)
-        shards.append({"shard": i, "file": shard_name(i), "start": start, "end": end, "records": count})
+        shards.append(
+            {"shard": i, "file": shard_name(i), "start": start, "end": end, "records": count}
+        )
     return {
         "manifest": str(path.resolve()),
         "manifest_bytes": size,
@@ -103,9 +109,9 @@ def write_shard(index: dict, shard: int, output: str | os.PathLike) -> int:
     with open(manifest, "rb") as src, atomic_write(output, "wb") as dst:
         dst.flush()
         _copy_range(src.fileno(), dst.fileno(), entry["start"], entry["end"] - entry["start"])
-        if entry["end"] == index["manifest_bytes"] and entry["end"] > entry["start"]:
-            if os.pread(src.fileno(), 1, entry["end"] - 1) != b"\n":
-                os.write(dst.fileno(), b"\n")
+        at_eof = entry["end"] == index["manifest_bytes"] and entry["end"] > entry["start"]
+        if at_eof and os.pread(src.fileno(), 1, entry["end"] - 1) != b"\n":
+            os.write(dst.fileno(), b"\n")
     return entry["records"]
 
 
@@ -146,6 +152,12 @@ def summarize_counts(index: dict, counts: list[dict]) -> dict:
     by_shard = {c["shard"]: c["records"] for c in counts}
     expected = {e["shard"]: e["records"] for e in index["shards"]}
     if by_shard != expected:
-        bad = sorted(s for s in expected.keys() | by_shard.keys() if by_shard.get(s) != expected.get(s))
+        bad = sorted(
+            s for s in expected.keys() | by_shard.keys() if by_shard.get(s) != expected.get(s)
+        )
         raise RuntimeError(f"shard record counts differ from the index for shards {bad}")
-    return {"shards": len(expected), "records": sum(by_shard.values()), "records_per_shard": by_shard}
+    return {
+        "shards": len(expected),
+        "records": sum(by_shard.values()),
+        "records_per_shard": by_shard,
+    }

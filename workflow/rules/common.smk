@@ -7,7 +7,6 @@ from groundset.config import check_config, download_options, find_source
 from groundset.prefilter import PrefilterRules
 from groundset.split import read_index
 
-
 validate(config, schema="../schemas/config.schema.yaml")
 check_config(config)
 
@@ -63,7 +62,9 @@ def shard_ids(source):
 
 def source_shard_counts(source):
     """Per-shard count files of a source (the placeholder consumer of the shards)."""
-    return expand("shard_counts/{source}/shard_{shard}.json", source=source, shard=shard_ids(source))
+    return expand(
+        "shard_counts/{source}/shard_{shard}.json", source=source, shard=shard_ids(source)
+    )
 
 
 def shard_counts(wildcards):

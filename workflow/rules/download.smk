@@ -8,14 +8,16 @@ rule prefilter_urls:
         "logs/prefilter_urls/{source}.log",
     benchmark:
         "benchmarks/prefilter_urls/{source}.tsv"
-    params:
-        rules=prefilter_rules,
-        batch_rows=lambda wildcards: source_download(wildcards)["prefilter"]["batch_rows"],
-        columns=lambda wildcards: source_config(wildcards)["save_additional_columns"],
+    conda:
+        "../envs/groundset.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=60,
+    params:
+        rules=prefilter_rules,
+        batch_rows=lambda wildcards: source_download(wildcards)["prefilter"]["batch_rows"],
+        columns=lambda wildcards: source_config(wildcards)["save_additional_columns"],
     script:
         "../scripts/prefilter_urls.py"
 
@@ -29,14 +31,16 @@ rule download_images:
         "logs/download_images/{source}.log",
     benchmark:
         "benchmarks/download_images/{source}.tsv"
-    params:
-        folder="downloads/{source}",
-        download=img2dataset_options,
-        columns=lambda wildcards: source_config(wildcards)["save_additional_columns"],
-        serve_dir=lambda wildcards: source_config(wildcards)["serve_dir"],
+    conda:
+        "../envs/groundset.yaml"
     threads: download_threads
     resources:
         mem_mb=8000,
         runtime=24 * 60,
+    params:
+        folder=lambda wildcards, output: output.stats.removesuffix("_stats.json"),
+        download=img2dataset_options,
+        columns=lambda wildcards: source_config(wildcards)["save_additional_columns"],
+        serve_dir=lambda wildcards: source_config(wildcards)["serve_dir"],
     script:
         "../scripts/download_images.py"

@@ -8,13 +8,15 @@ rule build_manifest:
         "logs/build_manifest/{source}.log",
     benchmark:
         "benchmarks/build_manifest/{source}.tsv"
-    params:
-        folder="downloads/{source}",
-        columns=lambda wildcards: source_config(wildcards)["save_additional_columns"],
+    conda:
+        "../envs/groundset.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=120,
+    params:
+        folder=lambda wildcards, input: input[0].removesuffix("_stats.json"),
+        columns=lambda wildcards: source_config(wildcards)["save_additional_columns"],
     script:
         "../scripts/build_manifest.py"
 
@@ -26,12 +28,14 @@ checkpoint index_shards:
         index="shards/{source}/index.json",
     log:
         "logs/index_shards/{source}.log",
-    params:
-        shard_size=config["shard_size"],
+    conda:
+        "../envs/groundset.yaml"
     threads: 1
     resources:
         mem_mb=500,
         runtime=60,
+    params:
+        shard_size=config["shard_size"],
     script:
         "../scripts/index_shards.py"
 
@@ -44,6 +48,8 @@ rule write_shard:
         "shards/{source}/shard_{shard}.jsonl",
     log:
         "logs/write_shard/{source}/{shard}.log",
+    conda:
+        "../envs/groundset.yaml"
     threads: 1
     resources:
         mem_mb=500,
@@ -60,6 +66,8 @@ rule count_shard:
         "shard_counts/{source}/shard_{shard}.json",
     log:
         "logs/count_shard/{source}/{shard}.log",
+    conda:
+        "../envs/groundset.yaml"
     threads: 1
     resources:
         mem_mb=500,
@@ -76,6 +84,8 @@ rule summarize_shard_counts:
         "shard_counts/{source}.json",
     log:
         "logs/summarize_shard_counts/{source}.log",
+    conda:
+        "../envs/groundset.yaml"
     threads: 1
     resources:
         mem_mb=500,

@@ -4,4 +4,6 @@ from groundset.runlog import log_to
 from groundset.split import index_manifest, write_index
 
 with log_to(snakemake.log[0]):
-    write_index(index_manifest(snakemake.input[0], snakemake.params.shard_size), snakemake.output.index)
+    write_index(
+        index_manifest(snakemake.input[0], snakemake.params.shard_size), snakemake.output.index
+    )

@@ -56,7 +56,9 @@ def gradient(width: int, height: int, seed: int) -> Image.Image:
     for _ in range(4):
         x0, y0 = rng.integers(0, width * 3 // 4), rng.integers(0, height * 3 // 4)
         size = int(min(width, height) * rng.uniform(0.1, 0.3))
-        draw.ellipse((x0, y0, x0 + size, y0 + size), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        draw.ellipse(
+            (x0, y0, x0 + size, y0 + size), fill=tuple(int(v) for v in rng.integers(0, 255, 3))
+        )
     return img
 
 
@@ -72,45 +74,189 @@ def build_images() -> list[dict]:
     rows = []
 
     def add(name, size, text, source, meta_size=True):
-        rows.append({"name": name, "size": size, "text": text, "source": source, "meta_size": meta_size})
+        rows.append(
+            {"name": name, "size": size, "text": text, "source": source, "meta_size": meta_size}
+        )
 
     hr, aes = "hr", "aes"
     # Real photos as they are (all under 1024 px): half carry WIDTH/HEIGHT (dropped before
     # download), half have no size metadata (downloaded, then dropped by the shape filter).
-    add("astronaut.jpg", save(photo("astronaut"), "astronaut.jpg", quality=QUALITY), "astronaut in a space suit with the american flag", hr)
-    add("chelsea.jpg", save(photo("chelsea"), "chelsea.jpg", quality=QUALITY), "tabby cat chelsea looking at the camera", hr, meta_size=False)
-    add("coffee.jpg", save(photo("coffee"), "coffee.jpg", quality=QUALITY), "cup of coffee on a saucer", aes)
-    add("rocket.jpg", save(photo("rocket"), "rocket.jpg", quality=QUALITY), "rocket on the launch pad", aes, meta_size=False)
-    add("hubble.jpg", save(photo("hubble_deep_field"), "hubble.jpg", quality=QUALITY), "hubble deep field galaxies", hr, meta_size=False)
-    add("ihc.jpg", save(photo("immunohistochemistry"), "ihc.jpg", quality=QUALITY), "immunohistochemistry stained tissue", aes)
+    add(
+        "astronaut.jpg",
+        save(photo("astronaut"), "astronaut.jpg", quality=QUALITY),
+        "astronaut in a space suit with the american flag",
+        hr,
+    )
+    add(
+        "chelsea.jpg",
+        save(photo("chelsea"), "chelsea.jpg", quality=QUALITY),
+        "tabby cat chelsea looking at the camera",
+        hr,
+        meta_size=False,
+    )
+    add(
+        "coffee.jpg",
+        save(photo("coffee"), "coffee.jpg", quality=QUALITY),
+        "cup of coffee on a saucer",
+        aes,
+    )
+    add(
+        "rocket.jpg",
+        save(photo("rocket"), "rocket.jpg", quality=QUALITY),
+        "rocket on the launch pad",
+        aes,
+        meta_size=False,
+    )
+    add(
+        "hubble.jpg",
+        save(photo("hubble_deep_field"), "hubble.jpg", quality=QUALITY),
+        "hubble deep field galaxies",
+        hr,
+        meta_size=False,
+    )
+    add(
+        "ihc.jpg",
+        save(photo("immunohistochemistry"), "ihc.jpg", quality=QUALITY),
+        "immunohistochemistry stained tissue",
+        aes,
+    )
     # The same photos upscaled past 1024 px, aspect kept (0.67 to 1.5).
-    add("astronaut_1024.jpg", save(upscale(photo("astronaut"), 1024), "astronaut_1024.jpg", quality=QUALITY), "astronaut portrait high resolution", hr)
-    add("chelsea_1536x1024.jpg", save(upscale(photo("chelsea"), 1024), "chelsea_1536x1024.jpg", quality=QUALITY), "cat with green eyes close up", hr)
-    add("coffee_1536x1024.jpg", save(upscale(photo("coffee"), 1024), "coffee_1536x1024.jpg", quality=QUALITY), "coffee cup with latte art on a table", aes)
-    add("rocket_1535x1024.jpg", save(upscale(photo("rocket"), 1024), "rocket_1535x1024.jpg", quality=QUALITY), "space shuttle before launch", hr)
-    add("hubble_1174x1024.jpg", save(upscale(photo("hubble_deep_field"), 1024), "hubble_1174x1024.jpg", quality=QUALITY), "deep space galaxies wallpaper", aes)
-    add("ihc_1100.jpg", save(upscale(photo("immunohistochemistry"), 1100), "ihc_1100.jpg", quality=QUALITY), "microscope image of cells", hr)
-    add("retina.jpg", save(photo("retina"), "retina.jpg", quality=QUALITY), "retina fundus photograph", aes)
+    add(
+        "astronaut_1024.jpg",
+        save(upscale(photo("astronaut"), 1024), "astronaut_1024.jpg", quality=QUALITY),
+        "astronaut portrait high resolution",
+        hr,
+    )
+    add(
+        "chelsea_1536x1024.jpg",
+        save(upscale(photo("chelsea"), 1024), "chelsea_1536x1024.jpg", quality=QUALITY),
+        "cat with green eyes close up",
+        hr,
+    )
+    add(
+        "coffee_1536x1024.jpg",
+        save(upscale(photo("coffee"), 1024), "coffee_1536x1024.jpg", quality=QUALITY),
+        "coffee cup with latte art on a table",
+        aes,
+    )
+    add(
+        "rocket_1535x1024.jpg",
+        save(upscale(photo("rocket"), 1024), "rocket_1535x1024.jpg", quality=QUALITY),
+        "space shuttle before launch",
+        hr,
+    )
+    add(
+        "hubble_1174x1024.jpg",
+        save(upscale(photo("hubble_deep_field"), 1024), "hubble_1174x1024.jpg", quality=QUALITY),
+        "deep space galaxies wallpaper",
+        aes,
+    )
+    add(
+        "ihc_1100.jpg",
+        save(upscale(photo("immunohistochemistry"), 1100), "ihc_1100.jpg", quality=QUALITY),
+        "microscope image of cells",
+        hr,
+    )
+    add(
+        "retina.jpg",
+        save(photo("retina"), "retina.jpg", quality=QUALITY),
+        "retina fundus photograph",
+        aes,
+    )
     # Real content at the wrong aspect ratio (wider than 2:1, taller than 1:2).
-    add("coffee_wide_2200x1024.jpg", save(crop_to(photo("coffee"), 2200, 1024), "coffee_wide_2200x1024.jpg", quality=QUALITY), "panorama of a coffee table", hr)
-    add("rocket_tall_1024x2100.jpg", save(crop_to(photo("rocket"), 1024, 2100), "rocket_tall_1024x2100.jpg", quality=QUALITY), "tall poster of a rocket", aes, meta_size=False)
+    add(
+        "coffee_wide_2200x1024.jpg",
+        save(crop_to(photo("coffee"), 2200, 1024), "coffee_wide_2200x1024.jpg", quality=QUALITY),
+        "panorama of a coffee table",
+        hr,
+    )
+    add(
+        "rocket_tall_1024x2100.jpg",
+        save(crop_to(photo("rocket"), 1024, 2100), "rocket_tall_1024x2100.jpg", quality=QUALITY),
+        "tall poster of a rocket",
+        aes,
+        meta_size=False,
+    )
     # Generated images at the boundaries of the shape and aspect filters.
-    add("gen_2048x1024.jpg", save(gradient(2048, 1024, 1), "gen_2048x1024.jpg", quality=QUALITY), "abstract wide banner", hr)
-    add("gen_1024x2048.jpg", save(gradient(1024, 2048, 2), "gen_1024x2048.jpg", quality=QUALITY), "abstract tall banner", hr)
-    add("gen_1023x1023.jpg", save(gradient(1023, 1023, 3), "gen_1023x1023.jpg", quality=QUALITY), "abstract square just too small", hr, meta_size=False)
-    add("gen_1024x1024.jpg", save(gradient(1024, 1024, 4), "gen_1024x1024.jpg", quality=QUALITY), "abstract square", aes)
-    add("gen_1280x720.jpg", save(gradient(1280, 720, 5), "gen_1280x720.jpg", quality=QUALITY), "abstract landscape hd", hr)
-    add("gen_3000x2000.jpg", save(gradient(3000, 2000, 6), "gen_3000x2000.jpg", quality=QUALITY), "abstract large photo", aes)
+    add(
+        "gen_2048x1024.jpg",
+        save(gradient(2048, 1024, 1), "gen_2048x1024.jpg", quality=QUALITY),
+        "abstract wide banner",
+        hr,
+    )
+    add(
+        "gen_1024x2048.jpg",
+        save(gradient(1024, 2048, 2), "gen_1024x2048.jpg", quality=QUALITY),
+        "abstract tall banner",
+        hr,
+    )
+    add(
+        "gen_1023x1023.jpg",
+        save(gradient(1023, 1023, 3), "gen_1023x1023.jpg", quality=QUALITY),
+        "abstract square just too small",
+        hr,
+        meta_size=False,
+    )
+    add(
+        "gen_1024x1024.jpg",
+        save(gradient(1024, 1024, 4), "gen_1024x1024.jpg", quality=QUALITY),
+        "abstract square",
+        aes,
+    )
+    add(
+        "gen_1280x720.jpg",
+        save(gradient(1280, 720, 5), "gen_1280x720.jpg", quality=QUALITY),
+        "abstract landscape hd",
+        hr,
+    )
+    add(
+        "gen_3000x2000.jpg",
+        save(gradient(3000, 2000, 6), "gen_3000x2000.jpg", quality=QUALITY),
+        "abstract large photo",
+        aes,
+    )
     # Other encodings: PNG with alpha, palette PNG, 16-bit PNG, WEBP, grayscale and CMYK JPEG, animated GIF.
-    add("gen_rgba_1200.png", save(gradient(1200, 1200, 7).convert("RGBA"), "gen_rgba_1200.png"), "logo with transparency", hr)
-    add("gen_palette_1100.png", save(gradient(1100, 1100, 8).convert("P", palette=Image.ADAPTIVE), "gen_palette_1100.png"), "flat colour illustration", aes)
-    sixteen = (np.asarray(gradient(1024, 1024, 9).convert("L"), dtype=np.uint16) * 257)
-    add("gen_16bit_1024.png", save(Image.fromarray(sixteen), "gen_16bit_1024.png"), "sixteen bit grayscale scan", hr)
-    add("gen_1280x1024.webp", save(gradient(1280, 1024, 10), "gen_1280x1024.webp", quality=QUALITY), "webp image", aes)
-    add("gen_gray_1100.jpg", save(gradient(1100, 1100, 11).convert("L"), "gen_gray_1100.jpg", quality=QUALITY), "black and white photo", hr)
-    add("gen_cmyk_1200x1024.jpg", save(gradient(1200, 1024, 12).convert("CMYK"), "gen_cmyk_1200x1024.jpg", quality=QUALITY), "print ready cmyk image", aes)
+    add(
+        "gen_rgba_1200.png",
+        save(gradient(1200, 1200, 7).convert("RGBA"), "gen_rgba_1200.png"),
+        "logo with transparency",
+        hr,
+    )
+    add(
+        "gen_palette_1100.png",
+        save(gradient(1100, 1100, 8).convert("P", palette=Image.ADAPTIVE), "gen_palette_1100.png"),
+        "flat colour illustration",
+        aes,
+    )
+    sixteen = np.asarray(gradient(1024, 1024, 9).convert("L"), dtype=np.uint16) * 257
+    add(
+        "gen_16bit_1024.png",
+        save(Image.fromarray(sixteen), "gen_16bit_1024.png"),
+        "sixteen bit grayscale scan",
+        hr,
+    )
+    add(
+        "gen_1280x1024.webp",
+        save(gradient(1280, 1024, 10), "gen_1280x1024.webp", quality=QUALITY),
+        "webp image",
+        aes,
+    )
+    add(
+        "gen_gray_1100.jpg",
+        save(gradient(1100, 1100, 11).convert("L"), "gen_gray_1100.jpg", quality=QUALITY),
+        "black and white photo",
+        hr,
+    )
+    add(
+        "gen_cmyk_1200x1024.jpg",
+        save(gradient(1200, 1024, 12).convert("CMYK"), "gen_cmyk_1200x1024.jpg", quality=QUALITY),
+        "print ready cmyk image",
+        aes,
+    )
     frames = [gradient(1024, 1024, 20 + i).convert("P", palette=Image.ADAPTIVE) for i in range(3)]
-    frames[0].save(WWW / "gen_animated_1024.gif", save_all=True, append_images=frames[1:], duration=200, loop=0)
+    frames[0].save(
+        WWW / "gen_animated_1024.gif", save_all=True, append_images=frames[1:], duration=200, loop=0
+    )
     add("gen_animated_1024.gif", (1024, 1024), "animated gif", hr)
     # Broken on purpose: a text file named .jpg, a truncated JPEG, an empty file, a missing file, an unknown host.
     (WWW / "not_an_image.jpg").write_text("<html><body>this is not an image</body></html>\n")
@@ -135,7 +281,11 @@ def url_lists(rows: list[dict]) -> None:
     ):
         records = []
         for row in (r for r in rows if r["source"] == source):
-            url = "http://unreachable.groundset.invalid/photo.jpg" if row["name"].startswith("@") else HOST + row["name"]
+            url = (
+                "http://unreachable.groundset.invalid/photo.jpg"
+                if row["name"].startswith("@")
+                else HOST + row["name"]
+            )
             width, height = row["size"] if row["meta_size"] else (None, None)
             record = {
                 "URL": url,

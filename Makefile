@@ -1,0 +1,46 @@
+# The README's two commands: `make sample` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.groundset-installed
+SNAKEMAKE := $(BIN)/snakemake
+
+.PHONY: install sample test lint format bench clean-sample
+
+# Install groundset and everything its rules run into .venv (once; again when pyproject.toml changes).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Run the whole workflow on the bundled sample, served on loopback; outputs in results/sample.
+sample: install
+	$(SNAKEMAKE) --profile profiles/local --configfile config/sample.yaml
+	@echo
+	@echo "== groundset sample: counts per stage (results/sample) =="
+	@$(BIN)/groundset summary --config config/sample.yaml
+
+# Lint and test (what CI runs).
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(SNAKEMAKE) --lint --configfile config/sample.yaml
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	$(BIN)/snakefmt Snakefile workflow/rules
+
+bench: install
+	$(BIN)/python bench/bench_manifest.py
+	$(BIN)/python bench/bench_split.py
+
+clean-sample:
+	rm -rf results/sample

@@ -1,0 +1,53 @@
+"""Counts per stage of a run, read from the stats files the stages write."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .io import read_json
+
+
+def _per_source(folder: Path, pattern: str) -> dict[str, dict]:
+    """Stats files `folder/<source><suffix>` keyed by source."""
+    prefix, suffix = pattern.split("*")
+    found = {}
+    for path in sorted(folder.glob(pattern)):
+        found[path.name[len(prefix) : len(path.name) - len(suffix)]] = read_json(path)
+    return found
+
+
+def collect(workdir: str | os.PathLike) -> dict[str, dict]:
+    """Per source: rows in the URL list, kept by the prefilter, downloaded, in the manifest, shards."""
+    workdir = Path(workdir)
+    pre = _per_source(workdir / "url_lists", "*_stats.json")
+    down = _per_source(workdir / "downloads", "*_stats.json")
+    man = _per_source(workdir / "manifest", "*_stats.json")
+    summary: dict[str, dict] = {}
+    for source in sorted(set(pre) | set(down) | set(man)):
+        row: dict = {}
+        if source in pre:
+            row["url_rows"] = pre[source]["rows_in"]
+            row["prefilter_dropped"] = {k: v for k, v in pre[source]["dropped"].items() if v}
+            row["to_download"] = pre[source]["rows_out"]
+        if source in down:
+            row["downloaded"] = down[source]["successes"]
+            row["failed_download"] = down[source]["failed_to_download"]
+            row["failed_decode"] = down[source]["failed_to_resize"]
+        if source in man:
+            row["manifest_records"] = man[source]["records"]
+        index = workdir / "shards" / source / "index.json"
+        if index.exists():
+            row["shards"] = len(read_json(index)["shards"])
+        summary[source] = row
+    return summary
+
+
+def format_summary(summary: dict[str, dict]) -> str:
+    """A short human-readable table of `collect`'s result."""
+    lines = []
+    for source, row in summary.items():
+        lines.append(f"{source}:")
+        for key, value in row.items():
+            lines.append(f"  {key:<18} {value}")
+    return "\n".join(lines) if lines else "no stats found"

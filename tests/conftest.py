@@ -1,0 +1,67 @@
+"""Shared fixtures: repository paths, tiny parquet URL lists, and a Snakemake runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "tests" / "data" / "sample"
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    """Write rows as a parquet file (nullable integer columns kept nullable)."""
+    frame = pd.DataFrame.from_records(rows)
+    for column in ("WIDTH", "HEIGHT"):
+        if column in frame:
+            frame[column] = frame[column].astype("Int64")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def run_snakemake(args: list[str], cwd: Path = ROOT, check: bool = True, timeout: int = 900):
+    """Run the real snakemake CLI of this interpreter; return the completed process."""
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled")
+    done = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"snakemake failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def write_config(path: Path, config: dict) -> Path:
+    """Write a YAML config file."""
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def laion_rows() -> list[dict]:
+    """A few URL-list rows in LAION's laion-high-resolution schema."""
+    return [
+        {"URL": "http://x/a.jpg", "TEXT": "a", "WIDTH": 2048, "HEIGHT": 1536, "similarity": 0.3,
+         "hash": 1, "punsafe": 0.01, "pwatermark": 0.1, "LANGUAGE": "en"},
+        {"URL": "http://x/b.jpg", "TEXT": "b", "WIDTH": 800, "HEIGHT": 1200, "similarity": 0.3,
+         "hash": 2, "punsafe": 0.2, "pwatermark": 0.9, "LANGUAGE": "en"},
+        {"URL": "http://x/c.jpg", "TEXT": "c", "WIDTH": 3000, "HEIGHT": 1024, "similarity": 0.3,
+         "hash": 3, "punsafe": 0.5, "pwatermark": 0.2, "LANGUAGE": "de"},
+        {"URL": "http://x/d.jpg", "TEXT": "d", "WIDTH": None, "HEIGHT": None, "similarity": 0.3,
+         "hash": 4, "punsafe": None, "pwatermark": 0.95, "LANGUAGE": "en"},
+        {"URL": "", "TEXT": "e", "WIDTH": 2048, "HEIGHT": 2048, "similarity": 0.3,
+         "hash": 5, "punsafe": 0.0, "pwatermark": 0.0, "LANGUAGE": "en"},
+        {"URL": "http://x/f.jpg", "TEXT": "f", "WIDTH": 2048, "HEIGHT": 1024, "similarity": 0.3,
+         "hash": 6, "punsafe": 0.0, "pwatermark": 0.0, "LANGUAGE": "en"},
+    ]

@@ -1,0 +1,94 @@
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_parquet
+from groundset.prefilter import PrefilterRules, list_parquet_files, prefilter_url_list, run_prefilter
+
+COLUMNS = ["similarity", "hash", "punsafe", "pwatermark", "LANGUAGE"]
+
+
+def urls(path):
+    return pq.read_table(path).column("URL").to_pylist()
+
+
+def test_size_and_aspect_rules_drop_before_download(tmp_path, laion_rows):
+    src = write_parquet(tmp_path / "in" / "part0.parquet", laion_rows)
+    stats = prefilter_url_list(src, tmp_path / "out", PrefilterRules(), COLUMNS)
+    # b: 800 px wide (too small); c: 3000/1024 = 2.93 (aspect); e: empty URL; d: no size -> kept.
+    assert urls(tmp_path / "out" / "part0.parquet") == ["http://x/a.jpg", "http://x/d.jpg", "http://x/f.jpg"]
+    assert stats["rows_in"] == 6 and stats["rows_out"] == 3
+    assert stats["dropped"] == {"missing_url": 1, "too_small": 1, "aspect_ratio": 1, "punsafe": 0, "pwatermark": 0}
+    # every column survives, values intact
+    table = pq.read_table(tmp_path / "out" / "part0.parquet")
+    assert table.column_names == list(laion_rows[0])
+    assert table.column("hash").to_pylist() == [1, 4, 6]
+
+
+def test_boundaries_are_inclusive_like_the_filter_stage(tmp_path):
+    rows = [
+        {"URL": "u1", "WIDTH": 1024, "HEIGHT": 1024},  # exactly the minimum
+        {"URL": "u2", "WIDTH": 2048, "HEIGHT": 1024},  # ratio exactly 2.0
+        {"URL": "u3", "WIDTH": 1024, "HEIGHT": 2048},  # ratio exactly 0.5
+        {"URL": "u4", "WIDTH": 1023, "HEIGHT": 4000},  # one px too narrow
+        {"URL": "u5", "WIDTH": 2049, "HEIGHT": 1024},  # ratio just over 2
+        {"URL": "u6", "WIDTH": 0, "HEIGHT": 1024},  # unknown size: keep
+    ]
+    src = write_parquet(tmp_path / "l.parquet", rows)
+    stats = prefilter_url_list(src, tmp_path / "out", PrefilterRules())
+    assert urls(tmp_path / "out" / "l.parquet") == ["u1", "u2", "u3", "u6"]
+    assert stats["dropped"]["too_small"] == 1 and stats["dropped"]["aspect_ratio"] == 1
+
+
+def test_thresholds_come_from_the_rules(tmp_path, laion_rows):
+    src = write_parquet(tmp_path / "l.parquet", laion_rows)
+    rules = PrefilterRules(min_width=512, min_height=512, max_ratio=3.0, max_punsafe=0.1, max_pwatermark=0.9)
+    stats = prefilter_url_list(src, tmp_path / "out", rules)
+    # b fails punsafe (0.2), c fails punsafe (0.5), d fails pwatermark (0.95) and has null punsafe.
+    assert urls(tmp_path / "out" / "l.parquet") == ["http://x/a.jpg", "http://x/f.jpg"]
+    assert stats["dropped"] == {"missing_url": 1, "too_small": 0, "aspect_ratio": 0, "punsafe": 2, "pwatermark": 1}
+
+
+def test_disabled_size_filter_and_missing_columns_keep_rows(tmp_path):
+    rows = [{"URL": "u1", "TEXT": "t"}, {"URL": "u2", "TEXT": "t"}]
+    src = write_parquet(tmp_path / "l.parquet", rows)
+    stats = prefilter_url_list(src, tmp_path / "out", PrefilterRules(max_punsafe=0.1))
+    assert stats["rows_out"] == 2
+    src = write_parquet(tmp_path / "m.parquet", [{"URL": "u", "WIDTH": 10, "HEIGHT": 10}])
+    assert prefilter_url_list(src, tmp_path / "o2", PrefilterRules(size_filter=False))["rows_out"] == 1
+
+
+def test_folder_input_streams_in_batches(tmp_path):
+    for k in range(3):
+        rows = [{"URL": f"u{k}_{i}", "WIDTH": 2000 if i % 2 else 100, "HEIGHT": 2000} for i in range(1000)]
+        write_parquet(tmp_path / "in" / f"part{k}.parquet", rows)
+    stats = run_prefilter(tmp_path / "in", tmp_path / "out", tmp_path / "s.json", PrefilterRules(), batch_rows=64)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part0.parquet", "part1.parquet", "part2.parquet"]
+    assert stats["rows_in"] == 3000 and stats["rows_out"] == 1500
+    assert json.loads((tmp_path / "s.json").read_text())["dropped"]["too_small"] == 1500
+    assert urls(tmp_path / "out" / "part1.parquet")[:2] == ["u1_1", "u1_3"]
+
+
+def test_all_rows_dropped_still_writes_a_readable_file(tmp_path):
+    src = write_parquet(tmp_path / "l.parquet", [{"URL": "u", "WIDTH": 5, "HEIGHT": 5}])
+    prefilter_url_list(src, tmp_path / "out", PrefilterRules())
+    assert pq.read_table(tmp_path / "out" / "l.parquet").num_rows == 0
+
+
+def test_clear_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.parquet does not exist"):
+        list_parquet_files(tmp_path / "nowhere.parquet")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        list_parquet_files(tmp_path / "empty")
+    src = write_parquet(tmp_path / "nourl.parquet", [{"url": "u", "TEXT": "t"}])
+    with pytest.raises(ValueError, match=r"nourl.parquet: missing column\(s\) \['URL'\]"):
+        prefilter_url_list(src, tmp_path / "out", PrefilterRules())
+    src = write_parquet(tmp_path / "nocol.parquet", [{"URL": "u"}])
+    with pytest.raises(ValueError, match=r"nocol.parquet: missing column\(s\) \['LANGUAGE'\]"):
+        prefilter_url_list(src, tmp_path / "out", PrefilterRules(), ["LANGUAGE"])
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="bad.parquet: not a readable parquet file"):
+        prefilter_url_list(bad, tmp_path / "out", PrefilterRules())
