@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,16 +53,115 @@ def write_config(path: Path, config: dict) -> Path:
 def laion_rows() -> list[dict]:
     """A few URL-list rows in LAION's laion-high-resolution schema."""
     return [
-        {"URL": "http://x/a.jpg", "TEXT": "a", "WIDTH": 2048, "HEIGHT": 1536, "similarity": 0.3,
-         "hash": 1, "punsafe": 0.01, "pwatermark": 0.1, "LANGUAGE": "en"},
-        {"URL": "http://x/b.jpg", "TEXT": "b", "WIDTH": 800, "HEIGHT": 1200, "similarity": 0.3,
-         "hash": 2, "punsafe": 0.2, "pwatermark": 0.9, "LANGUAGE": "en"},
-        {"URL": "http://x/c.jpg", "TEXT": "c", "WIDTH": 3000, "HEIGHT": 1024, "similarity": 0.3,
-         "hash": 3, "punsafe": 0.5, "pwatermark": 0.2, "LANGUAGE": "de"},
-        {"URL": "http://x/d.jpg", "TEXT": "d", "WIDTH": None, "HEIGHT": None, "similarity": 0.3,
-         "hash": 4, "punsafe": None, "pwatermark": 0.95, "LANGUAGE": "en"},
-        {"URL": "", "TEXT": "e", "WIDTH": 2048, "HEIGHT": 2048, "similarity": 0.3,
-         "hash": 5, "punsafe": 0.0, "pwatermark": 0.0, "LANGUAGE": "en"},
-        {"URL": "http://x/f.jpg", "TEXT": "f", "WIDTH": 2048, "HEIGHT": 1024, "similarity": 0.3,
-         "hash": 6, "punsafe": 0.0, "pwatermark": 0.0, "LANGUAGE": "en"},
+        {
+            "URL": "http://x/a.jpg",
+            "TEXT": "a",
+            "WIDTH": 2048,
+            "HEIGHT": 1536,
+            "similarity": 0.3,
+            "hash": 1,
+            "punsafe": 0.01,
+            "pwatermark": 0.1,
+            "LANGUAGE": "en",
+        },
+        {
+            "URL": "http://x/b.jpg",
+            "TEXT": "b",
+            "WIDTH": 800,
+            "HEIGHT": 1200,
+            "similarity": 0.3,
+            "hash": 2,
+            "punsafe": 0.2,
+            "pwatermark": 0.9,
+            "LANGUAGE": "en",
+        },
+        {
+            "URL": "http://x/c.jpg",
+            "TEXT": "c",
+            "WIDTH": 3000,
+            "HEIGHT": 1024,
+            "similarity": 0.3,
+            "hash": 3,
+            "punsafe": 0.5,
+            "pwatermark": 0.2,
+            "LANGUAGE": "de",
+        },
+        {
+            "URL": "http://x/d.jpg",
+            "TEXT": "d",
+            "WIDTH": None,
+            "HEIGHT": None,
+            "similarity": 0.3,
+            "hash": 4,
+            "punsafe": None,
+            "pwatermark": 0.95,
+            "LANGUAGE": "en",
+        },
+        {
+            "URL": "",
+            "TEXT": "e",
+            "WIDTH": 2048,
+            "HEIGHT": 2048,
+            "similarity": 0.3,
+            "hash": 5,
+            "punsafe": 0.0,
+            "pwatermark": 0.0,
+            "LANGUAGE": "en",
+        },
+        {
+            "URL": "http://x/f.jpg",
+            "TEXT": "f",
+            "WIDTH": 2048,
+            "HEIGHT": 1024,
+            "similarity": 0.3,
+            "hash": 6,
+            "punsafe": 0.0,
+            "pwatermark": 0.0,
+            "LANGUAGE": "en",
+        },
     ]
+
+
+def fake_download(root, shards, per_shard, failures=0):
+    """An img2dataset `files` tree: per shard `per_shard` successes and `failures` failed rows."""
+    for s in range(shards):
+        folder = root / f"{s:05d}"
+        folder.mkdir(parents=True)
+        for i in range(per_shard):
+            key = f"{s:05d}{i:04d}"
+            (folder / f"{key}.jpg").write_bytes(b"\xff\xd8")
+            (folder / f"{key}.txt").write_text(f"caption {key}")
+            (folder / f"{key}.json").write_text(
+                json.dumps(
+                    {
+                        "caption": f"caption {key}",
+                        "url": f"http://x/{key}.jpg",
+                        "key": key,
+                        "status": "success",
+                        "error_message": None,
+                        "width": 1024 + i,
+                        "height": 768,
+                        "original_width": 1024 + i,
+                        "original_height": 768,
+                        "exif": "{}",
+                        "sha256": "0" * 64,
+                        "similarity": 0.31,
+                        "hash": 123,
+                        "punsafe": float("nan"),
+                        "pwatermark": 0.2,
+                        "LANGUAGE": "en",
+                    }
+                )
+            )
+        (root / f"{s:05d}_stats.json").write_text(
+            json.dumps(
+                {
+                    "count": per_shard + failures,
+                    "successes": per_shard,
+                    "failed_to_download": failures,
+                    "failed_to_resize": 0,
+                    "status_dict": {"success": per_shard, "HTTP Error 404": failures},
+                }
+            )
+        )
+    return root

@@ -4,7 +4,13 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from groundset.config import ConfigError, download_options, load_config, load_schema, validate_config
+from groundset.config import (
+    ConfigError,
+    download_options,
+    load_config,
+    load_schema,
+    validate_config,
+)
 
 
 def test_default_config_validates_with_seed_values():
@@ -15,7 +21,13 @@ def test_default_config_validates_with_seed_values():
     names = [s["name"] for s in config["sources"]]
     assert names == ["laion-high-resolution", "laion-aesthetics_v2_4.75"]
     hr, aes = config["sources"]
-    assert hr["save_additional_columns"] == ["similarity", "hash", "punsafe", "pwatermark", "LANGUAGE"]
+    assert hr["save_additional_columns"] == [
+        "similarity",
+        "hash",
+        "punsafe",
+        "pwatermark",
+        "LANGUAGE",
+    ]
     assert aes["save_additional_columns"][-1] == "AESTHETIC_SCORE"
     opts = download_options(config, hr)
     assert opts["processes_count"] == 30 and download_options(config, aes)["processes_count"] == 16
@@ -51,7 +63,9 @@ def test_wrong_values_name_the_key(patch, message):
 
 def test_duplicate_sources_and_bad_overrides_are_rejected():
     with pytest.raises(ConfigError, match="duplicate source names: s"):
-        validate_config({"sources": [{"name": "s", "url_list": "a"}, {"name": "s", "url_list": "b"}]})
+        validate_config(
+            {"sources": [{"name": "s", "url_list": "a"}, {"name": "s", "url_list": "b"}]}
+        )
     bad = {"sources": [{"name": "s", "url_list": "a", "download": {"thread_cnt": 3}}]}
     with pytest.raises(ConfigError, match=r"sources/s/download.*thread_cnt"):
         validate_config(bad)
@@ -61,9 +75,13 @@ def test_duplicate_sources_and_bad_overrides_are_rejected():
 
 
 def test_per_source_override_merges_nested_prefilter():
-    config = validate_config({
-        "sources": [{"name": "s", "url_list": "a", "download": {"prefilter": {"max_punsafe": 0.1}}}],
-    })
+    config = validate_config(
+        {
+            "sources": [
+                {"name": "s", "url_list": "a", "download": {"prefilter": {"max_punsafe": 0.1}}}
+            ],
+        }
+    )
     opts = download_options(config, config["sources"][0])
     assert opts["prefilter"]["max_punsafe"] == 0.1 and opts["prefilter"]["enabled"] is True
 

@@ -18,10 +18,22 @@ from groundset.download import (
 from groundset.sample_server import SAMPLE_HOST
 
 OPTS = {
-    "input_format": "parquet", "url_col": "URL", "caption_col": "TEXT", "output_format": "files",
-    "image_size": 1024, "resize_only_if_bigger": True, "resize_mode": "no", "skip_reencode": True,
-    "encode_format": "jpg", "processes_count": 1, "thread_count": 4, "number_sample_per_shard": 2,
-    "timeout": 5, "retries": 0, "enable_wandb": False, "extra_args": {"compute_hash": "md5"},
+    "input_format": "parquet",
+    "url_col": "URL",
+    "caption_col": "TEXT",
+    "output_format": "files",
+    "image_size": 1024,
+    "resize_only_if_bigger": True,
+    "resize_mode": "no",
+    "skip_reencode": True,
+    "encode_format": "jpg",
+    "processes_count": 1,
+    "thread_count": 4,
+    "number_sample_per_shard": 2,
+    "timeout": 5,
+    "retries": 0,
+    "enable_wandb": False,
+    "extra_args": {"compute_hash": "md5"},
     "prefilter": {"enabled": True},
 }
 
@@ -32,21 +44,48 @@ def test_kwargs_and_command_carry_the_seed_settings():
     assert kwargs["compute_hash"] == "md5" and kwargs["incremental_mode"] == "incremental"
     cmd = img2dataset_command(kwargs)
     assert cmd[:3] == [sys.executable, "-m", "img2dataset.main"]
-    for arg in ("--url_list=in", "--output_folder=out", "--image_size=1024", "--resize_mode=no",
-                "--resize_only_if_bigger=True", "--skip_reencode=True", "--enable_wandb=False",
-                '--save_additional_columns=["similarity", "LANGUAGE"]', "--input_format=parquet",
-                "--url_col=URL", "--caption_col=TEXT", "--output_format=files"):
+    for arg in (
+        "--url_list=in",
+        "--output_folder=out",
+        "--image_size=1024",
+        "--resize_mode=no",
+        "--resize_only_if_bigger=True",
+        "--skip_reencode=True",
+        "--enable_wandb=False",
+        '--save_additional_columns=["similarity", "LANGUAGE"]',
+        "--input_format=parquet",
+        "--url_col=URL",
+        "--caption_col=TEXT",
+        "--output_format=files",
+    ):
         assert arg in cmd
 
 
 def test_collect_stats_sums_shards(tmp_path):
     for i, (count, ok) in enumerate([(10, 7), (5, 5)]):
-        (tmp_path / f"{i:05d}_stats.json").write_text(json.dumps({
-            "count": count, "successes": ok, "failed_to_download": count - ok, "failed_to_resize": 0,
-            "status_dict": {"success": ok, **({"HTTP Error 404": count - ok} if count > ok else {})}}))
+        (tmp_path / f"{i:05d}_stats.json").write_text(
+            json.dumps(
+                {
+                    "count": count,
+                    "successes": ok,
+                    "failed_to_download": count - ok,
+                    "failed_to_resize": 0,
+                    "status_dict": {
+                        "success": ok,
+                        **({"HTTP Error 404": count - ok} if count > ok else {}),
+                    },
+                }
+            )
+        )
     stats = collect_stats(tmp_path)
-    assert stats == {"shards": 2, "count": 15, "successes": 12, "failed_to_download": 3,
-                     "failed_to_resize": 0, "status": {"success": 12, "HTTP Error 404": 3}}
+    assert stats == {
+        "shards": 2,
+        "count": 15,
+        "successes": 12,
+        "failed_to_download": 3,
+        "failed_to_resize": 0,
+        "status": {"success": 12, "HTTP Error 404": 3},
+    }
 
 
 def test_prepare_output_resumes_same_list_and_clears_another(tmp_path):
@@ -73,9 +112,20 @@ def served(tmp_path):
     (www / "img").mkdir(parents=True)
     for i, size in enumerate([(1200, 1100), (1100, 1500), (2000, 1000)]):
         Image.new("RGB", size, (40 * i, 90, 200)).save(www / "img" / f"p{i}.jpg", quality=90)
-    rows = [{"URL": f"http://{SAMPLE_HOST}/img/p{i}.jpg", "TEXT": f"photo {i}", "WIDTH": 1, "HEIGHT": 1,
-             "similarity": 0.3, "hash": i, "punsafe": 0.001, "pwatermark": 0.5, "LANGUAGE": "en"}
-            for i in range(3)]
+    rows = [
+        {
+            "URL": f"http://{SAMPLE_HOST}/img/p{i}.jpg",
+            "TEXT": f"photo {i}",
+            "WIDTH": 1,
+            "HEIGHT": 1,
+            "similarity": 0.3,
+            "hash": i,
+            "punsafe": 0.001,
+            "pwatermark": 0.5,
+            "LANGUAGE": "en",
+        }
+        for i in range(3)
+    ]
     rows.insert(1, {**rows[0], "URL": f"http://{SAMPLE_HOST}/img/gone.jpg", "TEXT": "gone"})
     url_list = write_parquet(tmp_path / "urls" / "list.parquet", rows)
     return www, url_list
@@ -86,7 +136,9 @@ def test_real_img2dataset_download_and_resume(tmp_path, served):
     out, stats_path = tmp_path / "dl", tmp_path / "dl_stats.json"
     columns = ["similarity", "hash", "punsafe", "pwatermark", "LANGUAGE"]
     with open(tmp_path / "log.txt", "w") as log:
-        stats = download_source(url_list.parent, out, stats_path, OPTS, columns, serve_dir=www, stdout=log)
+        stats = download_source(
+            url_list.parent, out, stats_path, OPTS, columns, serve_dir=www, stdout=log
+        )
     assert stats["count"] == 4 and stats["successes"] == 3 and stats["failed_to_download"] == 1
     assert stats["shards"] == 2 and stats["status"]["HTTP Error 404: not found"] == 1
     saved = sorted(out.glob("0000*/*.jpg"))
@@ -102,7 +154,9 @@ def test_real_img2dataset_download_and_resume(tmp_path, served):
     (out / "00001_stats.json").unlink()
     (out / "00001.parquet").unlink()
     with open(tmp_path / "log.txt", "a") as log:
-        stats2 = download_source(url_list.parent, out, stats_path, OPTS, columns, serve_dir=www, stdout=log)
+        stats2 = download_source(
+            url_list.parent, out, stats_path, OPTS, columns, serve_dir=www, stdout=log
+        )
     assert stats2 == json.loads(stats_path.read_text()) and stats2["successes"] == 3
     assert (out / "00000" / "000000.jpg").stat().st_mtime_ns == kept
     assert (out / "00001" / "000011.jpg").exists()

@@ -2,7 +2,14 @@ import json
 
 import pytest
 
-from groundset.io import atomic_write, clean_json_value, dumps_record, iter_jsonl, write_json, write_jsonl
+from groundset.io import (
+    atomic_write,
+    clean_json_value,
+    dumps_record,
+    iter_jsonl,
+    write_json,
+    write_jsonl,
+)
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -20,7 +27,10 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
 
 def test_clean_json_value_maps_nan_to_none():
     assert clean_json_value({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"}) == {
-        "a": None, "b": [1.0, None], "c": "x"}
+        "a": None,
+        "b": [1.0, None],
+        "c": "x",
+    }
 
 
 def test_dumps_record_is_strict_utf8_json():

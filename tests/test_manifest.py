@@ -2,28 +2,9 @@ import json
 
 import pytest
 
+from conftest import fake_download
 from groundset.io import iter_jsonl
 from groundset.manifest import build_manifest, make_record
-
-
-def fake_download(root, shards, per_shard, failures=0):
-    """An img2dataset `files` tree: per shard `per_shard` successes and `failures` failed rows."""
-    for s in range(shards):
-        folder = root / f"{s:05d}"
-        folder.mkdir(parents=True)
-        for i in range(per_shard):
-            key = f"{s:05d}{i:04d}"
-            (folder / f"{key}.jpg").write_bytes(b"\xff\xd8")
-            (folder / f"{key}.txt").write_text(f"caption {key}")
-            (folder / f"{key}.json").write_text(json.dumps({
-                "caption": f"caption {key}", "url": f"http://x/{key}.jpg", "key": key, "status": "success",
-                "error_message": None, "width": 1024 + i, "height": 768, "original_width": 1024 + i,
-                "original_height": 768, "exif": "{}", "sha256": "0" * 64,
-                "similarity": 0.31, "hash": 123, "punsafe": float("nan"), "pwatermark": 0.2, "LANGUAGE": "en"}))
-        (root / f"{s:05d}_stats.json").write_text(json.dumps({
-            "count": per_shard + failures, "successes": per_shard, "failed_to_download": failures,
-            "failed_to_resize": 0, "status_dict": {"success": per_shard, "HTTP Error 404": failures}}))
-    return root
 
 
 def test_manifest_records_follow_the_design_format(tmp_path):
@@ -32,16 +13,30 @@ def test_manifest_records_follow_the_design_format(tmp_path):
     cols = ["similarity", "hash", "punsafe", "pwatermark", "LANGUAGE"]
     stats = build_manifest(root, out, "laion-high-resolution", cols, tmp_path / "s.json")
     records = list(iter_jsonl(out))
-    assert [r["image_id"] for r in records] == ["000000000", "000000001", "000000002",
-                                                "000010000", "000010001", "000010002"]
+    assert [r["image_id"] for r in records] == [
+        "000000000",
+        "000000001",
+        "000000002",
+        "000010000",
+        "000010001",
+        "000010002",
+    ]
     first = records[0]
     assert first["image"] == [str((root / "00000" / "000000000.jpg").resolve())]
     assert first["text"] == "caption 000000000" and first["source"] == "laion-high-resolution"
     assert first["url"] == "http://x/000000000.jpg"
-    assert first["meta"] == {"similarity": 0.31, "hash": 123, "punsafe": None, "pwatermark": 0.2, "LANGUAGE": "en"}
+    assert first["meta"] == {
+        "similarity": 0.31,
+        "hash": 123,
+        "punsafe": None,
+        "pwatermark": 0.2,
+        "LANGUAGE": "en",
+    }
     assert (first["width"], first["height"]) == (1024, 768)
     assert stats["records"] == 6 and stats["failed_downloads"] == 4
-    assert json.loads((tmp_path / "s.json").read_text())["download"]["status"]["HTTP Error 404"] == 4
+    assert (
+        json.loads((tmp_path / "s.json").read_text())["download"]["status"]["HTTP Error 404"] == 4
+    )
     assert "NaN" not in out.read_text()
 
 
@@ -50,7 +45,9 @@ def test_unusable_entries_are_counted_not_listed(tmp_path):
     (root / "00000" / "000000001.jpg").unlink()  # image vanished
     (root / "00000" / "000000002.json").write_text("{truncated")  # corrupt sidecar
     side = json.loads((root / "00000" / "000000003.json").read_text())
-    (root / "00000" / "000000003.json").write_text(json.dumps({**side, "status": "failed_to_download"}))
+    (root / "00000" / "000000003.json").write_text(
+        json.dumps({**side, "status": "failed_to_download"})
+    )
     (root / "_tmp").mkdir()  # img2dataset's scratch folder is not a shard
     (root / "notes.txt").write_text("x")
     stats = build_manifest(root, tmp_path / "m.jsonl", "s")
@@ -60,10 +57,17 @@ def test_unusable_entries_are_counted_not_listed(tmp_path):
 
 
 def test_columns_are_inferred_without_a_config(tmp_path):
-    record = make_record(tmp_path / "00000" / "000000005.webp",
-                         {"caption": None, "url": "u", "key": "k", "status": "success", "AESTHETIC_SCORE": 6.1},
-                         "aes", None)
-    assert record["meta"] == {"AESTHETIC_SCORE": 6.1} and record["text"] == "" and record["image_id"] == "000000005"
+    record = make_record(
+        tmp_path / "00000" / "000000005.webp",
+        {"caption": None, "url": "u", "key": "k", "status": "success", "AESTHETIC_SCORE": 6.1},
+        "aes",
+        None,
+    )
+    assert (
+        record["meta"] == {"AESTHETIC_SCORE": 6.1}
+        and record["text"] == ""
+        and record["image_id"] == "000000005"
+    )
 
 
 def test_missing_download_folder_is_a_clear_error(tmp_path):

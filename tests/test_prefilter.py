@@ -4,7 +4,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_parquet
-from groundset.prefilter import PrefilterRules, list_parquet_files, prefilter_url_list, run_prefilter
+from groundset.prefilter import (
+    PrefilterRules,
+    list_parquet_files,
+    prefilter_url_list,
+    run_prefilter,
+)
 
 COLUMNS = ["similarity", "hash", "punsafe", "pwatermark", "LANGUAGE"]
 
@@ -17,9 +22,19 @@ def test_size_and_aspect_rules_drop_before_download(tmp_path, laion_rows):
     src = write_parquet(tmp_path / "in" / "part0.parquet", laion_rows)
     stats = prefilter_url_list(src, tmp_path / "out", PrefilterRules(), COLUMNS)
     # b: 800 px wide (too small); c: 3000/1024 = 2.93 (aspect); e: empty URL; d: no size -> kept.
-    assert urls(tmp_path / "out" / "part0.parquet") == ["http://x/a.jpg", "http://x/d.jpg", "http://x/f.jpg"]
+    assert urls(tmp_path / "out" / "part0.parquet") == [
+        "http://x/a.jpg",
+        "http://x/d.jpg",
+        "http://x/f.jpg",
+    ]
     assert stats["rows_in"] == 6 and stats["rows_out"] == 3
-    assert stats["dropped"] == {"missing_url": 1, "too_small": 1, "aspect_ratio": 1, "punsafe": 0, "pwatermark": 0}
+    assert stats["dropped"] == {
+        "missing_url": 1,
+        "too_small": 1,
+        "aspect_ratio": 1,
+        "punsafe": 0,
+        "pwatermark": 0,
+    }
     # every column survives, values intact
     table = pq.read_table(tmp_path / "out" / "part0.parquet")
     assert table.column_names == list(laion_rows[0])
@@ -43,11 +58,19 @@ def test_boundaries_are_inclusive_like_the_filter_stage(tmp_path):
 
 def test_thresholds_come_from_the_rules(tmp_path, laion_rows):
     src = write_parquet(tmp_path / "l.parquet", laion_rows)
-    rules = PrefilterRules(min_width=512, min_height=512, max_ratio=3.0, max_punsafe=0.1, max_pwatermark=0.9)
+    rules = PrefilterRules(
+        min_width=512, min_height=512, max_ratio=3.0, max_punsafe=0.1, max_pwatermark=0.9
+    )
     stats = prefilter_url_list(src, tmp_path / "out", rules)
     # b fails punsafe (0.2), c fails punsafe (0.5), d fails pwatermark (0.95) and has null punsafe.
     assert urls(tmp_path / "out" / "l.parquet") == ["http://x/a.jpg", "http://x/f.jpg"]
-    assert stats["dropped"] == {"missing_url": 1, "too_small": 0, "aspect_ratio": 0, "punsafe": 2, "pwatermark": 1}
+    assert stats["dropped"] == {
+        "missing_url": 1,
+        "too_small": 0,
+        "aspect_ratio": 0,
+        "punsafe": 2,
+        "pwatermark": 1,
+    }
 
 
 def test_disabled_size_filter_and_missing_columns_keep_rows(tmp_path):
@@ -56,15 +79,26 @@ def test_disabled_size_filter_and_missing_columns_keep_rows(tmp_path):
     stats = prefilter_url_list(src, tmp_path / "out", PrefilterRules(max_punsafe=0.1))
     assert stats["rows_out"] == 2
     src = write_parquet(tmp_path / "m.parquet", [{"URL": "u", "WIDTH": 10, "HEIGHT": 10}])
-    assert prefilter_url_list(src, tmp_path / "o2", PrefilterRules(size_filter=False))["rows_out"] == 1
+    assert (
+        prefilter_url_list(src, tmp_path / "o2", PrefilterRules(size_filter=False))["rows_out"] == 1
+    )
 
 
 def test_folder_input_streams_in_batches(tmp_path):
     for k in range(3):
-        rows = [{"URL": f"u{k}_{i}", "WIDTH": 2000 if i % 2 else 100, "HEIGHT": 2000} for i in range(1000)]
+        rows = [
+            {"URL": f"u{k}_{i}", "WIDTH": 2000 if i % 2 else 100, "HEIGHT": 2000}
+            for i in range(1000)
+        ]
         write_parquet(tmp_path / "in" / f"part{k}.parquet", rows)
-    stats = run_prefilter(tmp_path / "in", tmp_path / "out", tmp_path / "s.json", PrefilterRules(), batch_rows=64)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part0.parquet", "part1.parquet", "part2.parquet"]
+    stats = run_prefilter(
+        tmp_path / "in", tmp_path / "out", tmp_path / "s.json", PrefilterRules(), batch_rows=64
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "part0.parquet",
+        "part1.parquet",
+        "part2.parquet",
+    ]
     assert stats["rows_in"] == 3000 and stats["rows_out"] == 1500
     assert json.loads((tmp_path / "s.json").read_text())["dropped"]["too_small"] == 1500
     assert urls(tmp_path / "out" / "part1.parquet")[:2] == ["u1_1", "u1_3"]

@@ -37,7 +37,11 @@ def test_resolve_refuses_paths_outside_the_root(tmp_path):
 
 def test_proxy_env_routes_plain_http_only_through_the_proxy():
     env = proxy_env("http://127.0.0.1:1", {"no_proxy": "*", "https_proxy": "x", "PATH": "/bin"})
-    assert env == {"http_proxy": "http://127.0.0.1:1", "HTTP_PROXY": "http://127.0.0.1:1", "PATH": "/bin"}
+    assert env == {
+        "http_proxy": "http://127.0.0.1:1",
+        "HTTP_PROXY": "http://127.0.0.1:1",
+        "PATH": "/bin",
+    }
 
 
 def test_missing_folder_is_an_error(tmp_path):

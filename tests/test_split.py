@@ -74,7 +74,9 @@ def test_write_one_shard_and_detect_a_changed_manifest(tmp_path):
     path = manifest(tmp_path / "m.jsonl", 30)
     index = index_manifest(path, 8)
     assert write_shard(index, 3, tmp_path / "shard_3.jsonl") == 6
-    assert [r["image_id"] for r in iter_jsonl(tmp_path / "shard_3.jsonl")] == [f"{i:09d}" for i in range(24, 30)]
+    assert [r["image_id"] for r in iter_jsonl(tmp_path / "shard_3.jsonl")] == [
+        f"{i:09d}" for i in range(24, 30)
+    ]
     with pytest.raises(IndexError):
         write_shard(index, 4, tmp_path / "x.jsonl")
     manifest(path, 31)

@@ -1,0 +1,107 @@
+"""The `groundset` console command: each stage outside Snakemake, with clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, fake_download, write_config, write_parquet
+from groundset.cli import main
+from groundset.io import iter_jsonl
+
+GROUNDSET = os.path.join(os.path.dirname(sys.executable), "groundset")
+
+
+def test_console_script_is_installed():
+    done = subprocess.run([GROUNDSET, "--help"], capture_output=True, text=True, check=True)
+    for command in ("prefilter", "download", "manifest", "split", "summary"):
+        assert command in done.stdout
+
+
+def test_split_command(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(25)))
+    assert (
+        main(
+            [
+                "split",
+                "--input",
+                str(manifest),
+                "--outdir",
+                str(tmp_path / "s"),
+                "--shard-size",
+                "10",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out) == {"records": 25, "shards": 3, "shard_size": 10}
+    assert [len(list(iter_jsonl(tmp_path / "s" / f"shard_{i}.jsonl"))) for i in range(3)] == [
+        10,
+        10,
+        5,
+    ]
+
+
+def test_manifest_command_without_config(tmp_path, capsys):
+    fake_download(tmp_path / "dl", shards=1, per_shard=2)
+    args = [
+        "manifest",
+        "--source",
+        "s",
+        "--input",
+        str(tmp_path / "dl"),
+        "--output",
+        str(tmp_path / "m.jsonl"),
+    ]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 2
+
+
+def test_prefilter_command_uses_config_thresholds(tmp_path, laion_rows, capsys):
+    url_list = write_parquet(tmp_path / "u.parquet", laion_rows)
+    config = {
+        "sources": [
+            {"name": "s", "url_list": str(url_list), "save_additional_columns": ["LANGUAGE"]}
+        ],
+        "filter": {"image_shape": {"min_width": 100, "min_height": 100}},
+    }
+    cfg = write_config(tmp_path / "c.yaml", config)
+    assert main(["prefilter", "--config", str(cfg), "--outdir", str(tmp_path / "out")]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["rows_out"] == 4 and stats["dropped"]["aspect_ratio"] == 1
+    assert json.loads((tmp_path / "out_stats.json").read_text()) == stats
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    cfg = write_config(
+        tmp_path / "c.yaml", {"sources": [{"name": "s", "url_list": "x"}], "shard_size": -1}
+    )
+    assert main(["split", "--config", str(cfg), "--input", "x", "--outdir", str(tmp_path)]) == 2
+    assert "shard_size: -1 is less than the minimum of 1" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "split",
+                "--config",
+                str(ROOT / "config" / "config.yaml"),
+                "--input",
+                str(tmp_path / "none.jsonl"),
+                "--outdir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "none.jsonl" in capsys.readouterr().err
+    good = write_config(
+        tmp_path / "g.yaml",
+        {"sources": [{"name": "a", "url_list": "x"}, {"name": "b", "url_list": "y"}]},
+    )
+    assert main(["prefilter", "--config", str(good), "--outdir", str(tmp_path / "o")]) == 2
+    assert "--source is required" in capsys.readouterr().err
+    assert (
+        main(["prefilter", "--config", str(good), "--source", "c", "--outdir", str(tmp_path / "o")])
+        == 2
+    )
+    assert "no source named 'c'" in capsys.readouterr().err
