@@ -102,3 +102,26 @@ def test_summarize_counts_checks_the_index(tmp_path):
     assert summarize_counts(index, good)["records"] == 5
     with pytest.raises(RuntimeError, match=r"shards \[2\]"):
         summarize_counts(index, good[:2] + [{"shard": 2, "records": 3}])
+
+
+@pytest.mark.parametrize("block", [7, 61, 4096])
+def test_one_pass_split_equals_per_shard_writes(tmp_path, block):
+    from groundset.split import ShardSink
+
+    path = manifest(tmp_path / "m.jsonl", 137, newline_at_end=False)
+    index = index_manifest(path, 11, block=block, sink=ShardSink(tmp_path / "one"))
+    for entry in index["shards"]:
+        write_shard(index, entry["shard"], tmp_path / "each" / entry["file"])
+        one = (tmp_path / "one" / entry["file"]).read_bytes()
+        assert one == (tmp_path / "each" / entry["file"]).read_bytes() and one.endswith(b"}\n")
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(
+        e["file"] for e in index["shards"]
+    )
+
+
+def test_failed_split_leaves_no_partial_shard(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3}\n\n{"a": 4}\n')
+    with pytest.raises(ValueError, match="blank line"):
+        split_manifest(path, tmp_path / "out", 2)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []

@@ -14,10 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import IO
 
-import pyarrow.parquet as pq
-
 from .io import atomic_write, read_json, write_json
-from .prefilter import list_parquet_files
 from .sample_server import proxy_env, serve
 
 log = logging.getLogger(__name__)
@@ -54,6 +51,8 @@ def img2dataset_command(kwargs: dict) -> list[str]:
 
 def url_list_rows(files: list[Path]) -> int:
     """Total rows of parquet files, read from their footers."""
+    import pyarrow.parquet as pq  # lazily: the manifest stage imports this module too
+
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
@@ -125,6 +124,8 @@ def download_source(
     stdout: IO | None = None,
 ) -> dict:
     """Download every row of `url_list` into `output_folder` (img2dataset `files`), write stats."""
+    from .prefilter import list_parquet_files
+
     output_folder = Path(output_folder).resolve()
     files = list_parquet_files(url_list)
     expected = url_list_rows(files)

@@ -18,7 +18,7 @@ from .io import atomic_write, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-BLOCK = 8 << 20
+BLOCK = 1 << 20  # 1 MiB blocks keep numpy temporaries in cache
 NEWLINE = ord("\n")
 
 
@@ -27,8 +27,67 @@ def shard_name(index: int) -> str:
     return f"shard_{index}.jsonl"
 
 
-def index_manifest(path: str | os.PathLike, shard_size: int, block: int = BLOCK) -> dict:
-    """Byte ranges and record counts of the shards of a manifest (one line = one record)."""
+class ShardSink:
+    """Writes the bytes of a manifest into consecutive shard files as the scan cuts them."""
+
+    def __init__(self, outdir: str | os.PathLike, fsync: bool = True):
+        self.outdir = Path(outdir)
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self.shard = 0
+        self.handle = None
+        self.tmp: Path | None = None
+
+    def _open(self) -> None:
+        """Start the next shard in a temp file."""
+        self.tmp = self.outdir / f".{shard_name(self.shard)}.tmp"
+        self.handle = open(self.tmp, "wb", buffering=0)  # noqa: SIM115 (closed in _close/abort)
+
+    def _close(self) -> None:
+        """Finish the current shard: flush, fsync, rename into place."""
+        if self.fsync:
+            os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.tmp, self.outdir / shard_name(self.shard))
+        self.handle, self.tmp = None, None
+        self.shard += 1
+
+    def feed(self, chunk: bytes, pos: int, cuts: list[int]) -> None:
+        """Write one block that starts at byte `pos`; `cuts` are shard ends inside it."""
+        view = memoryview(chunk)
+        start = 0
+        for end in cuts:
+            if self.handle is None:
+                self._open()
+            self.handle.write(view[start : end - pos])
+            self._close()
+            start = end - pos
+        if start < len(chunk):
+            if self.handle is None:
+                self._open()
+            self.handle.write(view[start:])
+
+    def finish(self, add_newline: bool) -> None:
+        """Close the last shard (adding the missing final newline)."""
+        if self.handle is not None:
+            if add_newline:
+                self.handle.write(b"\n")
+            self._close()
+
+    def abort(self) -> None:
+        """Remove the unfinished shard after an error."""
+        if self.handle is not None:
+            self.handle.close()
+            self.tmp.unlink(missing_ok=True)
+
+
+def index_manifest(
+    path: str | os.PathLike, shard_size: int, block: int = BLOCK, sink: ShardSink | None = None
+) -> dict:
+    """Byte ranges and record counts of the shards of a manifest (one line = one record).
+
+    With a `sink`, the shards are written in the same pass.
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     path = Path(path)
@@ -38,22 +97,24 @@ def index_manifest(path: str | os.PathLike, shard_size: int, block: int = BLOCK)
     pos = 0
     last_byte = NEWLINE  # a file that starts with a newline starts with a blank line
     with (
-        open(path, "rb") as handle,
+        open(path, "rb", buffering=0) as handle,
         tqdm(total=size, unit="B", unit_scale=True, desc="index", mininterval=5) as bar,
     ):
         while chunk := handle.read(block):
-            if b"\n\n" in chunk or (last_byte == NEWLINE and chunk[0] == NEWLINE):
+            newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == NEWLINE)
+            starts_blank = len(newlines) > 0 and last_byte == NEWLINE and newlines[0] == 0
+            if starts_blank or (len(newlines) > 1 and np.any(np.diff(newlines) == 1)):
                 raise ValueError(
                     f"{path}: blank line near byte {pos}; every line must be one JSON record"
                 )
-            lines = chunk.count(b"\n")
-            if records + lines >= shard_size * (len(ends) + 1):
-                newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == NEWLINE)
-                target = shard_size * (len(ends) + 1)
-                while target <= records + lines:
-                    ends.append(pos + int(newlines[target - records - 1]) + 1)
-                    target += shard_size
-            records += lines
+            target = shard_size * (len(ends) + 1)
+            cut = len(ends)
+            while target <= records + len(newlines):
+                ends.append(pos + int(newlines[target - records - 1]) + 1)
+                target += shard_size
+            if sink is not None:
+                sink.feed(chunk, pos, ends[cut:])
+            records += len(newlines)
             pos += len(chunk)
             last_byte = chunk[-1]
             bar.update(len(chunk))
@@ -61,6 +122,8 @@ def index_manifest(path: str | os.PathLike, shard_size: int, block: int = BLOCK)
         records += 1  # a last line without its newline is still a record
     if records > len(ends) * shard_size:  # a last, partial shard
         ends.append(size)
+    if sink is not None:
+        sink.finish(add_newline=bool(size) and last_byte != NEWLINE)
     starts = [0, *ends[:-1]] if ends else []
     shards = []
     for i, (start, end) in enumerate(zip(starts, ends, strict=True)):
@@ -98,15 +161,15 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
         length -= len(data)
 
 
-def write_shard(index: dict, shard: int, output: str | os.PathLike) -> int:
-    """Write one shard of an indexed manifest atomically; returns its record count."""
+def write_shard(index: dict, shard: int, output: str | os.PathLike, fsync: bool = True) -> int:
+    """Write one shard of an indexed manifest atomically (fsynced unless told not); returns its records."""
     manifest = Path(index["manifest"])
     if not 0 <= shard < len(index["shards"]):
         raise IndexError(f"shard {shard} not in {manifest}'s index ({len(index['shards'])} shards)")
     if manifest.stat().st_size != index["manifest_bytes"]:
         raise RuntimeError(f"{manifest} changed since it was indexed; rerun the split")
     entry = index["shards"][shard]
-    with open(manifest, "rb") as src, atomic_write(output, "wb") as dst:
+    with open(manifest, "rb") as src, atomic_write(output, "wb", fsync=fsync) as dst:
         dst.flush()
         _copy_range(src.fileno(), dst.fileno(), entry["start"], entry["end"] - entry["start"])
         at_eof = entry["end"] == index["manifest_bytes"] and entry["end"] > entry["start"]
@@ -125,12 +188,17 @@ def read_index(path: str | os.PathLike) -> dict:
     return read_json(path)
 
 
-def split_manifest(manifest: str | os.PathLike, outdir: str | os.PathLike, shard_size: int) -> dict:
-    """Index a manifest and write all its shards plus `index.json` into `outdir`."""
+def split_manifest(
+    manifest: str | os.PathLike, outdir: str | os.PathLike, shard_size: int, fsync: bool = True
+) -> dict:
+    """Write all shards of a manifest plus `index.json` into `outdir` in one pass over it."""
     outdir = Path(outdir)
-    index = index_manifest(manifest, shard_size)
-    for entry in tqdm(index["shards"], unit="shard", desc="split", mininterval=5):
-        write_shard(index, entry["shard"], outdir / entry["file"])
+    sink = ShardSink(outdir, fsync=fsync)
+    try:
+        index = index_manifest(manifest, shard_size, sink=sink)
+    except BaseException:
+        sink.abort()
+        raise
     write_index(index, outdir / "index.json")
     log.info("%s: %d records in %d shards", manifest, index["records"], len(index["shards"]))
     return index
