@@ -215,7 +215,8 @@ def _lay_down_manifest(tmp_path, records: int) -> dict:
             )
         else:
             path.write_text("{}")
-        os.utime(path, (time.time() + i, time.time() + i))
+        stamp = time.time() - 100 + i  # upstream first, all in the past
+        os.utime(path, (stamp, stamp))
     return {"config": write_config(tmp_path / "big.yaml", config), "work": work}
 
 
