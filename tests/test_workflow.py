@@ -193,6 +193,7 @@ def test_summary_command_prints_counts(sample_run):
 def _lay_down_manifest(tmp_path, records: int) -> dict:
     """A config whose upstream outputs exist, with a manifest of `records` lines (no download)."""
     url_list = write_parquet(tmp_path / "urls.parquet", [{"URL": "http://x/a.jpg", "TEXT": "t"}])
+    os.utime(url_list, (time.time() - 200, time.time() - 200))
     work = tmp_path / "results"
     config = {
         "workdir": str(work),
