@@ -218,6 +218,8 @@ def _lay_down_manifest(tmp_path, records: int) -> dict:
             path.write_text("{}")
         stamp = time.time() - 100 + i  # upstream first, all in the past
         os.utime(path, (stamp, stamp))
+        if rel.startswith("url_lists/big/"):
+            os.utime(path.parent, (stamp, stamp))  # a directory output: its mtime counts
     return {"config": write_config(tmp_path / "big.yaml", config), "work": work}
 
 
