@@ -105,3 +105,24 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
         == 2
     )
     assert "no source named 'c'" in capsys.readouterr().err
+
+
+def test_summary_formats_counts_per_stage(tmp_path, capsys):
+    from groundset.io import write_json
+
+    write_json(
+        tmp_path / "url_lists" / "s_stats.json",
+        {"rows_in": 5, "rows_out": 3, "dropped": {"too_small": 2, "punsafe": 0}},
+    )
+    write_json(
+        tmp_path / "downloads" / "s_stats.json",
+        {"successes": 2, "failed_to_download": 1, "failed_to_resize": 0},
+    )
+    write_json(tmp_path / "manifest" / "s_stats.json", {"records": 2})
+    assert main(["summary", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "prefilter_dropped  too_small=2" in out
+        and "manifest_records   2" in out
+        and "downloaded         2" in out
+    )

@@ -49,5 +49,7 @@ def format_summary(summary: dict[str, dict]) -> str:
     for source, row in summary.items():
         lines.append(f"{source}:")
         for key, value in row.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
             lines.append(f"  {key:<18} {value}")
     return "\n".join(lines) if lines else "no stats found"
