@@ -20,4 +20,4 @@ include: "workflow/rules/filter.smk"
 rule all:
     default_target: True
     input:
-        all_targets,
+        *ALL_TARGETS,

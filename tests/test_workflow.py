@@ -52,6 +52,18 @@ def test_snakemake_lint_is_clean():
     )
 
 
+def test_fresh_dry_run_plans_every_source_in_parallel(tmp_path):
+    args = [*PROFILE, "--configfile", "config/sample.yaml", "--config", f"workdir={tmp_path}", "-n"]
+    counts = job_counts(run_snakemake(args).stdout)
+    assert counts == {
+        "prefilter_urls": 2,
+        "download_images": 2,
+        "build_manifest": 2,
+        "index_shards": 2,
+        "all": 1,
+    }
+
+
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory):
     """The bundled sample through the local profile: download -> manifest -> split -> shard consumer."""

@@ -72,9 +72,18 @@ def shard_counts(wildcards):
     return source_shard_counts(wildcards.source)
 
 
-def all_targets(wildcards):
-    """Final outputs of the DAG; per-shard outputs are listed so a deleted one is remade."""
-    targets = expand("shard_counts/{source}.json", source=SOURCES)
-    for source in SOURCES:
-        targets += source_shard_counts(source)
+def source_targets(source):
+    """Input function of `all` for one source: its summary and every per-shard output.
+
+    One function per source, so that each source's checkpoint is awaited on its own and
+    all sources run in parallel; listing per-shard outputs remakes a deleted one.
+    """
+
+    def targets(wildcards):
+        return [f"shard_counts/{source}.json", *source_shard_counts(source)]
+
+    targets.__name__ = f"targets_of_{source}"
     return targets
+
+
+ALL_TARGETS = [source_targets(source) for source in SOURCES]
