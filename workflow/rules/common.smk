@@ -15,6 +15,9 @@ for _source in config["sources"]:
     _source["url_list"] = os.path.abspath(_source["url_list"])
     if _source["serve_dir"]:
         _source["serve_dir"] = os.path.abspath(_source["serve_dir"])
+config["filter"]["template"] = os.path.abspath(config["filter"]["template"])
+if config["filter"]["models_home"]:
+    config["filter"]["models_home"] = os.path.abspath(config["filter"]["models_home"])
 
 SOURCES = [source["name"] for source in config["sources"]]
 
@@ -60,30 +63,39 @@ def shard_ids(source):
     return [entry["shard"] for entry in read_index(index)["shards"]]
 
 
-def source_shard_counts(source):
-    """Per-shard count files of a source (the placeholder consumer of the shards)."""
-    return expand(
-        "shard_counts/{source}/shard_{shard}.json", source=source, shard=shard_ids(source)
-    )
+def source_filtered(source):
+    """Filtered shards of a source (one data-juicer job each)."""
+    return expand("filtered/{source}/shard_{shard}.jsonl", source=source, shard=shard_ids(source))
 
 
-def shard_counts(wildcards):
-    """Input function: per-shard count files of the `source` wildcard."""
-    return source_shard_counts(wildcards.source)
+def filtered_shards(wildcards):
+    """Input function of the merge: every filtered shard of every source."""
+    return [path for source in SOURCES for path in source_filtered(source)]
+
+
+def stand_in_models(wildcards):
+    """The stand-in models' marker when `filter.stand_in_models` is on (sample and tests)."""
+    return ["models/stand_in/models.json"] if config["filter"]["stand_in_models"] else []
+
+
+def filter_settings(wildcards):
+    """The filter config that goes into a shard's data-juicer recipe (not the merge tiers)."""
+    return {k: v for k, v in config["filter"].items() if k != "aesthetics_tiers"}
 
 
 def source_targets(source):
-    """Input function of `all` for one source: its summary and every per-shard output.
+    """Input function of `all` for one source: every filtered shard.
 
     One function per source, so that each source's checkpoint is awaited on its own and
     all sources run in parallel; listing per-shard outputs remakes a deleted one.
     """
 
     def targets(wildcards):
-        return [f"shard_counts/{source}.json", *source_shard_counts(source)]
+        return source_filtered(source)
 
     targets.__name__ = f"targets_of_{source}"
     return targets
 
 
 ALL_TARGETS = [source_targets(source) for source in SOURCES]
+MERGED = ["merged/merged_output.jsonl", "merged/aes_6.jsonl"]

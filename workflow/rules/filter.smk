@@ -58,37 +58,106 @@ rule write_shard:
         "../scripts/write_shard.py"
 
 
-# Placeholder consumer of the shards until the data-juicer filter stage lands.
-rule count_shard:
+rule build_stand_in_models:
+    output:
+        "models/stand_in/models.json",
+    log:
+        "logs/build_stand_in_models.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/filter.yaml"
+    script:
+        "../scripts/build_stand_in_models.py"
+
+
+rule probe_shard:
     input:
         "shards/{source}/shard_{shard}.jsonl",
     output:
-        "shard_counts/{source}/shard_{shard}.json",
+        kept="probed/{source}/shard_{shard}.jsonl",
+        dropped="probed/{source}/shard_{shard}_dropped.jsonl",
+        stats="probed/{source}/shard_{shard}_stats.json",
     log:
-        "logs/count_shard/{source}/{shard}.log",
-    conda:
-        "../envs/groundset.yaml"
-    threads: 1
+        "logs/probe_shard/{source}/{shard}.log",
+    benchmark:
+        "benchmarks/probe_shard/{source}/{shard}.tsv"
+    threads: 2
     resources:
-        mem_mb=500,
-        runtime=30,
+        mem_mb=1000,
+        runtime=120,
+    conda:
+        "../envs/filter.yaml"
     script:
-        "../scripts/count_shard.py"
+        "../scripts/probe_shard.py"
 
 
-rule summarize_shard_counts:
+rule make_dj_config:
     input:
-        index="shards/{source}/index.json",
-        counts=shard_counts,
+        shard="probed/{source}/shard_{shard}.jsonl",
+        template=config["filter"]["template"],
+        models=stand_in_models,
     output:
-        "shard_counts/{source}.json",
+        "dj_configs/{source}/shard_{shard}.yaml",
     log:
-        "logs/summarize_shard_counts/{source}.log",
-    conda:
-        "../envs/groundset.yaml"
+        "logs/make_dj_config/{source}/{shard}.log",
+    params:
+        filter=filter_settings,
+        work_dir=lambda wildcards: f"dj_work/{wildcards.source}/shard_{wildcards.shard}",
     threads: 1
     resources:
         mem_mb=500,
-        runtime=10,
+        runtime=5,
+    conda:
+        "../envs/groundset.yaml"
     script:
-        "../scripts/summarize_shard_counts.py"
+        "../scripts/make_dj_config.py"
+
+
+rule filter_shard:
+    input:
+        recipe="dj_configs/{source}/shard_{shard}.yaml",
+        shard="probed/{source}/shard_{shard}.jsonl",
+        probe="probed/{source}/shard_{shard}_stats.json",
+    output:
+        kept="filtered/{source}/shard_{shard}.jsonl",
+        stats="filtered/{source}/shard_{shard}_stats.json",
+    log:
+        "logs/filter_shard/{source}/{shard}.log",
+    benchmark:
+        "benchmarks/filter_shard/{source}/{shard}.tsv"
+    params:
+        models_home=config["filter"]["models_home"],
+    threads: config["filter"]["np"]
+    resources:
+        mem_mb=16000,
+        runtime=24 * 60,
+    conda:
+        "../envs/filter.yaml"
+    script:
+        "../scripts/filter_shard.py"
+
+
+rule merge_tiers:
+    input:
+        filtered_shards,
+    output:
+        low="merged/merged_output.jsonl",
+        high="merged/aes_6.jsonl",
+        stats="merged/merge_stats.json",
+    log:
+        "logs/merge_tiers.log",
+    benchmark:
+        "benchmarks/merge_tiers.tsv"
+    params:
+        tiers=config["filter"]["aesthetics_tiers"],
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=240,
+    conda:
+        "../envs/groundset.yaml"
+    script:
+        "../scripts/merge_tiers.py"

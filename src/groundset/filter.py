@@ -1,0 +1,317 @@
+"""Filter stage: probe images, build each shard's data-juicer recipe, run data-juicer, keep stats.
+
+A shard goes through three steps, each with its own output so a killed job loses nothing:
+`probe_shard` drops records whose images cannot be decoded (data-juicer would otherwise drop
+the whole batch around one bad file, silently), `make_dj_config` fills the recipe template,
+and `filter_shard` runs the real data-juicer and writes the kept records with their scores
+in the DESIGN.md shape (aesthetic scores on LAION's 0-10 scale) plus per-filter counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from .io import atomic_write, dumps_record, iter_jsonl, write_json
+
+log = logging.getLogger(__name__)
+
+OPS = (
+    "image_shape_filter",
+    "image_aspect_ratio_filter",
+    "image_nsfw_filter",
+    "image_watermark_filter",
+    "image_aesthetics_filter",
+)
+AESTHETICS_KEY = "image_aesthetics_scores"
+STATS = "__dj__stats__"
+
+
+# --- probe -------------------------------------------------------------------------------
+
+
+def probe_image(path: str) -> str | None:
+    """Why an image cannot be used (None if it decodes to RGB the way data-juicer loads it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.width < 1 or img.height < 1:
+                return "empty image"
+            img.draft("RGB", (256, 256))  # JPEG: decode at reduced size; still reads every byte
+            img.convert("RGB").load()
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as err:  # noqa: BLE001 (any decoder error is a reason to drop)
+        return f"{type(err).__name__}: {err}".strip()
+    return None
+
+
+def probe_record(record: dict) -> str | None:
+    """The first reason one of a record's images is unusable, or None."""
+    images = record.get("image")
+    if isinstance(images, str):
+        images = [images]
+    if not images:
+        return "no image"
+    for path in images:
+        reason = probe_image(path)
+        if reason:
+            return f"{os.path.basename(str(path))}: {reason}"
+    return None
+
+
+def _chunks(records: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive lists of up to `size` records."""
+    while chunk := list(itertools.islice(records, size)):
+        yield chunk
+
+
+def probe_shard(
+    shard: str | os.PathLike,
+    output: str | os.PathLike,
+    dropped: str | os.PathLike,
+    threads: int = 1,
+) -> dict:
+    """Copy the decodable records of a shard to `output`; the others go to `dropped` with a reason."""
+    counts: Counter = Counter()
+    reasons: Counter = Counter()
+    with (
+        atomic_write(output) as kept,
+        atomic_write(dropped) as bad,
+        ThreadPoolExecutor(max(1, threads)) as pool,
+        tqdm(unit="img", desc=f"probe {Path(shard).name}", mininterval=5) as bar,
+    ):
+        for chunk in _chunks(iter_jsonl(shard), 256):
+            for record, reason in zip(chunk, pool.map(probe_record, chunk), strict=True):
+                counts["records_in"] += 1
+                if reason is None:
+                    kept.write(dumps_record(record) + "\n")
+                    counts["records_out"] += 1
+                else:
+                    bad.write(dumps_record({**record, "drop_reason": reason}) + "\n")
+                    reasons[_reason_kind(reason)] += 1
+            bar.update(len(chunk))
+    return {
+        "records_in": counts["records_in"],
+        "records_out": counts["records_out"],
+        "dropped": dict(sorted(reasons.items())),
+    }
+
+
+def _reason_kind(reason: str) -> str:
+    """A short class of a drop reason for counting (the exception type or the message)."""
+    text = reason.split(": ", 1)[-1]
+    return text.split(":", 1)[0] if ":" in text else text
+
+
+# --- data-juicer recipe -------------------------------------------------------------------
+
+
+def aesthetics_divisor(model: str) -> float:
+    """What data-juicer divides the aesthetics score by for this model string (10 or 1)."""
+    return 10.0 if "aesthetics-predictor" in model else 1.0
+
+
+def filter_values(filter_cfg: dict, models: dict[str, str]) -> dict[str, dict]:
+    """Per data-juicer op, the values groundset fills into the template from the config."""
+    aesthetics = filter_cfg["aesthetics"]
+    divisor = aesthetics_divisor(models["aesthetics"])
+    return {
+        "image_shape_filter": dict(filter_cfg["image_shape"]),
+        "image_aspect_ratio_filter": dict(filter_cfg["aspect_ratio"]),
+        "image_nsfw_filter": {
+            "hf_nsfw_model": models["nsfw"],
+            "max_score": filter_cfg["nsfw"]["max_score"],
+            "mem_required": filter_cfg["nsfw"]["mem_required"],
+        },
+        "image_watermark_filter": {
+            "hf_watermark_model": models["watermark"],
+            "prob_threshold": filter_cfg["watermark"]["max_prob"],
+            "mem_required": filter_cfg["watermark"]["mem_required"],
+        },
+        "image_aesthetics_filter": {
+            "hf_scorer_model": models["aesthetics"],
+            "min_score": aesthetics["min_score"] / divisor,
+            "max_score": aesthetics["max_score"] / divisor,
+            "mem_required": aesthetics["mem_required"],
+        },
+    }
+
+
+def fill_template(template: dict, top: dict, ops: dict[str, dict]) -> dict:
+    """Replace the template's nulls with `top` (global keys) and `ops` (per-op values)."""
+    recipe = copy.deepcopy(template)
+    for key, value in recipe.items():
+        if key != "process" and value is None:
+            if key not in top:
+                raise ValueError(f"template key {key!r} is null and groundset has no value for it")
+            recipe[key] = top[key]
+    for entry in recipe.get("process", []):
+        ((name, params),) = entry.items()
+        params = params if params is not None else {}
+        entry[name] = params
+        for key, value in params.items():
+            if value is None:
+                if key not in ops.get(name, {}):
+                    raise ValueError(
+                        f"template op {name}: {key!r} is null and groundset has no value for it"
+                    )
+                params[key] = ops[name][key]
+    return recipe
+
+
+def make_dj_config(
+    template_path: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    dataset_path: str,
+    export_path: str,
+    project_name: str,
+    work_dir: str,
+    filter_cfg: dict,
+    models: dict[str, str],
+) -> dict:
+    """Write one shard's data-juicer recipe (template + paths + config values) as YAML."""
+    with open(template_path, encoding="utf-8") as handle:
+        template = yaml.safe_load(handle)
+    top = {
+        "project_name": project_name,
+        "dataset_path": str(Path(dataset_path).resolve()),
+        "export_path": str(Path(export_path).resolve()),
+        "work_dir": str(Path(work_dir).resolve()),
+        "np": filter_cfg["np"],
+    }
+    recipe = fill_template(template, top, filter_values(filter_cfg, models))
+    with atomic_write(output) as handle:
+        yaml.safe_dump(recipe, handle, sort_keys=False)
+    return recipe
+
+
+def resolve_models(filter_cfg: dict, stand_in: dict[str, str] | None = None) -> dict[str, str]:
+    """Model id/path per filter: the configured ones, or the stand-ins when asked for."""
+    if filter_cfg["stand_in_models"]:
+        if not stand_in:
+            raise ValueError("filter.stand_in_models is true but no stand-in models were built")
+        return dict(stand_in)
+    return {name: filter_cfg[name]["model"] for name in ("nsfw", "watermark", "aesthetics")}
+
+
+# --- running data-juicer ------------------------------------------------------------------
+
+_LEFT = re.compile(r"OP \[(?P<op>[\w]+)\] Done in [\d.]+s\. Left (?P<left>\d+) samples")
+
+
+def run_data_juicer(
+    recipe_path: str | os.PathLike, np_override: int | None = None, models_home: str | None = None
+) -> list[tuple[str, int]]:
+    """Run data-juicer's default executor on a recipe; return (op, samples left) per op in order."""
+    if models_home:
+        os.environ["DATA_JUICER_EXTERNAL_MODELS_HOME"] = str(models_home)
+    from data_juicer.config import init_configs
+    from data_juicer.core import DefaultExecutor
+    from loguru import logger
+
+    left: list[tuple[str, int]] = []
+
+    def sink(message) -> None:
+        match = _LEFT.search(message.record["message"])
+        if match:
+            left.append((match["op"], int(match["left"])))
+
+    args = ["--config", str(recipe_path)]
+    if np_override:
+        args += ["--np", str(np_override)]
+    cfg = init_configs(args=args)  # resets loguru's handlers: add ours afterwards
+    handler = logger.add(sink, level="INFO")
+    try:
+        DefaultExecutor(cfg).run()
+    finally:
+        with contextlib.suppress(ValueError):
+            logger.remove(handler)
+    return left
+
+
+def per_filter_removed(records_in: int, left: list[tuple[str, int]]) -> dict[str, int]:
+    """How many records each op removed, from data-juicer's own 'Left N samples' counts."""
+    removed = {}
+    before = records_in
+    for op, after in left:
+        removed[op] = before - after
+        before = after
+    return removed
+
+
+def normalise_record(record: dict, divisor: float) -> dict:
+    """A data-juicer output record in the DESIGN.md shape: aesthetic scores back on 0-10."""
+    stats = record.get(STATS) or {}
+    if AESTHETICS_KEY in stats and divisor != 1.0:
+        stats[AESTHETICS_KEY] = [float(s) * divisor for s in stats[AESTHETICS_KEY]]
+    record[STATS] = {key: stats[key] for key in sorted(stats)}
+    return record
+
+
+def filter_shard(
+    recipe_path: str | os.PathLike,
+    output: str | os.PathLike,
+    stats_path: str | os.PathLike,
+    *,
+    np_override: int | None = None,
+    models_home: str | None = None,
+    probe_stats: dict | None = None,
+) -> dict:
+    """Run data-juicer on one probed shard; write kept records (DESIGN shape) and the shard's stats."""
+    with open(recipe_path, encoding="utf-8") as handle:
+        recipe = yaml.safe_load(handle)
+    export = Path(recipe["export_path"])
+    work = Path(recipe["work_dir"])
+    if work.exists():
+        shutil.rmtree(work)  # a killed run's leftovers: start this shard afresh
+    export.parent.mkdir(parents=True, exist_ok=True)
+    os.environ["HF_DATASETS_CACHE"] = str(work / "hf_cache")
+    records_in = sum(1 for _ in iter_jsonl(recipe["dataset_path"]))
+    left = run_data_juicer(recipe_path, np_override, models_home) if records_in else []
+    aesthetics = next(
+        (e["image_aesthetics_filter"] for e in recipe["process"] if "image_aesthetics_filter" in e),
+        {},
+    )
+    divisor = aesthetics_divisor(aesthetics.get("hf_scorer_model", ""))
+    kept = 0
+    with atomic_write(output) as handle:
+        if records_in:
+            for record in iter_jsonl(export):
+                handle.write(dumps_record(normalise_record(record, divisor)) + "\n")
+                kept += 1
+    if left and left[-1][1] != kept:
+        raise RuntimeError(f"data-juicer reported {left[-1][1]} records left but exported {kept}")
+    stats = {
+        "records_in": records_in,
+        "records_out": kept,
+        "removed_by_filter": per_filter_removed(records_in, left),
+        "aesthetics_score_divisor": divisor,
+        "probe": probe_stats or {},
+    }
+    write_json(stats_path, stats)
+    shutil.rmtree(work, ignore_errors=True)
+    return stats
+
+
+def read_json_if(path: str | os.PathLike | None) -> dict:
+    """A JSON document, or {} when no path is given."""
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)

@@ -1,0 +1,11 @@
+"""Snakemake script of rule build_stand_in_models: see groundset.stand_in_models."""
+
+import os
+
+from groundset.io import write_json
+from groundset.runlog import log_to
+from groundset.stand_in_models import build_stand_in_models
+
+with log_to(snakemake.log[0]):
+    paths = build_stand_in_models(os.path.dirname(snakemake.output[0]))
+    write_json(snakemake.output[0], paths)

@@ -1,0 +1,14 @@
+"""Snakemake script of rule filter_shard: see groundset.filter.filter_shard."""
+
+from groundset.filter import filter_shard, read_json_if
+from groundset.runlog import log_to
+
+with log_to(snakemake.log[0]):
+    filter_shard(
+        snakemake.input.recipe,
+        snakemake.output.kept,
+        snakemake.output.stats,
+        np_override=snakemake.threads,
+        models_home=snakemake.params.models_home,
+        probe_stats=read_json_if(snakemake.input.probe),
+    )
