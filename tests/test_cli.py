@@ -122,7 +122,7 @@ def test_summary_formats_counts_per_stage(tmp_path, capsys):
     assert main(["summary", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert (
-        "prefilter_dropped  too_small=2" in out
-        and "manifest_records   2" in out
-        and "downloaded         2" in out
+        "prefilter_dropped   too_small=2" in out
+        and "manifest_records    2" in out
+        and "downloaded          2" in out
     )

@@ -60,6 +60,7 @@ def test_fresh_dry_run_plans_every_source_in_parallel(tmp_path):
         "download_images": 2,
         "build_manifest": 2,
         "index_shards": 2,
+        "merge_tiers": 1,
         "all": 1,
     }
 
@@ -93,8 +94,8 @@ def sample_rows(name: str) -> pd.DataFrame:
 
 EXPECTED = {
     # source: (rows, prefilter drops, failed downloads, failed decodes, manifest records, shard sizes)
-    "laion-high-resolution": (19, {"too_small": 2, "aspect_ratio": 1}, 1, 2, 13, [4, 4, 4, 1]),
-    "laion-aesthetics_v2_4.75": (14, {"too_small": 2}, 1, 1, 10, [4, 4, 2]),
+    "laion-high-resolution": (19, {"too_small": 2, "aspect_ratio": 1}, 1, 2, 13, [8, 5]),
+    "laion-aesthetics_v2_4.75": (14, {"too_small": 2}, 1, 1, 10, [8, 2]),
 }
 
 
@@ -113,8 +114,71 @@ def test_sample_counts_per_stage(sample_run, source):
     assert manifest["records"] == records and manifest["failed_downloads"] == failed + undecodable
     index = json.loads((work / "shards" / source / "index.json").read_text())
     assert [s["records"] for s in index["shards"]] == shard_sizes
-    counts = json.loads((work / "shard_counts" / f"{source}.json").read_text())
-    assert counts["records"] == records and counts["shards"] == len(shard_sizes)
+    kept = 0
+    for shard, size in enumerate(shard_sizes):
+        stats = json.loads((work / "filtered" / source / f"shard_{shard}_stats.json").read_text())
+        assert stats["probe"]["records_in"] == size
+        assert stats["records_in"] == stats["probe"]["records_out"]
+        assert (
+            stats["records_in"] - sum(stats["removed_by_filter"].values()) == stats["records_out"]
+        )
+        assert list(stats["removed_by_filter"]) == sorted(
+            [
+                "image_shape_filter",
+                "image_aspect_ratio_filter",
+                "image_nsfw_filter",
+                "image_watermark_filter",
+                "image_aesthetics_filter",
+            ]
+        )
+        filtered = list(iter_jsonl(work / "filtered" / source / f"shard_{shard}.jsonl"))
+        assert len(filtered) == stats["records_out"]
+        for record in filtered:
+            s = record["__dj__stats__"]
+            assert s["image_width"][0] >= 1024 and s["image_height"][0] >= 1024
+            assert 0.5 <= s["aspect_ratios"][0] <= 2.0 and s["image_nsfw_score"][0] <= 0.0006
+            assert (
+                s["image_watermark_prob"][0] <= 0.8 and 5 <= s["image_aesthetics_scores"][0] <= 10
+            )
+        recipe = (work / "dj_configs" / source / f"shard_{shard}.yaml").read_text()
+        assert "stand-in-aesthetics-predictor-v2-linear" in recipe and "min_score: 0.5" in recipe
+        kept += len(filtered)
+    assert kept > 0
+
+
+def test_sample_merge_tiers(sample_run):
+    work = sample_run["workdir"]
+    filtered = [
+        r
+        for source in EXPECTED
+        for path in sorted((work / "filtered" / source).glob("shard_?.jsonl"))
+        for r in iter_jsonl(path)
+    ]
+    low = list(iter_jsonl(work / "merged" / "merged_output.jsonl"))
+    high = list(iter_jsonl(work / "merged" / "aes_6.jsonl"))
+    assert len(low) == len(filtered) > len(high) > 0
+    assert all(max(r["__dj__stats__"]["image_aesthetics_scores"]) >= 6 for r in high)
+    keys = [(r["source"], r["image_id"]) for r in low]
+    assert len(keys) == len(set(keys))  # no duplicates
+    assert {(r["source"], r["image_id"]) for r in high} == {
+        (r["source"], r["image_id"])
+        for r in filtered
+        if r["__dj__stats__"]["image_aesthetics_scores"][0] >= 6
+    }
+
+
+def test_changing_a_tier_reruns_only_the_merge(sample_run, tmp_path):
+    tiers = write_config(tmp_path / "tiers.yaml", {"filter": {"aesthetics_tiers": [5, 5.5]}})
+    args = [
+        *PROFILE,
+        "--configfile",
+        "config/sample.yaml",
+        str(tiers),
+        "--config",
+        f"workdir={sample_run['workdir']}",
+        "-n",
+    ]
+    assert job_counts(run_snakemake(args).stdout) == {"merge_tiers": 1, "all": 1}
 
 
 def test_sample_broken_urls_fail_with_their_reasons(sample_run):
@@ -178,18 +242,24 @@ def test_rerun_after_completion_does_nothing(sample_run):
 
 def test_deleting_one_shard_reruns_only_that_shard(sample_run):
     work = sample_run["workdir"]
-    (work / "shards" / "laion-high-resolution" / "shard_1.jsonl").unlink()
-    (work / "shard_counts" / "laion-high-resolution" / "shard_1.json").unlink()
+    before = (work / "merged" / "merged_output.jsonl").read_bytes()
+    for rel in ("shards/{}/shard_1.jsonl", "probed/{}/shard_1.jsonl", "filtered/{}/shard_1.jsonl"):
+        (work / rel.format("laion-high-resolution")).unlink()
     done = run_snakemake([*sample_run["args"], "-n"])
     assert job_counts(done.stdout) == {
         "write_shard": 1,
-        "count_shard": 1,
-        "summarize_shard_counts": 1,
+        "probe_shard": 1,
+        "make_dj_config": 1,
+        "filter_shard": 1,
+        "merge_tiers": 1,
         "all": 1,
     }
-    assert "shards/laion-high-resolution/shard_1.jsonl" in done.stdout
+    assert "filtered/laion-high-resolution/shard_1.jsonl" in done.stdout
     run_snakemake(sample_run["args"])
     assert "Nothing to be done" in run_snakemake([*sample_run["args"], "-n"]).stdout
+    assert (
+        work / "merged" / "merged_output.jsonl"
+    ).read_bytes() == before  # same records, no duplicates
 
 
 def test_summary_command_prints_counts(sample_run):
@@ -199,7 +269,10 @@ def test_summary_command_prints_counts(sample_run):
         text=True,
         check=True,
     )
-    assert "manifest_records   13" in done.stdout and "manifest_records   10" in done.stdout
+    assert re.search(r"manifest_records\s+13\n", done.stdout) and re.search(
+        r"manifest_records\s+10\n", done.stdout
+    )
+    assert "RANDOM stand-in models" in done.stdout and "merged_output.jsonl" in done.stdout
 
 
 def _lay_down_manifest(tmp_path, records: int) -> dict:
@@ -246,7 +319,14 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
     index = json.loads((laid["work"] / "shards" / "big" / "index.json").read_text())
     assert len(index["shards"]) == 118
     counts = job_counts(run_snakemake([*args, "-n"]).stdout)
-    assert counts == {"write_shard": 118, "count_shard": 118, "summarize_shard_counts": 1, "all": 1}
+    assert counts == {
+        "write_shard": 118,
+        "probe_shard": 118,
+        "make_dj_config": 118,
+        "filter_shard": 118,
+        "merge_tiers": 1,
+        "all": 1,
+    }
 
 
 def test_config_errors_stop_before_any_job(tmp_path):

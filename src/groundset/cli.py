@@ -75,6 +75,55 @@ def cmd_split(args: argparse.Namespace, config: dict) -> dict:
     return {"records": index["records"], "shards": len(index["shards"]), "shard_size": shard_size}
 
 
+def cmd_probe(args: argparse.Namespace, config: dict) -> dict:
+    """Drop the records of a shard whose images cannot be decoded (with reasons)."""
+    from .filter import probe_shard
+
+    dropped = args.dropped or str(Path(args.output).with_suffix("")) + "_dropped.jsonl"
+    return probe_shard(args.input, args.output, dropped, args.threads)
+
+
+def cmd_dj_config(args: argparse.Namespace, config: dict) -> dict:
+    """Write the data-juicer recipe of one shard from the template and the config."""
+    from .filter import make_dj_config, resolve_models
+    from .stand_in_models import build_stand_in_models
+
+    filter_cfg = config["filter"]
+    stand_in = build_stand_in_models(args.models_dir) if filter_cfg["stand_in_models"] else None
+    work_dir = args.work_dir or str(Path(args.output).with_suffix("")) + "_work"
+    name = Path(args.input).stem
+    return make_dj_config(
+        filter_cfg["template"],
+        args.output,
+        dataset_path=args.input,
+        export_path=str(Path(work_dir) / "export" / f"{name}.jsonl"),
+        project_name=args.project_name or f"groundset_filter_{name}",
+        work_dir=work_dir,
+        filter_cfg=filter_cfg,
+        models=resolve_models(filter_cfg, stand_in),
+    )
+
+
+def cmd_filter(args: argparse.Namespace, config: dict) -> dict:
+    """Run data-juicer on one shard's recipe; write kept records and per-filter counts."""
+    from .filter import filter_shard
+
+    stats = args.stats or str(Path(args.output).with_suffix("")) + "_stats.json"
+    return filter_shard(
+        args.recipe, args.output, stats, models_home=config["filter"]["models_home"]
+    )
+
+
+def cmd_merge(args: argparse.Namespace, config: dict) -> dict:
+    """Merge filtered shards into the aesthetic tiers."""
+    from .merge import merge_tiers
+
+    outdir = Path(args.outdir)
+    return merge_tiers(
+        args.inputs, outdir, config["filter"]["aesthetics_tiers"], outdir / "merge_stats.json"
+    )
+
+
 def cmd_summary(args: argparse.Namespace, config: dict) -> dict | None:
     """Print counts per stage of a run from its stats files."""
     from .summary import collect, format_summary
@@ -122,6 +171,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", required=True, help="folder for shard_{i}.jsonl and index.json")
     p.add_argument("--shard-size", type=int, help="records per shard (default: config shard_size)")
 
+    p = add("probe", cmd_probe, cmd_probe.__doc__)
+    p.add_argument("--input", required=True, help="shard JSONL")
+    p.add_argument("--output", required=True, help="JSONL of the records whose images decode")
+    p.add_argument(
+        "--dropped",
+        help="JSONL of dropped records with drop_reason (default: <output>_dropped.jsonl)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="decoding threads")
+
+    p = add("dj-config", cmd_dj_config, cmd_dj_config.__doc__)
+    p.add_argument("--input", required=True, help="the (probed) shard data-juicer reads")
+    p.add_argument("--output", required=True, help="recipe YAML to write")
+    p.add_argument("--work-dir", help="data-juicer work dir (default: <output>_work)")
+    p.add_argument("--project-name", help="data-juicer project_name")
+    p.add_argument(
+        "--models-dir", default="models/stand_in", help="where stand-in models go, if configured"
+    )
+
+    p = add("filter", cmd_filter, cmd_filter.__doc__)
+    p.add_argument("--recipe", required=True, help="recipe YAML from `groundset dj-config`")
+    p.add_argument("--output", required=True, help="filtered JSONL to write")
+    p.add_argument("--stats", help="stats JSON (default: <output>_stats.json)")
+
+    p = add("merge", cmd_merge, cmd_merge.__doc__)
+    p.add_argument("--inputs", nargs="+", required=True, help="filtered shard JSONL files")
+    p.add_argument("--outdir", required=True, help="folder for merged_output.jsonl and aes_6.jsonl")
+
     p = add("summary", cmd_summary, cmd_summary.__doc__)
     p.add_argument("--workdir", help="the run's workdir (default: the config's workdir)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -142,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         config = load_config(args.config) if needs_config else None
         result = args.func(args, config)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
+    except (ConfigError, OSError, ValueError, RuntimeError, KeyError) as err:
         print(f"groundset {args.command}: error: {err}", file=sys.stderr)
         return 2
     if result is not None:

@@ -44,19 +44,22 @@ STATS = "__dj__stats__"
 
 
 def probe_image(path: str) -> str | None:
-    """Why an image cannot be used (None if it decodes to RGB the way data-juicer loads it)."""
-    from PIL import Image
+    """Why an image cannot be used, as "kind: detail" (None if it decodes to RGB as data-juicer loads it)."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
+        if os.path.getsize(path) == 0:
+            return "empty_file: 0 bytes"
         with Image.open(path) as img:
-            if img.width < 1 or img.height < 1:
-                return "empty image"
             img.draft("RGB", (256, 256))  # JPEG: decode at reduced size; still reads every byte
             img.convert("RGB").load()
     except FileNotFoundError:
-        return "file not found"
+        return "missing_file: not found"
+    except UnidentifiedImageError as err:
+        return f"not_an_image: {err}"
     except Exception as err:  # noqa: BLE001 (any decoder error is a reason to drop)
-        return f"{type(err).__name__}: {err}".strip()
+        kind = "truncated" if "truncated" in str(err) else "decode_error"
+        return f"{kind}: {type(err).__name__}: {err}"
     return None
 
 
@@ -66,11 +69,11 @@ def probe_record(record: dict) -> str | None:
     if isinstance(images, str):
         images = [images]
     if not images:
-        return "no image"
+        return "no_image: the record lists no image"
     for path in images:
         reason = probe_image(path)
         if reason:
-            return f"{os.path.basename(str(path))}: {reason}"
+            return reason
     return None
 
 
@@ -113,9 +116,8 @@ def probe_shard(
 
 
 def _reason_kind(reason: str) -> str:
-    """A short class of a drop reason for counting (the exception type or the message)."""
-    text = reason.split(": ", 1)[-1]
-    return text.split(":", 1)[0] if ":" in text else text
+    """The kind of a drop reason ("truncated", "not_an_image", ...) for counting."""
+    return reason.split(":", 1)[0]
 
 
 # --- data-juicer recipe -------------------------------------------------------------------
@@ -242,6 +244,7 @@ def run_data_juicer(
     finally:
         with contextlib.suppress(ValueError):
             logger.remove(handler)
+        logger.remove()  # data-juicer's file sinks live in the work dir, which is removed next
     return left
 
 

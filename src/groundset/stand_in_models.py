@@ -102,7 +102,9 @@ def build_stand_in_models(root: str | os.PathLike, seed: int = 0) -> dict[str, s
     paths = {name: root / dirname for name, dirname in NAMES.items()}
     builders = {
         "nsfw": lambda p: _vit_classifier(p, BIASES["nsfw"], GAINS["nsfw"], seed),
-        "watermark": lambda p: _vit_classifier(p, BIASES["watermark"], GAINS["watermark"], seed + 1),
+        "watermark": lambda p: _vit_classifier(
+            p, BIASES["watermark"], GAINS["watermark"], seed + 1
+        ),
         "aesthetics": lambda p: _aesthetics(p, BIASES["aesthetics"], GAINS["aesthetics"], seed + 2),
     }
     for name, path in paths.items():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
+from .filter import OPS
 from .io import read_json
 
 
@@ -39,7 +41,31 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
         index = workdir / "shards" / source / "index.json"
         if index.exists():
             row["shards"] = len(read_json(index)["shards"])
+        probe_drops: Counter = Counter()
+        removed: Counter = Counter()
+        filtered = 0
+        for path in sorted((workdir / "filtered" / source).glob("shard_*_stats.json")):
+            stats = read_json(path)
+            probe_drops.update(stats["probe"].get("dropped", {}))
+            removed.update(stats["removed_by_filter"])
+            filtered += stats["records_out"]
+        if filtered or removed:
+            row["unreadable_images"] = dict(probe_drops)
+            row["filter_removed"] = {
+                op.removeprefix("image_").removesuffix("_filter"): removed[op]
+                for op in OPS
+                if op in removed
+            }
+            row["filter_kept"] = filtered
         summary[source] = row
+    if (workdir / "models" / "stand_in" / "models.json").exists():
+        summary["WARNING"] = {
+            "stand_in_models": "filter scores come from tiny RANDOM stand-in models "
+            "(filter.stand_in_models: true); configure real models for real data"
+        }
+    merged = workdir / "merged" / "merge_stats.json"
+    if merged.exists():
+        summary["merged tiers"] = read_json(merged)["records"]
     return summary
 
 
@@ -51,5 +77,5 @@ def format_summary(summary: dict[str, dict]) -> str:
         for key, value in row.items():
             if isinstance(value, dict):
                 value = ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
-            lines.append(f"  {key:<18} {value}")
+            lines.append(f"  {key:<19} {value}")
     return "\n".join(lines) if lines else "no stats found"

@@ -63,12 +63,12 @@ rule build_stand_in_models:
         "models/stand_in/models.json",
     log:
         "logs/build_stand_in_models.log",
+    conda:
+        "../envs/filter.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../envs/filter.yaml"
     script:
         "../scripts/build_stand_in_models.py"
 
@@ -84,12 +84,12 @@ rule probe_shard:
         "logs/probe_shard/{source}/{shard}.log",
     benchmark:
         "benchmarks/probe_shard/{source}/{shard}.tsv"
+    conda:
+        "../envs/filter.yaml"
     threads: 2
     resources:
         mem_mb=1000,
         runtime=120,
-    conda:
-        "../envs/filter.yaml"
     script:
         "../scripts/probe_shard.py"
 
@@ -103,15 +103,15 @@ rule make_dj_config:
         "dj_configs/{source}/shard_{shard}.yaml",
     log:
         "logs/make_dj_config/{source}/{shard}.log",
-    params:
-        filter=filter_settings,
-        work_dir=lambda wildcards: f"dj_work/{wildcards.source}/shard_{wildcards.shard}",
+    conda:
+        "../envs/groundset.yaml"
     threads: 1
     resources:
         mem_mb=500,
         runtime=5,
-    conda:
-        "../envs/groundset.yaml"
+    params:
+        filter=filter_settings,
+        work_dir=lambda wildcards: f"dj_work/{wildcards.source}/shard_{wildcards.shard}",
     script:
         "../scripts/make_dj_config.py"
 
@@ -128,14 +128,14 @@ rule filter_shard:
         "logs/filter_shard/{source}/{shard}.log",
     benchmark:
         "benchmarks/filter_shard/{source}/{shard}.tsv"
-    params:
-        models_home=config["filter"]["models_home"],
+    conda:
+        "../envs/filter.yaml"
     threads: config["filter"]["np"]
     resources:
         mem_mb=16000,
         runtime=24 * 60,
-    conda:
-        "../envs/filter.yaml"
+    params:
+        models_home=config["filter"]["models_home"],
     script:
         "../scripts/filter_shard.py"
 
@@ -151,13 +151,13 @@ rule merge_tiers:
         "logs/merge_tiers.log",
     benchmark:
         "benchmarks/merge_tiers.tsv"
-    params:
-        tiers=config["filter"]["aesthetics_tiers"],
+    conda:
+        "../envs/groundset.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=240,
-    conda:
-        "../envs/groundset.yaml"
+    params:
+        tiers=config["filter"]["aesthetics_tiers"],
     script:
         "../scripts/merge_tiers.py"
