@@ -51,14 +51,14 @@ def bad_files(folder):
 
 def test_probe_image_reasons(tmp_path):
     folder = bad_files(tmp_path)
-    assert probe_image(str(folder / "corrupt.jpg")).startswith("not_an_image:")
-    assert probe_image(str(folder / "page.jpg")).startswith("not_an_image:")
-    assert probe_image(str(folder / "empty.jpg")) == "empty_file: 0 bytes"
-    assert probe_image(str(folder / "truncated.jpg")).startswith("truncated:")
-    assert probe_image(str(folder / "gone.jpg")) == "missing_file: not found"
+    assert probe_image(str(folder / "corrupt.jpg"))[0].startswith("not_an_image:")
+    assert probe_image(str(folder / "page.jpg"))[0].startswith("not_an_image:")
+    assert probe_image(str(folder / "empty.jpg")) == ("empty_file: 0 bytes", None)
+    assert probe_image(str(folder / "truncated.jpg"))[0].startswith("truncated:")
+    assert probe_image(str(folder / "gone.jpg")) == ("missing_file: not found", None)
     for fine in ("cmyk.jpg", "palette.png", "16bit.png", "animated.gif"):
-        assert probe_image(str(folder / fine)) is None, fine
-    assert probe_image(str(PHOTOS / "chelsea.jpg")) is None
+        assert probe_image(str(folder / fine)) == (None, (1200, 1100)), fine
+    assert probe_image(str(PHOTOS / "chelsea.jpg")) == (None, (451, 300))
 
 
 def test_probe_shard_keeps_order_and_counts_reasons(tmp_path):
@@ -90,6 +90,16 @@ def test_probe_shard_keeps_order_and_counts_reasons(tmp_path):
         "records_out": 4,
         "dropped": {"empty_file": 1, "missing_file": 1, "not_an_image": 2, "truncated": 1},
     }
+    kept = list(iter_jsonl(tmp_path / "k.jsonl"))
+    assert kept[0]["__dj__stats__"] == {
+        "image_width": [1200],
+        "image_height": [1100],
+        "aspect_ratios": [1200 / 1100],
+    }
+    probe_shard(
+        tmp_path / "s.jsonl", tmp_path / "k2.jsonl", tmp_path / "d2.jsonl", header_sizes=False
+    )
+    assert "__dj__stats__" not in next(iter_jsonl(tmp_path / "k2.jsonl"))
     dropped = {r["image_id"]: r["drop_reason"] for r in iter_jsonl(tmp_path / "d.jsonl")}
     assert set(dropped) == {"corrupt.jpg", "empty.jpg", "gone.jpg", "truncated.jpg", "page.jpg"}
 

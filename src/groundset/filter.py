@@ -43,38 +43,51 @@ STATS = "__dj__stats__"
 # --- probe -------------------------------------------------------------------------------
 
 
-def probe_image(path: str) -> str | None:
-    """Why an image cannot be used, as "kind: detail" (None if it decodes to RGB as data-juicer loads it)."""
+def probe_image(path: str) -> tuple[str | None, tuple[int, int] | None]:
+    """(why an image cannot be used as "kind: detail" or None, its (width, height) from the header)."""
     from PIL import Image, UnidentifiedImageError
 
+    size = None
     try:
         if os.path.getsize(path) == 0:
-            return "empty_file: 0 bytes"
+            return "empty_file: 0 bytes", None
         with Image.open(path) as img:
+            size = img.size  # the header: what data-juicer's shape/aspect filters measure
             img.draft("RGB", (256, 256))  # JPEG: decode at reduced size; still reads every byte
             img.convert("RGB").load()
     except FileNotFoundError:
-        return "missing_file: not found"
+        return "missing_file: not found", None
     except UnidentifiedImageError as err:
-        return f"not_an_image: {err}"
+        return f"not_an_image: {err}", None
     except Exception as err:  # noqa: BLE001 (any decoder error is a reason to drop)
         kind = "truncated" if "truncated" in str(err) else "decode_error"
-        return f"{kind}: {type(err).__name__}: {err}"
-    return None
+        return f"{kind}: {type(err).__name__}: {err}", size
+    return None, size
 
 
-def probe_record(record: dict) -> str | None:
-    """The first reason one of a record's images is unusable, or None."""
+def probe_record(record: dict) -> tuple[str | None, list[tuple[int, int]]]:
+    """The first reason one of a record's images is unusable (or None), and the images' sizes."""
     images = record.get("image")
     if isinstance(images, str):
         images = [images]
     if not images:
-        return "no_image: the record lists no image"
+        return "no_image: the record lists no image", []
+    sizes = []
     for path in images:
-        reason = probe_image(path)
+        reason, size = probe_image(path)
         if reason:
-            return reason
-    return None
+            return reason, sizes
+        sizes.append(size)
+    return None, sizes
+
+
+def with_size_stats(record: dict, sizes: list[tuple[int, int]]) -> dict:
+    """Add header sizes as data-juicer stats, so its shape and aspect filters need no decode."""
+    stats = dict(record.get(STATS) or {})
+    stats.setdefault("image_width", [w for w, _ in sizes])
+    stats.setdefault("image_height", [h for _, h in sizes])
+    stats.setdefault("aspect_ratios", [w / h for w, h in sizes])
+    return {**record, STATS: stats}
 
 
 def _chunks(records: Iterator[dict], size: int) -> Iterator[list[dict]]:
@@ -88,8 +101,13 @@ def probe_shard(
     output: str | os.PathLike,
     dropped: str | os.PathLike,
     threads: int = 1,
+    header_sizes: bool = True,
 ) -> dict:
-    """Copy the decodable records of a shard to `output`; the others go to `dropped` with a reason."""
+    """Copy the decodable records of a shard to `output`, the others to `dropped` with a reason.
+
+    With `header_sizes`, each kept record carries its images' sizes read from the file headers
+    as data-juicer stats, so data-juicer's shape and aspect filters threshold without a decode.
+    """
     counts: Counter = Counter()
     reasons: Counter = Counter()
     with (
@@ -99,10 +117,13 @@ def probe_shard(
         tqdm(unit="img", desc=f"probe {Path(shard).name}", mininterval=5) as bar,
     ):
         for chunk in _chunks(iter_jsonl(shard), 256):
-            for record, reason in zip(chunk, pool.map(probe_record, chunk), strict=True):
+            for record, (reason, sizes) in zip(chunk, pool.map(probe_record, chunk), strict=True):
                 counts["records_in"] += 1
                 if reason is None:
-                    kept.write(dumps_record(record) + "\n")
+                    kept.write(
+                        dumps_record(with_size_stats(record, sizes) if header_sizes else record)
+                        + "\n"
+                    )
                     counts["records_out"] += 1
                 else:
                     bad.write(dumps_record({**record, "drop_reason": reason}) + "\n")

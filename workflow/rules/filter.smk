@@ -84,6 +84,8 @@ rule probe_shard:
         "logs/probe_shard/{source}/{shard}.log",
     benchmark:
         "benchmarks/probe_shard/{source}/{shard}.tsv"
+    params:
+        header_sizes=config["filter"]["header_sizes"],
     conda:
         "../envs/filter.yaml"
     threads: 2

@@ -6,6 +6,10 @@ from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]):
     stats = probe_shard(
-        snakemake.input[0], snakemake.output.kept, snakemake.output.dropped, snakemake.threads
+        snakemake.input[0],
+        snakemake.output.kept,
+        snakemake.output.dropped,
+        snakemake.threads,
+        header_sizes=snakemake.params.header_sizes,
     )
     write_json(snakemake.output.stats, stats)
