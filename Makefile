@@ -41,6 +41,7 @@ format: install
 bench: install
 	$(BIN)/python bench/bench_manifest.py
 	$(BIN)/python bench/bench_split.py
+	$(BIN)/python bench/bench_filter.py
 
 clean-sample:
 	rm -rf results/sample

@@ -235,25 +235,27 @@ def resolve_models(filter_cfg: dict, stand_in: dict[str, str] | None = None) -> 
 
 # --- running data-juicer ------------------------------------------------------------------
 
-_LEFT = re.compile(r"OP \[(?P<op>[\w]+)\] Done in [\d.]+s\. Left (?P<left>\d+) samples")
+_LEFT = re.compile(
+    r"OP \[(?P<op>[^\]]+)\] Done in (?P<seconds>[\d.]+)s\. Left (?P<left>\d+) samples"
+)
 
 
 def run_data_juicer(
     recipe_path: str | os.PathLike, np_override: int | None = None, models_home: str | None = None
-) -> list[tuple[str, int]]:
-    """Run data-juicer's default executor on a recipe; return (op, samples left) per op in order."""
+) -> list[tuple[str, int, float]]:
+    """Run data-juicer's default executor on a recipe; return (op, samples left, seconds) per op."""
     if models_home:
         os.environ["DATA_JUICER_EXTERNAL_MODELS_HOME"] = str(models_home)
     from data_juicer.config import init_configs
     from data_juicer.core import DefaultExecutor
     from loguru import logger
 
-    left: list[tuple[str, int]] = []
+    left: list[tuple[str, int, float]] = []
 
     def sink(message) -> None:
         match = _LEFT.search(message.record["message"])
         if match:
-            left.append((match["op"], int(match["left"])))
+            left.append((match["op"], int(match["left"]), float(match["seconds"])))
 
     args = ["--config", str(recipe_path)]
     if np_override:
@@ -269,11 +271,11 @@ def run_data_juicer(
     return left
 
 
-def per_filter_removed(records_in: int, left: list[tuple[str, int]]) -> dict[str, int]:
+def per_filter_removed(records_in: int, left: list[tuple]) -> dict[str, int]:
     """How many records each op removed, from data-juicer's own 'Left N samples' counts."""
     removed = {}
     before = records_in
-    for op, after in left:
+    for op, after, *_ in left:
         removed[op] = before - after
         before = after
     return removed
@@ -325,6 +327,7 @@ def filter_shard(
         "records_in": records_in,
         "records_out": kept,
         "removed_by_filter": per_filter_removed(records_in, left),
+        "seconds_by_filter": {op: seconds for op, _, seconds in left},
         "aesthetics_score_divisor": divisor,
         "probe": probe_stats or {},
     }
