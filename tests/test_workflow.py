@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -260,6 +261,40 @@ def test_deleting_one_shard_reruns_only_that_shard(sample_run):
     assert (
         work / "merged" / "merged_output.jsonl"
     ).read_bytes() == before  # same records, no duplicates
+
+
+def test_killed_filter_job_reruns_cleanly(sample_run):
+    """SIGKILL snakemake while data-juicer filters a shard; --rerun-incomplete restores the same outputs."""
+    work = sample_run["workdir"]
+    before = {
+        name: (work / "merged" / name).read_bytes()
+        for name in ("merged_output.jsonl", "aes_6.jsonl")
+    }
+    (work / "filtered" / "laion-high-resolution" / "shard_0.jsonl").unlink()
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(ROOT / "Snakefile"),
+        *sample_run["args"],
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    work_dir = work / "dj_work" / "laion-high-resolution" / "shard_0"
+    deadline = time.time() + 120
+    while not any(work_dir.glob("*/logs")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # data-juicer has started on the shard
+    assert proc.poll() is None, "snakemake finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (work / "filtered" / "laion-high-resolution" / "shard_0.jsonl").exists()
+    run_snakemake([*sample_run["args"], "--unlock"])  # a SIGKILL leaves snakemake's lock behind
+    run_snakemake([*sample_run["args"], "--rerun-incomplete"])
+    for name, content in before.items():
+        assert (work / "merged" / name).read_bytes() == content, name
+    assert not work_dir.exists()
 
 
 def test_summary_command_prints_counts(sample_run):
