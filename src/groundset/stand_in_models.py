@@ -26,6 +26,15 @@ NAMES = {
 # a gain on the last layer's weights so scores spread over both sides of the default thresholds.
 BIASES = {"nsfw": -9.8, "watermark": 0.3, "aesthetics": 5.5}
 GAINS = {"nsfw": 25.0, "watermark": 25.0, "aesthetics": 150.0}
+# The one tiny transformer shape both stand-in families use (32 px input, 2 layers).
+TINY = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+}
 
 
 def _vit_classifier(path: Path, positive_bias: float, gain: float, seed: int) -> None:
@@ -35,13 +44,7 @@ def _vit_classifier(path: Path, positive_bias: float, gain: float, seed: int) ->
 
     torch.manual_seed(seed)
     config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+        **TINY,
         num_labels=2,
         id2label={0: "normal", 1: "positive"},
         label2id={"normal": 0, "positive": 1},
@@ -72,15 +75,7 @@ def _aesthetics(path: Path, bias: float, gain: float, seed: int) -> None:
     from transformers.models.clip.configuration_clip import CLIPVisionConfig
 
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        projection_dim=16,
-    )
+    config = CLIPVisionConfig(**TINY, projection_dim=16)
     model = AestheticsPredictorV2Linear(config).eval()
     with torch.no_grad():
         model.layers[-1].weight.mul_(gain)
