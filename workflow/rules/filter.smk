@@ -84,14 +84,14 @@ rule probe_shard:
         "logs/probe_shard/{source}/{shard}.log",
     benchmark:
         "benchmarks/probe_shard/{source}/{shard}.tsv"
-    params:
-        header_sizes=config["filter"]["header_sizes"],
     conda:
         "../envs/filter.yaml"
     threads: 2
     resources:
         mem_mb=1000,
         runtime=120,
+    params:
+        header_sizes=config["filter"]["header_sizes"],
     script:
         "../scripts/probe_shard.py"
 
