@@ -1,0 +1,81 @@
+"""Per-chunk journal of paid answers: appended and fsynced before any output, so nothing is paid twice."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from .io import dumps_record
+
+log = logging.getLogger(__name__)
+
+
+class Journal:
+    """Append-only JSONL of finished requests keyed by `image_id` (the last entry of a key wins).
+
+    A line cut short by a kill is ignored (and counted) when the journal is read back.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.entries: dict[str, dict] = {}
+        self.torn_lines = 0
+        if self.path.exists():
+            self._load()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = None
+
+    def _load(self) -> None:
+        """Read what earlier runs journaled."""
+        with open(self.path, "rb") as handle:
+            data = handle.read()
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                self.entries[str(entry["image_id"])] = entry
+            except (ValueError, KeyError, TypeError):
+                self.torn_lines += 1
+        if self.torn_lines:
+            log.warning(
+                "%s: ignored %d incomplete line(s) left by an interrupted run",
+                self.path,
+                self.torn_lines,
+            )
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "ab") as handle:  # end the torn line so appends start clean
+                handle.write(b"\n")
+
+    def __contains__(self, image_id: str) -> bool:
+        return str(image_id) in self.entries
+
+    def done(self, image_id: str) -> dict | None:
+        """The journaled entry of an image, if any."""
+        return self.entries.get(str(image_id))
+
+    def append(self, entries: list[dict]) -> None:
+        """Append a batch of entries (each with `image_id`), flushed and fsynced before returning."""
+        if not entries:
+            return
+        if self._handle is None:
+            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        for entry in entries:
+            self._handle.write(dumps_record(entry) + "\n")
+            self.entries[str(entry["image_id"])] = entry
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        """Close the journal file."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
