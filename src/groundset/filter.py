@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import json
 import logging
 import os
 import re
@@ -334,11 +333,3 @@ def filter_shard(
     write_json(stats_path, stats)
     shutil.rmtree(work, ignore_errors=True)
     return stats
-
-
-def read_json_if(path: str | os.PathLike | None) -> dict:
-    """A JSON document, or {} when no path is given."""
-    if not path:
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -101,7 +102,7 @@ def drop_masks(table: pa.Table, rules: PrefilterRules) -> dict[str, pa.Array]:
 def filter_table(table: pa.Table, rules: PrefilterRules) -> tuple[pa.Table, Counter]:
     """Keep the rows of one batch that pass; count drops by their first failing reason."""
     counts: Counter = Counter()
-    remaining = pa.array([True] * table.num_rows, type=pa.bool_())
+    remaining = pa.array(np.ones(table.num_rows, dtype=bool))
     masks = drop_masks(table, rules)
     for reason in REASONS:
         if reason not in masks:

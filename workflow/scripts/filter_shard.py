@@ -1,6 +1,7 @@
 """Snakemake script of rule filter_shard: see groundset.filter.filter_shard."""
 
-from groundset.filter import filter_shard, read_json_if
+from groundset.filter import filter_shard
+from groundset.io import read_json
 from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]):
@@ -10,5 +11,5 @@ with log_to(snakemake.log[0]):
         snakemake.output.stats,
         np_override=snakemake.threads,
         models_home=snakemake.params.models_home,
-        probe_stats=read_json_if(snakemake.input.probe),
+        probe_stats=read_json(snakemake.input.probe),
     )

@@ -2,7 +2,8 @@
 
 import os
 
-from groundset.filter import make_dj_config, read_json_if, resolve_models
+from groundset.filter import make_dj_config, resolve_models
+from groundset.io import read_json
 from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]):
@@ -17,6 +18,7 @@ with log_to(snakemake.log[0]):
         work_dir=work_dir,
         filter_cfg=snakemake.params.filter,
         models=resolve_models(
-            snakemake.params.filter, read_json_if(next(iter(snakemake.input.models), None))
+            snakemake.params.filter,
+            read_json(snakemake.input.models[0]) if snakemake.input.models else None,
         ),
     )
