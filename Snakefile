@@ -15,6 +15,7 @@ workdir: config["workdir"]
 
 include: "workflow/rules/download.smk"
 include: "workflow/rules/filter.smk"
+include: "workflow/rules/caption.smk"
 
 
 rule all:
@@ -22,3 +23,4 @@ rule all:
     input:
         *ALL_TARGETS,
         MERGED,
+        CAPTIONED,

@@ -27,6 +27,10 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+# Configs of workflow tests that never reach captioning: no API key needed (README: Captioning).
+STAND_IN_CAPTIONS = {"caption": {"stand_in": True}}
+
+
 def run_snakemake(args: list[str], cwd: Path = ROOT, check: bool = True, timeout: int = 900):
     """Run the real snakemake CLI of this interpreter; return the completed process."""
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled")

@@ -80,13 +80,13 @@ def test_backoff_is_bounded_and_jittered():
 def test_journal_survives_a_torn_last_line(tmp_path):
     path = tmp_path / "chunk_0.journal.jsonl"
     with Journal(path) as journal:
-        journal.append([{"image_id": "1", "raw": "a"}, {"image_id": "2", "raw": "b"}])
+        journal.append([{"key": "1", "raw": "a"}, {"key": "2", "raw": "b"}])
         assert "1" in journal and journal.done("2")["raw"] == "b"
     with open(path, "a") as handle:
-        handle.write('{"image_id": "3", "raw": "cut sh')  # killed mid-write
+        handle.write('{"key": "3", "raw": "cut sh')  # killed mid-write
     journal = Journal(path)
     assert sorted(journal.entries) == ["1", "2"] and journal.torn_lines == 1
-    journal.append([{"image_id": "3", "raw": "c"}, {"image_id": "1", "raw": "a2"}])
+    journal.append([{"key": "3", "raw": "c"}, {"key": "1", "raw": "a2"}])
     journal.close()
     again = Journal(path)
     assert {k: v["raw"] for k, v in again.entries.items()} == {"1": "a2", "2": "b", "3": "c"}
@@ -96,7 +96,7 @@ def test_journal_survives_a_torn_last_line(tmp_path):
 def test_journal_append_is_durable_before_returning(tmp_path):
     path = tmp_path / "j.jsonl"
     journal = Journal(path)
-    journal.append([{"image_id": 7, "raw": "x"}])
+    journal.append([{"key": 7, "raw": "x"}])
     # another reader (a rerun after a kill) sees the entry without close()
     assert "7" in Journal(path)
     journal.close()

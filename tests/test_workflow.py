@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, SAMPLE, run_snakemake, write_config, write_parquet
+from conftest import ROOT, SAMPLE, STAND_IN_CAPTIONS, run_snakemake, write_config, write_parquet
 from groundset.io import iter_jsonl
 
 pytestmark = pytest.mark.workflow
@@ -319,6 +319,7 @@ def _lay_down_manifest(tmp_path, records: int) -> dict:
         "workdir": str(work),
         "sources": [{"name": "big", "url_list": str(url_list), "save_additional_columns": []}],
         "shard_size": 10,
+        **STAND_IN_CAPTIONS,
     }
     paths = [
         "url_lists/big/urls.parquet",
@@ -369,6 +370,7 @@ def test_config_errors_stop_before_any_job(tmp_path):
         "sources": [{"name": "s", "url_list": "x.parquet"}],
         "shard_size": "many",
         "workdir": str(tmp_path / "results"),
+        **STAND_IN_CAPTIONS,
     }
     done = run_snakemake(
         [*PROFILE, "--configfile", str(write_config(tmp_path / "c.yaml", config)), "-n"],
@@ -384,6 +386,7 @@ def test_missing_url_list_is_named(tmp_path):
     config = {
         "sources": [{"name": "s", "url_list": str(tmp_path / "nowhere.parquet")}],
         "workdir": str(tmp_path / "results"),
+        **STAND_IN_CAPTIONS,
     }
     done = run_snakemake(
         [*PROFILE, "--configfile", str(write_config(tmp_path / "c.yaml", config)), "-n"],
@@ -398,6 +401,7 @@ def test_url_list_without_url_column_fails_naming_file_and_column(tmp_path):
     config = {
         "sources": [{"name": "s", "url_list": str(url_list), "save_additional_columns": []}],
         "workdir": str(tmp_path / "results"),
+        **STAND_IN_CAPTIONS,
     }
     done = run_snakemake(
         [*PROFILE, "--configfile", str(write_config(tmp_path / "c.yaml", config)), "--cores", "1"],

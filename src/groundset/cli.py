@@ -124,6 +124,28 @@ def cmd_merge(args: argparse.Namespace, config: dict) -> dict:
     )
 
 
+def cmd_caption(args: argparse.Namespace, config: dict) -> dict:
+    """Grounded captions (caption + entity boxes) for a JSONL file, resumable via its journal."""
+    from .caption import Settings, caption_chunk, preflight, stop_on_sigterm
+
+    output = Path(args.output)
+    stem = str(output).removesuffix(".jsonl")
+    settings = Settings.from_config(config["caption"])
+    if not args.reparse:
+        preflight(settings)  # key and endpoint, before anything is written
+    with stop_on_sigterm():
+        return caption_chunk(
+            args.input,
+            output,
+            args.errors or stem + "_errors.jsonl",
+            args.stats or stem + "_stats.json",
+            args.journal or stem + ".journal.jsonl",
+            settings,
+            retry_errors=args.retry_errors or config["caption"]["retry_errors"],
+            reparse=args.reparse,
+        )
+
+
 def cmd_summary(args: argparse.Namespace, config: dict) -> dict | None:
     """Print counts per stage of a run from its stats files."""
     from .summary import collect, format_summary
@@ -198,6 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", nargs="+", required=True, help="filtered shard JSONL files")
     p.add_argument("--outdir", required=True, help="folder for merged_output.jsonl and aes_6.jsonl")
 
+    p = add("caption", cmd_caption, cmd_caption.__doc__)
+    p.add_argument("--input", required=True, help="JSONL to caption (e.g. merged/aes_6.jsonl)")
+    p.add_argument("--output", required=True, help="captioned JSONL to write")
+    p.add_argument("--errors", help="error/drop records (default: <output>_errors.jsonl)")
+    p.add_argument("--stats", help="counts JSON (default: <output>_stats.json)")
+    p.add_argument(
+        "--journal", help="answer journal, kept between runs (default: <output>.journal.jsonl)"
+    )
+    p.add_argument(
+        "--retry-errors", action="store_true", help="ask again for images whose answer was an error"
+    )
+    p.add_argument(
+        "--reparse",
+        action="store_true",
+        help="no requests: rebuild the outputs from the journal's raw answers (after a parser fix)",
+    )
+
     p = add("summary", cmd_summary, cmd_summary.__doc__)
     p.add_argument("--workdir", help="the run's workdir (default: the config's workdir)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -218,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         config = load_config(args.config) if needs_config else None
         result = args.func(args, config)
-    except (ConfigError, OSError, ValueError, RuntimeError, KeyError) as err:
+    except (ConfigError, OSError, ValueError, RuntimeError, KeyError, SystemExit) as err:
         print(f"groundset {args.command}: error: {err}", file=sys.stderr)
         return 2
     if result is not None:

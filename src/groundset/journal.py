@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 class Journal:
-    """Append-only JSONL of finished requests keyed by `image_id` (the last entry of a key wins).
+    """Append-only JSONL of finished requests keyed by `key` (the last entry of a key wins).
 
     A line cut short by a kill is ignored (and counted) when the journal is read back.
     """
@@ -36,7 +36,7 @@ class Journal:
                 continue
             try:
                 entry = json.loads(line)
-                self.entries[str(entry["image_id"])] = entry
+                self.entries[str(entry["key"])] = entry
             except (ValueError, KeyError, TypeError):
                 self.torn_lines += 1
         if self.torn_lines:
@@ -49,22 +49,22 @@ class Journal:
             with open(self.path, "ab") as handle:  # end the torn line so appends start clean
                 handle.write(b"\n")
 
-    def __contains__(self, image_id: str) -> bool:
-        return str(image_id) in self.entries
+    def __contains__(self, key: str) -> bool:
+        return str(key) in self.entries
 
-    def done(self, image_id: str) -> dict | None:
-        """The journaled entry of an image, if any."""
-        return self.entries.get(str(image_id))
+    def done(self, key: str) -> dict | None:
+        """The journaled entry of a key, if any."""
+        return self.entries.get(str(key))
 
     def append(self, entries: list[dict]) -> None:
-        """Append a batch of entries (each with `image_id`), flushed and fsynced before returning."""
+        """Append a batch of entries (each with `key`), flushed and fsynced before returning."""
         if not entries:
             return
         if self._handle is None:
             self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         for entry in entries:
             self._handle.write(dumps_record(entry) + "\n")
-            self.entries[str(entry["image_id"])] = entry
+            self.entries[str(entry["key"])] = entry
         self._handle.flush()
         os.fsync(self._handle.fileno())
 

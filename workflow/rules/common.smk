@@ -3,6 +3,7 @@ import re
 
 from snakemake.utils import validate
 
+from groundset.caption import Settings, uses_stand_in
 from groundset.config import check_config, download_options, find_source
 from groundset.prefilter import PrefilterRules
 from groundset.split import read_index
@@ -21,10 +22,20 @@ if config["filter"]["models_home"]:
 
 SOURCES = [source["name"] for source in config["sources"]]
 
+# The captioning quota holds across the run: at most `vlm_api` captioning jobs at once (from
+# --resources, else caption.api_jobs), each pacing itself at rate_per_second / vlm_api.
+API_JOBS = workflow.global_resources.setdefault("vlm_api", config["caption"]["api_jobs"]).value
+if not uses_stand_in(Settings.from_config(config["caption"])):
+
+    envvars:
+        config["caption"]["api_key_env"],
+
+
 
 wildcard_constraints:
     source="|".join(re.escape(name) for name in SOURCES),
     shard=r"\d+",
+    chunk=r"\d+",
 
 
 def source_config(wildcards):
@@ -99,3 +110,18 @@ def source_targets(source):
 
 ALL_TARGETS = [source_targets(source) for source in SOURCES]
 MERGED = ["merged/merged_output.jsonl", "merged/aes_6.jsonl"]
+
+
+def caption_settings(wildcards):
+    """The captioning settings a chunk job uses (not the key: only the name of its variable)."""
+    skip = ("input", "chunk_size", "api_jobs", "retry_errors")
+    return {k: v for k, v in config["caption"].items() if k not in skip}
+
+
+def caption_chunks(wildcards):
+    """Input function of the gather: every chunk's output, known once the input is indexed."""
+    index = checkpoints.index_chunks.get().output.index
+    return expand("captioned/chunk_{chunk}.jsonl", chunk=range(len(read_index(index)["shards"])))
+
+
+CAPTIONED = ["captioned/captioned.jsonl"]

@@ -1,0 +1,292 @@
+"""Loopback stand-in for a Qwen-VL endpoint: speaks DashScope's and OpenAI's HTTP protocols.
+
+Used by the tests, the captioning benchmark and the bundled sample (no model or API can be
+reached here). It answers every request with a placeholder grounded caption computed from the
+image (or whatever a test's responder scripts: other formats, 429s, 5xx, slow or garbage
+answers), checks the API key, and logs each request (image digest, start/end time, status).
+Captions from it are placeholders, not model output.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+from PIL import Image
+
+DASHSCOPE_PATH = "/api/v1/services/aigc/multimodal-generation/generation"
+OPENAI_PATH = "/v1/chat/completions"
+STAND_IN_KEY = "stand-in-key"  # the key the sample's stand-in accepts (not a secret)
+
+
+@dataclass
+class Reply:
+    """What the stand-in sends for one request: an answer (HTTP 200) or an error status."""
+
+    status: int = 200
+    answer: str | None = None
+    code: str | None = None
+    message: str | None = None
+    raw: bytes | None = None  # a body sent as is (garbage, truncated JSON)
+    delay: float | None = None  # seconds before answering (default: the server's latency)
+
+
+@dataclass
+class Logged:
+    """One request the stand-in served."""
+
+    protocol: str
+    image: str  # sha256 of the image bytes, 16 hex digits ("" if none)
+    start: float
+    end: float
+    status: int
+    model: str
+
+
+Responder = Callable[[bytes, int, str], Reply | None]
+
+
+def image_digest(data: bytes) -> str:
+    """The id the stand-in logs an image under (also what tests compute from their files)."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def decode_data_url(url: str) -> bytes:
+    """The bytes of a `data:<mime>;base64,<payload>` URL (ValueError if it is not one)."""
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise ValueError("image is not a base64 data URL")
+    try:
+        return base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+    except binascii.Error as err:
+        raise ValueError(f"bad base64 image: {err}") from err
+
+
+def _salient_box(image: Image.Image) -> list[int]:
+    """A 0-1000 grid box around the pixels that differ most from the image's mean colour."""
+    small = np.asarray(image.convert("L").resize((64, 64)), dtype=np.float32)
+    diff = np.abs(small - small.mean())
+    mask = diff > max(diff.mean() + diff.std(), 1.0)
+    if mask.sum() < 8:
+        return [250, 250, 750, 750]
+    ys, xs = np.nonzero(mask)
+    x1, x2 = int(xs.min() * 1000 / 64), int((xs.max() + 1) * 1000 / 64)
+    y1, y2 = int(ys.min() * 1000 / 64), int((ys.max() + 1) * 1000 / 64)
+    if x2 - x1 < 20 or y2 - y1 < 20:
+        return [250, 250, 750, 750]
+    return [x1, y1, x2, y2]
+
+
+def placeholder_answer(data: bytes) -> str:
+    """A grounded-caption answer in the default prompt's JSON shape (0-1000 grid boxes), in a fence."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        main = _salient_box(image)
+    shape = "landscape" if width > height else "portrait" if height > width else "square"
+    answer = {
+        "caption": f"[placeholder caption from groundset's stand-in server, not a model] "
+        f"A {shape} {width}x{height} image with a distinct region near its centre.",
+        "entities": [
+            {"entity": "main subject", "bboxes": main},
+            {"entity": "upper half", "bboxes": [0, 0, 1000, 500]},
+        ],
+    }
+    return "```json\n" + json.dumps(answer) + "\n```"
+
+
+def default_responder(image: bytes, count: int, protocol: str) -> Reply:
+    """The stand-in's answer when no test scripts one: a placeholder caption of the image."""
+    try:
+        return Reply(answer=placeholder_answer(image))
+    except OSError:
+        return Reply(400, code="InvalidParameter", message="The image cannot be decoded.")
+
+
+def _dashscope_body(reply: Reply, request_id: str) -> dict:
+    """A DashScope multimodal-generation response body."""
+    if reply.status != 200:
+        return {"code": reply.code or "InternalError", "message": reply.message or "error",
+                "request_id": request_id}  # fmt: skip
+    return {
+        "output": {
+            "choices": [
+                {
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": [{"text": reply.answer}]},
+                }
+            ]
+        },
+        "usage": {"input_tokens": 1000, "output_tokens": len(reply.answer or "") // 4,
+                  "image_tokens": 900},  # fmt: skip
+        "request_id": request_id,
+    }
+
+
+def _openai_body(reply: Reply, request_id: str, model: str) -> dict:
+    """An OpenAI chat-completions response body."""
+    if reply.status != 200:
+        return {"error": {"message": reply.message or "error", "type": "error",
+                          "code": reply.code or str(reply.status)}}  # fmt: skip
+    return {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "finish_reason": "stop",
+             "message": {"role": "assistant", "content": reply.answer}}
+        ],  # fmt: skip
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 50, "total_tokens": 1050},
+    }
+
+
+def _image_of(protocol: str, body: dict) -> bytes:
+    """The (first) image of a request body, decoded from its data URL."""
+    for message in body.get("input", {}).get("messages", []) or body.get("messages", []):
+        content = message.get("content")
+        for part in content if isinstance(content, list) else []:
+            if protocol == "dashscope" and "image" in part:
+                return decode_data_url(part["image"])
+            if protocol == "openai" and part.get("type") == "image_url":
+                return decode_data_url(part["image_url"]["url"])
+    raise ValueError("no image in the request")
+
+
+class StandInVLM:
+    """A threaded loopback HTTP server answering DashScope and OpenAI chat requests."""
+
+    def __init__(
+        self,
+        responder: Responder | None = None,
+        latency: float = 0.0,
+        api_key: str = STAND_IN_KEY,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
+        self.responder = responder or default_responder
+        self.latency = latency
+        self.api_key = api_key
+        self.log: list[Logged] = []
+        self.counts: Counter = Counter()
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((host, port), self._handler())
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the server (http://127.0.0.1:PORT)."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def dashscope_url(self) -> str:
+        """What to set as `dashscope.base_http_api_url` / `caption.base_url` for DashScope."""
+        return self.url + "/api/v1"
+
+    @property
+    def openai_url(self) -> str:
+        """What to pass as the OpenAI client's `base_url`."""
+        return self.url + "/v1"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet: the tests read `server.log`
+                pass
+
+            def _send(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path.rstrip("/") == "/v1/models":
+                    body = {"object": "list", "data": [{"id": "stand-in", "object": "model"}]}
+                    self._send(200, json.dumps(body).encode())
+                else:
+                    self._send(404, b'{"code": "NotFound", "message": "no such path"}')
+
+            def do_POST(self) -> None:
+                start = time.monotonic()
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                protocol = {DASHSCOPE_PATH: "dashscope", OPENAI_PATH: "openai"}.get(
+                    self.path.split("?")[0]
+                )
+                if protocol is None:
+                    self._send(404, b'{"code": "NotFound", "message": "no such path"}')
+                    return
+                request_id = uuid.uuid4().hex
+                if self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    reply = Reply(401, code="InvalidApiKey", message="Invalid API-key provided.")
+                    digest, model = "", ""
+                else:
+                    try:
+                        body = json.loads(raw)
+                        model = str(body.get("model", ""))
+                        image = _image_of(protocol, body)
+                    except (ValueError, KeyError, TypeError, AttributeError) as err:
+                        image, model = b"", ""
+                        reply = Reply(400, code="InvalidParameter", message=str(err))
+                    else:
+                        reply = None
+                    digest = image_digest(image) if image else ""
+                    if reply is None:
+                        with server._lock:
+                            server.counts[digest] += 1
+                            count = server.counts[digest]
+                        reply = server.responder(image, count, protocol) or default_responder(
+                            image, count, protocol
+                        )
+                delay = server.latency if reply.delay is None else reply.delay
+                if delay:
+                    time.sleep(delay)
+                if reply.raw is not None:
+                    payload = reply.raw
+                elif protocol == "dashscope":
+                    payload = json.dumps(_dashscope_body(reply, request_id)).encode()
+                else:
+                    payload = json.dumps(_openai_body(reply, request_id, model)).encode()
+                try:
+                    self._send(reply.status, payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout): still logged below
+                with server._lock:
+                    server.log.append(
+                        Logged(protocol, digest, start, time.monotonic(), reply.status, model)
+                    )
+
+        return Handler
+
+    def start(self) -> StandInVLM:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> StandInVLM:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

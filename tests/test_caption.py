@@ -1,0 +1,456 @@
+"""Captioning through the real DashScope and OpenAI SDK clients against the loopback stand-in."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from groundset.caption import (
+    CaptionError,
+    Dropped,
+    Settings,
+    caption_chunk,
+    gather_chunks,
+    index_chunks,
+    load_payload,
+    preflight,
+    question_id,
+    uses_stand_in,
+)
+from groundset.grounding import smart_resize
+from groundset.io import iter_jsonl, read_json, write_jsonl
+from groundset.stand_in_vlm import STAND_IN_KEY, Reply, StandInVLM, image_digest
+
+KEY_ENV = "GROUNDSET_TEST_KEY"
+
+
+def make_images(folder: Path, sizes: list[tuple[int, int]]) -> list[Path]:
+    """Distinct RGB JPEGs (a bright rectangle on noise) of the given (width, height)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        pixels = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+        pixels[h // 4 : h // 2, w // 3 : 2 * w // 3] = 230
+        path = folder / f"{i:03d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def make_records(path: Path, images: list[Path], source: str = "src") -> list[dict]:
+    """A JSONL of filter-stage records naming the images; returns the records."""
+    records = [
+        {"image": [str(p)], "text": f"alt {i}", "image_id": f"{i:09d}", "source": source,
+         "__dj__stats__": {"image_aesthetics_scores": [6.0 + i / 10]}}  # fmt: skip
+        for i, p in enumerate(images)
+    ]
+    write_jsonl(path, records)
+    return records
+
+
+def digest(path: Path) -> str:
+    """The id the stand-in logs an image under (RGB JPEGs are sent as they are)."""
+    return image_digest(Path(path).read_bytes())
+
+
+def settings_for(server: StandInVLM, backend: str = "openai", **overrides) -> Settings:
+    """Settings pointing the real SDK at the stand-in (key given directly, no environment)."""
+    values = {
+        "backend": backend,
+        "base_url": server.openai_url if backend == "openai" else server.dashscope_url,
+        "model": "qwen-vl-max",
+        "rate_per_second": None,
+        "concurrency": 4,
+        "backoff_base_s": 0.01,
+        "backoff_cap_s": 0.05,
+        "timeout_s": 5,
+    }
+    values.update(overrides)
+    settings = Settings.from_config(values)
+    from dataclasses import replace
+
+    return replace(settings, api_key=STAND_IN_KEY)
+
+
+def run_chunk(tmp: Path, records: Path, settings: Settings, name: str = "out", **kwargs) -> dict:
+    """caption_chunk with outputs under tmp/name*."""
+    return caption_chunk(
+        records,
+        tmp / f"{name}.jsonl",
+        tmp / f"{name}_errors.jsonl",
+        tmp / f"{name}_stats.json",
+        tmp / f"{name}.journal.jsonl",
+        settings,
+        **kwargs,
+    )
+
+
+def ok_count(server: StandInVLM) -> dict[str, int]:
+    """Successful (HTTP 200) requests per image digest."""
+    counts: dict[str, int] = {}
+    for entry in server.log:
+        if entry.status == 200:
+            counts[entry.image] = counts.get(entry.image, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("backend", ["dashscope", "openai"])
+def test_every_answer_format_through_the_real_sdk(tmp_path, backend):
+    images = make_images(tmp_path / "img", [(400, 300)] * 6)
+    records = make_records(tmp_path / "in.jsonl", images)
+    answers = {
+        digest(images[0]): 'Here you go:\n```json\n{"caption": "A red kite over a beach.", '
+        '"entities": [{"entity": "kite", "bboxes": [100, 200, 300, 400]}, '
+        '{"entity": "beach", "bboxes": [[0, 600, 1000, 1000], [0, 500, 200, 600]]}]}\n```\nHope it helps.',
+        digest(images[1]): "A <|object_ref_start|>dog<|object_ref_end|><|box_start|>(100,200),"
+        "(500,800)<|box_end|> on grass.",
+        digest(images[2]): "<ref>cat</ref><box>(0,0),(1000,500)</box> sleeping",
+        digest(images[3]): '{"caption": "Boxes gone wrong.", "entities": [{"entity": "flat", '
+        '"bboxes": [10, 10, 10, 500]}, {"entity": "", "bboxes": [1, 2, 3, 4]}, '
+        '{"entity": "ok", "bboxes": [1200, -5, 500, 400]}]}',
+        digest(images[4]): '{"caption": "cut off',
+        digest(images[5]): "",
+    }
+    with StandInVLM(lambda image, n, proto: Reply(answer=answers[image_digest(image)])) as server:
+        stats = run_chunk(tmp_path, tmp_path / "in.jsonl", settings_for(server, backend))
+        assert {e.protocol for e in server.log} == {backend}
+    out = list(iter_jsonl(tmp_path / "out.jsonl"))
+    assert [r["image_id"] for r in out] == [records[i]["image_id"] for i in range(4)]
+    assert out[0]["caption"] == "A red kite over a beach."
+    assert out[0]["entities"] == [
+        {"entity": "kite", "bboxes": [[0.1, 0.2, 0.3, 0.4]]},
+        {"entity": "beach", "bboxes": [[0.0, 0.6, 1.0, 1.0], [0.0, 0.5, 0.2, 0.6]]},
+    ]
+    assert out[0]["text"] == "alt 0" and out[0]["__dj__stats__"] == records[0]["__dj__stats__"]
+    assert out[1]["caption"] == "A dog on grass."
+    assert out[1]["entities"] == [{"entity": "dog", "bboxes": [[0.1, 0.2, 0.5, 0.8]]}]
+    assert out[2]["entities"] == [{"entity": "cat", "bboxes": [[0.0, 0.0, 1.0, 0.5]]}]
+    assert out[3]["entities"] == [{"entity": "ok", "bboxes": [[0.5, 0.0, 1.0, 0.4]]}]
+    assert out[3]["caption_meta"]["boxes_dropped"] == 3
+    assert out[0]["caption_meta"]["backend"] == backend
+    errors = {e["image_id"]: e for e in iter_jsonl(tmp_path / "out_errors.jsonl")}
+    assert errors[records[4]["image_id"]]["reason"] == "unparsable JSON answer"
+    assert errors[records[4]["image_id"]]["answer"] == '{"caption": "cut off'
+    assert errors[records[5]["image_id"]]["reason"] == "empty answer"
+    assert stats["records"] == 6 and stats["captioned"] == 4 and stats["parse_errors"] == 2
+    assert stats["requested"] == 6 and stats["attempts"] == 6
+    assert stats["boxes_dropped"] == {
+        "box_invalid_or_degenerate": 1,
+        "entity_without_box": 1,
+        "entity_without_name": 1,
+    }
+    assert stats["entities"] == 5 and stats["boxes"] == 6
+    assert read_json(tmp_path / "out_stats.json") == stats
+
+
+def test_qwen25_pixel_boxes_use_the_resized_frame(tmp_path):
+    images = make_images(tmp_path / "img", [(2000, 1000)])
+    make_records(tmp_path / "in.jsonl", images)
+    h, w = smart_resize(1000, 2000)
+    answer = json.dumps([{"bbox_2d": [0, 0, w // 2, h], "label": "left half"}])
+    answer = json.dumps({"caption": "Two halves.", "entities": json.loads(answer)})
+    with StandInVLM(lambda *a: Reply(answer=answer)) as server:
+        settings = settings_for(server, model="qwen2.5-vl-72b-instruct")
+        assert settings.convention == "pixels"
+        run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
+    (record,) = iter_jsonl(tmp_path / "out.jsonl")
+    assert record["entities"] == [{"entity": "left half", "bboxes": [[0.0, 0.0, 0.5, 1.0]]}]
+    assert record["caption_meta"]["convention"] == "pixels"
+
+
+def test_unreadable_images_are_dropped_before_any_request(tmp_path):
+    images = make_images(tmp_path / "img", [(64, 48)])
+    cmyk = tmp_path / "img" / "cmyk.jpg"
+    Image.open(images[0]).convert("CMYK").save(cmyk)
+    broken = tmp_path / "img" / "broken.jpg"
+    broken.write_bytes(Path(images[0]).read_bytes()[:200])
+    text = tmp_path / "img" / "text.jpg"
+    text.write_text("not an image")
+    paths = [images[0], cmyk, broken, text, tmp_path / "img" / "gone.jpg"]
+    records = make_records(tmp_path / "in.jsonl", paths)
+    with StandInVLM() as server:
+        stats = run_chunk(tmp_path, tmp_path / "in.jsonl", settings_for(server))
+        sent = len(server.log)
+    assert sent == 2  # the RGB JPEG and the CMYK one (sent converted)
+    assert [r["image_id"] for r in iter_jsonl(tmp_path / "out.jsonl")] == [
+        records[0]["image_id"],
+        records[1]["image_id"],
+    ]
+    errors = {e["image_id"]: e for e in iter_jsonl(tmp_path / "out_errors.jsonl")}
+    assert {k: e["reason"] for k, e in errors.items()} == {
+        records[2]["image_id"]: "rgb_conversion_failed",
+        records[3]["image_id"]: "rgb_conversion_failed",
+        records[4]["image_id"]: "image_missing",
+    }
+    assert all(e["attempts"] == 0 and e["status"] == "dropped" for e in errors.values())
+    assert stats["dropped"] == 3 and stats["error_reasons"]["rgb_conversion_failed"] == 2
+
+
+def test_payload_keeps_rgb_bytes_and_converts_other_modes(tmp_path):
+    (jpeg,) = make_images(tmp_path, [(40, 30)])
+    payload = load_payload(str(jpeg))
+    assert payload.data_url.startswith("data:image/jpeg;base64,")
+    assert base64.b64decode(payload.data_url.split(",", 1)[1]) == jpeg.read_bytes()
+    assert (payload.width, payload.height) == (40, 30)
+    rgba = tmp_path / "a.png"
+    Image.new("RGBA", (10, 20), (1, 2, 3, 4)).save(rgba)
+    payload = load_payload(str(rgba))
+    assert payload.data_url.startswith("data:image/png;base64,")
+    decoded = Image.open(__import__("io").BytesIO(base64.b64decode(payload.data_url[22:])))
+    assert decoded.mode == "RGB" and decoded.size == (10, 20)
+    with pytest.raises(Dropped, match="image_missing"):
+        load_payload(str(tmp_path / "none.jpg"))
+
+
+def test_throttling_server_errors_timeouts_and_final_errors(tmp_path):
+    images = make_images(tmp_path / "img", [(64, 64)] * 5)
+    records = make_records(tmp_path / "in.jsonl", images)
+    d = [digest(p) for p in images]
+    script = {
+        d[0]: [Reply(429, code="Throttling.RateQuota", message="Requests rate limit exceeded")] * 2,
+        d[1]: [Reply(500, code="InternalError", message="boom")],
+        d[2]: [Reply(400, code="DataInspectionFailed", message="inappropriate content")],
+        d[3]: [Reply(answer="late", delay=1.5)],
+        d[4]: [Reply(502, raw=b"<html>502 Bad Gateway</html>")],  # a proxy's page
+    }
+
+    def responder(image, n, protocol):
+        replies = script[image_digest(image)]
+        return replies[n - 1] if n <= len(replies) else None  # then the placeholder answer
+
+    with StandInVLM(responder) as server:
+        settings = settings_for(server, "dashscope", timeout_s=0.5)
+        stats = run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
+        assert server.counts == {d[0]: 3, d[1]: 2, d[2]: 1, d[3]: 2, d[4]: 2}
+        out = [r["image_id"] for r in iter_jsonl(tmp_path / "out.jsonl")]
+        assert out == [records[i]["image_id"] for i in (0, 1, 3, 4)]
+        (error,) = iter_jsonl(tmp_path / "out_errors.jsonl")
+        assert error["image_id"] == records[2]["image_id"] and error["attempts"] == 1
+        assert error["code"] == "DataInspectionFailed" and error["http_status"] == 400
+        assert "inappropriate content" in error["reason"]
+        assert stats["throttled"] == 2 and stats["retries"] == 5 and stats["attempts"] == 10
+        assert stats["api_errors"] == 1
+
+        # a rerun pays for nothing; --retry-errors asks again for the error record only
+        again = run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
+        assert again["requested"] == 0 and again["from_journal"] == 5
+        assert sum(server.counts.values()) == 10
+        retried = run_chunk(tmp_path, tmp_path / "in.jsonl", settings, retry_errors=True)
+        assert retried["requested"] == 1 and server.counts[d[2]] == 2
+        assert retried["captioned"] == 5 and retried["api_errors"] == 0
+        time.sleep(1.2)  # let the timed-out request finish on the server
+        paid = ok_count(server)
+        # a request that timed out on the client may still be answered (and billed) by the server
+        assert paid == {d[0]: 1, d[1]: 1, d[2]: 1, d[3]: 2, d[4]: 1}
+
+
+def test_rate_is_never_exceeded_and_latency_does_not_lower_it(tmp_path):
+    images = make_images(tmp_path / "img", [(32, 32)] * 12)
+    make_records(tmp_path / "in.jsonl", images)
+    with StandInVLM(latency=1.0) as server:
+        began = time.monotonic()
+        run_chunk(tmp_path, tmp_path / "in.jsonl", settings_for(server, rate_per_second=4.0))
+        elapsed = time.monotonic() - began
+        starts = sorted(entry.start for entry in server.log)
+    assert len(starts) == 12
+    # any window of one second holds at most 4 request starts (small tolerance for transport)
+    for i in range(len(starts) - 4):
+        assert starts[i + 4] - starts[i] >= 1.0 - 0.05, np.diff(starts)
+    # 1 s latency, yet close to 4 images/s: 11 intervals of 0.25 s plus one answer
+    assert elapsed < 11 * 0.25 + 1.0 + 1.5
+
+
+def test_wrong_key_stops_the_job_and_a_dead_endpoint_stops_it_too(tmp_path):
+    images = make_images(tmp_path / "img", [(32, 32)] * 6)
+    make_records(tmp_path / "in.jsonl", images)
+    with StandInVLM(api_key="the-right-key") as server:
+        with pytest.raises(CaptionError, match="refused the API key"):
+            run_chunk(tmp_path, tmp_path / "in.jsonl", settings_for(server))
+    assert not (tmp_path / "out.jsonl").exists()
+    journal = tmp_path / "out.journal.jsonl"
+    assert not journal.exists() or journal.read_text() == ""
+    with StandInVLM(lambda *a: Reply(503, code="ServiceUnavailable")) as server:
+        settings = settings_for(server, max_attempts=2, max_consecutive_failures=3, concurrency=1)
+        with pytest.raises(CaptionError, match="3 images in a row failed"):
+            run_chunk(tmp_path, tmp_path / "in.jsonl", settings, retry_errors=True)
+        # three images failed twice each, then it stopped (one more was already in flight)
+        assert len(server.log) <= 8 and len(server.counts) < 6
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_preflight_needs_a_key_and_a_reachable_endpoint(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    settings = Settings.from_config({"api_key_env": KEY_ENV, "base_url": "http://127.0.0.1:9"})
+    with pytest.raises(CaptionError, match=KEY_ENV):
+        preflight(settings)
+    monkeypatch.setenv(KEY_ENV, "sk-x")
+    with pytest.raises(CaptionError, match="cannot be reached"):
+        preflight(settings)
+    with StandInVLM() as server:
+        seen = preflight(Settings.from_config({"api_key_env": KEY_ENV, "base_url": server.url}))
+    assert seen["endpoint"] == server.url and seen["stand_in"] is False
+    assert "sk-x" not in json.dumps(seen)
+    auto = Settings.from_config({"api_key_env": KEY_ENV, "stand_in": "auto"})
+    assert preflight(auto, environ={})["stand_in"] is True
+    assert not uses_stand_in(auto, {KEY_ENV: "sk"})
+    assert uses_stand_in(Settings.from_config({"stand_in": True}), {KEY_ENV: "sk"})
+
+
+def test_reparse_rebuilds_outputs_from_the_journal_without_requests(tmp_path):
+    images = make_images(tmp_path / "img", [(100, 100)] * 3)
+    make_records(tmp_path / "in.jsonl", images)
+    answer = '{"caption": "c", "entities": [{"entity": "e", "bboxes": [0, 0, 56, 56]}]}'
+    with StandInVLM(lambda *a: Reply(answer=answer)) as server:
+        settings = settings_for(server)
+        run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
+    boxes = [r["entities"][0]["bboxes"][0] for r in iter_jsonl(tmp_path / "out.jsonl")]
+    assert boxes == [[0.0, 0.0, 0.056, 0.056]] * 3  # read on the 0-1000 grid
+    # the server is gone: a reparse with another convention must not need it
+    from dataclasses import replace
+
+    stats = run_chunk(
+        tmp_path, tmp_path / "in.jsonl", replace(settings, box_convention="pixels"), reparse=True
+    )
+    assert stats["requested"] == 0 and stats["captioned"] == 3
+    assert smart_resize(100, 100) == (112, 112)
+    boxes = [r["entities"][0]["bboxes"][0] for r in iter_jsonl(tmp_path / "out.jsonl")]
+    assert boxes == [[0.0, 0.0, 0.5, 0.5]] * 3  # pixels of Qwen2.5-VL's 112x112 input
+
+
+def test_another_prompt_or_model_is_asked_again(tmp_path):
+    images = make_images(tmp_path / "img", [(32, 32)] * 2)
+    make_records(tmp_path / "in.jsonl", images)
+    with StandInVLM() as server:
+        settings = settings_for(server)
+        run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
+        run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
+        assert len(server.log) == 2
+        other = settings_for(server, prompt="Caption this.")
+        assert question_id(other) != question_id(settings)
+        run_chunk(tmp_path, tmp_path / "in.jsonl", other)
+        assert len(server.log) == 4
+
+
+def test_chunks_resume_when_the_layout_changes(tmp_path):
+    images = make_images(tmp_path / "img", [(32, 32)] * 7)
+    make_records(tmp_path / "in.jsonl", images)
+    journals = tmp_path / "journal"
+    with StandInVLM() as server:
+        settings = settings_for(server)
+        index = index_chunks(tmp_path / "in.jsonl", tmp_path / "chunks.json", 3, journals)
+        assert [c["records"] for c in index["shards"]] == [3, 3, 1]
+        for c in index["shards"][:2]:  # chunk 2 never ran
+            caption_chunk(
+                tmp_path / "in.jsonl", tmp_path / f"c{c['shard']}.jsonl", tmp_path / "e.jsonl",
+                tmp_path / "s.json", journals / f"chunk_{c['shard']}.jsonl", settings,
+                start=c["start"], end=c["end"],
+            )  # fmt: skip
+        assert len(server.log) == 6
+        index = index_chunks(tmp_path / "in.jsonl", tmp_path / "chunks.json", 2, journals)
+        assert len(index["shards"]) == 4
+        outputs = []
+        for c in index["shards"]:
+            name = f"n{c['shard']}"
+            caption_chunk(
+                tmp_path / "in.jsonl", tmp_path / f"{name}.jsonl", tmp_path / f"{name}_errors.jsonl",
+                tmp_path / f"{name}_stats.json", journals / f"chunk_{c['shard']}.jsonl", settings,
+                start=c["start"], end=c["end"],
+            )  # fmt: skip
+            outputs.append(str(tmp_path / f"{name}.jsonl"))
+        assert len(server.log) == 7  # only the record no chunk had asked about
+    total = gather_chunks(
+        outputs, tmp_path / "all.jsonl", tmp_path / "all_errors.jsonl", tmp_path / "all.json"
+    )
+    assert [r["image_id"] for r in iter_jsonl(tmp_path / "all.jsonl")] == [
+        f"{i:09d}" for i in range(7)
+    ]
+    assert total["chunks"] == 4 and total["captioned"] == 7 and total["from_journal"] == 6
+    assert total["requested"] == 1 and (tmp_path / "all_errors.jsonl").read_text() == ""
+
+
+def _cli_config(tmp_path: Path, server: StandInVLM, **caption) -> Path:
+    config = {
+        "sources": [{"name": "src", "url_list": str(tmp_path)}],
+        "caption": {
+            "backend": "openai",
+            "base_url": server.openai_url,
+            "api_key_env": KEY_ENV,
+            "rate_per_second": None,
+            "concurrency": 4,
+            **caption,
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _wait_for_lines(path: Path, lines: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().count("\n") >= lines:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never reached {lines} lines")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_job_rerun_pays_once_and_no_key_is_written(tmp_path, sig):
+    secret = "sk-groundset-SECRET-0123456789"
+    images = make_images(tmp_path / "img", [(48, 48)] * 16)
+    make_records(tmp_path / "in.jsonl", images)
+    env = {**os.environ, KEY_ENV: secret}
+    command = [sys.executable, "-m", "groundset.cli", "caption", "--input",
+               str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]  # fmt: skip
+    with StandInVLM(latency=0.3, api_key=secret) as server:
+        config = _cli_config(tmp_path, server)
+        log = open(tmp_path / "first.log", "w")  # noqa: SIM115
+        job = subprocess.Popen([*command, "--config", str(config)], env=env, stdout=log, stderr=log)
+        _wait_for_lines(tmp_path / "out.journal.jsonl", 5)
+        job.send_signal(sig)
+        assert job.wait(30) != 0
+        log.close()
+        assert not (tmp_path / "out.jsonl").exists()
+        done = subprocess.run(
+            [*command, "--config", str(config), "-v"], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        (tmp_path / "second.log").write_text(done.stdout + done.stderr)
+        paid = ok_count(server)
+    assert len(list(iter_jsonl(tmp_path / "out.jsonl"))) == 16
+    assert set(paid) == {digest(p) for p in images}
+    twice = [d for d, n in paid.items() if n > 1]
+    if sig == signal.SIGTERM:
+        assert twice == []  # in-flight answers were journaled before the job stopped
+    else:
+        assert len(twice) <= 4  # at most what was in flight (concurrency) when it was killed
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_cli_caption_fails_cleanly_without_key(tmp_path, monkeypatch):
+    images = make_images(tmp_path / "img", [(32, 32)])
+    make_records(tmp_path / "in.jsonl", images)
+    with StandInVLM() as server:
+        config = _cli_config(tmp_path, server)
+    env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    done = subprocess.run(
+        [sys.executable, "-m", "groundset.cli", "caption", "--config", str(config),
+         "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and KEY_ENV in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "img", "in.jsonl"]

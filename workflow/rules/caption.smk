@@ -1,0 +1,87 @@
+# Grounded captioning (Qwen-VL): preflight, chunks, one paced job per chunk, gather.
+
+
+rule caption_preflight:
+    output:
+        "captioned/preflight.json",
+    log:
+        "logs/caption_preflight.log",
+    conda:
+        "../envs/groundset.yaml"
+    localrule: True
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        settings=caption_settings,
+    script:
+        "../scripts/caption_preflight.py"
+
+
+checkpoint index_chunks:
+    input:
+        config["caption"]["input"],
+    output:
+        index="captioned/chunks.json",
+    log:
+        "logs/index_chunks.log",
+    conda:
+        "../envs/groundset.yaml"
+    localrule: True
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=30,
+    params:
+        chunk_size=config["caption"]["chunk_size"],
+        journal_dir="captioned/journal",
+    script:
+        "../scripts/index_chunks.py"
+
+
+rule caption_chunk:
+    input:
+        records=config["caption"]["input"],
+        index="captioned/chunks.json",
+        preflight="captioned/preflight.json",
+    output:
+        records="captioned/chunk_{chunk}.jsonl",
+        errors="captioned/chunk_{chunk}_errors.jsonl",
+        stats="captioned/chunk_{chunk}_stats.json",
+    log:
+        "logs/caption_chunk/{chunk}.log",
+    benchmark:
+        "benchmarks/caption_chunk/{chunk}.tsv"
+    conda:
+        "../envs/groundset.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=24 * 60,
+        vlm_api=1,
+    params:
+        settings=caption_settings,
+        rate_share=API_JOBS,
+        journal=lambda wildcards: f"captioned/journal/chunk_{wildcards.chunk}.jsonl",
+    script:
+        "../scripts/caption_chunk.py"
+
+
+rule gather_captions:
+    input:
+        caption_chunks,
+    output:
+        records="captioned/captioned.jsonl",
+        errors="captioned/errors.jsonl",
+        stats="captioned/caption_stats.json",
+    log:
+        "logs/gather_captions.log",
+    conda:
+        "../envs/groundset.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=60,
+    script:
+        "../scripts/gather_captions.py"

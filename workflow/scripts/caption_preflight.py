@@ -1,0 +1,8 @@
+"""Snakemake script of rule caption_preflight: see groundset.caption.preflight."""
+
+from groundset.caption import Settings, preflight
+from groundset.io import write_json
+from groundset.runlog import log_to
+
+with log_to(snakemake.log[0]):
+    write_json(snakemake.output[0], preflight(Settings.from_config(snakemake.params.settings)))

@@ -1,0 +1,12 @@
+"""Snakemake script of rule gather_captions: see groundset.caption.gather_chunks."""
+
+from groundset.caption import gather_chunks
+from groundset.runlog import log_to
+
+with log_to(snakemake.log[0]):
+    gather_chunks(
+        list(snakemake.input),
+        snakemake.output.records,
+        snakemake.output.errors,
+        snakemake.output.stats,
+    )
