@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
+
+from groundset.io import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data" / "sample"
@@ -169,3 +173,33 @@ def fake_download(root, shards, per_shard, failures=0):
             )
         )
     return root
+
+
+def make_images(folder: Path, sizes: list[tuple[int, int]]) -> list[Path]:
+    """Distinct RGB JPEGs (a bright rectangle on noise) of the given (width, height)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        pixels = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+        pixels[h // 4 : h // 2, w // 3 : 2 * w // 3] = 230
+        path = folder / f"{i:03d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def make_records(path: Path, images: list[Path], source: str = "src") -> list[dict]:
+    """A JSONL of filter-stage records naming the images; returns the records."""
+    records = [
+        {
+            "image": [str(p)],
+            "text": f"alt {i}",
+            "image_id": f"{i:09d}",
+            "source": source,
+            "__dj__stats__": {"image_aesthetics_scores": [6.0 + i / 10]},
+        }  # fmt: skip
+        for i, p in enumerate(images)
+    ]
+    write_jsonl(path, records)
+    return records

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import make_images, make_records
 from groundset.caption import (
     CaptionError,
     Dropped,
@@ -29,35 +30,10 @@ from groundset.caption import (
     uses_stand_in,
 )
 from groundset.grounding import smart_resize
-from groundset.io import iter_jsonl, read_json, write_jsonl
+from groundset.io import iter_jsonl, read_json
 from groundset.stand_in_vlm import STAND_IN_KEY, Reply, StandInVLM, image_digest
 
 KEY_ENV = "GROUNDSET_TEST_KEY"
-
-
-def make_images(folder: Path, sizes: list[tuple[int, int]]) -> list[Path]:
-    """Distinct RGB JPEGs (a bright rectangle on noise) of the given (width, height)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i, (w, h) in enumerate(sizes):
-        pixels = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
-        pixels[h // 4 : h // 2, w // 3 : 2 * w // 3] = 230
-        path = folder / f"{i:03d}.jpg"
-        Image.fromarray(pixels).save(path, quality=90)
-        paths.append(path)
-    return paths
-
-
-def make_records(path: Path, images: list[Path], source: str = "src") -> list[dict]:
-    """A JSONL of filter-stage records naming the images; returns the records."""
-    records = [
-        {"image": [str(p)], "text": f"alt {i}", "image_id": f"{i:09d}", "source": source,
-         "__dj__stats__": {"image_aesthetics_scores": [6.0 + i / 10]}}  # fmt: skip
-        for i, p in enumerate(images)
-    ]
-    write_jsonl(path, records)
-    return records
 
 
 def digest(path: Path) -> str:
@@ -275,9 +251,11 @@ def test_rate_is_never_exceeded_and_latency_does_not_lower_it(tmp_path):
 def test_wrong_key_stops_the_job_and_a_dead_endpoint_stops_it_too(tmp_path):
     images = make_images(tmp_path / "img", [(32, 32)] * 6)
     make_records(tmp_path / "in.jsonl", images)
-    with StandInVLM(api_key="the-right-key") as server:
-        with pytest.raises(CaptionError, match="refused the API key"):
-            run_chunk(tmp_path, tmp_path / "in.jsonl", settings_for(server))
+    with (
+        StandInVLM(api_key="the-right-key") as server,
+        pytest.raises(CaptionError, match="refused the API key"),
+    ):
+        run_chunk(tmp_path, tmp_path / "in.jsonl", settings_for(server))
     assert not (tmp_path / "out.jsonl").exists()
     journal = tmp_path / "out.journal.jsonl"
     assert not journal.exists() or journal.read_text() == ""

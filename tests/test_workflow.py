@@ -62,6 +62,9 @@ def test_fresh_dry_run_plans_every_source_in_parallel(tmp_path):
         "build_manifest": 2,
         "index_shards": 2,
         "merge_tiers": 1,
+        "caption_preflight": 1,
+        "index_chunks": 1,
+        "gather_captions": 1,
         "all": 1,
     }
 
@@ -253,10 +256,16 @@ def test_deleting_one_shard_reruns_only_that_shard(sample_run):
         "make_dj_config": 1,
         "filter_shard": 1,
         "merge_tiers": 1,
+        "index_chunks": 1,
+        "gather_captions": 1,
         "all": 1,
     }
     assert "filtered/laion-high-resolution/shard_1.jsonl" in done.stdout
+    captioned = json.loads((work / "captioned" / "caption_stats.json").read_text())
     run_snakemake(sample_run["args"])
+    again = json.loads((work / "captioned" / "caption_stats.json").read_text())
+    # the captions were remade from the journals: nothing asked twice
+    assert again["requested"] == 0 and again["from_journal"] == captioned["records"]
     assert "Nothing to be done" in run_snakemake([*sample_run["args"], "-n"]).stdout
     assert (
         work / "merged" / "merged_output.jsonl"
@@ -308,6 +317,40 @@ def test_summary_command_prints_counts(sample_run):
         r"manifest_records\s+10\n", done.stdout
     )
     assert "RANDOM stand-in models" in done.stdout and "merged_output.jsonl" in done.stdout
+    assert "PLACEHOLDERS from groundset's loopback stand-in server" in done.stdout
+    assert re.search(r"captioned\s+5\n", done.stdout)
+
+
+def test_sample_captions(sample_run):
+    work = sample_run["workdir"]
+    tier = [json.loads(line) for line in (work / "merged" / "aes_6.jsonl").open()]
+    records = [json.loads(line) for line in (work / "captioned" / "captioned.jsonl").open()]
+    assert [r["image_id"] for r in records] == [r["image_id"] for r in tier] and len(tier) == 5
+    for record, before in zip(records, tier, strict=True):
+        assert {k: record[k] for k in before} == before  # every upstream field kept
+        assert record["caption"].startswith("[placeholder caption")
+        assert record["entities"] and all(
+            0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+            for entity in record["entities"]
+            for x1, y1, x2, y2 in entity["bboxes"]
+        )
+    index = json.loads((work / "captioned" / "chunks.json").read_text())
+    assert [c["records"] for c in index["shards"]] == [2, 2, 1]
+    journaled = [
+        json.loads(line)
+        for path in sorted((work / "captioned" / "journal").glob("chunk_*.jsonl"))
+        for line in path.open()
+    ]
+    assert sorted(e["key"] for e in journaled) == sorted(
+        f"{r['source']}/{r['image_id']}" for r in tier
+    )
+    assert all(e["status"] == "answered" and e["answer"] for e in journaled)
+    stats = json.loads((work / "captioned" / "caption_stats.json").read_text())
+    assert stats["stand_in"] is True and stats["captioned"] == 5 and stats["chunks"] == 3
+    assert (work / "captioned" / "errors.jsonl").read_text() == ""
+    preflight = json.loads((work / "captioned" / "preflight.json").read_text())
+    assert preflight["endpoint"] == "loopback stand-in"
+    assert "PLACEHOLDERS" in (work / "logs" / "caption_chunk" / "0.log").read_text()
 
 
 def _lay_down_manifest(tmp_path, records: int) -> dict:
@@ -361,6 +404,9 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
         "make_dj_config": 118,
         "filter_shard": 118,
         "merge_tiers": 1,
+        "caption_preflight": 1,
+        "index_chunks": 1,
+        "gather_captions": 1,
         "all": 1,
     }
 

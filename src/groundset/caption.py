@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .grounding import parse_answer
-from .io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
+from .io import atomic_write, dumps_record, read_json, write_json
 from .journal import Journal
 from .pacing import RateLimiter, backoff_delay
 
@@ -106,7 +106,9 @@ class Settings:
         values = {k: v for k, v in section.items() if k in known}
         settings = cls(**values)
         if settings.backend not in BACKENDS:
-            raise CaptionError(f"caption.backend must be one of {BACKENDS}, not {settings.backend!r}")
+            raise CaptionError(
+                f"caption.backend must be one of {BACKENDS}, not {settings.backend!r}"
+            )
         if settings.prompt is None and settings.prompt_preset not in PROMPTS:
             raise CaptionError(
                 f"caption.prompt_preset {settings.prompt_preset!r} is not one of {sorted(PROMPTS)}"
@@ -354,7 +356,9 @@ class OpenAIBackend:
         except openai.APIStatusError as err:
             body = err.body if isinstance(err.body, dict) else {}
             code = body.get("code") or (body.get("error") or {}).get("code")
-            raise classify(err.status_code, code and str(code), f"HTTP {err.status_code}: {err.message}") from err
+            raise classify(
+                err.status_code, code and str(code), f"HTTP {err.status_code}: {err.message}"
+            ) from err
         except (openai.APITimeoutError, openai.APIConnectionError) as err:
             raise ApiError("transient", f"{type(err).__name__}: {err}") from err
         except ValueError as err:
@@ -418,9 +422,10 @@ def request_image(
     outcome = Outcome()
     attempts = 0
     while True:
-        limiter.acquire()
+        slot = limiter.acquire()
         attempts += 1
         started = time.time()
+        sent_at = started - (time.monotonic() - slot)  # the limiter's slot, on the wall clock
         try:
             answer = backend.ask(payload, settings.prompt_text)
         except ApiError as err:
@@ -456,6 +461,7 @@ def request_image(
             "model": settings.model,
             "backend": settings.backend,
             "question": question_id(settings),
+            "sent_at": round(sent_at, 4),
             "seconds": round(time.time() - started, 3),
         }
         return outcome
@@ -829,7 +835,8 @@ def gather_chunks(
             stats = read_json(base + "_stats.json")
             reasons.update(stats.pop("error_reasons", {}))
             boxes.update(stats.pop("boxes_dropped", {}))
-            meta["stand_in"] = meta.get("stand_in", False) or bool(stats.pop("stand_in", False))
+            stand_in = bool(stats.pop("stand_in", False))
+            meta["stand_in"] = meta.get("stand_in", False) or stand_in
             for key in ("backend", "model", "rate_per_second"):
                 meta.setdefault(key, stats.get(key))
                 stats.pop(key, None)

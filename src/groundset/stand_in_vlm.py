@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import json
@@ -126,8 +127,11 @@ def _dashscope_body(reply: Reply, request_id: str) -> dict:
                 }
             ]
         },
-        "usage": {"input_tokens": 1000, "output_tokens": len(reply.answer or "") // 4,
-                  "image_tokens": 900},  # fmt: skip
+        "usage": {
+            "input_tokens": 1000,
+            "output_tokens": len(reply.answer or "") // 4,
+            "image_tokens": 900,
+        },  # fmt: skip
         "request_id": request_id,
     }
 
@@ -143,8 +147,11 @@ def _openai_body(reply: Reply, request_id: str, model: str) -> dict:
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": 0, "finish_reason": "stop",
-             "message": {"role": "assistant", "content": reply.answer}}
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": reply.answer},
+            }
         ],  # fmt: skip
         "usage": {"prompt_tokens": 1000, "completion_tokens": 50, "total_tokens": 1050},
     }
@@ -263,10 +270,8 @@ class StandInVLM:
                     payload = json.dumps(_dashscope_body(reply, request_id)).encode()
                 else:
                     payload = json.dumps(_openai_body(reply, request_id, model)).encode()
-                try:
-                    self._send(reply.status, payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout): still logged below
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self._send(reply.status, payload)  # may fail if the client gave up
                 with server._lock:
                     server.log.append(
                         Logged(protocol, digest, start, time.monotonic(), reply.status, model)

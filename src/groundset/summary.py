@@ -66,6 +66,25 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
     merged = workdir / "merged" / "merge_stats.json"
     if merged.exists():
         summary["merged tiers"] = read_json(merged)["records"]
+    captioned = workdir / "captioned" / "caption_stats.json"
+    if captioned.exists():
+        stats = read_json(captioned)
+        summary["captioning"] = {
+            "model": f"{stats['model']} via {stats['backend']}",
+            "records": stats["records"],
+            "captioned": stats["captioned"],
+            "entities": stats["entities"],
+            "boxes": stats["boxes"],
+            "requests": stats["attempts"],
+            "not_captioned": stats["error_reasons"],
+        }
+        if stats.get("stand_in"):
+            summary["WARNING"] = {
+                **summary.get("WARNING", {}),
+                "stand_in_captions": "captions and boxes are PLACEHOLDERS from groundset's "
+                "loopback stand-in server, not a model; set DASHSCOPE_API_KEY (or caption.base_url "
+                "for a vLLM server) for real ones (README: Captioning)",
+            }
     return summary
 
 
@@ -73,9 +92,16 @@ def format_summary(summary: dict[str, dict]) -> str:
     """A short human-readable table of `collect`'s result."""
     lines = []
     for source, row in summary.items():
+        if source == "WARNING":
+            continue
         lines.append(f"{source}:")
         for key, value in row.items():
             if isinstance(value, dict):
                 value = ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
             lines.append(f"  {key:<19} {value}")
+    if "WARNING" in summary:
+        bar = "!" * 78
+        lines += ["", bar]
+        lines += [f"!! {name}: {text}" for name, text in summary["WARNING"].items()]
+        lines.append(bar)
     return "\n".join(lines) if lines else "no stats found"

@@ -6,9 +6,9 @@ rule caption_preflight:
         "captioned/preflight.json",
     log:
         "logs/caption_preflight.log",
+    localrule: True
     conda:
         "../envs/groundset.yaml"
-    localrule: True
     threads: 1
     resources:
         mem_mb=500,
@@ -21,14 +21,16 @@ rule caption_preflight:
 
 checkpoint index_chunks:
     input:
-        config["caption"]["input"],
+        records=config["caption"]["input"],
+        # checked first thing in a run, long before the first chunk
+        preflight="captioned/preflight.json",
     output:
         index="captioned/chunks.json",
     log:
         "logs/index_chunks.log",
+    localrule: True
     conda:
         "../envs/groundset.yaml"
-    localrule: True
     threads: 1
     resources:
         mem_mb=500,
@@ -44,7 +46,6 @@ rule caption_chunk:
     input:
         records=config["caption"]["input"],
         index="captioned/chunks.json",
-        preflight="captioned/preflight.json",
     output:
         records="captioned/chunk_{chunk}.jsonl",
         errors="captioned/chunk_{chunk}_errors.jsonl",

@@ -31,7 +31,6 @@ if not uses_stand_in(Settings.from_config(config["caption"])):
         config["caption"]["api_key_env"],
 
 
-
 wildcard_constraints:
     source="|".join(re.escape(name) for name in SOURCES),
     shard=r"\d+",

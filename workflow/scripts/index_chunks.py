@@ -5,7 +5,7 @@ from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]):
     index_chunks(
-        snakemake.input[0],
+        snakemake.input.records,
         snakemake.output.index,
         snakemake.params.chunk_size,
         snakemake.params.journal_dir,

@@ -1,0 +1,143 @@
+"""The captioning rules through real Snakemake: global quota, preflight, retry of error records."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from groundset.stand_in_vlm import Reply, StandInVLM, image_digest
+
+from conftest import ROOT, make_images, make_records, run_snakemake, write_config
+
+pytestmark = pytest.mark.workflow
+KEY_ENV = "GROUNDSET_WF_TEST_KEY"
+TARGET = "captioned/captioned.jsonl"
+
+
+def caption_config(tmp_path: Path, records: Path, **caption) -> Path:
+    """A config whose captioning reads a prepared JSONL (no download/filter needed)."""
+    config = {
+        "workdir": str(tmp_path / "results"),
+        "sources": [{"name": "src", "url_list": str(tmp_path / "unused.parquet")}],
+        "caption": {
+            "input": str(records),
+            "backend": "openai",
+            "api_key_env": KEY_ENV,
+            "backoff_base_s": 0.01,
+            "backoff_cap_s": 0.05,
+            **caption,
+        },
+    }
+    return write_config(tmp_path / "config.yaml", config)
+
+
+def snakemake(config: Path, *extra: str, key: str | None = "sk-wf", check: bool = True):
+    env_key = {KEY_ENV: key} if key else {}
+    old = {k: os.environ.get(k) for k in (KEY_ENV,)}
+    os.environ.pop(KEY_ENV, None)
+    os.environ.update(env_key)
+    try:
+        return run_snakemake(
+            ["--profile", str(ROOT / "profiles" / "local"), "--configfile", str(config), *extra],
+            check=check,
+        )
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_quota_holds_across_parallel_chunk_jobs(tmp_path):
+    images = make_images(tmp_path / "img", [(40, 40)] * 12)
+    make_records(tmp_path / "in.jsonl", images)
+    with StandInVLM(latency=0.5, api_key="sk-wf") as server:
+        config = caption_config(
+            tmp_path, tmp_path / "in.jsonl", base_url=server.openai_url,
+            chunk_size=3, rate_per_second=4, api_jobs=2, concurrency=4,
+        )  # fmt: skip
+        snakemake(config, "--cores", "4", TARGET)
+        starts = sorted(entry.start for entry in server.log)
+        per_image = dict(server.counts)
+    assert sorted(per_image) == sorted(image_digest(p.read_bytes()) for p in images)
+    assert set(per_image.values()) == {1}
+    work = tmp_path / "results"
+    # two chunk jobs at once, each at 2 images/s: the jobs' send slots (wall clock, across
+    # processes) never put more than 4 requests in any second ...
+    sent = sorted(
+        json.loads(line)["sent_at"]
+        for path in (work / "captioned" / "journal").glob("chunk_*.jsonl")
+        for line in path.open()
+    )
+    assert len(sent) == 12
+    for i in range(len(sent) - 4):
+        assert sent[i + 4] - sent[i] >= 1.0 - 1e-3, [round(t - sent[0], 3) for t in sent]
+    # ... and the server sees the same, give or take transport jitter
+    for i in range(len(starts) - 5):
+        assert starts[i + 5] - starts[i] >= 1.0, [round(t - starts[0], 2) for t in starts]
+    assert starts[-1] - starts[0] >= 11 / 4 - 0.3
+    stats = json.loads((work / "captioned" / "caption_stats.json").read_text())
+    assert stats["chunks"] == 4 and stats["captioned"] == 12 and stats["requested"] == 12
+    assert stats["rate_per_second"] == 2  # each job's share
+    # the chunk jobs overlapped in time (two at once), so the share was needed
+    spans = []
+    for chunk in range(4):
+        bench = (work / "benchmarks" / "caption_chunk" / f"{chunk}.tsv").read_text().splitlines()
+        spans.append(float(bench[1].split("\t")[0]))
+    assert sum(spans) > (starts[-1] - starts[0]) * 1.2
+    for path in work.rglob("*"):
+        if path.is_file():
+            assert b"sk-wf" not in path.read_bytes(), path
+
+
+def test_missing_key_stops_the_run_before_any_job(tmp_path):
+    make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(40, 40)]))
+    config = caption_config(tmp_path, tmp_path / "in.jsonl", base_url="http://127.0.0.1:9/v1")
+    done = snakemake(config, "--cores", "1", TARGET, key=None, check=False)
+    assert done.returncode != 0 and KEY_ENV in done.stdout + done.stderr
+    assert not (tmp_path / "results" / "captioned").exists()
+
+
+def test_unreachable_endpoint_fails_the_preflight_and_writes_nothing(tmp_path):
+    make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(40, 40)]))
+    config = caption_config(tmp_path, tmp_path / "in.jsonl", base_url="http://127.0.0.1:9/v1")
+    done = snakemake(config, "--cores", "1", TARGET, check=False)
+    assert done.returncode != 0
+    log = (tmp_path / "results" / "logs" / "caption_preflight.log").read_text()
+    assert "http://127.0.0.1:9/v1 cannot be reached" in log
+    captioned = tmp_path / "results" / "captioned"
+    assert not captioned.exists() or sorted(p.name for p in captioned.iterdir()) == []
+
+
+def test_retry_errors_asks_again_only_for_error_records(tmp_path):
+    images = make_images(tmp_path / "img", [(40, 40)] * 4)
+    records = make_records(tmp_path / "in.jsonl", images)
+    refused = image_digest(images[2].read_bytes())
+    moderation = Reply(400, code="DataInspectionFailed", message="Input data may be inappropriate")
+
+    def responder(image, n, protocol):
+        return moderation if image_digest(image) == refused and n == 1 else None
+
+    with StandInVLM(responder, api_key="sk-wf") as server:
+        config = caption_config(tmp_path, tmp_path / "in.jsonl", base_url=server.openai_url,
+                                chunk_size=2, rate_per_second=None)  # fmt: skip
+        snakemake(config, "--cores", "2", TARGET)
+        work = tmp_path / "results" / "captioned"
+        (error,) = [json.loads(line) for line in (work / "errors.jsonl").open()]
+        assert (
+            error["image_id"] == records[2]["image_id"] and error["code"] == "DataInspectionFailed"
+        )
+        assert "Nothing to be done" in snakemake(config, "--cores", "1", TARGET, "-n").stdout
+        time.sleep(1)
+        retry = ROOT / "config" / "retry_caption_errors.yaml"
+        snakemake(config, "--cores", "2", TARGET, "--forcerun", "caption_chunk",
+                  "--configfile", str(config), str(retry))  # fmt: skip
+        assert sum(server.counts.values()) == 5 and server.counts[refused] == 2
+    assert (work / "errors.jsonl").read_text() == ""
+    captioned = [json.loads(line)["image_id"] for line in (work / "captioned.jsonl").open()]
+    assert captioned == [r["image_id"] for r in records]
