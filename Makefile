@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python bench/bench_manifest.py
 	$(BIN)/python bench/bench_split.py
 	$(BIN)/python bench/bench_filter.py
+	$(BIN)/python bench/bench_caption.py
 
 clean-sample:
 	rm -rf results/sample

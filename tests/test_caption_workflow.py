@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from groundset.stand_in_vlm import Reply, StandInVLM, image_digest
-
 from conftest import ROOT, make_images, make_records, run_snakemake, write_config
+from groundset.stand_in_vlm import Reply, StandInVLM, image_digest
 
 pytestmark = pytest.mark.workflow
 KEY_ENV = "GROUNDSET_WF_TEST_KEY"

@@ -277,20 +277,25 @@ class DashScopeBackend:
     name = "dashscope"
 
     def __init__(self, settings: Settings):
-        self.settings = settings
-
-    def ask(self, payload: Payload, prompt: str) -> Answer:
-        """One request; raises ApiError."""
+        # imported here, not on the first request: a slow import inside paced threads would
+        # hold back the first slots and then release them at once (a burst over the quota)
         import requests
         from dashscope import MultiModalConversation
 
+        self.settings = settings
+        self._requests = requests
+        self._call = MultiModalConversation.call
+
+    def ask(self, payload: Payload, prompt: str) -> Answer:
+        """One request; raises ApiError."""
+        requests = self._requests
         s = self.settings
         kwargs = {}
         if s.base_url:
             kwargs["base_address"] = s.base_url
         messages = [{"role": "user", "content": [{"image": payload.data_url}, {"text": prompt}]}]
         try:
-            response = MultiModalConversation.call(
+            response = self._call(
                 model=s.model,
                 messages=messages,
                 api_key=s.api_key,
