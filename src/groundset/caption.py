@@ -85,6 +85,7 @@ class Settings:
     model: str = "qwen-vl-max"
     api_key_env: str = "DASHSCOPE_API_KEY"
     rate_per_second: float | None = 2.0
+    rate_headroom: float = 0.02
     concurrency: int = 8
     prompt: str | None = None
     prompt_preset: str = "seed"
@@ -116,6 +117,13 @@ class Settings:
         if settings.rate_per_second is not None and rate_share > 1:
             settings = replace(settings, rate_per_second=settings.rate_per_second / rate_share)
         return settings
+
+    @property
+    def paced_rate(self) -> float | None:
+        """Requests/s the job's limiter allows: its share of the quota less the jitter headroom."""
+        if self.rate_per_second is None:
+            return None
+        return self.rate_per_second * (1.0 - self.rate_headroom)
 
     @property
     def prompt_text(self) -> str:
@@ -654,7 +662,7 @@ def _request_pending(
 ) -> None:  # fmt: skip
     """Request every record of the range that the journal lacks, journaling answers as they land."""
     backend = make_backend(settings)
-    limiter = RateLimiter(settings.rate_per_second)
+    limiter = RateLimiter(settings.paced_rate)
     window = max(1, settings.concurrency) * 2
     consecutive = 0
     question = question_id(settings)
