@@ -171,7 +171,7 @@ def test_sample_merge_tiers(sample_run):
     }
 
 
-def test_changing_a_tier_reruns_only_the_merge(sample_run, tmp_path):
+def test_changing_a_tier_reruns_only_the_merge_and_what_follows(sample_run, tmp_path):
     tiers = write_config(tmp_path / "tiers.yaml", {"filter": {"aesthetics_tiers": [5, 5.5]}})
     args = [
         *PROFILE,
@@ -182,7 +182,14 @@ def test_changing_a_tier_reruns_only_the_merge(sample_run, tmp_path):
         f"workdir={sample_run['workdir']}",
         "-n",
     ]
-    assert job_counts(run_snakemake(args).stdout) == {"merge_tiers": 1, "all": 1}
+    # no filter job; the captions downstream are rebuilt from their journals (no requests)
+    assert job_counts(run_snakemake(args).stdout) == {
+        "merge_tiers": 1,
+        "index_chunks": 1,
+        "caption_chunk": 3,
+        "gather_captions": 1,
+        "all": 1,
+    }
 
 
 def test_sample_broken_urls_fail_with_their_reasons(sample_run):
@@ -257,6 +264,7 @@ def test_deleting_one_shard_reruns_only_that_shard(sample_run):
         "filter_shard": 1,
         "merge_tiers": 1,
         "index_chunks": 1,
+        "caption_chunk": 3,
         "gather_captions": 1,
         "all": 1,
     }
