@@ -1,0 +1,513 @@
+"""Mask stage: a SAM2 mask per entity box of every captioned record.
+
+The real `sam2` package (`build_sam2` + `SAM2ImagePredictor`): images are decoded by a thread
+pool ahead of the model, resized and normalized on the model's device, encoded in batches
+(bf16 autocast on CUDA, `torch.inference_mode`), and all boxes of an image are decoded in one
+prompt batch. Masks go to one `.npy` per image (bool `(N, H, W)`, N = entities in record order)
+or into the record as COCO RLE. Per entity the record gets the SAM2 score, the fraction of the
+mask inside its box and the mask/box area ratio; entities under the quality floors are dropped
+or flagged (counted). Every finished image is journaled, so a killed job, rerun, skips it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
+from .journal import Journal
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("npy", "rle")
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+class MaskError(RuntimeError):
+    """A problem that stops the mask job (model config, checkpoint)."""
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """The `mask:` config section."""
+
+    model_config: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
+    checkpoint: str | None = None
+    mask_format: str = "npy"
+    min_score: float = 0.0
+    min_inside_fraction: float = 0.0
+    low_quality: str = "drop"
+    batch_size: int = 8
+    device: str = "auto"
+    decode_workers: int = 4
+
+    @classmethod
+    def from_config(cls, section: dict) -> MaskSettings:
+        """Settings from the `mask:` config dict (unknown keys are the workflow's)."""
+        names = {f.name for f in fields(cls)}
+        settings = cls(**{k: v for k, v in section.items() if k in names})
+        if settings.mask_format not in FORMATS:
+            raise MaskError(
+                f"mask.mask_format must be one of {FORMATS}, not {settings.mask_format!r}"
+            )
+        if settings.low_quality not in ("drop", "flag"):
+            raise MaskError(f"mask.low_quality must be drop or flag, not {settings.low_quality!r}")
+        return settings
+
+
+# --- records --------------------------------------------------------------------------------
+
+
+def flatten_record(record: dict) -> dict:
+    """The masking format (the seed's parse_jsonl_file): `image` as a string, one entity per box."""
+    image = record.get("image")
+    if isinstance(image, list):
+        image = image[0] if image else None
+    entities = []
+    for entity in record.get("entities") or []:
+        boxes = entity.get("bboxes")
+        if boxes is None and "bbox" in entity:
+            boxes = [entity["bbox"]]
+        for box in boxes or []:
+            entities.append({"entity": entity["entity"], "bbox": [float(v) for v in box]})
+    return {**record, "image": image, "entities": entities}
+
+
+def pixel_boxes(entities: list[dict], width: int, height: int) -> np.ndarray:
+    """(N, 4) float32 pixel boxes [x1, y1, x2, y2] from normalized ones."""
+    if not entities:
+        return np.zeros((0, 4), dtype=np.float32)
+    boxes = np.asarray([e["bbox"] for e in entities], dtype=np.float32)
+    return boxes * np.asarray([width, height, width, height], dtype=np.float32)
+
+
+def mask_path(mask_dir: str | os.PathLike, record: dict) -> Path:
+    """`<mask_dir>/<source>/<image_id>.npy` (image ids repeat across sources)."""
+    source = record.get("source") or "_"
+    return Path(mask_dir) / str(source) / f"{record['image_id']}.npy"
+
+
+def record_key(record: dict) -> str:
+    """Journal key: `source/image_id`."""
+    return f"{record.get('source') or '_'}/{record['image_id']}"
+
+
+# --- images ---------------------------------------------------------------------------------
+
+
+def decode_image(path: str) -> np.ndarray:
+    """An image file as an (H, W, 3) uint8 RGB array (OSError/ValueError if unreadable)."""
+    with Image.open(path) as image:
+        return np.array(image.convert("RGB"))  # writable: torch.from_numpy wants that
+
+
+def load_model(settings: MaskSettings):
+    """(SAM2ImagePredictor, torch.device) built from the config and checkpoint (None: random)."""
+    import torch
+    from sam2.build_sam import build_sam2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if settings.checkpoint is None:
+        log.warning(
+            "mask: NO CHECKPOINT (mask.checkpoint: null): SAM2 has RANDOM weights, masks and "
+            "scores are meaningless (tests only). Download e.g. sam2.1_hiera_large.pt and set "
+            "mask.checkpoint"
+        )
+    elif not Path(settings.checkpoint).is_file():
+        raise MaskError(f"mask.checkpoint {settings.checkpoint} is not a file")
+    try:
+        model = build_sam2(settings.model_config, settings.checkpoint, device=device)
+    except Exception as err:  # hydra raises its own types for a bad config name
+        raise MaskError(f"cannot build SAM2 from {settings.model_config}: {err}") from err
+    return SAM2ImagePredictor(model), torch.device(device)
+
+
+class Masker:
+    """Batched SAM2 inference: embed a batch of images, then masks for each image's boxes."""
+
+    def __init__(self, predictor, device):
+        import torch
+
+        self.torch = torch
+        self.predictor = predictor
+        self.device = device
+        self.resolution = predictor.model.image_size
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+
+    def autocast(self):
+        """bf16 autocast on CUDA, nothing elsewhere."""
+        if self.device.type == "cuda":
+            return self.torch.autocast("cuda", dtype=self.torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _preprocess(self, images: list[np.ndarray]):
+        """Resize to the model's square input and normalize, on the model's device."""
+        torch = self.torch
+        batch = []
+        for image in images:
+            tensor = torch.from_numpy(image).to(self.device, non_blocking=True)
+            tensor = tensor.permute(2, 0, 1)[None].float().div_(255.0)
+            tensor = torch.nn.functional.interpolate(
+                tensor, (self.resolution, self.resolution), mode="bilinear",
+                align_corners=False, antialias=True,
+            )  # fmt: skip
+            batch.append(tensor)
+        return (torch.cat(batch) - self.mean) / self.std
+
+    def embed(self, images: list[np.ndarray]) -> None:
+        """Image embeddings of a batch (the predictor's batch state)."""
+        predictor = self.predictor
+        with self.torch.inference_mode(), self.autocast():
+            batch = self._preprocess(images)
+            backbone = predictor.model.forward_image(batch)
+            _, feats, _, _ = predictor.model._prepare_backbone_features(backbone)
+            if predictor.model.directly_add_no_mem_embed:
+                feats[-1] = feats[-1] + predictor.model.no_mem_embed
+            sizes = predictor._bb_feat_sizes
+            maps = [
+                feat.permute(1, 2, 0).view(len(images), -1, *size)
+                for feat, size in zip(feats[::-1], sizes[::-1], strict=True)
+            ][::-1]
+        predictor._features = {"image_embed": maps[-1], "high_res_feats": maps[:-1]}
+        predictor._orig_hw = [image.shape[:2] for image in images]
+        predictor._is_image_set = True
+        predictor._is_batch = True
+
+    def predict(self, index: int, boxes: np.ndarray):
+        """(bool masks (N, H, W) on the device, scores (N,) numpy) for image `index` of the batch."""
+        predictor = self.predictor
+        with self.torch.inference_mode(), self.autocast():
+            _, coords, labels, box = predictor._prep_prompts(
+                None, None, boxes, None, normalize_coords=True, img_idx=index
+            )
+            masks, scores, _ = predictor._predict(
+                coords, labels, box, None, multimask_output=False, img_idx=index
+            )
+        return masks[:, 0], scores[:, 0].float().cpu().numpy()
+
+
+def mask_quality(masks, boxes: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per entity: fraction of the mask inside its box, and mask area / box area."""
+    areas = masks.flatten(1).sum(1).float().cpu().numpy()
+    height, width = masks.shape[1:]
+    inside, ratio = [], []
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        c1, r1 = int(np.floor(max(0.0, x1))), int(np.floor(max(0.0, y1)))
+        c2, r2 = int(np.ceil(min(width, x2))), int(np.ceil(min(height, y2)))
+        within = float(masks[i, r1:r2, c1:c2].sum()) if r2 > r1 and c2 > c1 else 0.0
+        box_area = max(1.0, float((x2 - x1) * (y2 - y1)))
+        inside.append(round(within / float(areas[i]), 4) if areas[i] else 0.0)
+        ratio.append(round(float(areas[i]) / box_area, 4))
+    return inside, ratio
+
+
+def encode_rle(masks: np.ndarray) -> list[dict]:
+    """COCO RLE (`{"size": [H, W], "counts": str}`) of each mask of a (N, H, W) bool array."""
+    from pycocotools import mask as mask_utils
+
+    encoded = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(r["size"][0]), int(r["size"][1])],
+             "counts": r["counts"].decode("ascii")} for r in encoded]  # fmt: skip
+
+
+def decode_rle(rles: list[dict]) -> np.ndarray:
+    """(N, H, W) bool masks from `encode_rle`'s output."""
+    from pycocotools import mask as mask_utils
+
+    if not rles:
+        return np.zeros((0, 0, 0), dtype=bool)
+    coded = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
+    return mask_utils.decode(coded).transpose(2, 0, 1).astype(bool)
+
+
+def save_npy(path: Path, masks: np.ndarray) -> int:
+    """Write a bool (N, H, W) array atomically; returns its bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, masks)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path.stat().st_size
+
+
+# --- chunks ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    """One record on its way through the masker."""
+
+    record: dict
+    key: str
+    image: np.ndarray | None = None
+    error: str | None = None
+
+
+def _decode(record: dict) -> _Item:
+    """Flatten a record and decode its image (errors become a drop reason)."""
+    flat = flatten_record(record)
+    item = _Item(flat, record_key(flat))
+    if not flat["entities"]:
+        return item
+    if not flat["image"] or not Path(flat["image"]).is_file():
+        item.error = "image_missing"
+        return item
+    try:
+        item.image = decode_image(flat["image"])
+    except Exception as err:  # PIL raises many types for broken files
+        item.error = f"image_unreadable: {type(err).__name__}"
+    return item
+
+
+def _batches(
+    records: Iterator[dict], pool: cf.ThreadPoolExecutor, size: int
+) -> Iterator[list[_Item]]:
+    """Decoded items in batches of `size`, decoding the next batch while the caller works."""
+    pending: list[cf.Future] = []
+    for record in records:
+        pending.append(pool.submit(_decode, record))
+        if len(pending) >= 2 * size:
+            yield [f.result() for f in pending[:size]]
+            pending = pending[size:]
+    while pending:
+        yield [f.result() for f in pending[:size]]
+        pending = pending[size:]
+
+
+def _apply_floors(entry: dict, settings: MaskSettings) -> list[bool]:
+    """Which entities pass the quality floors."""
+    return [
+        score >= settings.min_score and inside >= settings.min_inside_fraction
+        for score, inside in zip(entry["mask_scores"], entry["mask_inside_fraction"], strict=True)
+    ]
+
+
+def mask_chunk(
+    records_path: str | os.PathLike,
+    output: str | os.PathLike,
+    dropped_out: str | os.PathLike,
+    stats_out: str | os.PathLike,
+    journal_path: str | os.PathLike,
+    mask_dir: str | os.PathLike,
+    settings: MaskSettings,
+    masker: Masker | Callable[[], Masker] | None = None,
+) -> dict:
+    """Masks for every record of a captioned JSONL; returns the counts.
+
+    `masker` may be a factory, called once the first image needs the model. Images already
+    journaled (with their mask file, for npy) are not computed again.
+    """
+    holder: list = [masker]
+
+    def get_masker() -> Masker:
+        if callable(holder[0]) and not isinstance(holder[0], Masker):
+            holder[0] = holder[0]()
+        if holder[0] is None:
+            raise MaskError("records with entities but no model to mask them")
+        return holder[0]
+
+    counts: Counter = Counter(
+        dict.fromkeys(
+            (
+                "records",
+                "masked",
+                "from_journal",
+                "computed",
+                "entities",
+                "entities_dropped",
+                "entities_flagged",
+                "without_entities",
+                "dropped",
+                "mask_bytes",
+            ),
+            0,
+        )  # fmt: skip
+    )
+    reasons: Counter = Counter()
+    began = time.monotonic()
+    mask_dir = Path(mask_dir)
+    with Journal(journal_path) as journal:
+
+        def done(item: _Item) -> bool:
+            entry = journal.done(item.key)
+            if entry is None:
+                return False
+            return settings.mask_format == "rle" or Path(entry["mask_file"]).is_file()
+
+        todo = (r for r in iter_jsonl(records_path) if not done(_Item(r, record_key(r))))
+        with cf.ThreadPoolExecutor(max(1, settings.decode_workers)) as pool, \
+                cf.ThreadPoolExecutor(2) as writer, \
+                tqdm(desc="mask", unit="img", mininterval=5) as bar:  # fmt: skip
+            for batch in _batches(todo, pool, settings.batch_size):
+                entries = _mask_batch(batch, get_masker, settings, mask_dir, writer, counts)
+                journal.append(entries)
+                bar.update(len(batch))
+        with atomic_write(output) as out, atomic_write(dropped_out) as drop:
+            for record in iter_jsonl(records_path):
+                counts["records"] += 1
+                flat = flatten_record(record)
+                entry = journal.done(record_key(flat))
+                if entry is None:
+                    raise MaskError(f"{record_key(flat)}: not masked (internal error)")
+                if entry.get("error"):
+                    counts["dropped"] += 1
+                    reasons[entry["error"].split(":")[0]] += 1
+                    drop.write(dumps_record({**flat, "drop_reason": entry["error"],
+                                             "stage": "mask"}) + "\n")  # fmt: skip
+                    continue
+                out_record = _merge(flat, entry, settings, counts)
+                if out_record is None:
+                    counts["dropped"] += 1
+                    reasons["all_entities_below_quality_floors"] += 1
+                    drop.write(dumps_record({**flat, "stage": "mask",
+                                             "drop_reason": "all_entities_below_quality_floors",
+                                             "mask_scores": entry["mask_scores"]}) + "\n")  # fmt: skip
+                    continue
+                counts["masked"] += 1
+                counts["without_entities"] += not out_record["entities"]
+                counts["entities"] += len(out_record["entities"])
+                counts["mask_bytes"] += entry.get("bytes", 0)
+                out.write(dumps_record(out_record) + "\n")
+    counts["from_journal"] = counts["records"] - counts["computed"]
+    counts["seconds"] = round(time.monotonic() - began, 3)
+    result = {
+        **dict(counts),
+        "drop_reasons": dict(reasons),
+        "mask_format": settings.mask_format,
+        "model_config": settings.model_config,
+        "random_weights": settings.checkpoint is None,
+        "bytes_per_masked_image": round(counts["mask_bytes"] / counts["masked"], 1)
+        if counts["masked"]
+        else 0.0,
+    }
+    write_json(stats_out, result)
+    return result
+
+
+def _mask_batch(
+    batch: list[_Item], get_masker: Callable[[], Masker], settings: MaskSettings, mask_dir: Path,
+    writer: cf.ThreadPoolExecutor, counts: Counter,
+) -> list[dict]:  # fmt: skip
+    """Journal entries for one decoded batch (masks written before the entries are returned)."""
+    entries: list[dict] = []
+    ready = [item for item in batch if item.image is not None]
+    masker = get_masker() if ready else None
+    if ready:
+        masker.embed([item.image for item in ready])
+    writes = []
+    for item in batch:
+        if item.error:
+            entries.append({"key": item.key, "error": item.error})
+            continue
+        if item.image is None:  # no entities: nothing to mask
+            entries.append({"key": item.key, "mask_scores": [], "mask_inside_fraction": [],
+                            "mask_area_ratio": [], "mask_file": None})  # fmt: skip
+            continue
+        index = ready.index(item)
+        height, width = item.image.shape[:2]
+        boxes = pixel_boxes(item.record["entities"], width, height)
+        masks, scores = masker.predict(index, boxes)
+        inside, ratio = mask_quality(masks, boxes)
+        array = masks.cpu().numpy()
+        entry = {"key": item.key, "mask_scores": [round(float(s), 4) for s in scores],
+                 "mask_inside_fraction": inside, "mask_area_ratio": ratio,
+                 "shape": [int(height), int(width)]}  # fmt: skip
+        keep = _apply_floors(entry, settings) if settings.low_quality == "drop" else None
+        if keep is not None and not all(keep):
+            array = array[np.asarray(keep, dtype=bool)]
+            entry["kept"] = keep
+        if settings.mask_format == "rle":
+            entry["mask_rle"] = encode_rle(array)
+            entry["mask_file"] = None
+            entry["bytes"] = sum(len(r["counts"]) for r in entry["mask_rle"])
+        else:
+            path = mask_path(mask_dir, item.record).resolve()
+            entry["mask_file"] = str(path)
+            writes.append((writer.submit(save_npy, path, array), entry))
+        counts["computed"] += 1
+        entries.append(entry)
+    for future, entry in writes:
+        entry["bytes"] = future.result()  # on disk before the journal says so
+    return entries
+
+
+def _merge(flat: dict, entry: dict, settings: MaskSettings, counts: Counter) -> dict | None:
+    """The output record: entities aligned with scores/quality (floors applied), or None."""
+    n = len(flat["entities"])
+    keep = entry.get("kept") or [True] * n
+    out = {**flat}
+    if settings.low_quality == "drop":
+        pick = [i for i in range(n) if keep[i]]
+        counts["entities_dropped"] += n - len(pick)
+        if n and not pick:
+            return None
+    else:
+        pick = list(range(n))
+        passing = _apply_floors(entry, settings) if n else []
+        flags = [not ok for ok in passing]
+        counts["entities_flagged"] += sum(flags)
+        out["mask_low_quality"] = flags
+    out["entities"] = [flat["entities"][i] for i in pick]
+    for name in ("mask_scores", "mask_inside_fraction", "mask_area_ratio"):
+        out[name] = [entry[name][i] for i in pick]
+    out["mask_file"] = entry.get("mask_file")
+    if settings.mask_format == "rle":
+        out["mask_rle"] = entry.get("mask_rle", [])
+    if entry.get("shape"):
+        out["mask_shape"] = [len(pick), *entry["shape"]]
+    return out
+
+
+def gather_masks(
+    chunks: list[str], output: str | os.PathLike, dropped_out: str | os.PathLike,
+    stats_out: str | os.PathLike,
+) -> dict:  # fmt: skip
+    """Concatenate masked chunks (and their drop files) in order and total their counts."""
+    import shutil
+
+    totals: Counter = Counter()
+    reasons: Counter = Counter()
+    meta: dict = {}
+    with atomic_write(output, "wb") as out, atomic_write(dropped_out, "wb") as drop:
+        for chunk in chunks:
+            base = str(chunk).removesuffix(".jsonl")
+            with open(chunk, "rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 20)
+            with open(base + "_dropped.jsonl", "rb") as handle:
+                shutil.copyfileobj(handle, drop, 1 << 20)
+            stats = read_json(base + "_stats.json")
+            reasons.update(stats.pop("drop_reasons", {}))
+            for key in ("mask_format", "model_config", "random_weights", "bytes_per_masked_image"):
+                value = stats.pop(key, None)
+                if key != "bytes_per_masked_image":
+                    meta.setdefault(key, value)
+            totals.update(stats)
+    result = {**meta, "chunks": len(chunks), **dict(totals), "drop_reasons": dict(reasons)}
+    result["seconds"] = round(result.get("seconds", 0.0), 3)
+    result["bytes_per_masked_image"] = (
+        round(totals["mask_bytes"] / totals["masked"], 1) if totals["masked"] else 0.0
+    )
+    write_json(stats_out, result)
+    return result
