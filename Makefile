@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# sam2 is a source package whose build imports torch: build it against the torch above
+	# (an isolated build would download another torch); SAM2_BUILD_CUDA=0: no CUDA extension.
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install -q --no-build-isolation sam2==1.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -16,6 +16,7 @@ workdir: config["workdir"]
 include: "workflow/rules/download.smk"
 include: "workflow/rules/filter.smk"
 include: "workflow/rules/caption.smk"
+include: "workflow/rules/mask.smk"
 
 
 rule all:
@@ -24,3 +25,4 @@ rule all:
         *ALL_TARGETS,
         MERGED,
         CAPTIONED,
+        MASKED,

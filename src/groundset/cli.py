@@ -146,6 +146,27 @@ def cmd_caption(args: argparse.Namespace, config: dict) -> dict:
         )
 
 
+def cmd_mask(args: argparse.Namespace, config: dict) -> dict:
+    """SAM2 masks for the entity boxes of a captioned JSONL, resumable via its journal."""
+    from .mask import Masker, MaskSettings, load_model, mask_chunk
+
+    output = Path(args.output)
+    stem = str(output).removesuffix(".jsonl")
+    settings = MaskSettings.from_config(
+        {**config["mask"], **({"mask_format": args.format} if args.format else {})}
+    )
+    return mask_chunk(
+        args.input,
+        output,
+        args.dropped or stem + "_dropped.jsonl",
+        args.stats or stem + "_stats.json",
+        args.journal or stem + ".journal.jsonl",
+        args.mask_dir,
+        settings,
+        lambda: Masker(*load_model(settings)),
+    )
+
+
 def cmd_summary(args: argparse.Namespace, config: dict) -> dict | None:
     """Print counts per stage of a run from its stats files."""
     from .summary import collect, format_summary
@@ -236,6 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no requests: rebuild the outputs from the journal's raw answers (after a parser fix)",
     )
+
+    p = add("mask", cmd_mask, cmd_mask.__doc__)
+    p.add_argument("--input", required=True, help="captioned JSONL")
+    p.add_argument("--output", required=True, help="masked JSONL to write")
+    p.add_argument("--mask-dir", required=True, help="folder for <source>/<image_id>.npy")
+    p.add_argument("--format", choices=["npy", "rle"], help="override mask.mask_format")
+    p.add_argument("--dropped", help="dropped records (default: <output>_dropped.jsonl)")
+    p.add_argument("--stats", help="counts JSON (default: <output>_stats.json)")
+    p.add_argument("--journal", help="progress journal (default: <output>.journal.jsonl)")
 
     p = add("summary", cmd_summary, cmd_summary.__doc__)
     p.add_argument("--workdir", help="the run's workdir (default: the config's workdir)")

@@ -85,6 +85,24 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
                 "loopback stand-in server, not a model; set DASHSCOPE_API_KEY (or caption.base_url "
                 "for a vLLM server) for real ones (README: Captioning)",
             }
+    masked = workdir / "masked" / "mask_stats.json"
+    if masked.exists():
+        stats = read_json(masked)
+        summary["masks"] = {
+            "model": f"SAM2 {stats['model_config'].rsplit('/', 1)[-1]}",
+            "records": stats["records"],
+            "masked": stats["masked"],
+            "entities": stats["entities"],
+            "entities_dropped": stats["entities_dropped"],
+            "dropped": stats["drop_reasons"],
+            "bytes_per_image": f"{stats['bytes_per_masked_image']:.0f} ({stats['mask_format']})",
+        }
+        if stats.get("random_weights"):
+            summary["WARNING"] = {
+                **summary.get("WARNING", {}),
+                "random_sam2": "masks come from SAM2 with RANDOM weights (mask.checkpoint: null); "
+                "set mask.checkpoint to sam2.1_hiera_large.pt for real masks",
+            }
     return summary
 
 

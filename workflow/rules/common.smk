@@ -123,4 +123,11 @@ def caption_chunks(wildcards):
     return expand("captioned/chunk_{chunk}.jsonl", chunk=range(len(read_index(index)["shards"])))
 
 
+def mask_chunks(wildcards):
+    """Input function of the mask gather: one masked chunk per caption chunk."""
+    index = checkpoints.index_chunks.get().output.index
+    return expand("masked/chunk_{chunk}.jsonl", chunk=range(len(read_index(index)["shards"])))
+
+
 CAPTIONED = ["captioned/captioned.jsonl"]
+MASKED = ["masked/masked.jsonl"]

@@ -1,0 +1,217 @@
+"""SAM2 masks with the real sam2 package (hiera-tiny from its config, random weights, CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from groundset.io import iter_jsonl, read_json, write_jsonl
+from groundset.mask import (
+    Masker,
+    MaskError,
+    MaskSettings,
+    decode_rle,
+    flatten_record,
+    gather_masks,
+    load_model,
+    mask_chunk,
+    pixel_boxes,
+)
+
+from conftest import make_images
+
+TINY = "configs/sam2.1/sam2.1_hiera_t.yaml"
+
+
+@pytest.fixture(scope="module")
+def masker():
+    """One hiera-tiny SAM2 with seeded random weights, shared by the tests."""
+    import torch
+
+    torch.manual_seed(0)
+    return Masker(*load_model(MaskSettings(model_config=TINY, device="cpu")))
+
+
+class CountingMasker:
+    """A Masker wrapper that counts embedded images and can fail after some batches."""
+
+    def __init__(self, masker, fail_after: int | None = None):
+        self.masker, self.fail_after, self.images, self.batches = masker, fail_after, 0, 0
+
+    def embed(self, images):
+        if self.fail_after is not None and self.batches >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.batches += 1
+        self.images += len(images)
+        return self.masker.embed(images)
+
+    def predict(self, index, boxes):
+        return self.masker.predict(index, boxes)
+
+
+def captioned(tmp_path: Path, entities_per_image: list[list[dict]], sizes=None) -> Path:
+    """A captioned JSONL whose images exist (one per entry of `entities_per_image`)."""
+    sizes = sizes or [(160, 120)] * len(entities_per_image)
+    images = make_images(tmp_path / "img", sizes)
+    records = [
+        {
+            "image": [str(path)],
+            "image_id": f"{i:06d}",
+            "source": "src",
+            "caption": f"c{i}",
+            "entities": entities,
+        }  # fmt: skip
+        for i, (path, entities) in enumerate(zip(images, entities_per_image, strict=True))
+    ]
+    path = tmp_path / "captioned.jsonl"
+    write_jsonl(path, records)
+    return path
+
+
+def run(tmp_path: Path, records: Path, masker, name: str = "out", **settings) -> dict:
+    settings = MaskSettings(model_config=TINY, device="cpu", batch_size=2, **settings)
+    return mask_chunk(
+        records, tmp_path / f"{name}.jsonl", tmp_path / f"{name}_dropped.jsonl",
+        tmp_path / f"{name}_stats.json", tmp_path / f"{name}.journal.jsonl",
+        tmp_path / f"masks_{name}", settings, masker,
+    )  # fmt: skip
+
+
+def test_flatten_record_is_the_seeds_parse():
+    record = {
+        "image": ["/x/1.jpg"],
+        "image_id": "1",
+        "entities": [
+            {"entity": "dog", "bboxes": [[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.9, 0.9]]},
+            {"entity": "cat", "bboxes": [[0, 0, 1, 1]]},
+        ],
+    }
+    flat = flatten_record(record)
+    assert flat["image"] == "/x/1.jpg"
+    assert flat["entities"] == [
+        {"entity": "dog", "bbox": [0.1, 0.2, 0.3, 0.4]},
+        {"entity": "dog", "bbox": [0.5, 0.5, 0.9, 0.9]},
+        {"entity": "cat", "bbox": [0.0, 0.0, 1.0, 1.0]},
+    ]
+    assert flatten_record(flat)["entities"] == flat["entities"]  # idempotent
+    boxes = pixel_boxes(flat["entities"], 200, 100)
+    assert np.allclose(boxes, [[20, 20, 60, 40], [100, 50, 180, 90], [0, 0, 200, 100]])
+
+
+def test_npy_masks_align_with_entities_and_scores(tmp_path, masker):
+    two = [{"entity": "a", "bboxes": [[0.1, 0.1, 0.5, 0.6]]},
+           {"entity": "b", "bboxes": [[0.3, 0.2, 0.9, 0.9], [0.0, 0.0, 0.2, 0.2]]}]  # fmt: skip
+    path = captioned(tmp_path, [two, [], two[:1]], sizes=[(160, 120), (64, 64), (90, 200)])
+    records = list(iter_jsonl(path))
+    gone = dict(records[0], image_id="gone", image=[str(tmp_path / "img" / "gone.jpg")])
+    (tmp_path / "img" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    bad = dict(records[0], image_id="bad", image=[str(tmp_path / "img" / "bad.jpg")])
+    write_jsonl(path, [*records, gone, bad])
+    counting = CountingMasker(masker)
+    stats = run(tmp_path, path, counting)
+    assert counting.images == 2  # the record without entities needs no model
+    out = list(iter_jsonl(tmp_path / "out.jsonl"))
+    assert [r["image_id"] for r in out] == ["000000", "000001", "000002"]
+    first = out[0]
+    assert isinstance(first["image"], str) and first["image"] == records[0]["image"][0]
+    assert [e["entity"] for e in first["entities"]] == ["a", "b", "b"]
+    assert first["entities"][2]["bbox"] == [0.0, 0.0, 0.2, 0.2]
+    masks = np.load(first["mask_file"])
+    assert (
+        masks.dtype == bool
+        and masks.shape == (3, 120, 160)
+        and first["mask_shape"] == [3, 120, 160]
+    )
+    assert len(first["mask_scores"]) == len(first["mask_inside_fraction"]) == 3
+    assert all(0 <= v <= 1 for v in first["mask_scores"] + first["mask_inside_fraction"])
+    # the quality fields are what the saved masks say
+    x1, y1, x2, y2 = (round(v) for v in (0.3 * 160, 0.2 * 120, 0.9 * 160, 0.9 * 120))
+    area = masks[1].sum()
+    if area:
+        assert first["mask_inside_fraction"][1] == pytest.approx(
+            masks[1, y1:y2, x1:x2].sum() / area, abs=0.02
+        )
+    assert first["mask_area_ratio"][1] == pytest.approx(area / ((x2 - x1) * (y2 - y1)), rel=0.02)
+    assert Path(first["mask_file"]) == (tmp_path / "masks_out" / "src" / "000000.npy").resolve()
+    assert out[1]["entities"] == [] and out[1]["mask_scores"] == [] and out[1]["mask_file"] is None
+    assert np.load(out[2]["mask_file"]).shape == (1, 200, 90)
+    dropped = {r["image_id"]: r["drop_reason"] for r in iter_jsonl(tmp_path / "out_dropped.jsonl")}
+    assert dropped["gone"] == "image_missing" and dropped["bad"].startswith("image_unreadable: ")
+    assert stats["records"] == 5 and stats["masked"] == 3 and stats["dropped"] == 2
+    assert stats["entities"] == 4 and stats["without_entities"] == 1 and stats["computed"] == 2
+    assert stats["drop_reasons"] == {"image_missing": 1, "image_unreadable": 1}
+    assert stats["random_weights"] is True
+    assert stats["mask_bytes"] == sum(
+        Path(r["mask_file"]).stat().st_size for r in out if r["mask_file"]
+    )
+
+
+def test_rle_round_trips_to_the_npy_masks(tmp_path, masker):
+    entities = [{"entity": "a", "bboxes": [[0.1, 0.1, 0.5, 0.6]]},
+                {"entity": "b", "bboxes": [[0.3, 0.2, 0.9, 0.9]]}]  # fmt: skip
+    path = captioned(tmp_path, [entities])
+    run(tmp_path, path, masker, "npy")
+    stats = run(tmp_path, path, masker, "rle", mask_format="rle")
+    (npy,) = iter_jsonl(tmp_path / "npy.jsonl")
+    (rle,) = iter_jsonl(tmp_path / "rle.jsonl")
+    assert rle["mask_file"] is None and len(rle["mask_rle"]) == 2
+    assert np.array_equal(decode_rle(rle["mask_rle"]), np.load(npy["mask_file"]))
+    assert rle["mask_scores"] == npy["mask_scores"]
+    assert not (tmp_path / "masks_rle").exists()
+    assert stats["bytes_per_masked_image"] == sum(len(r["counts"]) for r in rle["mask_rle"])
+
+
+def test_quality_floors_drop_or_flag(tmp_path, masker):
+    entities = [{"entity": "a", "bboxes": [[0.1, 0.1, 0.5, 0.6]]}]
+    path = captioned(tmp_path, [entities, entities])
+    stats = run(tmp_path, path, masker, "drop", min_score=1.01)  # no sigmoid score reaches it
+    assert (tmp_path / "drop.jsonl").read_text() == ""
+    reasons = [r["drop_reason"] for r in iter_jsonl(tmp_path / "drop_dropped.jsonl")]
+    assert reasons == ["all_entities_below_quality_floors"] * 2
+    assert stats["entities_dropped"] == 2 and stats["dropped"] == 2
+    assert np.load(tmp_path / "masks_drop" / "src" / "000000.npy").shape == (0, 120, 160)
+    stats = run(tmp_path, path, masker, "flag", min_score=1.01, low_quality="flag")
+    out = list(iter_jsonl(tmp_path / "flag.jsonl"))
+    assert [r["mask_low_quality"] for r in out] == [[True], [True]]
+    assert stats["entities_flagged"] == 2 and stats["masked"] == 2
+
+
+def test_killed_job_resumes_without_recomputing(tmp_path, masker):
+    entities = [{"entity": "a", "bboxes": [[0.2, 0.2, 0.7, 0.7]]}]
+    path = captioned(tmp_path, [entities] * 5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, path, CountingMasker(masker, fail_after=1))  # batch of 2 done, then killed
+    assert not (tmp_path / "out.jsonl").exists()
+    journal = [json.loads(line) for line in (tmp_path / "out.journal.jsonl").open()]
+    assert len(journal) == 2 and all(Path(e["mask_file"]).is_file() for e in journal)
+    Path(journal[1]["mask_file"]).unlink()  # a mask lost since: computed again
+    again = CountingMasker(masker)
+    stats = run(tmp_path, path, again)
+    assert again.images == 4 and stats["computed"] == 4 and stats["from_journal"] == 1
+    out = list(iter_jsonl(tmp_path / "out.jsonl"))
+    assert len(out) == 5 and all(np.load(r["mask_file"]).shape == (1, 120, 160) for r in out)
+    stats = run(tmp_path, path, None)  # everything journaled: no model needed at all
+    assert stats["computed"] == 0 and stats["masked"] == 5
+
+
+def test_gather_and_bad_settings(tmp_path, masker):
+    entities = [{"entity": "a", "bboxes": [[0.2, 0.2, 0.7, 0.7]]}]
+    path = captioned(tmp_path, [entities] * 2)
+    run(tmp_path, path, masker, "c0")
+    run(tmp_path, path, masker, "c1", mask_format="rle")
+    total = gather_masks(
+        [str(tmp_path / "c0.jsonl"), str(tmp_path / "c1.jsonl")],
+        tmp_path / "all.jsonl", tmp_path / "all_dropped.jsonl", tmp_path / "all.json",
+    )  # fmt: skip
+    assert total["masked"] == 4 and total["chunks"] == 2
+    assert len(list(iter_jsonl(tmp_path / "all.jsonl"))) == 4
+    assert read_json(tmp_path / "all.json") == total
+    with pytest.raises(MaskError, match="mask_format"):
+        MaskSettings.from_config({"mask_format": "png"})
+    with pytest.raises(MaskError, match="cannot build SAM2"):
+        load_model(MaskSettings(model_config="configs/sam2.1/nope.yaml", device="cpu"))
+    with pytest.raises(MaskError, match="not a file"):
+        load_model(MaskSettings(model_config=TINY, checkpoint=str(tmp_path / "x.pt")))
