@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import make_images
 from groundset.io import iter_jsonl, read_json, write_jsonl
 from groundset.mask import (
     Masker,
@@ -20,8 +21,6 @@ from groundset.mask import (
     mask_chunk,
     pixel_boxes,
 )
-
-from conftest import make_images
 
 TINY = "configs/sam2.1/sam2.1_hiera_t.yaml"
 

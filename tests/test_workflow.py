@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -65,6 +66,7 @@ def test_fresh_dry_run_plans_every_source_in_parallel(tmp_path):
         "caption_preflight": 1,
         "index_chunks": 1,
         "gather_captions": 1,
+        "gather_masks": 1,
         "all": 1,
     }
 
@@ -188,6 +190,8 @@ def test_changing_a_tier_reruns_only_the_merge_and_what_follows(sample_run, tmp_
         "index_chunks": 1,
         "caption_chunk": 3,
         "gather_captions": 1,
+        "mask_chunk": 3,
+        "gather_masks": 1,
         "all": 1,
     }
 
@@ -266,6 +270,8 @@ def test_deleting_one_shard_reruns_only_that_shard(sample_run):
         "index_chunks": 1,
         "caption_chunk": 3,
         "gather_captions": 1,
+        "mask_chunk": 3,
+        "gather_masks": 1,
         "all": 1,
     }
     assert "filtered/laion-high-resolution/shard_1.jsonl" in done.stdout
@@ -363,6 +369,30 @@ def test_sample_captions(sample_run):
     assert "PLACEHOLDERS" in (work / "logs" / "caption_chunk" / "0.log").read_text()
 
 
+def test_sample_masks(sample_run):
+    work = sample_run["workdir"]
+    captioned = [json.loads(line) for line in (work / "captioned" / "captioned.jsonl").open()]
+    masked = [json.loads(line) for line in (work / "masked" / "masked.jsonl").open()]
+    assert [r["image_id"] for r in masked] == [r["image_id"] for r in captioned]
+    for record, before in zip(masked, captioned, strict=True):
+        boxes = [(e["entity"], b) for e in before["entities"] for b in e["bboxes"]]
+        assert [(e["entity"], e["bbox"]) for e in record["entities"]] == boxes
+        assert record["image"] == before["image"][0]
+        masks = np.load(record["mask_file"])
+        width, height = (
+            before["__dj__stats__"]["image_width"][0],
+            before["__dj__stats__"]["image_height"][0],
+        )
+        assert masks.dtype == bool and masks.shape == (len(boxes), height, width)
+        assert len(record["mask_scores"]) == len(boxes) == len(record["mask_inside_fraction"])
+        assert record["mask_file"] == str(
+            work / "masks" / record["source"] / f"{record['image_id']}.npy"
+        )
+    stats = json.loads((work / "masked" / "mask_stats.json").read_text())
+    assert stats["masked"] == 5 and stats["random_weights"] is True and stats["chunks"] == 3
+    assert "RANDOM weights" in (work / "logs" / "mask_chunk" / "0.log").read_text()
+
+
 def _lay_down_manifest(tmp_path, records: int) -> dict:
     """A config whose upstream outputs exist, with a manifest of `records` lines (no download)."""
     url_list = write_parquet(tmp_path / "urls.parquet", [{"URL": "http://x/a.jpg", "TEXT": "t"}])
@@ -417,6 +447,7 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
         "caption_preflight": 1,
         "index_chunks": 1,
         "gather_captions": 1,
+        "gather_masks": 1,
         "all": 1,
     }
 

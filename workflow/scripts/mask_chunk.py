@@ -4,7 +4,10 @@ from groundset.mask import Masker, MaskSettings, load_model, mask_chunk
 from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]):
-    settings = MaskSettings.from_config(snakemake.params.settings)
+    # the job's threads (the profile may set them) decode images ahead of the model
+    settings = MaskSettings.from_config(
+        {**snakemake.params.settings, "decode_workers": snakemake.threads}
+    )
     mask_chunk(
         snakemake.input[0],
         snakemake.output.records,
