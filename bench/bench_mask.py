@@ -82,7 +82,7 @@ def bench_model(name: str, args, folder: Path, records_path: Path, records: list
     import torch
 
     settings = MaskSettings(model_config=CONFIGS[name], batch_size=args.batch_size,
-                            device=args.device)  # fmt: skip
+                            device=args.device, decode_workers=args.decode_workers)  # fmt: skip
     predictor, device = load_model(settings)
     # warm-up both paths (CUDA context, kernels) on the first image
     seed_loop(predictor, records[:1], folder / "warm")
@@ -98,12 +98,23 @@ def bench_model(name: str, args, folder: Path, records_path: Path, records: list
     sync(device)
     seed = time.perf_counter() - began
 
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     began = time.perf_counter()
     stats = mask_chunk(records_path, folder / f"g_{name}.jsonl", folder / f"g_{name}_d.jsonl",
                        folder / f"g_{name}.json", folder / f"g_{name}.journal",
                        folder / f"masks_{name}", settings, masker)  # fmt: skip
     sync(device)
     ours = time.perf_counter() - began
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
     assert stats["masked"] == len(records) and stats["computed"] == len(records), stats
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     del predictor, masker
@@ -123,6 +134,8 @@ def main() -> int:
     parser.add_argument("--entities", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--decode-workers", type=int, default=4)
+    parser.add_argument("--profile", action="store_true", help="cProfile groundset's path")
     args = parser.parse_args()
     import torch
 
@@ -134,7 +147,7 @@ def main() -> int:
         records = [json.loads(line) for line in records_path.open()]
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         print(f"{args.images} images {args.width}x{args.height}, {args.entities} boxes each, "
-              f"batch {args.batch_size}, {name}, torch {torch.__version__}")  # fmt: skip
+              f"batch {args.batch_size}, {args.decode_workers} decode workers, {name}, torch {torch.__version__}")  # fmt: skip
         print(f"{'model':<10} {'device':<7} {'seed img/s':>11} {'groundset img/s':>16} "
               f"{'ratio':>6} {'peak GiB':>9}")  # fmt: skip
         for model in args.model:
