@@ -76,11 +76,10 @@ def test_quota_holds_across_parallel_chunk_jobs(tmp_path):
     assert len(sent) == 12
     for i in range(len(sent) - 4):
         assert sent[i + 4] - sent[i] >= 1.0 - 1e-3, [round(t - sent[0], 3) for t in sent]
-    # ... and the server sees the same, give or take one request per job whose send was held
-    # up on the client (a job's first request is slower on its way out: tens of ms)
-    for i in range(len(starts) - 6):
-        assert starts[i + 6] - starts[i] >= 1.0, [round(t - starts[0], 2) for t in starts]
-    assert (len(starts) - 1) / (starts[-1] - starts[0]) <= 4 * 1.05
+    # ... and the server sees the same (slots are taken in the HTTP transport, right before a
+    # request goes out), give or take loopback jitter
+    for i in range(len(starts) - 4):
+        assert starts[i + 4] - starts[i] >= 1.0 - 0.05, [round(t - starts[0], 2) for t in starts]
     stats = json.loads((work / "captioned" / "caption_stats.json").read_text())
     assert stats["chunks"] == 4 and stats["captioned"] == 12 and stats["requested"] == 12
     assert stats["rate_per_second"] == 2  # each job's share

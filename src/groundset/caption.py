@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -258,6 +259,15 @@ def load_payload(path: str) -> Payload:
 
 # --- backends -----------------------------------------------------------------------------
 
+_sent = threading.local()  # the wall-clock slot of this thread's last request
+
+
+def _take_slot(limiter: RateLimiter) -> None:
+    """Wait for the limiter's next slot; called by the HTTP transport right before it sends, so
+    the spacing holds on the wire whatever the SDK does before (imports, encoding, retries)."""
+    slot = limiter.acquire()
+    _sent.at = time.time() - (time.monotonic() - slot)
+
 
 @dataclass
 class Answer:
@@ -284,15 +294,24 @@ class DashScopeBackend:
 
     name = "dashscope"
 
-    def __init__(self, settings: Settings):
-        # imported here, not on the first request: a slow import inside paced threads would
-        # hold back the first slots and then release them at once (a burst over the quota)
+    def __init__(self, settings: Settings, limiter: RateLimiter):
         import requests
         from dashscope import MultiModalConversation
+
+        class PacedSession(requests.Session):
+            """A session whose every send (retries included) takes a limiter slot first."""
+
+            def send(self, request, **kwargs):
+                _take_slot(limiter)
+                return super().send(request, **kwargs)
 
         self.settings = settings
         self._requests = requests
         self._call = MultiModalConversation.call
+        self._session = PacedSession()
+        pool = requests.adapters.HTTPAdapter(pool_maxsize=max(10, settings.concurrency))
+        self._session.mount("http://", pool)
+        self._session.mount("https://", pool)
 
     def ask(self, payload: Payload, prompt: str) -> Answer:
         """One request; raises ApiError."""
@@ -309,6 +328,7 @@ class DashScopeBackend:
                 api_key=s.api_key,
                 max_tokens=s.max_tokens,
                 request_timeout=s.timeout_s,
+                session=self._session,
                 **kwargs,
             )
         except requests.RequestException as err:
@@ -335,18 +355,39 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, limiter: RateLimiter):
+        import httpx2
         import openai
+
+        class PacedTransport(httpx2.BaseTransport):
+            """The HTTP transport, taking a limiter slot before each request goes out."""
+
+            def __init__(self, inner):
+                self.inner = inner
+
+            def handle_request(self, request):
+                _take_slot(limiter)
+                return self.inner.handle_request(request)
+
+            def close(self) -> None:
+                self.inner.close()
 
         for name in ("httpx", "httpx2"):  # one INFO line per request otherwise
             logging.getLogger(name).setLevel(logging.WARNING)
         self.settings = settings
         self._openai = openai
+        limits = httpx2.Limits(
+            max_connections=settings.concurrency + 4, max_keepalive_connections=settings.concurrency
+        )
         self.client = openai.OpenAI(
             base_url=settings.endpoint,
             api_key=settings.api_key,
             max_retries=0,  # groundset retries, paced by its own limiter
             timeout=settings.timeout_s,
+            http_client=httpx2.Client(
+                transport=PacedTransport(httpx2.HTTPTransport(limits=limits)),
+                timeout=settings.timeout_s,
+            ),
         )
 
     def ask(self, payload: Payload, prompt: str) -> Answer:
@@ -384,9 +425,10 @@ class OpenAIBackend:
         return Answer(text, request_id)
 
 
-def make_backend(settings: Settings):
-    """The backend object named by `settings.backend`."""
-    return {"dashscope": DashScopeBackend, "openai": OpenAIBackend}[settings.backend](settings)
+def make_backend(settings: Settings, limiter: RateLimiter | None = None):
+    """The backend named by `settings.backend`; its HTTP requests take `limiter`'s slots."""
+    backend = {"dashscope": DashScopeBackend, "openai": OpenAIBackend}[settings.backend]
+    return backend(settings, limiter or RateLimiter(settings.paced_rate))
 
 
 @contextlib.contextmanager
@@ -435,10 +477,9 @@ def request_image(
     outcome = Outcome()
     attempts = 0
     while True:
-        slot = limiter.acquire()
-        attempts += 1
+        attempts += 1  # the request waits for its slot in the backend's transport
         started = time.time()
-        sent_at = started - (time.monotonic() - slot)  # the limiter's slot, on the wall clock
+        _sent.at = None
         try:
             answer = backend.ask(payload, settings.prompt_text)
         except ApiError as err:
@@ -474,7 +515,7 @@ def request_image(
             "model": settings.model,
             "backend": settings.backend,
             "question": question_id(settings),
-            "sent_at": round(sent_at, 4),
+            "sent_at": round(_sent.at, 4) if _sent.at else None,
             "seconds": round(time.time() - started, 3),
         }
         return outcome
@@ -661,8 +702,8 @@ def _request_pending(
     counts: Counter, dropped: dict, gave_up: dict,
 ) -> None:  # fmt: skip
     """Request every record of the range that the journal lacks, journaling answers as they land."""
-    backend = make_backend(settings)
     limiter = RateLimiter(settings.paced_rate)
+    backend = make_backend(settings, limiter)
     window = max(1, settings.concurrency) * 2
     consecutive = 0
     question = question_id(settings)
