@@ -634,7 +634,7 @@ def caption_chunk(
                     err_out.write(dumps_record({**base, **dropped[key], "attempts": 0}) + "\n")
                     continue
                 entry = journal.done(key)
-                if entry is None or (key in gave_up and entry["status"] != "answered"):
+                if entry is None or key in gave_up:  # never asked, or this run's asking failed
                     failure = gave_up.get(key) or {"reason": "not requested (reparse)",
                                                    "attempts": 0}  # fmt: skip
                     counts["failed" if key in gave_up else "pending"] += 1
