@@ -17,6 +17,7 @@ include: "workflow/rules/download.smk"
 include: "workflow/rules/filter.smk"
 include: "workflow/rules/caption.smk"
 include: "workflow/rules/mask.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:
@@ -26,3 +27,4 @@ rule all:
         MERGED,
         CAPTIONED,
         MASKED,
+        VALIDATED,

@@ -67,6 +67,7 @@ def test_fresh_dry_run_plans_every_source_in_parallel(tmp_path):
         "index_chunks": 1,
         "gather_captions": 1,
         "gather_masks": 1,
+        "validate_outputs": 1,
         "all": 1,
     }
 
@@ -192,6 +193,7 @@ def test_changing_a_tier_reruns_only_the_merge_and_what_follows(sample_run, tmp_
         "gather_captions": 1,
         "mask_chunk": 3,
         "gather_masks": 1,
+        "validate_outputs": 1,
         "all": 1,
     }
 
@@ -272,6 +274,7 @@ def test_deleting_one_shard_reruns_only_that_shard(sample_run):
         "gather_captions": 1,
         "mask_chunk": 3,
         "gather_masks": 1,
+        "validate_outputs": 1,
         "all": 1,
     }
     assert "filtered/laion-high-resolution/shard_1.jsonl" in done.stdout
@@ -391,6 +394,9 @@ def test_sample_masks(sample_run):
         )
     stats = json.loads((work / "masked" / "mask_stats.json").read_text())
     assert stats["masked"] == 5 and stats["random_weights"] is True and stats["chunks"] == 3
+    report = (work / "validated" / "report.txt").read_text()
+    assert "masked.jsonl: 5 records (masked=5), all valid" in report
+    assert "captioned.jsonl: 5 records (captioned=5), all valid" in report
 
 
 def _lay_down_manifest(tmp_path, records: int) -> dict:
@@ -448,6 +454,7 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
         "index_chunks": 1,
         "gather_captions": 1,
         "gather_masks": 1,
+        "validate_outputs": 1,
         "all": 1,
     }
 

@@ -167,6 +167,17 @@ def cmd_mask(args: argparse.Namespace, config: dict) -> dict:
     )
 
 
+def cmd_validate(args: argparse.Namespace, config: dict | None) -> None:
+    """Check JSONL files against the record schemas, geometry and files; exit 1 on violations."""
+    from .validate import validate_file
+
+    for path in args.files:
+        report = validate_file(path, args.stage, check_files=not args.no_files)
+        print(report.text())
+        if not report.ok:
+            args.exit_code = 1
+
+
 def cmd_summary(args: argparse.Namespace, config: dict) -> dict | None:
     """Print counts per stage of a run from its stats files."""
     from .summary import collect, format_summary
@@ -267,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", help="counts JSON (default: <output>_stats.json)")
     p.add_argument("--journal", help="progress journal (default: <output>.journal.jsonl)")
 
+    p = add("validate", cmd_validate, cmd_validate.__doc__)
+    p.add_argument("files", nargs="+", help="JSONL files of any stage")
+    p.add_argument(
+        "--stage",
+        choices=["manifest", "filtered", "captioned", "masked"],
+        help="check every record as this stage's (default: detected per record)",
+    )
+    p.add_argument("--no-files", action="store_true", help="skip image and mask file checks")
+
     p = add("summary", cmd_summary, cmd_summary.__doc__)
     p.add_argument("--workdir", help="the run's workdir (default: the config's workdir)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -284,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         needs_config = not (
             (args.command == "manifest" and args.source and not args.config)
             or (args.command == "summary" and args.workdir and not args.config)
+            or (args.command == "validate" and not args.config)
         )
         config = load_config(args.config) if needs_config else None
         result = args.func(args, config)
@@ -292,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
-    return 0
+    return getattr(args, "exit_code", 0)
 
 
 if __name__ == "__main__":

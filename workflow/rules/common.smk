@@ -131,3 +131,4 @@ def mask_chunks(wildcards):
 
 CAPTIONED = ["captioned/captioned.jsonl"]
 MASKED = ["masked/masked.jsonl"]
+VALIDATED = ["validated/report.txt"]
