@@ -46,6 +46,7 @@ bench: install
 	$(BIN)/python bench/bench_split.py
 	$(BIN)/python bench/bench_filter.py
 	$(BIN)/python bench/bench_caption.py
+	$(BIN)/python bench/bench_stats.py
 
 clean-sample:
 	rm -rf results/sample

@@ -28,3 +28,4 @@ rule all:
         CAPTIONED,
         MASKED,
         VALIDATED,
+        EXPORTED,

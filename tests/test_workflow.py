@@ -68,6 +68,8 @@ def test_fresh_dry_run_plans_every_source_in_parallel(tmp_path):
         "gather_captions": 1,
         "gather_masks": 1,
         "validate_outputs": 1,
+        "entity_stats": 1,
+        "draw_sample": 1,
         "all": 1,
     }
 
@@ -194,6 +196,8 @@ def test_changing_a_tier_reruns_only_the_merge_and_what_follows(sample_run, tmp_
         "mask_chunk": 3,
         "gather_masks": 1,
         "validate_outputs": 1,
+        "entity_stats": 1,
+        "draw_sample": 1,
         "all": 1,
     }
 
@@ -275,6 +279,8 @@ def test_deleting_one_shard_reruns_only_that_shard(sample_run):
         "mask_chunk": 3,
         "gather_masks": 1,
         "validate_outputs": 1,
+        "entity_stats": 1,
+        "draw_sample": 1,
         "all": 1,
     }
     assert "filtered/laion-high-resolution/shard_1.jsonl" in done.stdout
@@ -394,6 +400,11 @@ def test_sample_masks(sample_run):
         )
     stats = json.loads((work / "masked" / "mask_stats.json").read_text())
     assert stats["masked"] == 5 and stats["random_weights"] is True and stats["chunks"] == 3
+    stats = json.loads((work / "export" / "stats" / "stats.json").read_text())
+    assert stats["records"] == 5 and stats["boxes"] == 10 and "mask_score.png" in stats["plots"]
+    assert all((work / "export" / "stats" / name).stat().st_size > 1000 for name in stats["plots"])
+    drawn = sorted(p.name for p in (work / "export" / "draw").rglob("*.jpg"))
+    assert len(drawn) == 5 and len(list((work / "export" / "draw_sam2_mask").rglob("*.png"))) == 5
     report = (work / "validated" / "report.txt").read_text()
     assert "masked.jsonl: 5 records (masked=5), all valid" in report
     assert "captioned.jsonl: 5 records (captioned=5), all valid" in report
@@ -455,6 +466,8 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
         "gather_captions": 1,
         "gather_masks": 1,
         "validate_outputs": 1,
+        "entity_stats": 1,
+        "draw_sample": 1,
         "all": 1,
     }
 

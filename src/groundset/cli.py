@@ -178,6 +178,21 @@ def cmd_validate(args: argparse.Namespace, config: dict | None) -> None:
             args.exit_code = 1
 
 
+def cmd_stats(args: argparse.Namespace, config: dict | None) -> dict:
+    """Entity, box, mask and filter-score statistics of a grounded JSONL (JSON + PNG plots)."""
+    from .stats import write_stats
+
+    stats = write_stats(args.input, args.outdir)
+    return {k: v for k, v in stats.items() if k != "histograms"}
+
+
+def cmd_draw(args: argparse.Namespace, config: dict | None) -> dict:
+    """Boxes (and masks) drawn over a deterministic sample of records."""
+    from .draw import draw_sample
+
+    return draw_sample(args.input, args.outdir, args.n, args.seed)
+
+
 def cmd_summary(args: argparse.Namespace, config: dict) -> dict | None:
     """Print counts per stage of a run from its stats files."""
     from .summary import collect, format_summary
@@ -287,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-files", action="store_true", help="skip image and mask file checks")
 
+    p = add("stats", cmd_stats, cmd_stats.__doc__)
+    p.add_argument("--input", required=True, help="captioned or masked JSONL")
+    p.add_argument("--outdir", required=True, help="folder for stats.json and the plots")
+
+    p = add("draw", cmd_draw, cmd_draw.__doc__)
+    p.add_argument("--input", required=True, help="captioned or masked JSONL")
+    p.add_argument("--outdir", required=True, help="folder for draw/ and draw_sam2_mask/")
+    p.add_argument("-n", type=int, default=50, help="records to draw (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
     p = add("summary", cmd_summary, cmd_summary.__doc__)
     p.add_argument("--workdir", help="the run's workdir (default: the config's workdir)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -304,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         needs_config = not (
             (args.command == "manifest" and args.source and not args.config)
             or (args.command == "summary" and args.workdir and not args.config)
-            or (args.command == "validate" and not args.config)
+            or (args.command in ("validate", "stats", "draw") and not args.config)
         )
         config = load_config(args.config) if needs_config else None
         result = args.func(args, config)

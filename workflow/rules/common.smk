@@ -132,3 +132,4 @@ def mask_chunks(wildcards):
 CAPTIONED = ["captioned/captioned.jsonl"]
 MASKED = ["masked/masked.jsonl"]
 VALIDATED = ["validated/report.txt"]
+EXPORTED = ["export/stats/stats.json", "export/draw", "export/draw_sam2_mask"]
