@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python bench/bench_filter.py
 	$(BIN)/python bench/bench_caption.py
 	$(BIN)/python bench/bench_stats.py
+	$(BIN)/python bench/bench_mask.py
 
 clean-sample:
 	rm -rf results/sample
