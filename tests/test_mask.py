@@ -146,6 +146,10 @@ def test_npy_masks_align_with_entities_and_scores(tmp_path, masker):
     assert stats["mask_bytes"] == sum(
         Path(r["mask_file"]).stat().st_size for r in out if r["mask_file"]
     )
+    again = CountingMasker(masker)
+    rerun = run(tmp_path, path, again)  # journaled: nothing recomputed, drops tried again
+    assert again.images == 0 and rerun["computed"] == 0 and rerun["dropped"] == 2
+    assert list(iter_jsonl(tmp_path / "out.jsonl")) == out
 
 
 def test_rle_round_trips_to_the_npy_masks(tmp_path, masker):
@@ -194,6 +198,9 @@ def test_killed_job_resumes_without_recomputing(tmp_path, masker):
     assert len(out) == 5 and all(np.load(r["mask_file"]).shape == (1, 120, 160) for r in out)
     stats = run(tmp_path, path, None)  # everything journaled: no model needed at all
     assert stats["computed"] == 0 and stats["masked"] == 5
+    other = CountingMasker(masker)  # other floors: the journaled masks no longer apply
+    stats = run(tmp_path, path, other, min_inside_fraction=0.0001)
+    assert other.images == 5 and stats["computed"] == 5
 
 
 def test_gather_and_bad_settings(tmp_path, masker):

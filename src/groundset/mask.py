@@ -54,6 +54,15 @@ class MaskSettings:
     device: str = "auto"
     decode_workers: int = 4
 
+    @property
+    def digest(self) -> str:
+        """What decides a mask entry's content: an entry made under other settings is redone."""
+        import hashlib
+
+        key = (self.model_config, self.checkpoint, self.mask_format, self.min_score,
+               self.min_inside_fraction, self.low_quality)  # fmt: skip
+        return hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+
     @classmethod
     def from_config(cls, section: dict) -> MaskSettings:
         """Settings from the `mask:` config dict (unknown keys are the workflow's)."""
@@ -352,9 +361,13 @@ def mask_chunk(
 
         def done(item: _Item) -> bool:
             entry = journal.done(item.key)
-            if entry is None:
+            if entry is None or entry.get("settings") != settings.digest:
                 return False
-            return settings.mask_format == "rle" or Path(entry["mask_file"]).is_file()
+            if entry.get("error"):
+                return False  # cheap to try again: the image may be back
+            if settings.mask_format == "rle" or not entry.get("mask_file"):
+                return True
+            return Path(entry["mask_file"]).is_file()
 
         todo = (r for r in iter_jsonl(records_path) if not done(_Item(r, record_key(r))))
         with cf.ThreadPoolExecutor(max(1, settings.decode_workers)) as pool, \
@@ -362,7 +375,7 @@ def mask_chunk(
                 tqdm(desc="mask", unit="img", mininterval=5) as bar:  # fmt: skip
             for batch in _batches(todo, pool, settings.batch_size):
                 entries = _mask_batch(batch, get_masker, settings, mask_dir, writer, counts)
-                journal.append(entries)
+                journal.append([{**entry, "settings": settings.digest} for entry in entries])
                 bar.update(len(batch))
         with atomic_write(output) as out, atomic_write(dropped_out) as drop:
             for record in iter_jsonl(records_path):
