@@ -16,8 +16,6 @@ rule entity_stats:
     resources:
         mem_mb=1000,
         runtime=120,
-    params:
-        outdir="export/stats",
     script:
         "../scripts/entity_stats.py"
 
