@@ -33,7 +33,10 @@ HISTOGRAMS = {
 
 
 class Histograms:
-    """Fixed-bin histograms accumulated value by value (memory does not grow with the data)."""
+    """Fixed-bin histograms filled value by value; values are buffered and binned in blocks
+    (vectorized), so memory stays bounded (one block) however large the file."""
+
+    BLOCK = 1 << 16
 
     def __init__(self):
         self.counts = {
@@ -41,15 +44,31 @@ class Histograms:
             for name, (edges, _) in HISTOGRAMS.items()
         }
         self.n = Counter()
+        self._pending: dict[str, list[float]] = {name: [] for name in HISTOGRAMS}
 
     def add(self, name: str, values) -> None:
         """Count values into histogram `name` (values outside the edges go to the end bins)."""
+        pending = self._pending[name]
+        pending.extend(values)
+        if len(pending) >= self.BLOCK:
+            self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        """Bin the buffered values of one histogram."""
+        pending = self._pending[name]
+        if not pending:
+            return
         edges = HISTOGRAMS[name][0]
-        values = np.clip(np.asarray(values, dtype=np.float64), edges[0], edges[-1])
-        if values.size:
-            index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
-            np.add.at(self.counts[name], index, 1)
-            self.n[name] += values.size
+        values = np.clip(np.asarray(pending, dtype=np.float64), edges[0], edges[-1])
+        index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
+        self.counts[name] += np.bincount(index, minlength=len(edges) - 1)
+        self.n[name] += values.size
+        pending.clear()
+
+    def flush(self) -> None:
+        """Bin everything still buffered."""
+        for name in HISTOGRAMS:
+            self._flush(name)
 
 
 def collect_stats(path: str | os.PathLike) -> dict:
@@ -83,6 +102,7 @@ def collect_stats(path: str | os.PathLike) -> dict:
             "aspect_ratios",
         ):
             hist.add(name, stats.get(name) or [])
+    hist.flush()
     histograms = {
         name: {
             "edges": [round(float(e), 6) for e in HISTOGRAMS[name][0]],
