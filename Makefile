@@ -22,6 +22,7 @@ install: $(STAMP)
 # Run the whole workflow on the bundled sample, served on loopback; outputs in results/sample.
 sample: install
 	$(SNAKEMAKE) --profile profiles/local --configfile config/sample.yaml
+	$(SNAKEMAKE) --profile profiles/local --configfile config/sample.yaml --report $(CURDIR)/results/sample/report.html
 	@echo
 	@echo "== groundset sample: counts per stage (results/sample) =="
 	@$(BIN)/groundset summary --config config/sample.yaml
@@ -47,6 +48,7 @@ bench: install
 	$(BIN)/python bench/bench_filter.py
 	$(BIN)/python bench/bench_caption.py
 	$(BIN)/python bench/bench_stats.py
+	$(BIN)/python bench/bench_emu3.py
 	$(BIN)/python bench/bench_mask.py
 
 clean-sample:

@@ -1,4 +1,6 @@
 # groundset: LAION URL lists -> filtered, grounded text-to-image data. See README.md.
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -7,10 +9,17 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+# `--report` reads the config files again after `workdir:`; keep their paths absolute
+workflow.configfiles[:] = [os.path.abspath(path) for path in workflow.configfiles]
+
+
 include: "workflow/rules/common.smk"
 
 
 workdir: config["workdir"]
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/download.smk"
@@ -29,3 +38,5 @@ rule all:
         MASKED,
         VALIDATED,
         EXPORTED,
+        EMU3,
+        COUNTS,

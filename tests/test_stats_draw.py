@@ -40,7 +40,7 @@ def test_stats_counts_and_histograms(tmp_path):
     assert read_json(tmp_path / "out" / "stats.json")["records"] == 3
     assert {"box_area.png", "top_entities.png"} <= set(stats["plots"])
     assert "image_nsfw_score.png" not in stats["plots"]  # no values, no plot
-    png = Image.open(tmp_path / "out" / "box_area.png")
+    png = Image.open(tmp_path / "out" / "plots" / "box_area.png")
     assert png.size[0] > 300
 
 

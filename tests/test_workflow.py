@@ -70,6 +70,9 @@ def test_fresh_dry_run_plans_every_source_in_parallel(tmp_path):
         "validate_outputs": 1,
         "entity_stats": 1,
         "draw_sample": 1,
+        "emu3_part": 1,
+        "gather_emu3": 1,
+        "stage_counts": 1,
         "all": 1,
     }
 
@@ -198,6 +201,9 @@ def test_changing_a_tier_reruns_only_the_merge_and_what_follows(sample_run, tmp_
         "validate_outputs": 1,
         "entity_stats": 1,
         "draw_sample": 1,
+        "emu3_part": 1,
+        "gather_emu3": 1,
+        "stage_counts": 1,
         "all": 1,
     }
 
@@ -281,6 +287,9 @@ def test_deleting_one_shard_reruns_only_that_shard(sample_run):
         "validate_outputs": 1,
         "entity_stats": 1,
         "draw_sample": 1,
+        "emu3_part": 1,
+        "gather_emu3": 1,
+        "stage_counts": 1,
         "all": 1,
     }
     assert "filtered/laion-high-resolution/shard_1.jsonl" in done.stdout
@@ -402,12 +411,92 @@ def test_sample_masks(sample_run):
     assert stats["masked"] == 5 and stats["random_weights"] is True and stats["chunks"] == 3
     stats = json.loads((work / "export" / "stats" / "stats.json").read_text())
     assert stats["records"] == 5 and stats["boxes"] == 10 and "mask_score.png" in stats["plots"]
-    assert all((work / "export" / "stats" / name).stat().st_size > 1000 for name in stats["plots"])
+    assert all(
+        (work / "export" / "stats" / "plots" / name).stat().st_size > 1000
+        for name in stats["plots"]
+    )
     drawn = sorted(p.name for p in (work / "export" / "draw").rglob("*.jpg"))
     assert len(drawn) == 5 and len(list((work / "export" / "draw_sam2_mask").rglob("*.png"))) == 5
     report = (work / "validated" / "report.txt").read_text()
     assert "masked.jsonl: 5 records (masked=5), all valid" in report
     assert "captioned.jsonl: 5 records (captioned=5), all valid" in report
+
+
+def test_sample_emu3_export(sample_run):
+    import torch
+
+    work = sample_run["workdir"]
+    masked = [json.loads(line) for line in (work / "masked" / "masked.jsonl").open()]
+    train = json.loads((work / "export" / "emu3" / "list" / "train.json").read_text())
+    assert train["prefix"] == str(work / "export" / "emu3" / "feature")
+    assert train["path_list"] == [f"{r['source']}/{r['image_id']}.pth" for r in masked]
+    for name, record in zip(train["path_list"], masked, strict=True):
+        data = torch.load(os.path.join(train["prefix"], name))  # as Emu3FeatureDataset does
+        assert data["texts"].startswith(record["caption"] + "\nPrecise location control:\n\n")
+        assert data["texts"].count("Entity: [") == len(record["entities"])
+        width, height = (
+            record["__dj__stats__"]["image_width"][0],
+            record["__dj__stats__"]["image_height"][0],
+        )
+        rows, cols = data["images"].shape  # 16384 px area, 2x downsampling of the stand-in
+        assert abs(rows * cols * 4 - 16384) / 16384 < 0.1
+        assert abs((cols / rows) / (width / height) - 1) < 0.1
+    stats = json.loads((work / "export" / "emu3" / "emu3_stats.json").read_text())
+    assert stats["train_items"] == 5 and stats["stand_in_tokenizer"] is True
+    assert "random_emu3_tokenizer" in run_cli(["summary", "--workdir", str(work)])
+
+
+def run_cli(args: list[str]) -> str:
+    """`groundset ARGS` in a subprocess; its stdout."""
+    done = subprocess.run(
+        [os.path.join(BIN, "groundset"), *args], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def report_parts(path: Path) -> dict[str, str]:
+    """The HTML pages embedded in a Snakemake report, by file name (base64 data URIs)."""
+    import base64
+
+    text = path.read_text()
+    found = re.findall(
+        r"data:text/html;charset=[^;]*;filename=([^;]+);base64,([A-Za-z0-9+/=]+)", text
+    )
+    return {name: base64.b64decode(data).decode() for name, data in found}
+
+
+def test_sample_report_names_every_stage_with_its_counts(sample_run, tmp_path):
+    report = tmp_path / "report.html"
+    run_snakemake([*sample_run["args"], "--report", str(report)])
+    text = report.read_text()
+    for entry in ("export/stats/plots", "export/draw", "export/draw_sam2_mask"):
+        assert entry in text
+    table = report_parts(report)["stage_counts.html"]
+    rows = re.findall(
+        r"<tr><td>([^<]+)</td><td>([\d,]+)</td><td>([\d,]+)</td><td>([\d,]+)</td>", table
+    )
+    counts = {
+        stage: (int(n_in.replace(",", "")), int(kept.replace(",", "")))
+        for stage, n_in, kept, _ in rows
+    }
+    stages = [
+        "prefilter",
+        "download",
+        "manifest",
+        "filter",
+        "merge",
+        "aes_6 tier",
+        "caption",
+        "mask",
+        "emu3 export",
+    ]
+    assert list(counts) == stages
+    assert all(n_in > 0 and kept > 0 and kept <= n_in for n_in, kept in counts.values()), counts
+    assert counts["emu3 export"] == (5, 5) and counts["prefilter"][0] == 33
+    assert "RANDOM" in table  # the stand-ins are named in the report too
+    summary = json.loads((sample_run["workdir"] / "export" / "stage_counts.json").read_text())
+    assert [row["stage"] for row in summary["stages"]] == stages
 
 
 def _lay_down_manifest(tmp_path, records: int) -> dict:
@@ -468,6 +557,9 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
         "validate_outputs": 1,
         "entity_stats": 1,
         "draw_sample": 1,
+        "emu3_part": 1,
+        "gather_emu3": 1,
+        "stage_counts": 1,
         "all": 1,
     }
 

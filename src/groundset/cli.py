@@ -167,6 +167,20 @@ def cmd_mask(args: argparse.Namespace, config: dict) -> dict:
     )
 
 
+def cmd_export_emu3(args: argparse.Namespace, config: dict) -> dict:
+    """Emu3 training data: prompts, visual tokens (feature/*.pth), list/datalist.jsonl and train.json."""
+    from .emu3 import Emu3Settings, export_emu3
+
+    section = dict(config["export"]["emu3"])
+    if args.no_tokenize:
+        section["tokenize"] = False
+    if args.tokenizer:
+        section["tokenizer"] = args.tokenizer
+    if args.max_items is not None:
+        section["max_items"] = args.max_items
+    return export_emu3(args.input, args.outdir, Emu3Settings.from_config(section))
+
+
 def cmd_validate(args: argparse.Namespace, config: dict | None) -> None:
     """Check JSONL files against the record schemas, geometry and files; exit 1 on violations."""
     from .validate import validate_file
@@ -292,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropped", help="dropped records (default: <output>_dropped.jsonl)")
     p.add_argument("--stats", help="counts JSON (default: <output>_stats.json)")
     p.add_argument("--journal", help="progress journal (default: <output>.journal.jsonl)")
+
+    p = add("export-emu3", cmd_export_emu3, cmd_export_emu3.__doc__)
+    p.add_argument("--input", required=True, help="masked (or captioned) JSONL")
+    p.add_argument("--outdir", required=True, help="folder for feature/ and list/")
+    p.add_argument("--no-tokenize", action="store_true", help="prompts and lists only")
+    p.add_argument("--tokenizer", help="override export.emu3.tokenizer (a model folder)")
+    p.add_argument("--max-items", type=int, help="override export.emu3.max_items")
 
     p = add("validate", cmd_validate, cmd_validate.__doc__)
     p.add_argument("files", nargs="+", help="JSONL files of any stage")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .grounding import record_boxes
 from .io import iter_jsonl
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -34,15 +35,6 @@ def sample_records(path: str | os.PathLike, n: int, seed: int = 0) -> list[dict]
     return sample
 
 
-def _boxes(record: dict) -> list[tuple[str, list[float]]]:
-    """(entity, normalized box) pairs of a captioned or masked record."""
-    pairs = []
-    for entity in record.get("entities") or []:
-        for box in entity.get("bboxes") or ([entity["bbox"]] if "bbox" in entity else []):
-            pairs.append((str(entity.get("entity", "")), box))
-    return pairs
-
-
 def _open(record: dict) -> tuple[Image.Image, float]:
     """The record's image as RGB, scaled to at most MAX_SIDE, and the scale."""
     image = record["image"][0] if isinstance(record["image"], list) else record["image"]
@@ -59,7 +51,7 @@ def draw_boxes(record: dict) -> Image.Image:
     img, _ = _open(record)
     canvas = ImageDraw.Draw(img)
     width = max(2, round(max(img.size) / 300))
-    for i, (name, (x1, y1, x2, y2)) in enumerate(_boxes(record)):
+    for i, (name, (x1, y1, x2, y2)) in enumerate(record_boxes(record)):
         colour = COLOURS[i % len(COLOURS)]
         box = (x1 * img.width, y1 * img.height, x2 * img.width, y2 * img.height)
         canvas.rectangle(box, outline=colour, width=width)
@@ -91,7 +83,7 @@ def draw_masks(record: dict, alpha: float = 0.5) -> Image.Image:
         pixels[mask] = (1 - alpha) * pixels[mask] + alpha * colour
     out = Image.fromarray(pixels.round().astype(np.uint8))
     canvas = ImageDraw.Draw(out)
-    for i, (_, (x1, y1, x2, y2)) in enumerate(_boxes(record)):
+    for i, (_, (x1, y1, x2, y2)) in enumerate(record_boxes(record)):
         canvas.rectangle((x1 * out.width, y1 * out.height, x2 * out.width, y2 * out.height),
                          outline=COLOURS[i % len(COLOURS)], width=2)  # fmt: skip
     return out

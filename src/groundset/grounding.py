@@ -43,6 +43,20 @@ class Parsed:
     error: str | None = None
 
 
+def entity_boxes(entity: dict) -> list:
+    """The boxes of one entity, captioned (`bboxes`, a list) or masked (`bbox`, one box)."""
+    return entity.get("bboxes") or ([entity["bbox"]] if "bbox" in entity else [])
+
+
+def record_boxes(record: dict) -> list[tuple[str, list[float]]]:
+    """(entity name, normalized box) pairs of a captioned or masked record, in order."""
+    return [
+        (str(entity.get("entity", "")), box)
+        for entity in record.get("entities") or []
+        for box in entity_boxes(entity)
+    ]
+
+
 def smart_resize(
     height: int,
     width: int,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .grounding import entity_boxes
 from .io import iter_jsonl, write_json
 
 TOP_NAMES = 50
@@ -84,9 +85,9 @@ def collect_stats(path: str | os.PathLike) -> dict:
         width = (stats.get("image_width") or [record.get("width") or 0])[0] or 0
         height = (stats.get("image_height") or [record.get("height") or 0])[0] or 0
         for entity in entities:
-            entity_boxes = entity.get("bboxes") or ([entity["bbox"]] if "bbox" in entity else [])
-            names[str(entity.get("entity", "")).strip().lower()] += len(entity_boxes)
-            for x1, y1, x2, y2 in entity_boxes:
+            boxes_of_entity = entity_boxes(entity)
+            names[str(entity.get("entity", "")).strip().lower()] += len(boxes_of_entity)
+            for x1, y1, x2, y2 in boxes_of_entity:
                 per_image += 1
                 hist.add("box_area", [(x2 - x1) * (y2 - y1)])
                 if width and height and y2 > y1:
@@ -166,9 +167,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_stats(path: str | os.PathLike, outdir: str | os.PathLike) -> dict:
-    """`stats.json` and the PNG plots of a grounded JSONL into `outdir`."""
+    """`stats.json` of a grounded JSONL into `outdir`, its PNG plots into `outdir/plots`."""
     stats = collect_stats(path)
-    plots = plot_stats(stats, outdir)
+    plots = plot_stats(stats, Path(outdir) / "plots")
     stats["plots"] = [p.name for p in plots]
     write_json(Path(outdir) / "stats.json", stats)
     return stats

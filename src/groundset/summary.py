@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import os
 from collections import Counter
 from pathlib import Path
 
 from .filter import OPS
-from .io import read_json
+from .io import atomic_write, read_json, write_json
+from .merge import TIER_FILES
 
 
 def _per_source(folder: Path, pattern: str) -> dict[str, dict]:
@@ -103,7 +105,128 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
                 "random_sam2": "masks come from SAM2 with RANDOM weights (mask.checkpoint: null); "
                 "set mask.checkpoint to sam2.1_hiera_large.pt for real masks",
             }
+    emu3 = workdir / "export" / "emu3" / "emu3_stats.json"
+    if emu3.exists():
+        stats = read_json(emu3)
+        summary["emu3 export"] = {
+            "records": stats["records"],
+            "exported": stats["exported"],
+            "tokenized": stats["tokenized"] if stats["tokenize"] else "no (prompts only)",
+            "reused": stats["reused"],
+            "train_items": stats["train_items"],
+            "not_exported": stats["error_reasons"],
+        }
+        if stats.get("stand_in_tokenizer"):
+            summary["WARNING"] = {
+                **summary.get("WARNING", {}),
+                "random_emu3_tokenizer": "Emu3 visual tokens come from a tiny RANDOM tokenizer "
+                "(export.emu3.tokenizer: null); set it to BAAI/Emu3-VisionTokenizer for real ones",
+            }
     return summary
+
+
+def _row(stage: str, records_in: int, kept: int, reasons: dict | None = None) -> dict:
+    """One stage's line of the counts table."""
+    reasons = {k: v for k, v in (reasons or {}).items() if v}
+    return {
+        "stage": stage,
+        "in": records_in,
+        "kept": kept,
+        "dropped": records_in - kept,
+        "reasons": reasons,
+    }
+
+
+def stage_counts(summary: dict[str, dict]) -> list[dict]:
+    """Records in, kept and dropped (with reasons) per stage, all sources summed."""
+    rows = []
+    per_source = [
+        row for name, row in summary.items() if "manifest_records" in row or "url_rows" in row
+    ]
+
+    def total(key: str) -> int:
+        return sum(row.get(key, 0) for row in per_source)
+
+    def reasons(*keys: str) -> dict:
+        summed: Counter = Counter()
+        for row in per_source:
+            for key in keys:
+                summed.update(row.get(key, {}))
+        return dict(summed)
+
+    if any("url_rows" in row for row in per_source):
+        rows.append(
+            _row("prefilter", total("url_rows"), total("to_download"), reasons("prefilter_dropped"))
+        )
+    if any("downloaded" in row for row in per_source):
+        failed = {
+            "failed_download": total("failed_download"),
+            "failed_decode": total("failed_decode"),
+        }
+        rows.append(_row("download", total("to_download"), total("downloaded"), failed))
+    if any("manifest_records" in row for row in per_source):
+        rows.append(_row("manifest", total("downloaded"), total("manifest_records")))
+    if any("filter_kept" in row for row in per_source):
+        rows.append(
+            _row(
+                "filter",
+                total("manifest_records"),
+                total("filter_kept"),
+                reasons("unreadable_images", "filter_removed"),
+            )
+        )
+    if "merged tiers" in summary:
+        tiers = summary["merged tiers"]
+        low, high = tiers[TIER_FILES[0]], tiers[TIER_FILES[1]]
+        rows.append(
+            _row(
+                "merge", total("filter_kept"), low, {"below_first_tier": total("filter_kept") - low}
+            )
+        )
+        rows.append(_row("aes_6 tier", low, high, {"below_second_tier": low - high}))
+    if "captioning" in summary:
+        row = summary["captioning"]
+        rows.append(_row("caption", row["records"], row["captioned"], row["not_captioned"]))
+    if "masks" in summary:
+        row = summary["masks"]
+        rows.append(_row("mask", row["records"], row["masked"], row["dropped"]))
+    if "emu3 export" in summary:
+        row = summary["emu3 export"]
+        rows.append(_row("emu3 export", row["records"], row["exported"], row["not_exported"]))
+    return rows
+
+
+def stage_table_html(rows: list[dict], warnings: dict | None = None) -> str:
+    """The counts table as a standalone HTML page (for the Snakemake report)."""
+    cells = "".join(
+        f"<tr><td>{html.escape(r['stage'])}</td><td>{r['in']:,}</td><td>{r['kept']:,}</td>"
+        f"<td>{r['dropped']:,}</td><td>"
+        + html.escape(", ".join(f"{k}: {v:,}" for k, v in r["reasons"].items()))
+        + "</td></tr>"
+        for r in rows
+    )
+    notes = "".join(f"<li>{html.escape(text)}</li>" for text in (warnings or {}).values())
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>groundset: counts per stage</title>"
+        "<style>body{font-family:sans-serif}td,th{padding:2px 10px;text-align:right}"
+        "td:first-child,td:last-child{text-align:left}.warn{color:#b00}</style></head><body>"
+        "<h2>Records per stage</h2><table><tr><th>stage</th><th>in</th><th>kept</th>"
+        f"<th>dropped</th><th>reasons</th></tr>{cells}</table>"
+        + (f"<ul class='warn'>{notes}</ul>" if notes else "")
+        + "</body></html>\n"
+    )
+
+
+def write_stage_counts(
+    workdir: str | os.PathLike, json_path: str | os.PathLike, html_path: str | os.PathLike
+) -> list[dict]:
+    """The counts per stage of a run as JSON and as an HTML table."""
+    summary = collect(workdir)
+    rows = stage_counts(summary)
+    write_json(json_path, {"stages": rows, "warnings": summary.get("WARNING", {})})
+    with atomic_write(html_path) as handle:
+        handle.write(stage_table_html(rows, summary.get("WARNING")))
+    return rows
 
 
 def format_summary(summary: dict[str, dict]) -> str:

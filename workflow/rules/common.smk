@@ -35,6 +35,7 @@ wildcard_constraints:
     source="|".join(re.escape(name) for name in SOURCES),
     shard=r"\d+",
     chunk=r"\d+",
+    part=r"\d+",
 
 
 def source_config(wildcards):
@@ -132,4 +133,10 @@ def mask_chunks(wildcards):
 CAPTIONED = ["captioned/captioned.jsonl"]
 MASKED = ["masked/masked.jsonl"]
 VALIDATED = ["validated/report.txt"]
+EMU3_SETTINGS = {k: v for k, v in config["export"]["emu3"].items() if k != "gpus"}
+EMU3_PARTS = EMU3_SETTINGS["parts"]
+# tokenizing needs a GPU (resource gpu); prompts-only export does not
+EMU3_GPUS = config["export"]["emu3"]["gpus"] if EMU3_SETTINGS["tokenize"] else 0
+EMU3 = ["export/emu3/list/train.json"]
+COUNTS = ["export/stage_counts.json"]
 EXPORTED = ["export/stats/stats.json", "export/draw", "export/draw_sam2_mask"]

@@ -1,4 +1,54 @@
-# Export and inspection: statistics, drawings, and the validator over every stage's output.
+# Export and inspection: Emu3 training data, statistics, drawings, the validator over every
+# stage's output, and the counts per stage for the report.
+
+
+rule emu3_part:
+    input:
+        "masked/masked.jsonl",
+    output:
+        records="export/emu3/list/parts/part_{part}.jsonl",
+        errors="export/emu3/list/parts/error_{part}.jsonl",
+        stats="export/emu3/list/parts/stats_{part}.json",
+    log:
+        "logs/emu3_part/{part}.log",
+    benchmark:
+        "benchmarks/emu3_part/{part}.tsv"
+    conda:
+        "../envs/mask.yaml"
+    threads: config["export"]["emu3"]["decode_workers"]
+    resources:
+        mem_mb=16000,
+        runtime=24 * 60,
+        gpu=EMU3_GPUS,
+    params:
+        settings=EMU3_SETTINGS,
+    script:
+        "../scripts/emu3_part.py"
+
+
+rule gather_emu3:
+    input:
+        records=expand("export/emu3/list/parts/part_{part}.jsonl", part=range(EMU3_PARTS)),
+        errors=expand("export/emu3/list/parts/error_{part}.jsonl", part=range(EMU3_PARTS)),
+        stats=expand("export/emu3/list/parts/stats_{part}.json", part=range(EMU3_PARTS)),
+    output:
+        datalist="export/emu3/list/datalist.jsonl",
+        train="export/emu3/list/train.json",
+        errors="export/emu3/list/error.jsonl",
+        prompts="export/emu3/list/prompts.json",
+        stats="export/emu3/emu3_stats.json",
+    log:
+        "logs/gather_emu3.log",
+    conda:
+        "../envs/groundset.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=60,
+    params:
+        settings=EMU3_SETTINGS,
+    script:
+        "../scripts/gather_emu3.py"
 
 
 rule entity_stats:
@@ -6,6 +56,12 @@ rule entity_stats:
         "masked/masked.jsonl",
     output:
         stats="export/stats/stats.json",
+        plots=report(
+            directory("export/stats/plots"),
+            patterns=["{name}.png"],
+            caption="../report/stats.rst",
+            category="2. Statistics",
+        ),
     log:
         "logs/entity_stats.log",
     benchmark:
@@ -24,8 +80,20 @@ rule draw_sample:
     input:
         "masked/masked.jsonl",
     output:
-        directory("export/draw"),
-        directory("export/draw_sam2_mask"),
+        boxes=report(
+            directory("export/draw"),
+            patterns=["{source}/{image_id}.jpg"],
+            caption="../report/draw_boxes.rst",
+            category="3. Drawings",
+            subcategory="boxes",
+        ),
+        masks=report(
+            directory("export/draw_sam2_mask"),
+            patterns=["{source}/{image_id}.png"],
+            caption="../report/draw_masks.rst",
+            category="3. Drawings",
+            subcategory="masks",
+        ),
     log:
         "logs/draw_sample.log",
     conda:
@@ -61,3 +129,27 @@ rule validate_outputs:
         runtime=240,
     script:
         "../scripts/validate_outputs.py"
+
+
+rule stage_counts:
+    input:
+        VALIDATED,
+        EMU3,
+        "export/stats/stats.json",
+    output:
+        json="export/stage_counts.json",
+        html=report(
+            "export/stage_counts.html",
+            caption="../report/stage_counts.rst",
+            category="1. Records per stage",
+        ),
+    log:
+        "logs/stage_counts.log",
+    conda:
+        "../envs/groundset.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=10,
+    script:
+        "../scripts/stage_counts.py"

@@ -6,11 +6,11 @@ from groundset.draw import draw_sample
 from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]):
-    for folder in snakemake.output:
+    for folder in (snakemake.output.boxes, snakemake.output.masks):
         Path(folder).mkdir(parents=True, exist_ok=True)  # also when nothing has masks
     draw_sample(
         snakemake.input[0],
-        Path(snakemake.output[0]).parent,
+        Path(snakemake.output.boxes).parent,
         snakemake.params.n,
         snakemake.params.seed,
     )

@@ -1,0 +1,318 @@
+"""Emu3 export: prompt layout, token grid shapes, feature files as Emu3's dataset loads them,
+resume without re-tokenizing, max_items over parts, prompts-only mode, -hf checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from groundset.cli import main
+from groundset.emu3 import (
+    Emu3Error,
+    Emu3Settings,
+    export_emu3,
+    export_part,
+    format_prompt,
+    gather_emu3,
+    load_tokenizer,
+    resized_size,
+    token_shape,
+)
+from groundset.io import iter_jsonl
+
+VISUAL_TOKEN = "<|visual token {token_id:0>6d}|>"  # Emu3's DataArguments.visual_token_pattern
+# A tiny Emu3VQVAE with 4x spatial downsampling (three resolution levels), random weights.
+TINY = {
+    "codebook_size": 256,
+    "embed_dim": 4,
+    "latent_channels": 4,
+    "base_channels": 32,
+    "channel_multiplier": [1, 1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "temporal_downsample_factor": 2,
+    "hidden_size": 64,
+}
+SIZES = [(160, 120), (120, 160), (160, 120), (100, 100), (200, 100)]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    """A tiny random Emu3VQVAE saved with save_pretrained, as a user's tokenizer folder."""
+    from transformers import Emu3VQVAE, Emu3VQVAEConfig
+
+    torch.manual_seed(0)
+    model = Emu3VQVAE(Emu3VQVAEConfig(**TINY)).eval()
+    path = tmp_path_factory.mktemp("emu3") / "tiny-vqvae"
+    model.save_pretrained(path)
+    return path
+
+
+def make_input(tmp_path, sizes=SIZES, extra=()):
+    """Masked records with real image files, plus `extra` records as given."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i, (w, h) in enumerate(sizes):
+        path = tmp_path / f"img{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        records.append(
+            {
+                "image": str(path),
+                "image_id": f"{i:09d}",
+                "source": "src",
+                "caption": f"caption {i}",
+                "entities": [
+                    {"entity": "dog", "bbox": [0.1, 0.2, 0.5, 0.6]},
+                    {"entity": "red ball", "bbox": [0.5004, 0.0, 1.0, 0.9996]},
+                ],
+            }
+        )
+    records += list(extra)
+    path = tmp_path / "masked.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path, records
+
+
+def emu3_dataset_items(train_json):
+    """What Emu3's Emu3FeatureDataset does with train.json: (h, w, image prompt, texts) per item."""
+    with open(train_json) as f:
+        d = json.load(f)
+    items = []
+    for name in d["path_list"]:
+        data = torch.load(osp.join(d["prefix"], name))  # torch's default: weights_only=True
+        image_tokens = data["images"]
+        h, w = image_tokens.shape
+        rows = ["".join(VISUAL_TOKEN.format(token_id=t) for t in row) for row in image_tokens]
+        items.append((h, w, "<eol>".join(rows), data["texts"], data))
+    return items
+
+
+def test_prompt_is_the_seeds_layout_on_a_0_1000_grid():
+    masked = {
+        "caption": "A dog.",
+        "entities": [
+            {"entity": "dog", "bbox": [0.1, 0.2, 0.5, 0.6]},
+            {"entity": "ball", "bbox": [0.0004, 0.0, 1.0, 0.9996]},
+        ],
+    }
+    assert format_prompt(masked) == (
+        "A dog.\nPrecise location control:\n\n"
+        "Entity: [dog]; box: [100, 200, 500, 600].\n\n"
+        "Entity: [ball]; box: [0, 0, 1000, 1000].\n\n"
+    )
+    captioned = {
+        "caption": "Two cats.",
+        "entities": [{"entity": "cat", "bboxes": [[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]]}],
+    }
+    assert format_prompt(captioned, header=" | ", entity="{name}@{x1},{y1},{x2},{y2};") == (
+        "Two cats. | cat@0,0,500,500;cat@500,500,1000,1000;"
+    )
+    with pytest.raises(Emu3Error, match="not a valid template"):
+        Emu3Settings.from_config({"prompt": {"entity": "{label} {x1}"}})
+
+
+def test_resize_keeps_the_aspect_at_the_emu3_area():
+    w, h = resized_size(2048, 1367, 720 * 720, 8)
+    assert (w % 8, h % 8) == (0, 0)
+    assert abs(w * h - 720 * 720) / (720 * 720) < 0.02
+    assert abs((w / h) / (2048 / 1367) - 1) < 0.01
+    assert token_shape(2048, 1367, 720 * 720, 8) == (h // 8, w // 8) == (74, 110)
+    assert token_shape(1024, 1024, 720 * 720, 8) == (90, 90)
+
+
+def test_features_load_as_emu3s_dataset_reads_them(tmp_path, tiny_tokenizer):
+    from transformers import Emu3VQVAE
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    extra = [
+        {
+            "image": str(tmp_path / "gone.jpg"),
+            "image_id": "missing",
+            "source": "src",
+            "caption": "c",
+            "entities": [],
+        },
+        {"image": str(bad), "image_id": "broken", "source": "src", "caption": "c", "entities": []},
+        {
+            "image": str(tmp_path / "img0.jpg"),
+            "image_id": "nocap",
+            "source": "src",
+            "caption": "",
+            "entities": [],
+        },
+    ]
+    input_path, records = make_input(tmp_path, extra=extra)
+    area = 64 * 64
+    settings = Emu3Settings(
+        tokenizer=str(tiny_tokenizer), image_area=area, batch_size=2, device="cpu"
+    )
+    stats = export_emu3(input_path, tmp_path / "out", settings)
+    assert stats["exported"] == stats["tokenized"] == stats["train_items"] == len(SIZES)
+    assert stats["error_reasons"] == {"image_missing": 1, "image_unreadable": 1, "no_caption": 1}
+    errors = list(iter_jsonl(tmp_path / "out/list/error.jsonl"))
+    assert {e["image_id"]: e["reason"] for e in errors} == {
+        "missing": "image_missing",
+        "broken": "image_unreadable",
+        "nocap": "no_caption",
+    }
+
+    items = emu3_dataset_items(tmp_path / "out/list/train.json")
+    assert len(items) == len(SIZES)
+    model = Emu3VQVAE.from_pretrained(tiny_tokenizer).eval()
+    factor = model.vision_spatial_factor
+    assert factor == 4
+    for (h, w, image_prompt, texts, data), record, (width, height) in zip(
+        items, records, SIZES, strict=False
+    ):
+        assert set(data) == {"name", "images", "texts"}
+        assert data["images"].dtype == torch.int64
+        assert (h, w) == token_shape(width, height, area, factor)
+        assert (
+            image_prompt.count("<eol>") == h - 1 and image_prompt.count("<|visual token") == h * w
+        )
+        assert int(data["images"].max()) < TINY["codebook_size"]
+        assert texts == format_prompt(record)
+        # the tokens are the model's own encoding of the resized image
+        with Image.open(record["image"]) as img:
+            resized = img.convert("RGB").resize(
+                resized_size(width, height, area, factor), Image.Resampling.BICUBIC
+            )
+        x = torch.from_numpy(np.array(resized)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            expected = model.encode(x, torch.tensor([[x.shape[2], x.shape[3]]]))[0]
+        assert torch.equal(data["images"], expected)
+    datalist = list(iter_jsonl(tmp_path / "out/list/datalist.jsonl"))
+    assert [d["name"] for d in datalist] == [f"src/{i:09d}" for i in range(len(SIZES))]
+    assert all(d["tokens"] == list(items[i][:2]) for i, d in enumerate(datalist))
+
+
+class CountingFactory:
+    """A tokenizer factory that counts model loads and encoded images, optionally failing."""
+
+    def __init__(self, settings, fail_after: int | None = None):
+        self.settings, self.fail_after = settings, fail_after
+        self.loads = self.encoded = 0
+
+    def __call__(self):
+        self.loads += 1
+        tokenizer = load_tokenizer(self.settings)
+        encode = tokenizer.encode
+
+        def counted(pixels):
+            if self.fail_after is not None and self.encoded >= self.fail_after:
+                raise RuntimeError("killed")
+            self.encoded += len(pixels)
+            return encode(pixels)
+
+        tokenizer.encode = counted
+        return tokenizer
+
+
+def test_rerun_tokenizes_nothing_twice_and_follows_prompt_changes(tmp_path, tiny_tokenizer):
+    input_path, _ = make_input(tmp_path)
+    settings = Emu3Settings(
+        tokenizer=str(tiny_tokenizer), image_area=64 * 64, batch_size=2, device="cpu"
+    )
+    out = tmp_path / "out"
+    crashing = CountingFactory(settings, fail_after=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        export_emu3(input_path, out, settings, crashing)
+    assert crashing.encoded == 2
+    assert not (out / "list/parts/part_0.jsonl").exists()  # nothing half-written
+
+    rerun = CountingFactory(settings)
+    stats = export_emu3(input_path, out, settings, rerun)
+    assert rerun.encoded == len(SIZES) - 2 and stats["reused"] == 2
+    clean = tmp_path / "clean"
+    export_emu3(input_path, clean, settings)
+    for name in ("datalist.jsonl", "error.jsonl", "prompts.json"):  # same lists, same order
+        assert (out / "list" / name).read_text() == (clean / "list" / name).read_text().replace(
+            str(clean), str(out)
+        )
+    before = {d[4]["name"]: d[4]["images"] for d in emu3_dataset_items(out / "list/train.json")}
+
+    again = CountingFactory(settings)
+    stats = export_emu3(input_path, out, settings, again)
+    assert again.loads == 0 and stats["reused"] == len(SIZES) and stats["tokenized"] == 0
+
+    changed = Emu3Settings(**{**vars(settings), "header": "\nLayout:\n"})
+    stats = export_emu3(input_path, out, changed, CountingFactory(changed))
+    assert stats["texts_rewritten"] == len(SIZES) and stats["tokenized"] == 0
+    items = emu3_dataset_items(out / "list/train.json")
+    assert all("\nLayout:\n" in texts for *_, texts, _ in items)
+    assert all(torch.equal(before[data["name"]], data["images"]) for *_, data in items)
+
+    bigger = Emu3Settings(**{**vars(settings), "image_area": 96 * 96})  # tokens depend on the area
+    stats = export_emu3(input_path, out, bigger)
+    assert stats["tokenized"] == len(SIZES)
+
+
+def test_max_items_over_parts_and_prompts_only(tmp_path, tiny_tokenizer):
+    sizes = [(64 + 8 * i, 64) for i in range(12)]
+    input_path, records = make_input(tmp_path, sizes=sizes)
+    settings = Emu3Settings(
+        tokenizer=str(tiny_tokenizer), image_area=32 * 32, device="cpu", parts=3, max_items=5
+    )
+    out = tmp_path / "out"
+    per_part = [export_part(input_path, out, settings, part) for part in range(3)]
+    assert all(p["exported"] <= 2 for p in per_part)  # ceil(5 / 3): each part its share only
+    stats = gather_emu3(out, settings)
+    train = json.loads((out / "list/train.json").read_text())
+    assert stats["train_items"] == len(train["path_list"]) == 5
+    assert len(set(train["path_list"])) == 5
+    assert all((out / "feature" / p).exists() for p in train["path_list"])
+
+    plain = tmp_path / "plain"
+    assert main(["export-emu3", "--config", "config/sample.yaml", "--input", str(input_path),
+                 "--outdir", str(plain), "--no-tokenize"]) == 0  # fmt: skip
+    assert not (plain / "feature").exists()
+    prompts = json.loads((plain / "list/prompts.json").read_text())
+    assert [p["name"] for p in prompts] == [f"src/{i:09d}" for i in range(len(sizes))]
+    assert prompts[0] == {
+        "name": "src/000000000",
+        "image": records[0]["image"],
+        "text": format_prompt(records[0]),
+    }
+    assert json.loads((plain / "list/train.json").read_text())["tokenized"] is False
+
+
+def test_a_full_emu3_hf_checkpoint_loads_only_its_vq_model(tmp_path):
+    from transformers import (
+        Emu3Config,
+        Emu3ForConditionalGeneration,
+        Emu3TextConfig,
+        Emu3VQVAEConfig,
+    )
+
+    text = Emu3TextConfig(vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    vocab = {VISUAL_TOKEN.format(token_id=i): 100 + i for i in range(TINY["codebook_size"])}
+    config = Emu3Config(
+        vq_config=Emu3VQVAEConfig(**TINY).to_dict(),
+        text_config=text.to_dict(),
+        vocabulary_map=vocab,
+    )
+    torch.manual_seed(1)
+    model = Emu3ForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "emu3-hf", max_shard_size="1MB")  # sharded, with an index
+    assert (tmp_path / "emu3-hf/model.safetensors.index.json").exists()
+
+    tokenizer = load_tokenizer(Emu3Settings(tokenizer=str(tmp_path / "emu3-hf"), device="cpu"))
+    assert tokenizer.factor == 4 and not tokenizer.stand_in
+    pixels = np.random.default_rng(0).integers(0, 255, (2, 32, 48, 3), dtype=np.uint8)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        expected = torch.stack(model.model.vqmodel.encode(x, torch.tensor([[32, 48]] * 2)))
+    assert np.array_equal(tokenizer.encode(pixels), expected.numpy())
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(Emu3Error, match="not an Emu3 vision tokenizer"):
+        load_tokenizer(Emu3Settings(tokenizer=str(tmp_path / "other"), device="cpu"))

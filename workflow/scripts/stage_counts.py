@@ -1,0 +1,7 @@
+"""Snakemake script of rule stage_counts: see groundset.summary.write_stage_counts."""
+
+from groundset.runlog import log_to
+from groundset.summary import write_stage_counts
+
+with log_to(snakemake.log[0]):
+    write_stage_counts(".", snakemake.output.json, snakemake.output.html)  # the run's workdir
