@@ -6,17 +6,22 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# Relative paths (config files, URL lists, models, workdir) are relative to where snakemake was
+# started. Cluster job steps start in the workdir, so the first snakemake hands its directory on.
+LAUNCH_DIR = os.environ.setdefault("GROUNDSET_LAUNCH_DIR", os.getcwd())
+
+
+configfile: os.path.join(LAUNCH_DIR, "config", "config.yaml")
 
 
 # `--report` reads the config files again after `workdir:`; keep their paths absolute
-workflow.configfiles[:] = [os.path.abspath(path) for path in workflow.configfiles]
+workflow.configfiles[:] = [os.path.join(LAUNCH_DIR, path) for path in workflow.configfiles]
 
 
 include: "workflow/rules/common.smk"
 
 
-workdir: config["workdir"]
+workdir: os.path.join(LAUNCH_DIR, config["workdir"])
 
 
 report: "workflow/report/workflow.rst"

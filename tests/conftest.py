@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,27 @@ def make_records(path: Path, images: list[Path], source: str = "src") -> list[di
     ]
     write_jsonl(path, records)
     return records
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory):
+    """The bundled sample through the local profile, whole DAG (shared by the workflow and SLURM tests)."""
+    workdir = tmp_path_factory.mktemp("sample") / "results"
+    args = [
+        "--profile",
+        str(ROOT / "profiles" / "local"),
+        "--configfile",
+        "config/sample.yaml",
+        "--config",
+        f"workdir={workdir}",
+        "--cores",
+        "2",
+    ]
+    started = time.time()
+    done = run_snakemake(args)
+    return {
+        "workdir": workdir,
+        "args": args,
+        "output": done.stdout + done.stderr,
+        "seconds": time.time() - started,
+    }

@@ -77,29 +77,6 @@ def test_fresh_dry_run_plans_every_source_in_parallel(tmp_path):
     }
 
 
-@pytest.fixture(scope="module")
-def sample_run(tmp_path_factory):
-    """The bundled sample through the local profile: download -> manifest -> split -> shard consumer."""
-    workdir = tmp_path_factory.mktemp("sample") / "results"
-    args = [
-        *PROFILE,
-        "--configfile",
-        "config/sample.yaml",
-        "--config",
-        f"workdir={workdir}",
-        "--cores",
-        "2",
-    ]
-    started = time.time()
-    done = run_snakemake(args)
-    return {
-        "workdir": workdir,
-        "args": args,
-        "output": done.stdout + done.stderr,
-        "seconds": time.time() - started,
-    }
-
-
 def sample_rows(name: str) -> pd.DataFrame:
     return pd.read_parquet(SAMPLE / f"{name}.parquet").set_index("URL")
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from .grounding import record_boxes
 from .io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
 from .journal import Journal
+from .mask import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +222,7 @@ def _vqvae_from_full_checkpoint(path: Path, config: dict):
 
 def load_tokenizer(settings: Emu3Settings) -> VisionTokenizer:
     """The vision tokenizer of `export.emu3.tokenizer` (null: a tiny random stand-in, loudly)."""
-    import torch
-
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(settings.device)
     if settings.tokenizer is None:
         log.warning(
             "emu3: NO TOKENIZER (export.emu3.tokenizer: null): visual tokens come from a tiny "

@@ -123,21 +123,29 @@ def decode_image(path: str) -> np.ndarray:
         return np.array(image.convert("RGB"))  # writable: torch.from_numpy wants that
 
 
+def resolve_device(device: str) -> str:
+    """A torch device name; `auto` is cuda when a GPU is visible, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def load_model(settings: MaskSettings):
     """(SAM2ImagePredictor, torch.device) built from the config and checkpoint (None: random)."""
     import torch
     from sam2.build_sam import build_sam2
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(settings.device)
     if settings.checkpoint is None:
         log.warning(
             "mask: NO CHECKPOINT (mask.checkpoint: null): SAM2 has RANDOM weights, masks and "
             "scores are meaningless (tests only). Download e.g. sam2.1_hiera_large.pt and set "
             "mask.checkpoint"
         )
+        torch.manual_seed(0)  # the same random weights in every job, so reruns agree
     elif not Path(settings.checkpoint).is_file():
         raise MaskError(f"mask.checkpoint {settings.checkpoint} is not a file")
     try:

@@ -21,6 +21,11 @@ def _per_source(folder: Path, pattern: str) -> dict[str, dict]:
     return found
 
 
+def _warn(summary: dict, name: str, text: str) -> None:
+    """Add a line to the summary's WARNING banner."""
+    summary.setdefault("WARNING", {})[name] = text
+
+
 def collect(workdir: str | os.PathLike) -> dict[str, dict]:
     """Per source: rows in the URL list, kept by the prefilter, downloaded, in the manifest, shards."""
     workdir = Path(workdir)
@@ -61,10 +66,12 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
             row["filter_kept"] = filtered
         summary[source] = row
     if (workdir / "models" / "stand_in" / "models.json").exists():
-        summary["WARNING"] = {
-            "stand_in_models": "filter scores come from tiny RANDOM stand-in models "
-            "(filter.stand_in_models: true); configure real models for real data"
-        }
+        _warn(
+            summary,
+            "stand_in_models",
+            "filter scores come from tiny RANDOM stand-in models "
+            "(filter.stand_in_models: true); configure real models for real data",
+        )
     merged = workdir / "merged" / "merge_stats.json"
     if merged.exists():
         summary["merged tiers"] = read_json(merged)["records"]
@@ -81,12 +88,13 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
             "not_captioned": stats["error_reasons"],
         }
         if stats.get("stand_in"):
-            summary["WARNING"] = {
-                **summary.get("WARNING", {}),
-                "stand_in_captions": "captions and boxes are PLACEHOLDERS from groundset's "
+            _warn(
+                summary,
+                "stand_in_captions",
+                "captions and boxes are PLACEHOLDERS from groundset's "
                 "loopback stand-in server, not a model; set DASHSCOPE_API_KEY (or caption.base_url "
                 "for a vLLM server) for real ones (README: Captioning)",
-            }
+            )
     masked = workdir / "masked" / "mask_stats.json"
     if masked.exists():
         stats = read_json(masked)
@@ -100,11 +108,12 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
             "bytes_per_image": f"{stats['bytes_per_masked_image']:.0f} ({stats['mask_format']})",
         }
         if stats.get("random_weights"):
-            summary["WARNING"] = {
-                **summary.get("WARNING", {}),
-                "random_sam2": "masks come from SAM2 with RANDOM weights (mask.checkpoint: null); "
+            _warn(
+                summary,
+                "random_sam2",
+                "masks come from SAM2 with RANDOM weights (mask.checkpoint: null); "
                 "set mask.checkpoint to sam2.1_hiera_large.pt for real masks",
-            }
+            )
     emu3 = workdir / "export" / "emu3" / "emu3_stats.json"
     if emu3.exists():
         stats = read_json(emu3)
@@ -117,11 +126,12 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
             "not_exported": stats["error_reasons"],
         }
         if stats.get("stand_in_tokenizer"):
-            summary["WARNING"] = {
-                **summary.get("WARNING", {}),
-                "random_emu3_tokenizer": "Emu3 visual tokens come from a tiny RANDOM tokenizer "
+            _warn(
+                summary,
+                "random_emu3_tokenizer",
+                "Emu3 visual tokens come from a tiny RANDOM tokenizer "
                 "(export.emu3.tokenizer: null); set it to BAAI/Emu3-VisionTokenizer for real ones",
-            }
+            )
     return summary
 
 

@@ -11,14 +11,21 @@ from groundset.split import read_index
 validate(config, schema="../schemas/config.schema.yaml")
 check_config(config)
 
-# User paths are relative to where snakemake starts; make them absolute before `workdir:`.
+
+# User paths are relative to where snakemake was started (LAUNCH_DIR, see the Snakefile); make
+# them absolute before `workdir:`.
+def launch_path(path):
+    """`path` made absolute against the launch directory (None stays None)."""
+    return None if path is None else os.path.join(LAUNCH_DIR, path)
+
+
 for _source in config["sources"]:
-    _source["url_list"] = os.path.abspath(_source["url_list"])
-    if _source["serve_dir"]:
-        _source["serve_dir"] = os.path.abspath(_source["serve_dir"])
-config["filter"]["template"] = os.path.abspath(config["filter"]["template"])
-if config["filter"]["models_home"]:
-    config["filter"]["models_home"] = os.path.abspath(config["filter"]["models_home"])
+    _source["url_list"] = launch_path(_source["url_list"])
+    _source["serve_dir"] = launch_path(_source["serve_dir"] or None)
+config["filter"]["template"] = launch_path(config["filter"]["template"])
+config["filter"]["models_home"] = launch_path(config["filter"]["models_home"] or None)
+config["mask"]["checkpoint"] = launch_path(config["mask"]["checkpoint"])
+config["export"]["emu3"]["tokenizer"] = launch_path(config["export"]["emu3"]["tokenizer"])
 
 SOURCES = [source["name"] for source in config["sources"]]
 
@@ -29,6 +36,17 @@ if not uses_stand_in(Settings.from_config(config["caption"])):
 
     envvars:
         config["caption"]["api_key_env"],
+
+
+# Small bookkeeping rules run inside the snakemake process, not as cluster jobs.
+localrules:
+    all,
+    make_dj_config,
+    index_chunks,
+    gather_captions,
+    gather_masks,
+    gather_emu3,
+    stage_counts,
 
 
 wildcard_constraints:

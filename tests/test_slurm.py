@@ -1,0 +1,211 @@
+"""`snakemake --profile profiles/slurm` against a real SLURM on loopback (tests/slurm_cluster.py):
+the sample DAG goes through sbatch (sacct lists the jobs), a killed filter job is finished by
+`--rerun-incomplete` without recomputing any finished shard, and the outputs equal the local
+profile's."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from slurm_cluster import SlurmCluster
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.workflow
+SLURM = [
+    "--profile",
+    str(ROOT / "profiles" / "slurm"),
+    "--workflow-profile",
+    str(ROOT / "profiles" / "slurm-ci"),
+]
+# Outputs compared with the local run (paths inside records are made workdir-relative).
+COMPARED = [
+    "merged/merged_output.jsonl",
+    "merged/aes_6.jsonl",
+    "captioned/captioned.jsonl",
+    "masked/masked.jsonl",
+    "export/emu3/list/datalist.jsonl",
+    "export/stats/stats.json",
+    "export/stage_counts.json",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A one-node SLURM with accounting, stopped (by PID) when the module's tests are done."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a killed pytest still stops daemons
+    try:
+        with SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=4) as running:
+            print(
+                f"SLURM setup: {running.setup_seconds:.1f} s (install {running.install_seconds:.1f} s)"
+            )
+            yield running
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    """SIGTERM unwinds like Ctrl-C, so that the fixture's cleanup runs."""
+    raise KeyboardInterrupt
+
+
+class Run:
+    """The real snakemake CLI with the SLURM profiles, in the background; its output in a file."""
+
+    def __init__(self, cluster, args: list[str], log: Path, timeout: int = 900):
+        # Snakemake ignores SIGTERM while it polls SLURM: `timeout` stops it with SIGINT.
+        cmd = ["timeout", "-s", "INT", str(timeout), sys.executable, "-m", "snakemake",
+               "--snakefile", str(ROOT / "Snakefile"), *SLURM, *args]  # fmt: skip
+        env = {**cluster.env(), "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+        self.log = log
+        with open(log, "w") as out:  # a file, not a pipe: nobody reads it while we watch squeue
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def stop(self) -> None:
+        """Interrupt snakemake if it still runs (a failed test must not leave it polling)."""
+        if self.running():
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def running(self) -> bool:
+        """Whether snakemake is still running."""
+        return self.proc.poll() is None
+
+    def finish(self, timeout: int = 900) -> tuple[int, str]:
+        """Wait for the end: (exit code, output)."""
+        code = self.proc.wait(timeout=timeout)
+        return code, self.log.read_text()
+
+
+def job_stats(output: str) -> dict[str, int]:
+    """The 'Job stats' table a run prints first, as {rule: count}."""
+    table = output.split("Job stats:")[1].split("\n\n")[0]
+    return {
+        rule: int(n)
+        for rule, n in re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M)
+        if rule != "total"
+    }
+
+
+def normalized(path: Path, workdir: Path) -> list:
+    """A JSON / JSONL output with the workdir taken out of paths and per-request ids dropped."""
+    text = path.read_text().replace(str(workdir), "<workdir>")
+    if path.suffix == ".json":
+        return [json.loads(text)]
+    records = [json.loads(line) for line in text.splitlines()]
+    for record in records:
+        record.get("caption_meta", {}).pop("request_id", None)
+    return records
+
+
+def wait_for_running_filter_job(cluster, run: Run, timeout: float = 600) -> tuple[str, str]:
+    """(job id, comment) of the first filter_shard job SLURM runs, once data-juicer works on it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert run.running(), run.log.read_text()
+        queue = cluster.run("squeue", "-h", "-o", "%i|%T|%k").stdout.split("\n")
+        for line in queue:
+            if line.count("|") == 2:
+                job, state, comment = line.split("|")
+                if (
+                    state == "RUNNING"
+                    and comment.startswith("rule_filter_shard")
+                    and step_pids(cluster, job)
+                ):
+                    return job, comment
+        time.sleep(0.5)
+    raise AssertionError("no filter_shard job ran on SLURM")
+
+
+def step_pids(cluster, job: str) -> list[int]:
+    """PIDs of the processes of a job's steps (what runs the rule), from `scontrol listpids`."""
+    done = cluster.run("scontrol", "listpids", job, check=False)
+    pids = []
+    for line in done.stdout.splitlines()[1:]:  # PID JOBID STEPID LOCALID GLOBALID
+        fields = line.split()
+        if len(fields) >= 3 and fields[0].isdigit() and fields[2] not in ("batch", "extern"):
+            pids.append(int(fields[0]))
+    return pids
+
+
+def kill_step(cluster, job: str) -> list[int]:
+    """kill -9 every process of the job's step, as when its node loses it."""
+    pids = step_pids(cluster, job)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
+    cluster, sample_run, tmp_path
+):
+    workdir = tmp_path / "results"
+    args = ["--configfile", "config/sample.yaml", "--config", f"workdir={workdir}",
+            "--slurm-logdir", str(tmp_path / "slurm-logs")]  # fmt: skip
+    started = time.monotonic()
+    first = Run(cluster, args, tmp_path / "first.log")
+    try:
+        job, comment = wait_for_running_filter_job(cluster, first)
+        assert kill_step(cluster, job)  # the shard's job step dies mid-shard
+        code, output = first.finish()
+    finally:
+        first.stop()
+    first_seconds = time.monotonic() - started
+    assert code != 0, output
+    assert "Error in rule filter_shard" in output
+    source, shard = re.fullmatch(r"rule_filter_shard_wildcards_(.+)_(\d+)", comment).groups()
+    killed = workdir / "filtered" / source / f"shard_{shard}.jsonl"
+    assert not killed.exists()
+    finished = {p: p.stat().st_mtime_ns for p in (workdir / "filtered").glob("*/shard_*.jsonl")}
+    assert finished, "no other shard finished: keep-going did not carry on"
+
+    started = time.monotonic()
+    rerun = Run(cluster, [*args, "--rerun-incomplete"], tmp_path / "rerun.log")
+    try:
+        code, output = rerun.finish()
+    finally:
+        rerun.stop()
+    rerun_seconds = time.monotonic() - started
+    assert code == 0, output
+    planned = job_stats(output)
+    assert planned.get("filter_shard") == 1, planned  # only the killed shard
+    assert "write_shard" not in planned and "download_images" not in planned, planned
+    assert killed.exists()
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # no finished shard recomputed
+
+    # every job went through SLURM and its accounting: sacct lists them by rule
+    accounted = cluster.run(
+        "sacct", "-X", "-n", "-P", "-o", "JobID,State,Comment"
+    ).stdout.splitlines()
+    states: dict[str, list[str]] = {}
+    for line in accounted:
+        _, state, rule_comment = line.split("|", 2)
+        rule = re.match(r"rule_(\w+?)_wildcards|rule_(\w+)$", rule_comment)
+        if rule:
+            states.setdefault(rule.group(1) or rule.group(2), []).append(state)
+    for rule in ("download_images", "filter_shard", "caption_chunk", "mask_chunk", "emu3_part"):
+        assert "COMPLETED" in states.get(rule, []), (rule, accounted)
+    assert "FAILED" in states["filter_shard"], states["filter_shard"]  # the killed one
+    assert "stage_counts" not in states  # a local rule: runs in the snakemake process
+
+    for name in COMPARED:
+        ours, local = workdir / name, sample_run["workdir"] / name
+        assert normalized(ours, workdir) == normalized(local, sample_run["workdir"]), name
+    print(
+        f"SLURM sample: first run {first_seconds:.0f} s (one job killed), rerun {rerun_seconds:.0f} s"
+    )
