@@ -24,6 +24,28 @@ BIN = os.path.dirname(sys.executable)
 PROFILE = ["--profile", str(ROOT / "profiles" / "local")]
 
 
+# Jobs at the end of every plan: the mask gather and everything after it.
+FINAL_JOBS = {
+    "gather_masks": 1,
+    "validate_outputs": 1,
+    "entity_stats": 1,
+    "draw_sample": 1,
+    "emu3_part": 1,
+    "gather_emu3": 1,
+    "stage_counts": 1,
+    "all": 1,
+}
+# The sample's jobs from the merge on (3 caption chunks, rebuilt from their journals).
+SAMPLE_FROM_MERGE = {
+    "merge_tiers": 1,
+    "index_chunks": 1,
+    "caption_chunk": 3,
+    "gather_captions": 1,
+    "mask_chunk": 3,
+    **FINAL_JOBS,
+}
+
+
 def job_counts(output: str) -> dict[str, int]:
     """The 'Job stats' table of a dry-run as {rule: count}."""
     table = output.split("Job stats:")[1].split("\n\n")[0]
@@ -66,14 +88,7 @@ def test_fresh_dry_run_plans_every_source_in_parallel(tmp_path):
         "caption_preflight": 1,
         "index_chunks": 1,
         "gather_captions": 1,
-        "gather_masks": 1,
-        "validate_outputs": 1,
-        "entity_stats": 1,
-        "draw_sample": 1,
-        "emu3_part": 1,
-        "gather_emu3": 1,
-        "stage_counts": 1,
-        "all": 1,
+        **FINAL_JOBS,
     }
 
 
@@ -168,21 +183,7 @@ def test_changing_a_tier_reruns_only_the_merge_and_what_follows(sample_run, tmp_
         "-n",
     ]
     # no filter job; the captions downstream are rebuilt from their journals (no requests)
-    assert job_counts(run_snakemake(args).stdout) == {
-        "merge_tiers": 1,
-        "index_chunks": 1,
-        "caption_chunk": 3,
-        "gather_captions": 1,
-        "mask_chunk": 3,
-        "gather_masks": 1,
-        "validate_outputs": 1,
-        "entity_stats": 1,
-        "draw_sample": 1,
-        "emu3_part": 1,
-        "gather_emu3": 1,
-        "stage_counts": 1,
-        "all": 1,
-    }
+    assert job_counts(run_snakemake(args).stdout) == SAMPLE_FROM_MERGE
 
 
 def test_sample_broken_urls_fail_with_their_reasons(sample_run):
@@ -255,19 +256,7 @@ def test_deleting_one_shard_reruns_only_that_shard(sample_run):
         "probe_shard": 1,
         "make_dj_config": 1,
         "filter_shard": 1,
-        "merge_tiers": 1,
-        "index_chunks": 1,
-        "caption_chunk": 3,
-        "gather_captions": 1,
-        "mask_chunk": 3,
-        "gather_masks": 1,
-        "validate_outputs": 1,
-        "entity_stats": 1,
-        "draw_sample": 1,
-        "emu3_part": 1,
-        "gather_emu3": 1,
-        "stage_counts": 1,
-        "all": 1,
+        **SAMPLE_FROM_MERGE,
     }
     assert "filtered/laion-high-resolution/shard_1.jsonl" in done.stdout
     journals = sorted((work / "captioned" / "journal").glob("chunk_*.jsonl"))
@@ -530,14 +519,7 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
         "caption_preflight": 1,
         "index_chunks": 1,
         "gather_captions": 1,
-        "gather_masks": 1,
-        "validate_outputs": 1,
-        "entity_stats": 1,
-        "draw_sample": 1,
-        "emu3_part": 1,
-        "gather_emu3": 1,
-        "stage_counts": 1,
-        "all": 1,
+        **FINAL_JOBS,
     }
 
 
