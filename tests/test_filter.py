@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import ROOT, SAMPLE
 from groundset.config import validate_config
 from groundset.filter import (
+    ShardFiles,
     aesthetics_divisor,
     fill_template,
     filter_shard,
@@ -22,10 +23,12 @@ from groundset.filter import (
     per_filter_removed,
     probe_image,
     probe_shard,
+    process_shard,
     resolve_models,
 )
 from groundset.io import iter_jsonl, write_jsonl
 from groundset.merge import merge_tiers
+from groundset.split import index_manifest
 
 PHOTOS = SAMPLE / "www" / "img"
 
@@ -357,6 +360,60 @@ def test_real_data_juicer_keeps_exactly_the_expected_records(tmp_path, stand_ins
     assert high == [k for k in low if scores[k] >= tier] and 0 < len(high) < len(low) + 1
     assert merge["records"] == {"merged_output.jsonl": len(low), "aes_6.jsonl": len(high)}
     shutil.rmtree(tmp_path / "merged")
+
+
+def test_process_shard_leaves_every_step_of_one_shard(tmp_path, stand_ins):
+    """One job per shard: the slice, probe, recipe and data-juicer output all land, and agree."""
+    folder = bad_files(tmp_path / "img")
+    photo = sorted(PHOTOS.iterdir())[0]
+    images = [photo, folder / "corrupt.jpg", folder / "cmyk.jpg", folder / "empty.jpg"]
+    records = [
+        {"image": [str(p)], "text": p.stem, "image_id": f"{i:04d}", "source": "t"}
+        for i, p in enumerate([folder / "palette.png", *images])
+    ]
+    write_jsonl(tmp_path / "manifest.jsonl", records)
+    index = index_manifest(tmp_path / "manifest.jsonl", 1)  # shard 1..4: the last four records
+    fcfg = validate_config({"sources": [{"name": "s", "url_list": "x"}], "filter": {"np": 1}})[
+        "filter"
+    ]
+    out = tmp_path / "out"
+    names = {"recipe": "recipe.yaml", "stats": "stats.json"}
+    files = ShardFiles(
+        **{n: str(out / names.get(n, f"{n}.jsonl")) for n in ShardFiles.__dataclass_fields__}
+    )
+    stats = {}
+    for shard in (1, 2):
+        stats[shard] = process_shard(
+            index,
+            shard,
+            files,
+            template=ROOT / "config" / "data_juicer_filter.yaml",
+            work_dir=str(tmp_path / "work"),
+            name=f"t_shard_{shard}",
+            filter_cfg=fcfg,
+            models=stand_ins,
+        )
+        assert json.loads(Path(files.stats).read_text()) == stats[shard]
+        assert list(iter_jsonl(files.shard)) == [records[shard]]
+        recipe = yaml.safe_load(Path(files.recipe).read_text())
+        assert recipe["dataset_path"] == str(Path(files.probed).resolve())
+        assert recipe["project_name"] == f"groundset_filter_t_shard_{shard}"
+        assert not (tmp_path / "work").exists()
+        if shard == 1:
+            (probed,) = iter_jsonl(files.probed)
+            assert probed["__dj__stats__"]["image_width"] == [Image.open(photo).size[0]]
+    # shard 1: a photo, probed with its header size, then judged by data-juicer
+    assert stats[1]["probe"] == {"records_in": 1, "records_out": 1, "dropped": {}}
+    assert (
+        stats[1]["records_in"] == 1
+        and sum(stats[1]["removed_by_filter"].values()) + stats[1]["records_out"] == 1
+    )
+    # shard 2: an undecodable file, dropped by the probe with its reason; data-juicer sees nothing
+    assert stats[2]["probe"] == {"records_in": 1, "records_out": 0, "dropped": {"not_an_image": 1}}
+    assert stats[2]["records_in"] == stats[2]["records_out"] == 0
+    (dropped,) = iter_jsonl(files.dropped)
+    assert dropped["image_id"] == "0002" and dropped["drop_reason"].startswith("not_an_image:")
+    assert Path(files.kept).read_text() == ""
 
 
 def test_merge_refuses_duplicate_inputs_and_counts_unscored(tmp_path):

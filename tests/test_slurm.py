@@ -113,7 +113,7 @@ def normalized(path: Path, workdir: Path) -> list:
 
 
 def wait_for_running_filter_job(cluster, run: Run, timeout: float = 600) -> tuple[str, str]:
-    """(job id, comment) of the first filter_shard job SLURM runs, once data-juicer works on it."""
+    """(job id, comment) of the first filter_shard job SLURM runs, once its step has started."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert run.running(), run.log.read_text()
@@ -184,7 +184,7 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
     assert code == 0, output
     planned = job_stats(output)
     assert planned.get("filter_shard") == 1, planned  # only the killed shard
-    assert "write_shard" not in planned and "download_images" not in planned, planned
+    assert "download_images" not in planned and "index_shards" not in planned, planned
     assert killed.exists()
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # no finished shard recomputed
 

@@ -1,10 +1,12 @@
 """Filter stage: probe images, build each shard's data-juicer recipe, run data-juicer, keep stats.
 
-A shard goes through three steps, each with its own output so a killed job loses nothing:
-`probe_shard` drops records whose images cannot be decoded (data-juicer would otherwise drop
-the whole batch around one bad file, silently), `make_dj_config` fills the recipe template,
-and `filter_shard` runs the real data-juicer and writes the kept records with their scores
-in the DESIGN.md shape (aesthetic scores on LAION's 0-10 scale) plus per-filter counts.
+`process_shard` takes one shard through four steps in one job, each leaving its own file:
+the shard's slice of the manifest (`split.write_shard`), `probe_shard` (drops records whose
+images cannot be decoded, with a reason: data-juicer would otherwise drop the whole batch
+around one bad file, silently), `make_dj_config` (fills the recipe template) and
+`filter_shard` (runs the real data-juicer, writes the kept records with their scores in the
+DESIGN.md shape, aesthetic scores on LAION's 0-10 scale, plus per-filter counts).
+One job per shard keeps a plan of thousands of shards small (see bench/bench_dryrun.py).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from tqdm import tqdm
 
 from .io import atomic_write, dumps_record, iter_jsonl, write_json
+from .split import write_shard
 
 log = logging.getLogger(__name__)
 
@@ -333,3 +337,55 @@ def filter_shard(
     write_json(stats_path, stats)
     shutil.rmtree(work, ignore_errors=True)
     return stats
+
+
+# --- one shard, end to end ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """What one shard's filter job writes (the rule's outputs have the same names)."""
+
+    shard: str  # the slice of the manifest (split)
+    probed: str  # its decodable records, with header sizes: data-juicer's input
+    dropped: str  # the undecodable ones, each with its drop_reason
+    recipe: str  # the data-juicer recipe
+    kept: str  # data-juicer's kept records (DESIGN shape)
+    stats: str  # counts of the probe and of every filter
+
+
+def process_shard(
+    index: dict,
+    shard: int,
+    files: ShardFiles,
+    *,
+    template: str | os.PathLike,
+    work_dir: str,
+    name: str,
+    filter_cfg: dict,
+    models: dict[str, str],
+    threads: int = 1,
+    header_sizes: bool = True,
+    models_home: str | None = None,
+) -> dict:
+    """Slice shard `shard` from the indexed manifest, probe it, write its recipe, filter it."""
+    write_shard(index, shard, files.shard)
+    probe = probe_shard(files.shard, files.probed, files.dropped, threads, header_sizes)
+    make_dj_config(
+        template,
+        files.recipe,
+        dataset_path=files.probed,
+        export_path=os.path.join(work_dir, "export", f"{name}.jsonl"),
+        project_name=f"groundset_filter_{name}",
+        work_dir=work_dir,
+        filter_cfg=filter_cfg,
+        models=models,
+    )
+    return filter_shard(
+        files.recipe,
+        files.kept,
+        files.stats,
+        np_override=threads,
+        models_home=models_home,
+        probe_stats=probe,
+    )

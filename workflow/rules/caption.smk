@@ -25,7 +25,7 @@ checkpoint index_chunks:
         # checked first thing in a run, long before the first chunk
         preflight="captioned/preflight.json",
     output:
-        index="captioned/chunks.json",
+        index=CHUNK_INDEX,
     log:
         "logs/index_chunks.log",
     localrule: True
@@ -45,7 +45,7 @@ checkpoint index_chunks:
 rule caption_chunk:
     input:
         records=config["caption"]["input"],
-        index="captioned/chunks.json",
+        index=CHUNK_INDEX,
     output:
         records="captioned/chunk_{chunk}.jsonl",
         errors="captioned/chunk_{chunk}_errors.jsonl",

@@ -40,24 +40,6 @@ checkpoint index_shards:
         "../scripts/index_shards.py"
 
 
-rule write_shard:
-    input:
-        manifest="manifest/{source}.jsonl",
-        index="shards/{source}/index.json",
-    output:
-        "shards/{source}/shard_{shard}.jsonl",
-    log:
-        "logs/write_shard/{source}/{shard}.log",
-    conda:
-        "../envs/groundset.yaml"
-    threads: 1
-    resources:
-        mem_mb=500,
-        runtime=30,
-    script:
-        "../scripts/write_shard.py"
-
-
 rule build_stand_in_models:
     output:
         "models/stand_in/models.json",
@@ -73,57 +55,20 @@ rule build_stand_in_models:
         "../scripts/build_stand_in_models.py"
 
 
-rule probe_shard:
-    input:
-        "shards/{source}/shard_{shard}.jsonl",
-    output:
-        kept="probed/{source}/shard_{shard}.jsonl",
-        dropped="probed/{source}/shard_{shard}_dropped.jsonl",
-        stats="probed/{source}/shard_{shard}_stats.json",
-    log:
-        "logs/probe_shard/{source}/{shard}.log",
-    benchmark:
-        "benchmarks/probe_shard/{source}/{shard}.tsv"
-    conda:
-        "../envs/filter.yaml"
-    threads: 2
-    resources:
-        mem_mb=1000,
-        runtime=120,
-    params:
-        header_sizes=config["filter"]["header_sizes"],
-    script:
-        "../scripts/probe_shard.py"
-
-
-rule make_dj_config:
-    input:
-        shard="probed/{source}/shard_{shard}.jsonl",
-        template=config["filter"]["template"],
-        models=stand_in_models,
-    output:
-        "dj_configs/{source}/shard_{shard}.yaml",
-    log:
-        "logs/make_dj_config/{source}/{shard}.log",
-    conda:
-        "../envs/groundset.yaml"
-    threads: 1
-    resources:
-        mem_mb=500,
-        runtime=5,
-    params:
-        filter=filter_settings,
-        work_dir=lambda wildcards: f"dj_work/{wildcards.source}/shard_{wildcards.shard}",
-    script:
-        "../scripts/make_dj_config.py"
-
-
+# One job per shard: slice it from the manifest, probe its images, write its data-juicer
+# recipe, run data-juicer (groundset.filter.process_shard). One job, not four, keeps the plan of
+# thousands of shards quick (bench/bench_dryrun.py); every step still leaves its own file.
 rule filter_shard:
     input:
-        recipe="dj_configs/{source}/shard_{shard}.yaml",
-        shard="probed/{source}/shard_{shard}.jsonl",
-        probe="probed/{source}/shard_{shard}_stats.json",
+        manifest="manifest/{source}.jsonl",
+        index="shards/{source}/index.json",
+        template=config["filter"]["template"],
+        models=STAND_IN_MODELS,
     output:
+        shard="shards/{source}/shard_{shard}.jsonl",
+        probed="probed/{source}/shard_{shard}.jsonl",
+        dropped="probed/{source}/shard_{shard}_dropped.jsonl",
+        recipe="dj_configs/{source}/shard_{shard}.yaml",
         kept="filtered/{source}/shard_{shard}.jsonl",
         stats="filtered/{source}/shard_{shard}_stats.json",
     log:
@@ -137,7 +82,7 @@ rule filter_shard:
         mem_mb=16000,
         runtime=24 * 60,
     params:
-        models_home=config["filter"]["models_home"],
+        filter=FILTER_SETTINGS,
     script:
         "../scripts/filter_shard.py"
 
