@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .grounding import parse_answer
-from .io import atomic_write, dumps_record, read_json, write_json
+from .io import atomic_write, concat_chunks, dumps_record, read_json, write_json
 from .journal import Journal
 from .pacing import RateLimiter, backoff_delay
 
@@ -873,28 +873,19 @@ def gather_chunks(
     stats_out: str | os.PathLike,
 ) -> dict:
     """Concatenate chunk outputs (and their error files) in chunk order and total their counts."""
-    import shutil
-
     totals: Counter = Counter()
     reasons: Counter = Counter()
     boxes: Counter = Counter()
     meta: dict = {}
-    with atomic_write(output, "wb") as out, atomic_write(errors_out, "wb") as err:
-        for chunk in chunks:
-            base = str(chunk).removesuffix(".jsonl")
-            with open(chunk, "rb") as handle:
-                shutil.copyfileobj(handle, out, 1 << 20)
-            with open(base + "_errors.jsonl", "rb") as handle:
-                shutil.copyfileobj(handle, err, 1 << 20)
-            stats = read_json(base + "_stats.json")
-            reasons.update(stats.pop("error_reasons", {}))
-            boxes.update(stats.pop("boxes_dropped", {}))
-            stand_in = bool(stats.pop("stand_in", False))
-            meta["stand_in"] = meta.get("stand_in", False) or stand_in
-            for key in ("backend", "model", "rate_per_second"):
-                meta.setdefault(key, stats.get(key))
-                stats.pop(key, None)
-            totals.update({k: v for k, v in stats.items() if isinstance(v, int | float)})
+    for stats in concat_chunks(chunks, output, "errors", errors_out):
+        reasons.update(stats.pop("error_reasons", {}))
+        boxes.update(stats.pop("boxes_dropped", {}))
+        stand_in = bool(stats.pop("stand_in", False))
+        meta["stand_in"] = meta.get("stand_in", False) or stand_in
+        for key in ("backend", "model", "rate_per_second"):
+            meta.setdefault(key, stats.get(key))
+            stats.pop(key, None)
+        totals.update({k: v for k, v in stats.items() if isinstance(v, int | float)})
     result = {
         **meta,
         "chunks": len(chunks),

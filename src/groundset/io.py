@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -82,3 +83,19 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
             handle.write("\n")
             count += 1
     return count
+
+
+def concat_chunks(
+    chunks: Iterable[str | os.PathLike], output: str | os.PathLike, side: str,
+    side_out: str | os.PathLike,
+) -> list[dict]:  # fmt: skip
+    """Concatenate chunk JSONL files and their `…_{side}.jsonl` files in order; return their stats."""
+    stats = []
+    with atomic_write(output, "wb") as out, atomic_write(side_out, "wb") as side_handle:
+        for chunk in chunks:
+            base = str(chunk).removesuffix(".jsonl")
+            for path, handle in ((chunk, out), (f"{base}_{side}.jsonl", side_handle)):
+                with open(path, "rb") as src:
+                    shutil.copyfileobj(src, handle, 1 << 20)
+            stats.append(read_json(f"{base}_stats.json"))
+    return stats

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
+from .io import atomic_write, concat_chunks, dumps_record, iter_jsonl, write_json
 from .journal import Journal
 
 log = logging.getLogger(__name__)
@@ -506,25 +506,16 @@ def gather_masks(
     stats_out: str | os.PathLike,
 ) -> dict:  # fmt: skip
     """Concatenate masked chunks (and their drop files) in order and total their counts."""
-    import shutil
-
     totals: Counter = Counter()
     reasons: Counter = Counter()
     meta: dict = {}
-    with atomic_write(output, "wb") as out, atomic_write(dropped_out, "wb") as drop:
-        for chunk in chunks:
-            base = str(chunk).removesuffix(".jsonl")
-            with open(chunk, "rb") as handle:
-                shutil.copyfileobj(handle, out, 1 << 20)
-            with open(base + "_dropped.jsonl", "rb") as handle:
-                shutil.copyfileobj(handle, drop, 1 << 20)
-            stats = read_json(base + "_stats.json")
-            reasons.update(stats.pop("drop_reasons", {}))
-            for key in ("mask_format", "model_config", "random_weights", "bytes_per_masked_image"):
-                value = stats.pop(key, None)
-                if key != "bytes_per_masked_image":
-                    meta.setdefault(key, value)
-            totals.update(stats)
+    for stats in concat_chunks(chunks, output, "dropped", dropped_out):
+        reasons.update(stats.pop("drop_reasons", {}))
+        for key in ("mask_format", "model_config", "random_weights", "bytes_per_masked_image"):
+            value = stats.pop(key, None)
+            if key != "bytes_per_masked_image":
+                meta.setdefault(key, value)
+        totals.update(stats)
     result = {**meta, "chunks": len(chunks), **dict(totals), "drop_reasons": dict(reasons)}
     result["seconds"] = round(result.get("seconds", 0.0), 3)
     result["bytes_per_masked_image"] = (
