@@ -34,6 +34,9 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
 
 # Configs of workflow tests that never reach captioning: no API key needed (README: Captioning).
 STAND_IN_CAPTIONS = {"caption": {"stand_in": True}}
+# Configs of tests without model weights: SAM2 and the Emu3 tokenizer may be random (a null
+# checkpoint or tokenizer is a config error otherwise).
+RANDOM_WEIGHTS = {"mask": {"random_weights": True}, "export": {"emu3": {"random_weights": True}}}
 
 
 def run_snakemake(args: list[str], cwd: Path = ROOT, check: bool = True, timeout: int = 900):

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import make_images, make_records
+from conftest import RANDOM_WEIGHTS, make_images, make_records
 from groundset.caption import (
     CaptionError,
     Dropped,
@@ -117,9 +117,9 @@ def test_every_answer_format_through_the_real_sdk(tmp_path, backend):
     assert out[3]["caption_meta"]["boxes_dropped"] == 3
     assert out[0]["caption_meta"]["backend"] == backend
     errors = {e["image_id"]: e for e in iter_jsonl(tmp_path / "out_errors.jsonl")}
-    assert errors[records[4]["image_id"]]["reason"] == "unparsable JSON answer"
+    assert errors[records[4]["image_id"]]["reason"] == "unparseable_answer"
     assert errors[records[4]["image_id"]]["answer"] == '{"caption": "cut off'
-    assert errors[records[5]["image_id"]]["reason"] == "empty answer"
+    assert errors[records[5]["image_id"]]["reason"] == "empty_answer"
     assert stats["records"] == 6 and stats["captioned"] == 4 and stats["parse_errors"] == 2
     assert stats["requested"] == 6 and stats["attempts"] == 6
     assert stats["boxes_dropped"] == {
@@ -286,6 +286,56 @@ def test_preflight_needs_a_key_and_a_reachable_endpoint(tmp_path, monkeypatch):
     assert uses_stand_in(Settings.from_config({"stand_in": True}), {KEY_ENV: "sk"})
 
 
+def test_refusals_and_prose_are_errors_and_boxless_captions_leave_the_grounded_output(tmp_path):
+    images = make_images(tmp_path / "img", [(64, 64)] * 4)
+    records = make_records(tmp_path / "in.jsonl", images)
+    answers = {
+        digest(images[0]): "I'm sorry, but I can't help with that.",
+        digest(images[1]): "A quiet lake at dawn.",  # prose, but the seed prompt asks for JSON
+        digest(images[2]): '{"caption": "A lake.", "entities": []}',  # no box
+        digest(images[3]): '{"caption": "A lake.", "entities": [{"entity": "lake", '
+        '"bboxes": [0, 500, 1000, 1000]}]}',
+    }
+    with StandInVLM(lambda image, n, proto: Reply(answer=answers[image_digest(image)])) as server:
+        settings = settings_for(server)
+        assert settings.expects_json and not settings.keep_ungrounded
+        stats = run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
+        assert len(server.log) == 4
+        # --retry-errors asks again for the refusal and the prose only, once each
+        again = run_chunk(tmp_path, tmp_path / "in.jsonl", settings, retry_errors=True)
+        assert len(server.log) == 6 and again["requested"] == 2
+    out = list(iter_jsonl(tmp_path / "out.jsonl"))
+    assert [r["image_id"] for r in out] == [records[3]["image_id"]]
+    errors = {e["image_id"]: e for e in iter_jsonl(tmp_path / "out_errors.jsonl")}
+    assert [errors[records[i]["image_id"]]["reason"] for i in range(3)] == [
+        "refusal",
+        "unparseable_answer",
+        "no_valid_box",
+    ]
+    assert errors[records[0]["image_id"]]["answer"] == "I'm sorry, but I can't help with that."
+    assert errors[records[1]["image_id"]]["answer"] == "A quiet lake at dawn."
+    assert errors[records[2]["image_id"]]["status"] == "dropped"
+    assert all(errors[records[i]["image_id"]]["attempts"] == 1 for i in range(3))
+    assert stats["captioned"] == 1 and stats["parse_errors"] == 2 and stats["ungrounded"] == 1
+    assert stats["error_reasons"] == {"refusal": 1, "unparseable_answer": 1, "no_valid_box": 1}
+    # keep_ungrounded: true keeps the boxless caption (today's behaviour), from the journal
+    from dataclasses import replace
+
+    kept = run_chunk(
+        tmp_path, tmp_path / "in.jsonl", replace(settings, keep_ungrounded=True), reparse=True
+    )
+    assert kept["captioned"] == 2 and kept["ungrounded"] == 0 and kept["without_entities"] == 1
+    # a prose prompt takes prose as a caption without entities
+    prose = run_chunk(
+        tmp_path,
+        tmp_path / "in.jsonl",
+        replace(settings, prompt="Describe the image.", keep_ungrounded=True),
+        reparse=True,
+    )
+    assert prose["requested"] == 0 and prose["captioned"] == 3
+    assert prose["error_reasons"] == {"refusal": 1}
+
+
 def test_reparse_rebuilds_outputs_from_the_journal_without_requests(tmp_path):
     images = make_images(tmp_path / "img", [(100, 100)] * 3)
     make_records(tmp_path / "in.jsonl", images)
@@ -369,6 +419,7 @@ def _cli_config(tmp_path: Path, server: StandInVLM, **caption) -> Path:
             "concurrency": 4,
             **caption,
         },
+        **RANDOM_WEIGHTS,
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_images, make_records, run_snakemake, write_config
+from conftest import RANDOM_WEIGHTS, ROOT, make_images, make_records, run_snakemake, write_config
 from groundset.stand_in_vlm import Reply, StandInVLM, image_digest
 
 pytestmark = pytest.mark.workflow
@@ -30,6 +30,7 @@ def caption_config(tmp_path: Path, records: Path, **caption) -> Path:
             "backoff_cap_s": 0.05,
             **caption,
         },
+        **RANDOM_WEIGHTS,
     }
     return write_config(tmp_path / "config.yaml", config)
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, fake_download, write_config, write_parquet
+from conftest import RANDOM_WEIGHTS, ROOT, fake_download, write_config, write_parquet
 from groundset.cli import main
 from groundset.io import iter_jsonl
 
@@ -25,6 +25,8 @@ def test_split_command(tmp_path, capsys):
         main(
             [
                 "split",
+                "--config",  # the default config/config.yaml needs real weights set first
+                str(ROOT / "config" / "sample.yaml"),
                 "--input",
                 str(manifest),
                 "--outdir",
@@ -65,6 +67,7 @@ def test_prefilter_command_uses_config_thresholds(tmp_path, laion_rows, capsys):
             {"name": "s", "url_list": str(url_list), "save_additional_columns": ["LANGUAGE"]}
         ],
         "filter": {"image_shape": {"min_width": 100, "min_height": 100}},
+        **RANDOM_WEIGHTS,
     }
     cfg = write_config(tmp_path / "c.yaml", config)
     assert main(["prefilter", "--config", str(cfg), "--outdir", str(tmp_path / "out")]) == 0
@@ -84,7 +87,7 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
             [
                 "split",
                 "--config",
-                str(ROOT / "config" / "config.yaml"),
+                str(ROOT / "config" / "sample.yaml"),
                 "--input",
                 str(tmp_path / "none.jsonl"),
                 "--outdir",
@@ -96,7 +99,10 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "none.jsonl" in capsys.readouterr().err
     good = write_config(
         tmp_path / "g.yaml",
-        {"sources": [{"name": "a", "url_list": "x"}, {"name": "b", "url_list": "y"}]},
+        {
+            "sources": [{"name": "a", "url_list": "x"}, {"name": "b", "url_list": "y"}],
+            **RANDOM_WEIGHTS,
+        },
     )
     assert main(["prefilter", "--config", str(good), "--outdir", str(tmp_path / "o")]) == 2
     assert "--source is required" in capsys.readouterr().err

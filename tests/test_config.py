@@ -1,10 +1,12 @@
+import copy
 import re
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import RANDOM_WEIGHTS, ROOT, run_snakemake, write_config
 from groundset.config import (
+    SCHEMA_DIR,
     ConfigError,
     download_options,
     load_config,
@@ -12,9 +14,30 @@ from groundset.config import (
     validate_config,
 )
 
+SOURCES = {"sources": [{"name": "s", "url_list": "x.parquet"}]}
 
-def test_default_config_validates_with_seed_values():
-    config = load_config(ROOT / "config" / "config.yaml")
+
+def deep_merge(base: dict, patch: dict) -> dict:
+    """`base` with `patch` merged in, nested mappings key by key (as Snakemake merges configs)."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def minimal(**patch) -> dict:
+    """The smallest valid config (one source, random weights allowed) with `patch` merged in."""
+    return deep_merge({**SOURCES, **RANDOM_WEIGHTS}, patch)
+
+
+def test_default_config_validates_with_seed_values(tmp_path):
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["mask"]["checkpoint"] = "checkpoints/sam2.1_hiera_large.pt"
+    config["export"]["emu3"]["tokenizer"] = "models/Emu3-VisionTokenizer"
+    config = load_config(write_config(tmp_path / "config.yaml", config))
     assert config["workdir"] == "results"
     assert config["shard_size"] == 500000
     assert config["filter"]["aesthetics_tiers"] == [5, 6]
@@ -37,50 +60,206 @@ def test_default_config_validates_with_seed_values():
 
 
 def test_defaults_fill_a_minimal_config():
-    config = validate_config({"sources": [{"name": "s", "url_list": "x.parquet"}]})
+    config = validate_config(minimal())
     assert config["download"]["url_col"] == "URL"
     assert config["filter"]["image_shape"] == {"min_width": 1024, "min_height": 1024}
     assert config["sources"][0]["serve_dir"] is None
 
 
+def test_defaults_fill_nested_sections_given_empty():
+    config = validate_config(minimal(filter={}, caption={}, download={"prefilter": {}}))
+    assert config["filter"]["nsfw"]["max_score"] == 0.0006
+    assert config["filter"]["aesthetics"] == {
+        "model": "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
+        "min_score": 5,
+        "max_score": 10,
+        "mem_required": "1500MB",
+    }
+    assert config["download"]["prefilter"]["batch_rows"] == 65536
+    assert config["export"]["emu3"]["prompt"]["header"] == "\nPrecise location control:\n\n"
+    defaults = validate_config(
+        {**SOURCES, "mask": {"checkpoint": "m.pt"}, "export": {"emu3": {"tokenizer": "t"}}}
+    )
+    assert defaults["mask"]["random_weights"] is False
+    assert defaults["export"]["emu3"]["random_weights"] is False
+
+
 @pytest.mark.parametrize(
     "patch, message",
     [
-        ({"shard_size": "big"}, r"shard_size: 'big' is not of type 'integer'"),
-        ({"shard_size": 0}, r"shard_size: 0 is less than the minimum"),
-        ({"download": {"processes_count": 2.5}}, r"download/processes_count"),
-        ({"download": {"resize_mode": False}}, r"download/resize_mode"),
-        ({"filter": {"aspect_ratio": {"min_ratio": "a"}}}, r"filter/aspect_ratio/min_ratio"),
-        ({"typo_key": 1}, r"Additional properties are not allowed \('typo_key'"),
-        ({"sources": []}, r"sources: \[\] should be non-empty"),
+        ({"shard_size": "big"}, r"^shard_size: 'big' is not of type 'integer'$"),
+        ({"shard_size": 0}, r"^shard_size: 0 is less than the minimum"),
+        ({"download": {"processes_count": 2.5}}, r"^download\.processes_count: 2\.5 is not"),
+        ({"download": {"resize_mode": False}}, r"^download\.resize_mode: False is not one of"),
+        ({"filter": {"aspect_ratio": {"min_ratio": "a"}}}, r"^filter\.aspect_ratio\.min_ratio: "),
+        ({"typo_key": 1}, r"^<top level>: Additional properties are not allowed \('typo_key'"),
+        ({"sources": []}, r"^sources: \[\] should be non-empty$"),
+        ({"sources": [{"name": "a b", "url_list": "x"}]}, r"^sources\[0\]\.name: 'a b' does not"),
     ],
 )
 def test_wrong_values_name_the_key(patch, message):
-    config = {"sources": [{"name": "s", "url_list": "x.parquet"}], **patch}
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError) as error:
+        validate_config({**minimal(), **patch})
+    assert re.search(message, str(error.value), flags=re.M), str(error.value)
+
+
+# Thresholds that pass the type check but select nothing, or swap what the outputs mean.
+NONSENSE = [
+    ({"filter": {"aesthetics": {"min_score": 50}}},
+     "filter.aesthetics.min_score: 50 is greater than the maximum of 10"),
+    ({"filter": {"aesthetics": {"max_score": -1}}},
+     "filter.aesthetics.max_score: -1 is less than the minimum of 0"),
+    ({"filter": {"aesthetics": {"min_score": 8, "max_score": 6}, "aesthetics_tiers": [6, 6]}},
+     "filter.aesthetics.min_score: 8 is greater than filter.aesthetics.max_score 6"),
+    ({"filter": {"aspect_ratio": {"min_ratio": 3, "max_ratio": 2}}},
+     "filter.aspect_ratio.min_ratio: 3 is greater than filter.aspect_ratio.max_ratio 2"),
+    ({"filter": {"aesthetics_tiers": [7, 5]}},
+     "filter.aesthetics_tiers: [7, 5] must be non-decreasing"),
+    ({"filter": {"aesthetics_tiers": [5, 11]}},
+     "filter.aesthetics_tiers[1]: 11 is greater than the maximum of 10"),
+    ({"filter": {"aesthetics_tiers": [4, 6]}},
+     "filter.aesthetics_tiers: [4] outside [filter.aesthetics.min_score, "
+     "filter.aesthetics.max_score] = [5, 10]"),
+    ({"filter": {"aesthetics": {"max_score": 8}, "aesthetics_tiers": [5, 9]}},
+     "filter.aesthetics_tiers: [9] outside"),
+    ({"mask": {"min_score": 1.5}}, "mask.min_score: 1.5 is greater than the maximum of 1"),
+    ({"mask": {"min_score": -0.1}}, "mask.min_score: -0.1 is less than the minimum of 0"),
+    ({"caption": {"backoff_base_s": 100, "backoff_cap_s": 60}},
+     "caption.backoff_base_s: 100 is greater than caption.backoff_cap_s 60"),
+    ({"download": {"prefilter": {"max_punsafe": 5}}},
+     "download.prefilter.max_punsafe: 5 is greater than the maximum of 1"),
+    ({"download": {"prefilter": {"max_pwatermark": -1}}},
+     "download.prefilter.max_pwatermark: -1 is less than the minimum of 0"),
+    ({"sources": [{"name": "s", "url_list": "x", "download": {"prefilter": {"max_punsafe": 2}}}]},
+     "sources[0].download.prefilter.max_punsafe: 2 is greater than the maximum of 1"),
+    ({"download": {"image_size": 512, "resize_mode": "keep_ratio_largest"}},
+     "download.image_size: 512 with resize_mode keep_ratio_largest leaves every image smaller "
+     "than filter.image_shape (1024 x 1024)"),
+    ({"sources": [{"name": "s", "url_list": "x", "download": {"image_size": 256, "resize_mode": "border"}}]},
+     "sources[0].download.image_size: 256 with resize_mode border"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("patch, message", NONSENSE, ids=[m.split(":")[0] for _, m in NONSENSE])
+def test_nonsense_thresholds_are_rejected_with_their_key(patch, message):
+    with pytest.raises(ConfigError) as error:
+        validate_config(minimal(**patch))
+    lines = str(error.value).splitlines()
+    assert any(line.startswith(message) for line in lines[1:]), str(error.value)
+
+
+def test_plausible_edge_thresholds_are_accepted():
+    config = minimal(
+        filter={
+            "aesthetics": {"min_score": 5, "max_score": 5},
+            "aesthetics_tiers": [5, 5],
+            "aspect_ratio": {"min_ratio": 1, "max_ratio": 1},
+            "image_shape": {"min_width": 1024, "min_height": 512},
+        },
+        caption={"backoff_base_s": 60, "backoff_cap_s": 60},
+        mask={"min_score": 1},
+        download={"image_size": 768, "resize_mode": "keep_ratio", "prefilter": {"max_punsafe": 1}},
+    )
+    validate_config(config)
+    validate_config(minimal(download={"image_size": 256, "resize_mode": "no"}))
+
+
+def test_every_problem_is_one_line_leading_with_its_key_path():
+    config = minimal(
+        shard_size=0,
+        filter={"aesthetics": {"min_score": 50}, "aspect_ratio": {"max_ratio": "wide"}},
+        mask={"mask_format": "png"},
+    )
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, source="my.yaml")
+    head, *lines = str(error.value).splitlines()
+    assert head == "my.yaml: invalid configuration (4 problems):"
+    assert [line.split(": ")[0] for line in lines] == [
+        "filter.aesthetics.min_score",
+        "filter.aspect_ratio.max_ratio",
+        "mask.mask_format",
+        "shard_size",
+    ]
+    assert "$schema" not in str(error.value) and "properties" not in str(error.value)
+    config = minimal(
+        filter={"aesthetics_tiers": [7, 6]}, caption={"backoff_base_s": 9, "backoff_cap_s": 1}
+    )
+    with pytest.raises(ConfigError) as error:
         validate_config(config)
+    assert [line.split(": ")[0] for line in str(error.value).splitlines()[1:]] == [
+        "filter.aesthetics_tiers",
+        "caption.backoff_base_s",
+    ]
+
+
+def test_null_checkpoint_and_tokenizer_are_errors_naming_the_fix():
+    with pytest.raises(ConfigError) as error:
+        load_config(ROOT / "config" / "config.yaml")  # as shipped: weights to be filled in
+    lines = str(error.value).splitlines()[1:]
+    assert len(lines) == 2
+    assert lines[0].startswith("mask.checkpoint: null means no SAM2 weights; set it to a ")
+    assert "sam2.1_hiera_large.pt" in lines[0] and "mask.model_config" in lines[0]
+    assert "mask.random_weights: true" in lines[0]
+    assert lines[1].startswith("export.emu3.tokenizer: null means no Emu3 vision tokenizer")
+    assert "export.emu3.random_weights: true" in lines[1]
+    assert "export.emu3.tokenize: false" in lines[1]
+    tiny = {**SOURCES, "mask": {"model_config": "configs/sam2.1/sam2.1_hiera_t.yaml"}}
+    with pytest.raises(ConfigError, match=r"mask\.checkpoint: null .* sam2\.1_hiera_tiny\.pt"):
+        validate_config(deep_merge(tiny, {"export": RANDOM_WEIGHTS["export"]}))
+    with pytest.raises(ConfigError, match=r"(?m)^export\.emu3\.tokenizer: null") as error:
+        validate_config({**SOURCES, "mask": {"random_weights": True}})
+    assert "mask." not in str(error.value)
+
+
+def test_random_weights_opt_in_and_real_weights_are_accepted():
+    config = validate_config(minimal())
+    assert config["mask"]["checkpoint"] is None and config["mask"]["random_weights"] is True
+    assert config["export"]["emu3"]["tokenizer"] is None
+    real = {**SOURCES, "mask": {"checkpoint": "sam2.1_hiera_large.pt"}}
+    validate_config(deep_merge(real, {"export": {"emu3": {"tokenizer": "Emu3-VisionTokenizer"}}}))
+
+
+def test_prompts_only_export_needs_no_tokenizer():
+    config = {**SOURCES, "mask": {"checkpoint": "m.pt"}, "export": {"emu3": {"tokenize": False}}}
+    config = validate_config(config)
+    assert config["export"]["emu3"]["tokenizer"] is None
+    assert config["export"]["emu3"]["random_weights"] is False
+
+
+def test_cli_entry_points_check_the_weights(tmp_path, capsys):
+    from groundset.cli import main
+
+    bad = write_config(tmp_path / "c.yaml", {**SOURCES, "export": RANDOM_WEIGHTS["export"]})
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    assert main(["mask", "--config", str(bad), *args, "--mask-dir", str(tmp_path / "m")]) == 2
+    assert "mask.checkpoint: null means no SAM2 weights" in capsys.readouterr().err
+    bad = write_config(tmp_path / "e.yaml", {**SOURCES, "mask": RANDOM_WEIGHTS["mask"]})
+    emu3 = ["--input", str(tmp_path / "in.jsonl"), "--outdir", str(tmp_path / "emu3")]
+    assert main(["export-emu3", "--config", str(bad), *emu3]) == 2
+    assert "export.emu3.tokenizer: null means no Emu3 vision tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "emu3").exists()
 
 
 def test_duplicate_sources_and_bad_overrides_are_rejected():
-    with pytest.raises(ConfigError, match="duplicate source names: s"):
+    with pytest.raises(ConfigError, match="sources: duplicate source names: s"):
         validate_config(
-            {"sources": [{"name": "s", "url_list": "a"}, {"name": "s", "url_list": "b"}]}
+            minimal(sources=[{"name": "s", "url_list": "a"}, {"name": "s", "url_list": "b"}])
         )
-    bad = {"sources": [{"name": "s", "url_list": "a", "download": {"thread_cnt": 3}}]}
-    with pytest.raises(ConfigError, match=r"sources/s/download.*thread_cnt"):
+    bad = minimal(sources=[{"name": "s", "url_list": "a", "download": {"thread_cnt": 3}}])
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.download: .*thread_cnt"):
         validate_config(bad)
-    bad = {"sources": [{"name": "s", "url_list": "a", "download": {"thread_count": "many"}}]}
-    with pytest.raises(ConfigError, match=r"sources/s/download: thread_count"):
+    bad = minimal(sources=[{"name": "s", "url_list": "a", "download": {"thread_count": "many"}}])
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.download\.thread_count: 'many'"):
         validate_config(bad)
 
 
 def test_per_source_override_merges_nested_prefilter():
     config = validate_config(
-        {
-            "sources": [
+        minimal(
+            sources=[
                 {"name": "s", "url_list": "a", "download": {"prefilter": {"max_punsafe": 0.1}}}
             ],
-        }
+        )
     )
     opts = download_options(config, config["sources"][0])
     assert opts["prefilter"]["max_punsafe"] == 0.1 and opts["prefilter"]["enabled"] is True
@@ -126,3 +305,49 @@ def test_config_readme_table_is_generated_from_the_schema():
     from groundset.config import config_table
 
     assert config_table() in (ROOT / "config" / "README.md").read_text()
+
+
+def test_schemas_are_package_data_with_one_copy():
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    import groundset
+
+    assert SCHEMA_DIR.parent == ROOT / "src" / "groundset" and SCHEMA_DIR.is_symlink()
+    assert SCHEMA_DIR.resolve() == ROOT / "workflow" / "schemas"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["package-data"]["groundset"]
+    package = ROOT / "src" / "groundset"
+    shipped = {p.name for pattern in patterns for p in package.glob(pattern)}
+    assert shipped == {p.name for p in (ROOT / "workflow" / "schemas").glob("*.schema.yaml")}
+    assert groundset.__file__ and load_schema("records")
+
+
+def sample_with(tmp_path, patch: dict) -> list[str]:
+    """Snakemake arguments: config/sample.yaml with `patch` merged over it (a file in tmp_path)."""
+    sample = yaml.safe_load((ROOT / "config" / "sample.yaml").read_text())
+    config = write_config(tmp_path / "bad.yaml", deep_merge(sample, patch))
+    return ["--configfile", str(config), "--config", f"workdir={tmp_path / 'results'}", "-n"]
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"filter": {"aesthetics": {"min_score": 50}}},
+         "filter.aesthetics.min_score: 50 is greater than the maximum of 10"),
+        ({"mask": {"random_weights": False}}, "mask.checkpoint: null means no SAM2 weights"),
+    ],
+    ids=["min_score", "checkpoint"],
+)  # fmt: skip
+def test_snakemake_stops_on_a_bad_config_before_any_job(tmp_path, patch, message):
+    done = run_snakemake(sample_with(tmp_path, patch), check=False)
+    assert done.returncode != 0
+    out = done.stdout + done.stderr  # snakemake logs its errors to either
+    assert re.search(f"^{re.escape(message)}", out, flags=re.M), out
+    for dump in ("$schema", "properties", "Failed validating", "Traceback"):
+        assert dump not in out, out
+    assert "Job stats" not in out
+    assert not (tmp_path / "results").exists()

@@ -169,3 +169,26 @@ def test_empty_url_list_downloads_nothing(tmp_path):
     pq.write_table(pq.read_table(tmp_path / "u.parquet").slice(0, 0), tmp_path / "u.parquet")
     stats = download_source(url_list, tmp_path / "dl", tmp_path / "s.json", OPTS, [])
     assert stats["count"] == 0 and stats["successes"] == 0
+
+
+def test_columns_img2dataset_reads_are_checked_before_it_runs(tmp_path, monkeypatch):
+    # `groundset download` may get a URL list the prefilter never saw: img2dataset would die
+    # with "ArrowInvalid: No match for FieldRef.Name(TEXT)"; the folder of an earlier run stays
+    def no_img2dataset(*_args, **_kwargs):
+        raise AssertionError("img2dataset ran")
+
+    monkeypatch.setattr("groundset.download.run_img2dataset", no_img2dataset)
+    out = tmp_path / "dl"
+    prepare_output(out, "an earlier list")
+    src = write_parquet(tmp_path / "urls" / "foo.parquet", [{"URL": "u", "caption": "c"}])
+    with pytest.raises(ValueError) as caught:
+        download_source(src.parent, out, tmp_path / "s.json", OPTS, [])
+    assert str(caught.value) == (
+        f"{src}: missing column(s) ['TEXT']: it has no caption column 'TEXT' "
+        "(download.caption_col); its columns: URL, caption"
+    )
+    src = write_parquet(tmp_path / "urls" / "foo.parquet", [{"URL": "u", "TEXT": "t"}])
+    with pytest.raises(ValueError, match=r"no column 'LANGUAGE' \(sources\[\]\.save_additional"):
+        download_source(src.parent, out, tmp_path / "s.json", OPTS, ["LANGUAGE"])
+    assert (out / FINGERPRINT_FILE).read_text().strip() == "an earlier list"
+    assert not (tmp_path / "s.json").exists()

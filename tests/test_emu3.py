@@ -279,7 +279,40 @@ def test_max_items_over_parts_and_prompts_only(tmp_path, tiny_tokenizer):
         "image": records[0]["image"],
         "text": format_prompt(records[0]),
     }
-    assert json.loads((plain / "list/train.json").read_text())["tokenized"] is False
+    assert json.loads((plain / "list/train.json").read_text()) == {
+        "prefix": str((plain / "feature").resolve()),
+        "path_list": [f"src/{i:09d}.pth" for i in range(len(sizes))],
+    }  # the seed's keys only; no features written is said in emu3_stats.json
+    assert json.loads((plain / "emu3_stats.json").read_text())["tokenize"] is False
+
+
+def test_seed_records_without_source_get_the_seeds_feature_paths(tmp_path, tiny_tokenizer):
+    input_path, records = make_input(tmp_path, sizes=SIZES[:3])
+    seed = []
+    for record in records:  # the seed's own masked lines: no source
+        record = {k: v for k, v in record.items() if k != "source"}
+        seed.append(record)
+    input_path.write_text("".join(json.dumps(r) + "\n" for r in seed))
+    settings = Emu3Settings(tokenizer=str(tiny_tokenizer), image_area=32 * 32, device="cpu")
+    out = tmp_path / "out"
+    stats = export_emu3(input_path, out, settings)
+    assert stats["exported"] == stats["tokenized"] == 3
+    ids = [r["image_id"] for r in seed]
+    train = json.loads((out / "list/train.json").read_text())
+    assert set(train) == {"prefix", "path_list"}  # exactly the seed's keys
+    assert train["prefix"] == str((out / "feature").resolve())
+    assert train["path_list"] == [f"{i}.pth" for i in ids]
+    assert sorted(p.name for p in (out / "feature").iterdir()) == sorted(f"{i}.pth" for i in ids)
+    assert not (out / "feature" / "_").exists()
+    items = emu3_dataset_items(out / "list/train.json")
+    assert [data["name"] for *_, data in items] == ids
+    assert [texts for *_, texts, _ in items] == [format_prompt(r) for r in seed]
+    datalist = list(iter_jsonl(out / "list/datalist.jsonl"))
+    assert [(d["name"], d["path"], d["source"]) for d in datalist] == [
+        (i, f"{i}.pth", None) for i in ids
+    ]
+    again = CountingFactory(settings)  # the journal knows them under the same names
+    assert export_emu3(input_path, out, settings, again)["reused"] == 3 and again.loads == 0
 
 
 def test_a_full_emu3_hf_checkpoint_loads_only_its_vq_model(tmp_path):

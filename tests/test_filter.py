@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT, SAMPLE
+from conftest import RANDOM_WEIGHTS, ROOT, SAMPLE
 from groundset.config import validate_config
 from groundset.filter import (
     ShardFiles,
@@ -142,7 +142,11 @@ def test_fill_template_fills_nulls_and_refuses_unknown_ones():
 )
 def test_seed_recipe_from_config_with_the_right_aesthetics_scale(tmp_path, model, divisor):
     config = validate_config(
-        {"sources": [{"name": "s", "url_list": "x"}], "filter": {"aesthetics": {"model": model}}}
+        {
+            "sources": [{"name": "s", "url_list": "x"}],
+            "filter": {"aesthetics": {"model": model}},
+            **RANDOM_WEIGHTS,
+        }
     )
     recipe = make_dj_config(
         ROOT / "config" / "data_juicer_filter.yaml",
@@ -278,6 +282,7 @@ def test_real_data_juicer_keeps_exactly_the_expected_records(tmp_path, stand_ins
                 "watermark": {"max_prob": 0.6},
                 "aesthetics": {"min_score": 5.0, "max_score": 8.0},
             },
+            **RANDOM_WEIGHTS,
         }
     )
     fcfg = config["filter"]
@@ -373,9 +378,9 @@ def test_process_shard_leaves_every_step_of_one_shard(tmp_path, stand_ins):
     ]
     write_jsonl(tmp_path / "manifest.jsonl", records)
     index = index_manifest(tmp_path / "manifest.jsonl", 1)  # shard 1..4: the last four records
-    fcfg = validate_config({"sources": [{"name": "s", "url_list": "x"}], "filter": {"np": 1}})[
-        "filter"
-    ]
+    fcfg = validate_config(
+        {"sources": [{"name": "s", "url_list": "x"}], "filter": {"np": 1}, **RANDOM_WEIGHTS}
+    )["filter"]
     out = tmp_path / "out"
     names = {"recipe": "recipe.yaml", "stats": "stats.json"}
     files = ShardFiles(

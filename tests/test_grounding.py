@@ -77,7 +77,7 @@ def test_qwen25_pixel_boxes_in_the_resized_frame():
     answer = f'[{{"bbox_2d": [0, 0, {w // 2}, {h}], "label": "left half"}}]'
     parsed = parse_answer(answer, "pixels", image_size=(2048, 1367))
     assert parsed.entities == [{"entity": "left half", "bboxes": [[0.0, 0.0, 0.5, 1.0]]}]
-    assert parsed.error == "no caption in the answer"  # boxes alone are not a caption
+    assert parsed.error == "no_caption"  # boxes alone are not a caption
     with_caption = parse_answer(f'{{"caption": "x", "entities": {answer}}}', "pixels", frame=(w, h))
     assert with_caption.error is None and with_caption.entities[0]["bboxes"] == [
         [0.0, 0.0, 0.5, 1.0]
@@ -128,13 +128,13 @@ def test_bad_boxes_and_entities_are_counted():
 @pytest.mark.parametrize(
     "answer, error",
     [
-        ("", "empty answer"),
-        ("   ", "empty answer"),
-        (None, "empty answer"),
-        ('{"caption": "A dog", "entities": [{"entity": "dog", "bb', "unparsable JSON answer"),
-        ('```json\n{"entities": [}\n```', "unparsable JSON answer"),
-        ('{"entities": []}', "no caption in the answer"),
-        ('{"caption": "", "entities": []}', "no caption in the answer"),
+        ("", "empty_answer"),
+        ("   ", "empty_answer"),
+        (None, "empty_answer"),
+        ('{"caption": "A dog", "entities": [{"entity": "dog", "bb', "unparseable_answer"),
+        ('```json\n{"entities": [}\n```', "unparseable_answer"),
+        ('{"entities": []}', "no_caption"),
+        ('{"caption": "", "entities": []}', "no_caption"),
     ],
 )
 def test_answers_without_a_caption_are_errors(answer, error):
@@ -148,6 +148,40 @@ def test_plain_prose_is_a_caption_without_entities():
         parsed.caption == "A quiet lake at dawn, with mist."
         and parsed.entities == []
         and parsed.error is None
+    )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "I'm sorry, but I can't help with that.",
+        "I am sorry, I cannot describe this image.",
+        "Sorry, I can't assist with this request.",
+        "I cannot provide a description of this image.",
+        "I\u2019m unable to help with that.",
+        "As an AI, I can't identify people.",
+        '{"caption": "I\'m sorry, but I can\'t help with that.", "entities": []}',
+    ],
+)
+def test_refusals_are_errors_not_captions(answer):
+    for expect_json in (False, True):
+        parsed = parse_answer(answer, expect_json=expect_json)
+        assert (parsed.error, parsed.caption) == ("refusal", None)
+
+
+def test_prose_is_unparseable_when_the_prompt_asked_for_json():
+    prose = "A quiet lake at dawn, with mist."
+    parsed = parse_answer(prose, expect_json=True)
+    assert (parsed.error, parsed.caption, parsed.entities) == ("unparseable_answer", None, [])
+    tokens = (
+        "A <|object_ref_start|>lake<|object_ref_end|><|box_start|>(0,500),(1000,1000)<|box_end|>"
+    )
+    parsed = parse_answer(tokens, expect_json=True)  # grounding tokens answer the JSON prompt too
+    assert parsed.error is None and parsed.entities == [
+        {"entity": "lake", "bboxes": [[0.0, 0.5, 1.0, 1.0]]}
+    ]
+    assert parse_answer("I can see a dog on grass.", expect_json=False).caption == (
+        "I can see a dog on grass."
     )
 
 

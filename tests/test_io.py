@@ -1,8 +1,16 @@
+import ast
+import errno
 import json
+import os
+import stat
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from groundset.io import (
+    NoSpaceLeftError,
+    atomic_save,
     atomic_write,
     clean_json_value,
     dumps_record,
@@ -10,6 +18,10 @@ from groundset.io import (
     write_json,
     write_jsonl,
 )
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "groundset"
+WORKFLOW_SCRIPTS = SRC.parents[1] / "workflow" / "scripts"
+PRIVATE_TEMP = {"mkstemp", "mkdtemp", "NamedTemporaryFile"}
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -52,3 +64,131 @@ def test_jsonl_roundtrip_and_bad_line(tmp_path):
 def test_write_json_sorted(tmp_path):
     write_json(tmp_path / "s.json", {"b": 1, "a": float("nan")})
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": None, "b": 1}
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test; the previous one comes back afterwards."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+@pytest.mark.parametrize("mode", ["w", "wb"])
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path, umask, mask, expected, mode):
+    umask(mask)
+    with atomic_write(tmp_path / "out", mode) as handle:
+        handle.write(b"x" if "b" in mode else "x")
+    with open(tmp_path / "plain", mode) as handle:
+        pass
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == expected
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == expected
+
+
+def test_atomic_writers_never_touch_the_process_umask(tmp_path, umask, monkeypatch):
+    # os.umask is process-wide: reading it means setting it, a race with other threads
+    umask(0o027)
+
+    def no_umask(_mask):
+        raise AssertionError("os.umask called")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    write_json(tmp_path / "s.json", {"a": 1})
+    write_jsonl(tmp_path / "r.jsonl", [{"a": 1}])
+    atomic_save(tmp_path / "b.bin", lambda handle: handle.write(b"x"))
+    for name in ("s.json", "r.jsonl", "b.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640
+
+
+def private_temp_calls(path: Path) -> list[str]:
+    """Uses of tempfile's private-mode creators (0600 files, 0700 folders) in one module."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and node.attr in PRIVATE_TEMP:
+            found.append(f"{node.attr} (line {node.lineno})")
+        elif isinstance(node, ast.ImportFrom) and node.module == "tempfile":
+            found += [
+                f"{a.name} (line {node.lineno})" for a in node.names if a.name in PRIVATE_TEMP
+            ]
+    return found
+
+
+def test_no_module_creates_outputs_with_mkstemp():
+    # mkstemp / NamedTemporaryFile create 0600 files (mkdtemp 0700 folders) that other users of
+    # the shared filesystem cannot read: outputs go through io.atomic_write instead
+    offenders = {
+        str(path.relative_to(SRC.parents[1])): calls
+        for root in (SRC, WORKFLOW_SCRIPTS)
+        for path in sorted(root.rglob("*.py"))
+        if (calls := private_temp_calls(path))
+    }
+    assert offenders == {}
+
+
+def test_atomic_save_says_no_space_left_and_leaves_nothing(tmp_path):
+    target = tmp_path / "masks" / "a.npy"
+
+    def full(handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(NoSpaceLeftError) as caught:
+        atomic_save(target, full)
+    assert str(caught.value) == f"no space left on device writing {target}"
+    assert caught.value.errno == errno.ENOSPC
+    assert list(target.parent.iterdir()) == []
+
+
+def test_atomic_write_says_no_space_left_when_the_flush_fails(tmp_path, monkeypatch):
+    def full(_fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(NoSpaceLeftError, match="^no space left on device writing .*r.jsonl$"):
+        write_jsonl(tmp_path / "r.jsonl", [{"a": 1}])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_save_says_quota_exceeded(tmp_path):
+    def over_quota(_handle):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    with pytest.raises(NoSpaceLeftError, match="^disk quota exceeded writing .*q.bin$"):
+        atomic_save(tmp_path / "q.bin", over_quota)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_save_keeps_other_errors(tmp_path):
+    def broken(_handle):
+        raise OSError(errno.EIO, "I/O error")
+
+    with pytest.raises(OSError, match="I/O error") as caught:
+        atomic_save(tmp_path / "a.bin", broken)
+    assert not isinstance(caught.value, NoSpaceLeftError)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_save_npy_turns_numpy_short_write_into_no_space_left(tmp_path, monkeypatch):
+    from groundset import mask
+
+    masks = np.zeros((3, 1024, 1024), dtype=bool)
+    real_save = np.save
+
+    def save_onto_a_full_disk(handle, array):
+        real_save(handle, array[:0])  # the header and some bytes reach the file
+        with open("/dev/full", "wb") as full:  # numpy's own "3145728 requested and 0 written"
+            array.tofile(full)
+
+    monkeypatch.setattr(np, "save", save_onto_a_full_disk)
+    target = tmp_path / "masks" / "src" / "000.npy"
+    with pytest.raises(NoSpaceLeftError) as caught:
+        mask.save_npy(target, masks)
+    assert str(caught.value) == f"no space left on device writing {target}"
+    assert isinstance(caught.value.__cause__, OSError)
+    assert "requested and 0 written" in str(caught.value.__cause__)
+    assert list(target.parent.iterdir()) == []
+    monkeypatch.undo()
+    assert mask.save_npy(target, masks) == target.stat().st_size
+    assert np.load(target).shape == (3, 1024, 1024)

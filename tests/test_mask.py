@@ -15,7 +15,6 @@ from groundset.mask import (
     MaskError,
     MaskSettings,
     decode_rle,
-    flatten_record,
     gather_masks,
     load_model,
     mask_chunk,
@@ -32,6 +31,23 @@ def masker():
 
     torch.manual_seed(0)
     return Masker(*load_model(MaskSettings(model_config=TINY, device="cpu")))
+
+
+class FixedMasker:
+    """A stand-in Masker that returns given masks and scores for every image (known values)."""
+
+    def __init__(self, masks: np.ndarray, scores: list[float]):
+        self.masks, self.scores, self.images = masks, np.asarray(scores, np.float32), 0
+
+    def embed(self, images):
+        assert all(image.shape[:2] == self.masks.shape[1:] for image in images)
+        self.images += len(images)
+
+    def predict(self, index, boxes):
+        import torch
+
+        assert len(boxes) == len(self.masks)
+        return torch.from_numpy(self.masks.copy()), self.scores.copy()
 
 
 class CountingMasker:
@@ -79,25 +95,14 @@ def run(tmp_path: Path, records: Path, masker, name: str = "out", **settings) ->
     )  # fmt: skip
 
 
-def test_flatten_record_is_the_seeds_parse():
-    record = {
-        "image": ["/x/1.jpg"],
-        "image_id": "1",
-        "entities": [
-            {"entity": "dog", "bboxes": [[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.9, 0.9]]},
-            {"entity": "cat", "bboxes": [[0, 0, 1, 1]]},
-        ],
-    }
-    flat = flatten_record(record)
-    assert flat["image"] == "/x/1.jpg"
-    assert flat["entities"] == [
-        {"entity": "dog", "bbox": [0.1, 0.2, 0.3, 0.4]},
-        {"entity": "dog", "bbox": [0.5, 0.5, 0.9, 0.9]},
-        {"entity": "cat", "bbox": [0.0, 0.0, 1.0, 1.0]},
-    ]
-    assert flatten_record(flat)["entities"] == flat["entities"]  # idempotent
-    boxes = pixel_boxes(flat["entities"], 200, 100)
+def test_pixel_boxes_of_the_flattened_entities():
+    entities = [{"entity": "dog", "bbox": [0.1, 0.2, 0.3, 0.4]},
+                {"entity": "dog", "bbox": [0.5, 0.5, 0.9, 0.9]},
+                {"entity": "cat", "bbox": [0.0, 0.0, 1.0, 1.0]}]  # fmt: skip
+    boxes = pixel_boxes(entities, 200, 100)
+    assert boxes.dtype == np.float32 and boxes.shape == (3, 4)
     assert np.allclose(boxes, [[20, 20, 60, 40], [100, 50, 180, 90], [0, 0, 200, 100]])
+    assert pixel_boxes([], 200, 100).shape == (0, 4)
 
 
 def test_npy_masks_align_with_entities_and_scores(tmp_path, masker):
@@ -126,14 +131,16 @@ def test_npy_masks_align_with_entities_and_scores(tmp_path, masker):
     )
     assert len(first["mask_scores"]) == len(first["mask_inside_fraction"]) == 3
     assert all(0 <= v <= 1 for v in first["mask_scores"] + first["mask_inside_fraction"])
-    # the quality fields are what the saved masks say
-    x1, y1, x2, y2 = (round(v) for v in (0.3 * 160, 0.2 * 120, 0.9 * 160, 0.9 * 120))
-    area = masks[1].sum()
-    if area:
-        assert first["mask_inside_fraction"][1] == pytest.approx(
-            masks[1, y1:y2, x1:x2].sum() / area, abs=0.02
+    # the quality fields are what the saved masks say, for every entity (an empty mask: 0 inside;
+    # exact values on known masks: test_quality_fields_are_what_known_masks_give)
+    for i, (x1, y1, x2, y2) in enumerate(pixel_boxes(first["entities"], 160, 120)):
+        area = int(masks[i].sum())
+        box = masks[i, int(np.floor(y1)) : int(np.ceil(y2)), int(np.floor(x1)) : int(np.ceil(x2))]
+        inside = box.sum() / area if area else 0.0  # pixels the box touches count as inside
+        assert first["mask_inside_fraction"][i] == pytest.approx(inside, abs=1e-4)
+        assert first["mask_area_ratio"][i] == pytest.approx(
+            area / ((x2 - x1) * (y2 - y1)), abs=1e-4
         )
-    assert first["mask_area_ratio"][1] == pytest.approx(area / ((x2 - x1) * (y2 - y1)), rel=0.02)
     assert Path(first["mask_file"]) == (tmp_path / "masks_out" / "src" / "000000.npy").resolve()
     assert out[1]["entities"] == [] and out[1]["mask_scores"] == [] and out[1]["mask_file"] is None
     assert np.load(out[2]["mask_file"]).shape == (1, 200, 90)
@@ -150,6 +157,61 @@ def test_npy_masks_align_with_entities_and_scores(tmp_path, masker):
     rerun = run(tmp_path, path, again)  # journaled: nothing recomputed, drops tried again
     assert again.images == 0 and rerun["computed"] == 0 and rerun["dropped"] == 2
     assert list(iter_jsonl(tmp_path / "out.jsonl")) == out
+
+
+def known_masks() -> np.ndarray:
+    """Masks on a 160x120 image for boxes [.25,.25,.75,.75] and [0,.5,.25,1] (known quality)."""
+    masks = np.zeros((2, 120, 160), bool)
+    masks[0, 30:90, 40:80] = True  # the left half of box 0: 2400 px inside its 80x60 box
+    masks[0, 0:20, 0:60] = True  # 1200 px outside: inside 2400/3600, area 3600/4800
+    masks[1, 60:120, 0:40] = True  # exactly box 1: inside 1.0, area 1.0
+    return masks
+
+
+KNOWN = [{"entity": "a", "bboxes": [[0.25, 0.25, 0.75, 0.75]]},
+         {"entity": "b", "bboxes": [[0.0, 0.5, 0.25, 1.0]]}]  # fmt: skip
+
+
+def test_quality_fields_are_what_known_masks_give(tmp_path):
+    path = captioned(tmp_path, [KNOWN])
+    stats = run(tmp_path, path, FixedMasker(known_masks(), [0.875, 0.25]))
+    (out,) = iter_jsonl(tmp_path / "out.jsonl")
+    assert out["mask_scores"] == [0.875, 0.25]
+    assert out["mask_inside_fraction"] == [0.6667, 1.0]
+    assert out["mask_area_ratio"] == [0.75, 1.0]
+    assert np.array_equal(np.load(out["mask_file"]), known_masks())
+    assert stats["computed"] == 1 and stats["entities"] == 2
+    # the floors act on those values: 0.6667 < 0.7 drops entity a, keeps b and its mask only
+    stats = run(tmp_path, path, FixedMasker(known_masks(), [0.875, 0.25]), "floor",
+                min_inside_fraction=0.7)  # fmt: skip
+    (out,) = iter_jsonl(tmp_path / "floor.jsonl")
+    assert [e["entity"] for e in out["entities"]] == ["b"] and out["mask_scores"] == [0.25]
+    assert np.array_equal(np.load(out["mask_file"]), known_masks()[1:])
+    assert stats["entities_dropped"] == 1
+
+
+def test_seed_records_without_source_get_the_seeds_mask_paths(tmp_path):
+    images = make_images(tmp_path / "img", [(160, 120)] * 2)
+    seed = [{"caption": "c", "entities": KNOWN, "image": [str(path)], "text": "",
+             "image_id": f"00000097{i}"} for i, path in enumerate(images)]  # fmt: skip
+    write_jsonl(tmp_path / "captioned.jsonl", seed)
+    fixed = FixedMasker(known_masks(), [0.9, 0.8])
+    stats = run(tmp_path, tmp_path / "captioned.jsonl", fixed)  # as `groundset mask` calls it
+    assert stats["masked"] == 2 and fixed.images == 2
+    mask_dir = tmp_path / "masks_out"
+    out = list(iter_jsonl(tmp_path / "out.jsonl"))
+    assert [r["mask_file"] for r in out] == [
+        str((mask_dir / "000000970.npy").resolve()),
+        str((mask_dir / "000000971.npy").resolve()),
+    ]  # masks/<image_id>.npy, as the seed's
+    assert sorted(p.name for p in mask_dir.iterdir()) == ["000000970.npy", "000000971.npy"]
+    assert all(np.array_equal(np.load(r["mask_file"]), known_masks()) for r in out)
+    assert all("source" not in r and isinstance(r["image"], str) for r in out)
+    journal = [json.loads(line) for line in (tmp_path / "out.journal.jsonl").open()]
+    assert [e["key"] for e in journal] == ["000000970", "000000971"]
+    again = FixedMasker(known_masks(), [0.9, 0.8])
+    assert run(tmp_path, tmp_path / "captioned.jsonl", again)["computed"] == 0
+    assert again.images == 0
 
 
 def test_rle_round_trips_to_the_npy_masks(tmp_path, masker):

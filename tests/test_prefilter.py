@@ -50,6 +50,7 @@ def test_boundaries_are_inclusive_like_the_filter_stage(tmp_path):
         {"URL": "u5", "WIDTH": 2049, "HEIGHT": 1024},  # ratio just over 2
         {"URL": "u6", "WIDTH": 0, "HEIGHT": 1024},  # unknown size: keep
     ]
+    rows = [{**row, "TEXT": "t"} for row in rows]
     src = write_parquet(tmp_path / "l.parquet", rows)
     stats = prefilter_url_list(src, tmp_path / "out", PrefilterRules())
     assert urls(tmp_path / "out" / "l.parquet") == ["u1", "u2", "u3", "u6"]
@@ -78,7 +79,9 @@ def test_disabled_size_filter_and_missing_columns_keep_rows(tmp_path):
     src = write_parquet(tmp_path / "l.parquet", rows)
     stats = prefilter_url_list(src, tmp_path / "out", PrefilterRules(max_punsafe=0.1))
     assert stats["rows_out"] == 2
-    src = write_parquet(tmp_path / "m.parquet", [{"URL": "u", "WIDTH": 10, "HEIGHT": 10}])
+    src = write_parquet(
+        tmp_path / "m.parquet", [{"URL": "u", "TEXT": "t", "WIDTH": 10, "HEIGHT": 10}]
+    )
     assert (
         prefilter_url_list(src, tmp_path / "o2", PrefilterRules(size_filter=False))["rows_out"] == 1
     )
@@ -87,7 +90,7 @@ def test_disabled_size_filter_and_missing_columns_keep_rows(tmp_path):
 def test_folder_input_streams_in_batches(tmp_path):
     for k in range(3):
         rows = [
-            {"URL": f"u{k}_{i}", "WIDTH": 2000 if i % 2 else 100, "HEIGHT": 2000}
+            {"URL": f"u{k}_{i}", "TEXT": "t", "WIDTH": 2000 if i % 2 else 100, "HEIGHT": 2000}
             for i in range(1000)
         ]
         write_parquet(tmp_path / "in" / f"part{k}.parquet", rows)
@@ -105,7 +108,9 @@ def test_folder_input_streams_in_batches(tmp_path):
 
 
 def test_all_rows_dropped_still_writes_a_readable_file(tmp_path):
-    src = write_parquet(tmp_path / "l.parquet", [{"URL": "u", "WIDTH": 5, "HEIGHT": 5}])
+    src = write_parquet(
+        tmp_path / "l.parquet", [{"URL": "u", "TEXT": "t", "WIDTH": 5, "HEIGHT": 5}]
+    )
     prefilter_url_list(src, tmp_path / "out", PrefilterRules())
     assert pq.read_table(tmp_path / "out" / "l.parquet").num_rows == 0
 
@@ -119,10 +124,78 @@ def test_clear_errors_name_the_file(tmp_path):
     src = write_parquet(tmp_path / "nourl.parquet", [{"url": "u", "TEXT": "t"}])
     with pytest.raises(ValueError, match=r"nourl.parquet: missing column\(s\) \['URL'\]"):
         prefilter_url_list(src, tmp_path / "out", PrefilterRules())
-    src = write_parquet(tmp_path / "nocol.parquet", [{"URL": "u"}])
-    with pytest.raises(ValueError, match=r"nocol.parquet: missing column\(s\) \['LANGUAGE'\]"):
-        prefilter_url_list(src, tmp_path / "out", PrefilterRules(), ["LANGUAGE"])
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match="bad.parquet: not a readable parquet file"):
         prefilter_url_list(bad, tmp_path / "out", PrefilterRules())
+
+
+def error_of(src, tmp_path, rules=None, columns=None) -> str:
+    with pytest.raises(ValueError) as caught:
+        prefilter_url_list(src, tmp_path / "out", rules or PrefilterRules(), columns)
+    return str(caught.value)
+
+
+def test_missing_url_or_caption_column_is_named_with_the_files_columns(tmp_path):
+    # img2dataset would die inside pyarrow: "ArrowInvalid: No match for FieldRef.Name(TEXT)"
+    src = write_parquet(
+        tmp_path / "url_lists" / "foo.parquet", [{"URL": "u", "caption": "c", "WIDTH": 2000}]
+    )
+    assert error_of(src, tmp_path) == (
+        f"{src}: missing column(s) ['TEXT']: it has no caption column 'TEXT' "
+        "(download.caption_col); its columns: URL, caption, WIDTH"
+    )
+    # download.prefilter.enabled: false only turns the size rules off: columns are still checked
+    assert "no caption column 'TEXT'" in error_of(src, tmp_path, PrefilterRules(size_filter=False))
+    src = write_parquet(tmp_path / "nourl.parquet", [{"url": "u", "TEXT": "t"}])
+    assert error_of(src, tmp_path) == (
+        f"{src}: missing column(s) ['URL']: it has no URL column 'URL' (download.url_col); "
+        "its columns: url, TEXT"
+    )
+    # the config's names are the ones checked
+    assert (
+        prefilter_url_list(src, tmp_path / "ok", PrefilterRules(url_col="url", caption_col="TEXT"))[
+            "rows_out"
+        ]
+        == 1
+    )
+
+
+def test_missing_saved_columns_name_the_config_key(tmp_path):
+    src = write_parquet(tmp_path / "nocol.parquet", [{"URL": "u", "TEXT": "t", "hash": 1}])
+    message = error_of(src, tmp_path, columns=["hash", "LANGUAGE"])
+    assert message == (
+        f"{src}: missing column(s) ['LANGUAGE']: it has no column 'LANGUAGE' "
+        "(sources[].save_additional_columns); its columns: URL, TEXT, hash"
+    )
+    src = write_parquet(tmp_path / "bare.parquet", [{"URL": "u"}])
+    message = error_of(src, tmp_path, columns=["similarity", "punsafe"])
+    assert message == (
+        f"{src}: missing column(s) ['TEXT', 'similarity', 'punsafe']: it has no caption column "
+        "'TEXT' (download.caption_col) and no columns 'similarity', 'punsafe' "
+        "(sources[].save_additional_columns); its columns: URL"
+    )
+
+
+def test_columns_of_every_file_are_checked_before_any_is_written(tmp_path):
+    write_parquet(tmp_path / "in" / "part0.parquet", [{"URL": "u", "TEXT": "t"}])
+    write_parquet(tmp_path / "in" / "part1.parquet", [{"URL": "u", "caption": "t"}])
+    with pytest.raises(ValueError, match=r"part1.parquet: missing column\(s\) \['TEXT'\]"):
+        prefilter_url_list(tmp_path / "in", tmp_path / "out", PrefilterRules())
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_rules_from_config_carry_the_caption_column():
+    config = {
+        "filter": {
+            "image_shape": {"min_width": 1, "min_height": 1},
+            "aspect_ratio": {"min_ratio": 0.1, "max_ratio": 10},
+        }
+    }
+    download = {
+        "url_col": "url",
+        "caption_col": "caption",
+        "prefilter": {"enabled": False, "max_punsafe": None, "max_pwatermark": None},
+    }
+    rules = PrefilterRules.from_config(config, download)
+    assert (rules.url_col, rules.caption_col, rules.size_filter) == ("url", "caption", False)

@@ -16,7 +16,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, SAMPLE, STAND_IN_CAPTIONS, run_snakemake, write_config, write_parquet
+from conftest import (
+    RANDOM_WEIGHTS,
+    ROOT,
+    SAMPLE,
+    STAND_IN_CAPTIONS,
+    run_snakemake,
+    write_config,
+    write_parquet,
+)
 from groundset.io import iter_jsonl
 
 pytestmark = pytest.mark.workflow
@@ -472,6 +480,7 @@ def _lay_down_manifest(tmp_path, records: int) -> dict:
         "sources": [{"name": "big", "url_list": str(url_list), "save_additional_columns": []}],
         "shard_size": 10,
         **STAND_IN_CAPTIONS,
+        **RANDOM_WEIGHTS,
     }
     paths = [
         "url_lists/big/urls.parquet",
@@ -523,6 +532,7 @@ def test_config_errors_stop_before_any_job(tmp_path):
         "shard_size": "many",
         "workdir": str(tmp_path / "results"),
         **STAND_IN_CAPTIONS,
+        **RANDOM_WEIGHTS,
     }
     done = run_snakemake(
         [*PROFILE, "--configfile", str(write_config(tmp_path / "c.yaml", config)), "-n"],
@@ -539,6 +549,7 @@ def test_missing_url_list_is_named(tmp_path):
         "sources": [{"name": "s", "url_list": str(tmp_path / "nowhere.parquet")}],
         "workdir": str(tmp_path / "results"),
         **STAND_IN_CAPTIONS,
+        **RANDOM_WEIGHTS,
     }
     done = run_snakemake(
         [*PROFILE, "--configfile", str(write_config(tmp_path / "c.yaml", config)), "-n"],
@@ -554,6 +565,7 @@ def test_url_list_without_url_column_fails_naming_file_and_column(tmp_path):
         "sources": [{"name": "s", "url_list": str(url_list), "save_additional_columns": []}],
         "workdir": str(tmp_path / "results"),
         **STAND_IN_CAPTIONS,
+        **RANDOM_WEIGHTS,
     }
     done = run_snakemake(
         [*PROFILE, "--configfile", str(write_config(tmp_path / "c.yaml", config)), "--cores", "1"],

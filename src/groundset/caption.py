@@ -99,6 +99,7 @@ class Settings:
     max_consecutive_failures: int = 20
     stand_in: bool | str = False
     stand_in_latency_s: float = 0.0
+    keep_ungrounded: bool = False
     api_key: str | None = field(default=None, repr=False)  # resolved at run time, never logged
 
     @classmethod
@@ -130,6 +131,13 @@ class Settings:
     def prompt_text(self) -> str:
         """The prompt sent with every image."""
         return self.prompt if self.prompt else PROMPTS[self.prompt_preset]
+
+    @property
+    def expects_json(self) -> bool:
+        """Whether the prompt asks for a JSON answer (then prose alone is unparseable, not a caption)."""
+        if self.prompt:
+            return "json" in self.prompt.lower()
+        return self.prompt_preset == "seed"
 
     @property
     def convention(self) -> str:
@@ -539,13 +547,24 @@ def iter_range(path: str | os.PathLike, start: int = 0, end: int | None = None) 
                 yield json.loads(line)
 
 
-def chunk_range(index_path: str | os.PathLike, chunk: int) -> tuple[str, int, int]:
-    """(input file, start, end) of chunk `chunk` of a chunk index (split's index format)."""
+def chunk_range(
+    index_path: str | os.PathLike, chunk: int, records_path: str | os.PathLike | None = None
+) -> tuple[str, int, int]:
+    """(input file, start, end) of chunk `chunk` of a chunk index (split's index format).
+
+    `records_path` (the rule's input; default: the file the index names) must be the file the
+    index was cut from, unchanged."""
     index = read_json(index_path)
+    path = str(records_path or index["manifest"])
+    if not 0 <= chunk < len(index["shards"]):
+        raise CaptionError(
+            f"chunk {chunk} is not in {index_path} ({len(index['shards'])} chunks): the plan is "
+            "stale (the caption input changed); run the same command again"
+        )
+    if Path(path).stat().st_size != index["manifest_bytes"]:
+        raise CaptionError(f"{path} changed since it was cut into chunks; rerun")
     entry = index["shards"][chunk]
-    if Path(index["manifest"]).stat().st_size != index["manifest_bytes"]:
-        raise CaptionError(f"{index['manifest']} changed since it was cut into chunks; rerun")
-    return index["manifest"], entry["start"], entry["end"]
+    return path, entry["start"], entry["end"]
 
 
 def question_id(settings: Settings) -> str:
@@ -570,7 +589,9 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _needs_request(entry: dict | None, retry_errors: bool, question: str) -> bool:
+def _needs_request(
+    entry: dict | None, retry_errors: bool, question: str, expect_json: bool = False
+) -> bool:
     """Whether a journaled (or absent) entry calls for a request."""
     if entry is None or entry.get("question") != question:
         return True
@@ -578,14 +599,18 @@ def _needs_request(entry: dict | None, retry_errors: bool, question: str) -> boo
         return False
     if entry["status"] == "error":
         return True
-    return parse_answer(entry.get("answer", ""), "normalized").caption is None
+    return (
+        parse_answer(entry.get("answer", ""), "normalized", expect_json=expect_json).error
+        is not None
+    )
 
 
 COUNTS = (
     "records", "captioned", "entities", "boxes", "without_entities", "from_journal",
     "requested", "attempts", "retries", "throttled", "dropped", "api_errors", "parse_errors",
-    "failed", "pending",
+    "failed", "pending", "ungrounded",
 )  # fmt: skip
+UNGROUNDED = "no_valid_box"  # reason of a caption dropped for want of one valid box
 
 
 def caption_chunk(
@@ -650,6 +675,7 @@ def caption_chunk(
                     entry["answer"],
                     settings.convention,
                     image_size=(entry.get("width"), entry.get("height")),
+                    expect_json=settings.expects_json,
                 )
                 boxes_dropped.update(parsed.dropped)
                 if parsed.error:
@@ -658,6 +684,17 @@ def caption_chunk(
                     err_out.write(
                         dumps_record({**base, "status": "error", "reason": parsed.error,
                                       "attempts": entry["attempts"],
+                                      "answer": entry["answer"][:ANSWER_KEEP_CHARS]})
+                        + "\n"
+                    )  # fmt: skip
+                    continue
+                if not parsed.entities and not settings.keep_ungrounded:
+                    # a caption without one valid box is not grounding data
+                    counts["ungrounded"] += 1
+                    reasons[UNGROUNDED] += 1
+                    err_out.write(
+                        dumps_record({**base, "status": "dropped", "reason": UNGROUNDED,
+                                      "caption": parsed.caption, "attempts": entry["attempts"],
                                       "answer": entry["answer"][:ANSWER_KEEP_CHARS]})
                         + "\n"
                     )  # fmt: skip
@@ -678,6 +715,7 @@ def caption_chunk(
     counts["seconds"] = round(time.monotonic() - began, 3)
     result = {
         **dict(counts),
+        "range": [start, end],
         "error_reasons": dict(reasons),
         "boxes_dropped": dict(boxes_dropped),
         "backend": settings.backend,
@@ -740,7 +778,9 @@ def _request_pending(
         try:
             for record in iter_range(records_path, start, end):
                 key = record_key(record)
-                if not _needs_request(journal.done(key), retry_errors, question):
+                if not _needs_request(
+                    journal.done(key), retry_errors, question, settings.expects_json
+                ):
                     counts["from_journal"] += 1
                     continue
                 try:
@@ -871,13 +911,16 @@ def gather_chunks(
     output: str | os.PathLike,
     errors_out: str | os.PathLike,
     stats_out: str | os.PathLike,
+    index: str | os.PathLike | None = None,
 ) -> dict:
-    """Concatenate chunk outputs (and their error files) in chunk order and total their counts."""
-    totals: Counter = Counter()
+    """Concatenate chunk outputs (and their error files) in chunk order and total their counts;
+    with `index`, the chunks must be those of the chunk index."""
+    totals: Counter = Counter(dict.fromkeys(COUNTS, 0))
     reasons: Counter = Counter()
     boxes: Counter = Counter()
     meta: dict = {}
-    for stats in concat_chunks(chunks, output, "errors", errors_out):
+    for stats in concat_chunks(chunks, output, "errors", errors_out, index):
+        stats.pop("range", None)
         reasons.update(stats.pop("error_reasons", {}))
         boxes.update(stats.pop("boxes_dropped", {}))
         stand_in = bool(stats.pop("stand_in", False))

@@ -5,15 +5,21 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator, validators
 
+# The schemas ship inside the package (package data; in the repository `schemas` is a link to
+# workflow/schemas, the one copy), so an installed groundset validates configs too.
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
 DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
+# The checkpoint file of each SAM2 model config (sam2.1_hiera_l.yaml -> sam2.1_hiera_large.pt).
+SAM2_SIZES = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
 
 
 class ConfigError(ValueError):
@@ -35,47 +41,156 @@ def _with_defaults(validator_class: type) -> type:
 
 
 def load_schema(name: str = "config") -> dict:
-    """Read `workflow/schemas/<name>.schema.yaml`."""
+    """Read the package's `schemas/<name>.schema.yaml` (workflow/schemas in the repository)."""
     path = SCHEMA_DIR / f"{name}.schema.yaml"
     if not path.exists():
-        raise FileNotFoundError(
-            f"schema {path} not found (is groundset installed from its repository?)"
-        )
+        raise FileNotFoundError(f"schema {path} not found (groundset installed without its data?)")
     with open(path, encoding="utf-8") as handle:
         return yaml.safe_load(handle)
 
 
+def key_path(parts: Iterable[str | int]) -> str:
+    """A config key path as users write it: `filter.aesthetics.min_score`, `sources[0].name`."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else f"{'.' if text else ''}{part}"
+    return text or "<top level>"
+
+
+def _raise(source: str, problems: list[str]) -> None:
+    """Raise one ConfigError listing every problem, one line each, if there are any."""
+    if problems:
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise ConfigError(f"{source}: invalid configuration ({count}):\n" + "\n".join(problems))
+
+
 def validate_config(config: dict, source: str = "config") -> dict:
-    """Validate a config dict in place, filling defaults; raise ConfigError naming the bad key."""
+    """Validate a config dict in place, filling defaults; raise ConfigError naming each bad key."""
     validator = _with_defaults(Draft202012Validator)(load_schema("config"))
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = [f"{source}: invalid configuration"]
-        for err in errors:
-            where = "/".join(str(p) for p in err.absolute_path) or "<top level>"
-            lines.append(f"  {where}: {err.message}")
-        raise ConfigError("\n".join(lines))
+    errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
+    _raise(source, [f"{key_path(e.absolute_path)}: {e.message}" for e in errors])
     return check_config(config, source)
 
 
 def check_config(config: dict, source: str = "config") -> dict:
-    """Checks the schema cannot express: unique source names, known per-source download keys."""
+    """What the schema cannot express: one line per problem, each leading with its key path."""
+    problems = (
+        _source_problems(config)
+        + _threshold_problems(config)
+        + _caption_problems(config)
+        + _weight_problems(config)
+    )
+    _raise(source, problems)
+    return config
+
+
+def _source_problems(config: dict) -> list[str]:
+    """Unique source names; per-source download overrides valid and able to pass the filter."""
     names = [s["name"] for s in config["sources"]]
     dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"{source}: duplicate source names: {', '.join(dupes)}")
+    problems = [f"sources: duplicate source names: {', '.join(dupes)}"] if dupes else []
     download_schema = load_schema("config")["properties"]["download"]
-    for src in config["sources"]:
+    for i, src in enumerate(config["sources"]):
         merged = download_options(config, src)
         errors = list(Draft202012Validator(download_schema).iter_errors(merged))
+        problems += [
+            f"{key_path(['sources', i, 'download', *e.absolute_path])}: {e.message}" for e in errors
+        ]
         if errors:
-            raise ConfigError(
-                f"{source}: sources/{src['name']}/download: "
-                + "; ".join(
-                    f"{'/'.join(map(str, e.absolute_path)) or '.'}: {e.message}" for e in errors
-                )
-            )
-    return config
+            continue
+        overridden = {"image_size", "resize_mode"} & set(src.get("download") or {})
+        where = ["sources", i, "download"] if overridden else ["download"]
+        problem = _resize_problem(merged, config["filter"]["image_shape"], where)
+        if problem and problem not in problems:
+            problems.append(problem)
+    return problems
+
+
+def _resize_problem(options: dict, shape: dict, where: list) -> str | None:
+    """img2dataset resizing every image below filter.image_shape (the filter would drop all)."""
+    size, mode = options["image_size"], options["resize_mode"]
+    low, high = sorted((shape["min_width"], shape["min_height"]))
+    # keep_ratio: the short side becomes image_size; the others: no side exceeds image_size
+    limit = low if mode == "keep_ratio" else high
+    if mode == "no" or size >= limit:
+        return None
+    return (
+        f"{key_path([*where, 'image_size'])}: {size} with resize_mode {mode} leaves every image "
+        f"smaller than filter.image_shape ({shape['min_width']} x {shape['min_height']}), so the "
+        "filter drops them all; raise image_size or lower filter.image_shape"
+    )
+
+
+def _threshold_problems(config: dict) -> list[str]:
+    """Ranges that select nothing: min above max, aesthetic tiers out of order or out of range."""
+    filt = config["filter"]
+    ratio, aes, tiers = filt["aspect_ratio"], filt["aesthetics"], filt["aesthetics_tiers"]
+    problems = []
+    if ratio["min_ratio"] > ratio["max_ratio"]:
+        problems.append(
+            f"filter.aspect_ratio.min_ratio: {ratio['min_ratio']} is greater than "
+            f"filter.aspect_ratio.max_ratio {ratio['max_ratio']}, so no image passes"
+        )
+    if aes["min_score"] > aes["max_score"]:
+        problems.append(
+            f"filter.aesthetics.min_score: {aes['min_score']} is greater than "
+            f"filter.aesthetics.max_score {aes['max_score']}, so no image passes"
+        )
+    if list(tiers) != sorted(tiers):
+        problems.append(
+            f"filter.aesthetics_tiers: {tiers} must be non-decreasing "
+            "(merged_output.jsonl keeps >= the first, aes_6.jsonl >= the second)"
+        )
+    outside = [t for t in tiers if not aes["min_score"] <= t <= aes["max_score"]]
+    if outside:
+        problems.append(
+            f"filter.aesthetics_tiers: {outside} outside [filter.aesthetics.min_score, "
+            f"filter.aesthetics.max_score] = [{aes['min_score']}, {aes['max_score']}]: the filter "
+            "keeps only that range (a tier below it keeps what min_score keeps, one above nothing)"
+        )
+    return problems
+
+
+def _caption_problems(config: dict) -> list[str]:
+    """Back-off bounds in order."""
+    caption = config["caption"]
+    if caption["backoff_base_s"] > caption["backoff_cap_s"]:
+        return [
+            f"caption.backoff_base_s: {caption['backoff_base_s']} is greater than "
+            f"caption.backoff_cap_s {caption['backoff_cap_s']}"
+        ]
+    return []
+
+
+def _sam2_checkpoint_name(model_config: str) -> str:
+    """The checkpoint file name that matches a SAM2 model config, e.g. sam2.1_hiera_large.pt."""
+    found = re.fullmatch(r"(sam2(?:\.1)?)_hiera_(t|s|b\+|l)\.yaml", Path(model_config).name)
+    if not found:
+        return "the SAM2 checkpoint (.pt)"
+    return f"a {found[1]}_hiera_{SAM2_SIZES[found[2]]}.pt file"
+
+
+def _weight_problems(config: dict) -> list[str]:
+    """No model weights (null checkpoint / tokenizer) without the random_weights opt-in."""
+    problems = []
+    mask = config["mask"]
+    if mask["checkpoint"] is None and not mask["random_weights"]:
+        problems.append(
+            "mask.checkpoint: null means no SAM2 weights; set it to "
+            f"{_sam2_checkpoint_name(mask['model_config'])} matching mask.model_config "
+            f"({mask['model_config']}), or set mask.random_weights: true for tests "
+            "(masks are noise)"
+        )
+    emu3 = config["export"]["emu3"]
+    exported = "emu3" in config["export"].get("formats", ["emu3"])
+    if exported and emu3["tokenize"] and emu3["tokenizer"] is None and not emu3["random_weights"]:
+        problems.append(
+            "export.emu3.tokenizer: null means no Emu3 vision tokenizer; set it to a folder of "
+            "BAAI/Emu3-VisionTokenizer or an Emu3 -hf checkpoint, set export.emu3.tokenize: false "
+            "for prompts and lists only, or set export.emu3.random_weights: true for tests "
+            "(tokens are noise)"
+        )
+    return problems
 
 
 def load_config(path: str | os.PathLike | None = None) -> dict:
@@ -110,11 +225,22 @@ def find_source(config: dict, name: str) -> dict:
 
 
 def _type_name(schema: dict) -> str:
-    """A short type label for the config table."""
+    """A short type label for the config table (allowed values and range included)."""
     kind = schema.get("type", "")
     kind = " or ".join(kind) if isinstance(kind, list) else kind
     if "enum" in schema:
         kind += " (" + ", ".join(str(v) for v in schema["enum"]) + ")"
+    low = ("[", schema["minimum"]) if "minimum" in schema else ("(", schema.get("exclusiveMinimum"))
+    high = ("]", schema["maximum"]) if "maximum" in schema else (")", None)
+    if low[1] is not None and high[1] is not None:
+        kind += f" in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    elif low[1] is not None:
+        kind += f" {'>=' if low[0] == '[' else '>'} {low[1]}"
+    elif high[1] is not None:
+        kind += f" <= {high[1]}"
+    items = schema.get("items")
+    if kind == "array" and isinstance(items, dict) and "type" in items:
+        kind += " of " + _type_name(items)
     return kind
 
 

@@ -49,11 +49,25 @@ def img2dataset_command(kwargs: dict) -> list[str]:
     return args
 
 
-def url_list_rows(files: list[Path]) -> int:
-    """Total rows of parquet files, read from their footers."""
-    import pyarrow.parquet as pq  # lazily: the manifest stage imports this module too
+def url_list_rows(
+    files: list[Path], opts: dict | None = None, save_columns: list[str] | None = None
+) -> int:
+    """Total rows of parquet files, read from their footers; with `opts`, check their columns.
 
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    The check names the file and its columns where img2dataset would die inside pyarrow (the
+    prefilter checks too, but `groundset download` may be given a URL list of its own).
+    """
+    from .prefilter import check_columns, open_parquet  # lazily: the manifest imports this module
+
+    rows = 0
+    for path in files:
+        with open_parquet(path) as parquet:
+            if opts is not None:
+                # img2dataset's own defaults where the options leave a column out
+                check_columns(path, parquet.schema_arrow.names, opts.get("url_col", "url"),
+                              opts.get("caption_col"), save_columns or [])  # fmt: skip
+            rows += parquet.metadata.num_rows
+    return rows
 
 
 def url_list_fingerprint(files: list[Path]) -> str:
@@ -128,7 +142,7 @@ def download_source(
 
     output_folder = Path(output_folder).resolve()
     files = list_parquet_files(url_list)
-    expected = url_list_rows(files)
+    expected = url_list_rows(files, opts, save_columns)
     prepare_output(output_folder, url_list_fingerprint(files))
     if expected:
         kwargs = img2dataset_kwargs(

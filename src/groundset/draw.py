@@ -1,7 +1,8 @@
 """Drawings for inspection: entity boxes with labels, and SAM2 masks as coloured overlays.
 
 A deterministic sample of N records (reservoir sampling with a fixed seed, one streaming pass)
-is drawn into `draw/<source>/<image_id>.jpg` and `draw_sam2_mask/<source>/<image_id>.png`.
+is drawn into `draw/<source>/<image_id>.jpg` and `draw_sam2_mask/<source>/<image_id>.png`
+(`draw/<image_id>.jpg` for a record without a source, as the seed's drawings).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .grounding import record_boxes
 from .io import iter_jsonl
+from .records import image_path, record_boxes, record_relpath
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip
@@ -37,8 +38,7 @@ def sample_records(path: str | os.PathLike, n: int, seed: int = 0) -> list[dict]
 
 def _open(record: dict) -> tuple[Image.Image, float]:
     """The record's image as RGB, scaled to at most MAX_SIDE, and the scale."""
-    image = record["image"][0] if isinstance(record["image"], list) else record["image"]
-    with Image.open(image) as img:
+    with Image.open(image_path(record)) as img:
         img = img.convert("RGB")
     scale = min(1.0, MAX_SIDE / max(img.size))
     if scale < 1.0:
@@ -104,12 +104,13 @@ def draw_sample(
     outdir = Path(outdir)
     counts = {"boxes": 0, "masks": 0, "failed": 0}
     for record in sample_records(path, n, seed):
-        name = f"{record.get('source') or '_'}/{record['image_id']}"
         try:
-            _save(draw_boxes(record), outdir / "draw" / f"{name}.jpg")
+            _save(draw_boxes(record), outdir / "draw" / record_relpath(record, ".jpg"))
             counts["boxes"] += 1
             if "mask_scores" in record and (record.get("mask_file") or record.get("mask_rle")):
-                _save(draw_masks(record), outdir / "draw_sam2_mask" / f"{name}.png")
+                _save(
+                    draw_masks(record), outdir / "draw_sam2_mask" / record_relpath(record, ".png")
+                )
                 counts["masks"] += 1
         except (OSError, ValueError):
             counts["failed"] += 1

@@ -3,13 +3,15 @@
 Under the export folder (`export/emu3` in the workflow):
   feature/<source>/<image_id>.pth  {"name", "images" (int64 token grid h×w), "texts"}: what
                                    Emu3's `Emu3FeatureDataset` loads with `torch.load`
+                                   (`feature/<image_id>.pth` for a record without a source)
   list/datalist.jsonl              one line per exported image (name, path, image, texts, tokens)
-  list/train.json                  {"prefix": <absolute feature folder>, "path_list": [...]}
+  list/train.json                  {"prefix": <absolute feature folder>, "path_list": [...]}:
+                                   the seed's two keys, nothing else
   list/error.jsonl                 records not exported, each with its reason
   list/prompts.json                [{"name", "image", "text"}]: the input of Emu3's prepare_data.py
-The records are split into `parts` by a hash of `source/image_id`, one job (one GPU) per part.
-Every saved feature is journaled, so a rerun tokenizes nothing twice and a changed prompt
-template rewrites only the texts.
+The records are split into `parts` by a hash of their key (`records.record_key`), one job
+(one GPU) per part. Every saved feature is journaled, so a rerun tokenizes nothing twice and a
+changed prompt template rewrites only the texts.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .grounding import record_boxes
 from .io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
 from .journal import Journal
 from .mask import resolve_device
+from .records import RecordError, feature_relpath, image_path, record_boxes, record_key
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +105,6 @@ class Emu3Settings:
         return hashlib.sha1(f"{source}|{self.image_area}".encode()).hexdigest()[:16]
 
 
-def record_key(record: dict) -> str:
-    """`source/image_id`: the feature's name (image ids repeat across sources)."""
-    return f"{record.get('source') or '_'}/{record['image_id']}"
-
-
 def part_of(key: str, parts: int) -> int:
     """The part a record belongs to (a stable hash of its key)."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % parts
@@ -143,10 +140,12 @@ def token_shape(width: int, height: int, area: int, factor: int) -> tuple[int, i
     return h // factor, w // factor
 
 
-def image_path(record: dict) -> str:
-    """The record's image path (a list of one before masking, a string after)."""
-    image = record.get("image")
-    return image[0] if isinstance(image, list) else image
+def _image_or_none(record: dict) -> str | None:
+    """The record's image path, or None when it names none (for error lines)."""
+    try:
+        return image_path(record)
+    except RecordError:
+        return None
 
 
 def load_pixels(path: str, area: int, factor: int) -> np.ndarray:
@@ -298,6 +297,7 @@ class _Item:
     key: str
     record: dict
     prompt: str = ""
+    feature: str = ""
     pixels: np.ndarray | None = None
     shape: tuple[int, int] | None = None
     problem: tuple[str, str] | None = None
@@ -318,11 +318,12 @@ class _PartWriter:
         line = {
             "name": item.key,
             "image": image_path(item.record),
-            "image_id": item.record["image_id"],
+            "image_id": item.record.get("image_id"),
             "source": item.record.get("source"),
+            "path": item.feature,
         }
         if self.tokenize:
-            line.update(path=f"{item.key}.pth", texts=item.prompt, tokens=list(tokens))
+            line.update(texts=item.prompt, tokens=list(tokens))
         else:
             line["text"] = item.prompt
         self.records.write(dumps_record(line) + "\n")
@@ -331,7 +332,7 @@ class _PartWriter:
     def error(self, record: dict, reason: str, detail: str = "") -> None:
         """One record not exported, with its reason."""
         entry = {"image_id": record.get("image_id"), "source": record.get("source")}
-        entry.update(image=image_path(record), reason=reason, detail=detail)
+        entry.update(image=_image_or_none(record), reason=reason, detail=detail)
         self.errors.write(dumps_record(entry) + "\n")
         self.reasons[reason] += 1
 
@@ -339,7 +340,14 @@ class _PartWriter:
 def _records_of_part(path: str | os.PathLike, part: int, parts: int) -> Iterator[dict]:
     """The input records that belong to `part`."""
     for record in iter_jsonl(path):
-        if parts == 1 or part_of(record_key(record), parts) == part:
+        if parts == 1:
+            yield record
+            continue
+        try:
+            key = record_key(record)
+        except RecordError:  # neither id nor image: part 0 reports it (image_missing)
+            key = None
+        if (0 if key is None else part_of(key, parts)) == part:
             yield record
 
 
@@ -347,9 +355,13 @@ def _check(record: dict) -> str | None:
     """Why a record cannot be exported, if it cannot."""
     if not str(record.get("caption") or "").strip():
         return "no_caption"
-    path = image_path(record)
+    path = _image_or_none(record)
     if not path or not os.path.exists(path):
         return "image_missing"
+    try:
+        feature_relpath(record)
+    except RecordError:
+        return "bad_name"  # an id or source that cannot name a feature file
     return None
 
 
@@ -406,7 +418,7 @@ def export_part(
                     tokens = tokenizer.encode(np.stack([item.pixels for item in batch]))
                     entries = []
                     for item, grid_tokens in zip(batch, tokens, strict=True):
-                        feature = writer.feature_dir / f"{item.key}.pth"
+                        feature = writer.feature_dir / item.feature
                         save_feature(feature, item.key, grid_tokens, item.prompt)
                         item.shape, item.pixels = tuple(grid_tokens.shape), None
                         entries.append(
@@ -431,11 +443,11 @@ def export_part(
             if problem:
                 return _Item(str(record.get("image_id")), record, problem=(problem, ""))
             prompt = format_prompt(record, settings.header, settings.entity)
-            item = _Item(record_key(record), record, prompt)
+            item = _Item(record_key(record), record, prompt, feature_relpath(record))
             if not settings.tokenize:
                 return item
             done = journal.done(item.key)
-            feature = writer.feature_dir / f"{item.key}.pth"
+            feature = writer.feature_dir / item.feature
             if done and done.get("digest") == digest and feature.exists():
                 if done.get("texts_sha1") != _sha1(prompt):  # the prompt changed: texts only
                     tokens = load_feature(feature)["images"].numpy()
@@ -516,7 +528,7 @@ def gather_emu3(outdir: str | os.PathLike, settings: Emu3Settings) -> dict:
                     counts["not_listed_max_items"] += 1
                     continue
                 sep = ", " if listed else ""
-                path = line.get("path") or f"{line['name']}.pth"
+                path = line.get("path") or f"{line['name']}.pth"  # parts of older versions
                 train.write(sep + json.dumps(path))
                 entry = {
                     "name": line["name"],
@@ -528,7 +540,7 @@ def gather_emu3(outdir: str | os.PathLike, settings: Emu3Settings) -> dict:
             with open(paths["errors"], encoding="utf-8") as handle:
                 for line in handle:
                     errors.write(line)
-        train.write("]" + ("" if settings.tokenize else ', "tokenized": false') + "}\n")
+        train.write("]}\n")  # the seed's keys only (whether features exist: emu3_stats.json)
         prompts.write("]\n")
     stats = {
         **{k: counts[k] for k in ("records", "exported", "tokenized", "reused", "texts_rewritten")},

@@ -17,6 +17,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+# The record helpers live in groundset.records; re-exported for older imports.
+from .records import entity_boxes as entity_boxes
+from .records import record_boxes as record_boxes
+
 CONVENTIONS = ("grid1000", "pixels", "normalized")
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
 _NUMBER = r"-?\d+(?:\.\d+)?"
@@ -31,6 +35,19 @@ _QWEN2_BOX = re.compile(r"<\|box_start\|>(.*?)<\|box_end\|>", re.S)
 _QWEN1_REF = re.compile(r"<ref>(?P<name>.*?)</ref>(?P<boxes>(?:\s*<box>.*?</box>)+)", re.S)
 _QWEN1_BOX = re.compile(r"<box>(.*?)</box>", re.S)
 _SPECIAL = re.compile(r"<\|[a-z_]+\|>|</?ref>|</?box>")
+# The openings of a declined request ("I'm sorry, but I can't help with that.").
+_REFUSAL = re.compile(
+    r"(i['\u2019]?m sorry|i am sorry|sorry,|i apologi[sz]e|apologies,|unfortunately,? i |"
+    r"i['\u2019]?m (?:not able|unable)\b|"
+    r"i (?:can(?:not|['\u2019]?t)|am (?:not able|unable)|['\u2019]?m (?:not able|unable)|"
+    r"won['\u2019]?t|will not|do not feel comfortable)\b|as an ai\b)",
+    re.I,
+)
+# Why an answer yields no caption (error reasons in the caption stage's error file).
+EMPTY = "empty_answer"
+UNPARSEABLE = "unparseable_answer"
+NO_CAPTION = "no_caption"
+REFUSAL = "refusal"
 
 
 @dataclass
@@ -41,20 +58,6 @@ class Parsed:
     entities: list[dict] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
     error: str | None = None
-
-
-def entity_boxes(entity: dict) -> list:
-    """The boxes of one entity, captioned (`bboxes`, a list) or masked (`bbox`, one box)."""
-    return entity.get("bboxes") or ([entity["bbox"]] if "bbox" in entity else [])
-
-
-def record_boxes(record: dict) -> list[tuple[str, list[float]]]:
-    """(entity name, normalized box) pairs of a captioned or masked record, in order."""
-    return [
-        (str(entity.get("entity", "")), box)
-        for entity in record.get("entities") or []
-        for box in entity_boxes(entity)
-    ]
 
 
 def smart_resize(
@@ -176,16 +179,23 @@ def _entities_from_tokens(text: str) -> tuple[str | None, list[tuple[str, list]]
     return caption or None, pairs
 
 
+def is_refusal(text: str) -> bool:
+    """Whether a caption or answer is the model declining ("I'm sorry, but I can't ...")."""
+    return bool(_REFUSAL.match(text.strip().strip("\"'")))
+
+
 def parse_answer(
     text: str,
     convention: str = "grid1000",
     image_size: tuple[int, int] | None = None,
     frame: tuple[int, int] | None = None,
+    expect_json: bool = False,
 ) -> Parsed:
     """Parse one model answer. `image_size` (width, height) gives the frame of `pixels` boxes via
-    Qwen's smart_resize unless `frame` is given."""
+    Qwen's smart_resize unless `frame` is given; with `expect_json` (the prompt asked for JSON),
+    an answer with neither the JSON object nor grounding tokens is an error, not a caption."""
     if not isinstance(text, str) or not text.strip():
-        return Parsed(None, error="empty answer")
+        return Parsed(None, error=EMPTY)
     if convention == "pixels" and frame is None and image_size:
         h, w = smart_resize(image_size[1], image_size[0])
         frame = (w, h)
@@ -196,8 +206,10 @@ def parse_answer(
         caption, pairs = _entities_from_tokens(text)
         if not pairs:
             body = text.strip()
-            if body.startswith(("{", "[", "```")) or '"caption"' in body:
-                return Parsed(None, error="unparsable JSON answer")
+            if is_refusal(body):
+                return Parsed(None, error=REFUSAL)
+            if expect_json or body.startswith(("{", "[", "```")) or '"caption"' in body:
+                return Parsed(None, error=UNPARSEABLE)
             caption = re.sub(r"\s+", " ", body) or None  # plain prose: a caption without entities
     parsed = Parsed(caption)
     merged: dict[str, list] = {}
@@ -218,5 +230,7 @@ def parse_answer(
             parsed.dropped["entity_without_box"] += 1
     parsed.entities = [{"entity": name, "bboxes": boxes} for name, boxes in merged.items()]
     if not parsed.caption:
-        parsed.error = "no caption in the answer"
+        parsed.error = NO_CAPTION
+    elif is_refusal(parsed.caption):
+        parsed.caption, parsed.entities, parsed.error = None, [], REFUSAL
     return parsed

@@ -3,33 +3,102 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+# os.open's flags for a fresh temp file: never an existing one, never inherited by children.
+_TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+# numpy's message when the C-level write of an array (`ndarray.tofile`, used by `np.save` on
+# real files) comes up short, as it does on a full disk: "3145728 requested and 1003392 written".
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
+
+class NoSpaceLeftError(OSError):
+    """A write failed because its device (or the user's quota) is full; names the file."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _is_disk_full(err: OSError) -> bool:
+    """Whether `err` is a full device or quota, or numpy's short-write report of one."""
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    return err.errno is None and bool(_SHORT_WRITE.match(str(err)))
+
+
+def _disk_full_error(path: Path, err: OSError) -> NoSpaceLeftError:
+    """The clear error for a full disk (or quota) while writing `path`."""
+    if err.errno == getattr(errno, "EDQUOT", None):
+        return NoSpaceLeftError(err.errno, f"disk quota exceeded writing {path}")
+    return NoSpaceLeftError(errno.ENOSPC, f"no space left on device writing {path}")
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """Create a fresh temp file beside `path` with the mode a plain open() gives (0o666 & ~umask).
+
+    The kernel applies the umask (and any default ACL of the folder) itself, so nothing reads or
+    sets the process-wide umask; tempfile.mkstemp would create the file 0600.
+    """
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, _TEMP_FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temp file name beside {path}")
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", fsync: bool = True) -> Iterator[IO]:
-    """Open a temp file beside `path`; rename it over `path` only if the block succeeds."""
+    """Open a temp file beside `path`; rename it over `path` only if the block succeeds.
+
+    The file gets the mode a plain open() gives under the umask (the dataset lives on a shared
+    filesystem); a full disk while flushing, syncing or closing raises NoSpaceLeftError.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     encoding = None if "b" in mode else "utf-8"
     try:
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
-            handle.flush()
-            if fsync:
-                os.fsync(handle.fileno())
+            try:
+                handle.flush()
+                if fsync:
+                    os.fsync(handle.fileno())
+                handle.close()
+            except OSError as err:
+                if _is_disk_full(err) and not isinstance(err, NoSpaceLeftError):
+                    raise _disk_full_error(path, err) from err
+                raise
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+def atomic_save(
+    path: str | os.PathLike, write: Callable[[IO], object], mode: str = "wb", fsync: bool = True
+) -> None:
+    """Write `path` atomically through `write(handle)`; a full disk raises NoSpaceLeftError."""
+    try:
+        with atomic_write(path, mode, fsync) as handle:
+            write(handle)
+    except NoSpaceLeftError:
+        raise
+    except OSError as err:
+        if _is_disk_full(err):
+            raise _disk_full_error(Path(path), err) from err
         raise
 
 
@@ -85,17 +154,49 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     return count
 
 
+class StalePlanError(RuntimeError):
+    """The chunk files a gather got are not the chunks of the current chunk index."""
+
+
+def check_chunk_plan(index_path: str | os.PathLike, chunks: list, stats: list[dict]) -> None:
+    """Raise StalePlanError unless `chunks` (and their stats' byte ranges) are the index's chunks."""
+    entries = read_json(index_path)["shards"]
+    names = [Path(str(chunk)).name for chunk in chunks]
+    expected = [f"chunk_{entry['shard']}.jsonl" for entry in entries]
+    problem = None
+    if names != expected:
+        problem = f"got {len(names)} chunk files for the {len(expected)} chunks of the index"
+    else:
+        for name, entry, chunk_stats in zip(names, entries, stats, strict=True):
+            got = chunk_stats.get("range")
+            if got is not None and list(got) != [entry["start"], entry["end"]]:
+                problem = (
+                    f"{name} holds bytes {got}, the index says [{entry['start']}, {entry['end']}]"
+                )
+                break
+    if problem:
+        raise StalePlanError(
+            f"the chunk plan is stale ({problem} in {index_path}): the caption input changed "
+            "after the chunks were planned. Run the same command again; nothing is paid twice"
+        )
+
+
 def concat_chunks(
     chunks: Iterable[str | os.PathLike], output: str | os.PathLike, side: str,
-    side_out: str | os.PathLike,
+    side_out: str | os.PathLike, index: str | os.PathLike | None = None,
 ) -> list[dict]:  # fmt: skip
-    """Concatenate chunk JSONL files and their `…_{side}.jsonl` files in order; return their stats."""
-    stats = []
+    """Concatenate chunk JSONL files and their `…_{side}.jsonl` files in order; return their stats.
+
+    With `index` (the chunk index), first check that the chunks are exactly its chunks.
+    """
+    chunks = list(chunks)
+    bases = [str(chunk).removesuffix(".jsonl") for chunk in chunks]
+    stats = [read_json(f"{base}_stats.json") for base in bases]
+    if index is not None:
+        check_chunk_plan(index, chunks, stats)
     with atomic_write(output, "wb") as out, atomic_write(side_out, "wb") as side_handle:
-        for chunk in chunks:
-            base = str(chunk).removesuffix(".jsonl")
+        for chunk, base in zip(chunks, bases, strict=True):
             for path, handle in ((chunk, out), (f"{base}_{side}.jsonl", side_handle)):
                 with open(path, "rb") as src:
                     shutil.copyfileobj(src, handle, 1 << 20)
-            stats.append(read_json(f"{base}_stats.json"))
     return stats

@@ -15,7 +15,6 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -26,8 +25,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .io import atomic_write, concat_chunks, dumps_record, iter_jsonl, write_json
+from .io import atomic_save, atomic_write, concat_chunks, dumps_record, iter_jsonl, write_json
 from .journal import Journal
+from .records import RecordError, flatten_record, mask_relpath, record_key
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +80,6 @@ class MaskSettings:
 # --- records --------------------------------------------------------------------------------
 
 
-def flatten_record(record: dict) -> dict:
-    """The masking format (the seed's parse_jsonl_file): `image` as a string, one entity per box."""
-    image = record.get("image")
-    if isinstance(image, list):
-        image = image[0] if image else None
-    entities = []
-    for entity in record.get("entities") or []:
-        boxes = entity.get("bboxes")
-        if boxes is None and "bbox" in entity:
-            boxes = [entity["bbox"]]
-        for box in boxes or []:
-            entities.append({"entity": entity["entity"], "bbox": [float(v) for v in box]})
-    return {**record, "image": image, "entities": entities}
-
-
 def pixel_boxes(entities: list[dict], width: int, height: int) -> np.ndarray:
     """(N, 4) float32 pixel boxes [x1, y1, x2, y2] from normalized ones."""
     if not entities:
@@ -104,14 +89,8 @@ def pixel_boxes(entities: list[dict], width: int, height: int) -> np.ndarray:
 
 
 def mask_path(mask_dir: str | os.PathLike, record: dict) -> Path:
-    """`<mask_dir>/<source>/<image_id>.npy` (image ids repeat across sources)."""
-    source = record.get("source") or "_"
-    return Path(mask_dir) / str(source) / f"{record['image_id']}.npy"
-
-
-def record_key(record: dict) -> str:
-    """Journal key: `source/image_id`."""
-    return f"{record.get('source') or '_'}/{record['image_id']}"
+    """`<mask_dir>/<source>/<image_id>.npy`, or `<mask_dir>/<image_id>.npy` without a source."""
+    return Path(mask_dir) / mask_relpath(record)
 
 
 # --- images ---------------------------------------------------------------------------------
@@ -255,17 +234,8 @@ def decode_rle(rles: list[dict]) -> np.ndarray:
 
 
 def save_npy(path: Path, masks: np.ndarray) -> int:
-    """Write a bool (N, H, W) array atomically; returns its bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, masks)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write a bool (N, H, W) array atomically; returns its bytes (a full disk says so)."""
+    atomic_save(path, lambda handle: np.save(handle, masks), fsync=False)
     return path.stat().st_size
 
 
@@ -290,6 +260,11 @@ def _decode(record: dict) -> _Item:
         return item
     if not flat["image"] or not Path(flat["image"]).is_file():
         item.error = "image_missing"
+        return item
+    try:
+        mask_relpath(flat)
+    except RecordError as err:  # an id or source that cannot name its mask file
+        item.error = f"bad_name: {err}"
         return item
     try:
         item.image = decode_image(flat["image"])
@@ -503,13 +478,14 @@ def _merge(flat: dict, entry: dict, settings: MaskSettings, counts: Counter) -> 
 
 def gather_masks(
     chunks: list[str], output: str | os.PathLike, dropped_out: str | os.PathLike,
-    stats_out: str | os.PathLike,
+    stats_out: str | os.PathLike, index: str | os.PathLike | None = None,
 ) -> dict:  # fmt: skip
-    """Concatenate masked chunks (and their drop files) in order and total their counts."""
+    """Concatenate masked chunks (and their drop files) in order and total their counts; with
+    `index`, the chunks must be those of the caption chunk index."""
     totals: Counter = Counter()
     reasons: Counter = Counter()
     meta: dict = {}
-    for stats in concat_chunks(chunks, output, "dropped", dropped_out):
+    for stats in concat_chunks(chunks, output, "dropped", dropped_out, index):
         reasons.update(stats.pop("drop_reasons", {}))
         for key in ("mask_format", "model_config", "random_weights", "bytes_per_masked_image"):
             value = stats.pop(key, None)

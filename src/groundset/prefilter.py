@@ -26,6 +26,7 @@ class PrefilterRules:
     """Thresholds of the pre-download filter (mirrors the filter stage's config keys)."""
 
     url_col: str = "URL"
+    caption_col: str | None = "TEXT"
     size_filter: bool = True
     min_width: int = 1024
     min_height: int = 1024
@@ -42,6 +43,7 @@ class PrefilterRules:
         aspect = config["filter"]["aspect_ratio"]
         return cls(
             url_col=download["url_col"],
+            caption_col=download.get("caption_col"),
             size_filter=pre["enabled"],
             min_width=shape["min_width"],
             min_height=shape["min_height"],
@@ -113,12 +115,42 @@ def filter_table(table: pa.Table, rules: PrefilterRules) -> tuple[pa.Table, Coun
     return table.filter(remaining), counts
 
 
-def check_columns(path: Path, schema: pa.Schema, url_col: str, required: list[str]) -> None:
-    """Raise a clear error if the URL column or a column to save is missing from a parquet file."""
-    names = schema.names
-    missing = [c for c in [url_col, *required] if c not in names]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; the file has {names}")
+def open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
+    """A parquet file opened for reading (its footer read); a clear error if it is not one."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{path}: not a readable parquet file: {err}") from err
+
+
+def check_columns(
+    path: str | os.PathLike,
+    names: list[str],
+    url_col: str,
+    caption_col: str | None,
+    required: list[str],
+) -> None:
+    """Raise a clear error if a column img2dataset reads (URL, caption, saved ones) is missing.
+
+    img2dataset itself would die deep inside pyarrow (`No match for FieldRef.Name(TEXT)`).
+    """
+    problems = []
+    if url_col not in names:
+        problems.append(f"no URL column {url_col!r} (download.url_col)")
+    if caption_col is not None and caption_col not in names:
+        problems.append(f"no caption column {caption_col!r} (download.caption_col)")
+    absent = [c for c in dict.fromkeys(required) if c not in names]
+    if absent:
+        listed = ", ".join(repr(c) for c in absent)
+        problems.append(
+            f"no column{'s' if len(absent) > 1 else ''} {listed} (sources[].save_additional_columns)"
+        )
+    if problems:
+        missing = [c for c in (url_col, caption_col) if c is not None and c not in names] + absent
+        raise ValueError(
+            f"{path}: missing column(s) {missing}: it has {' and '.join(problems)}; "
+            f"its columns: {', '.join(names)}"
+        )
 
 
 def prefilter_url_list(
@@ -132,17 +164,16 @@ def prefilter_url_list(
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     files = list_parquet_files(url_list)
+    for path in files:  # every file's columns first: a bad file fails before any is written
+        with open_parquet(path) as parquet:
+            names = parquet.schema_arrow.names
+        check_columns(path, names, rules.url_col, rules.caption_col, required_columns or [])
     totals: Counter = Counter()
     per_file = {}
     for path in files:
-        try:
-            parquet = pq.ParquetFile(path)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise ValueError(f"{path}: not a readable parquet file: {err}") from err
-        check_columns(path, parquet.schema_arrow, rules.url_col, required_columns or [])
         counts: Counter = Counter()
         rows_in = rows_out = 0
-        with atomic_write(outdir / path.name, "wb") as handle:
+        with open_parquet(path) as parquet, atomic_write(outdir / path.name, "wb") as handle:
             writer = pq.ParquetWriter(handle, parquet.schema_arrow)
             for batch in parquet.iter_batches(batch_size=batch_rows):
                 table = pa.Table.from_batches([batch], schema=parquet.schema_arrow)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .grounding import entity_boxes
 from .io import iter_jsonl, write_json
+from .records import entity_boxes
 
 TOP_NAMES = 50
 HISTOGRAMS = {

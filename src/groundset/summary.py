@@ -26,6 +26,15 @@ def _warn(summary: dict, name: str, text: str) -> None:
     summary.setdefault("WARNING", {})[name] = text
 
 
+def caption_model(stats: dict) -> str:
+    """Who answered the caption requests of a run, as the summary names it."""
+    if stats.get("stand_in"):
+        return "stand-in (PLACEHOLDER captions, no model)"
+    if not stats.get("model"):
+        return "none (no record reached captioning)"
+    return f"{stats['model']} via {stats['backend']}"
+
+
 def collect(workdir: str | os.PathLike) -> dict[str, dict]:
     """Per source: rows in the URL list, kept by the prefilter, downloaded, in the manifest, shards."""
     workdir = Path(workdir)
@@ -79,13 +88,13 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
     if captioned.exists():
         stats = read_json(captioned)
         summary["captioning"] = {
-            "model": f"{stats['model']} via {stats['backend']}",
-            "records": stats["records"],
-            "captioned": stats["captioned"],
-            "entities": stats["entities"],
-            "boxes": stats["boxes"],
-            "requests": stats["attempts"],
-            "not_captioned": stats["error_reasons"],
+            "model": caption_model(stats),
+            "records": stats.get("records", 0),
+            "captioned": stats.get("captioned", 0),
+            "entities": stats.get("entities", 0),
+            "boxes": stats.get("boxes", 0),
+            "requests": stats.get("attempts", 0),
+            "not_captioned": stats.get("error_reasons", {}),
         }
         if stats.get("stand_in"):
             _warn(
@@ -99,19 +108,21 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
     if masked.exists():
         stats = read_json(masked)
         summary["masks"] = {
-            "model": f"SAM2 {stats['model_config'].rsplit('/', 1)[-1]}",
-            "records": stats["records"],
-            "masked": stats["masked"],
-            "entities": stats["entities"],
-            "entities_dropped": stats["entities_dropped"],
-            "dropped": stats["drop_reasons"],
-            "bytes_per_image": f"{stats['bytes_per_masked_image']:.0f} ({stats['mask_format']})",
+            "model": f"SAM2 {(stats.get('model_config') or 'none').rsplit('/', 1)[-1]}",
+            "records": stats.get("records", 0),
+            "masked": stats.get("masked", 0),
+            "entities": stats.get("entities", 0),
+            "entities_dropped": stats.get("entities_dropped", 0),
+            "dropped": stats.get("drop_reasons", {}),
+            "bytes_per_image": f"{stats.get('bytes_per_masked_image', 0):.0f} "
+            f"({stats.get('mask_format') or '-'})",
         }
         if stats.get("random_weights"):
             _warn(
                 summary,
                 "random_sam2",
-                "masks come from SAM2 with RANDOM weights (mask.checkpoint: null); "
+                "masks come from SAM2 with RANDOM weights "
+                "(mask.random_weights: true, no checkpoint); "
                 "set mask.checkpoint to sam2.1_hiera_large.pt for real masks",
             )
     emu3 = workdir / "export" / "emu3" / "emu3_stats.json"
@@ -130,7 +141,8 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
                 summary,
                 "random_emu3_tokenizer",
                 "Emu3 visual tokens come from a tiny RANDOM tokenizer "
-                "(export.emu3.tokenizer: null); set it to BAAI/Emu3-VisionTokenizer for real ones",
+                "(export.emu3.random_weights: true, no tokenizer); "
+                "set export.emu3.tokenizer to BAAI/Emu3-VisionTokenizer for real ones",
             )
     return summary
 

@@ -71,7 +71,8 @@ rule caption_chunk:
 
 rule gather_captions:
     input:
-        caption_chunks,
+        index=CHUNK_INDEX,
+        chunks=caption_chunks,
     output:
         records="captioned/captioned.jsonl",
         errors="captioned/errors.jsonl",

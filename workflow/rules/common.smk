@@ -1,15 +1,19 @@
 import os
 import re
 
-from snakemake.utils import validate
+from snakemake.exceptions import WorkflowError
 
 from groundset.caption import Settings, uses_stand_in
-from groundset.config import check_config, download_options, find_source
+from groundset.config import ConfigError, download_options, find_source, validate_config
 from groundset.prefilter import PrefilterRules
 from groundset.split import read_index
 
-validate(config, schema="../schemas/config.schema.yaml")
-check_config(config)
+# Schema (defaults filled) and cross-key checks, before any job: one line per problem, each
+# leading with its key path (a WorkflowError: Snakemake prints it without a traceback).
+try:
+    validate_config(config)
+except ConfigError as error:
+    raise WorkflowError(str(error)) from None
 
 
 # User paths are relative to where snakemake was started (LAUNCH_DIR, see the Snakefile); make
@@ -137,15 +141,20 @@ CHUNK_INDEX = "captioned/chunks.json"
 
 
 def chunk_outputs(pattern):
-    """`pattern` for every caption chunk once the chunk index exists; until then, the index.
+    """`pattern` for every caption chunk of the chunk index (none until the index exists).
 
-    Before the index exists, depending on it is a plain dependency on the index_chunks
-    checkpoint, which Snakemake re-evaluates when the checkpoint finishes. Asking the pending
-    checkpoint instead marks the job incomplete, and Snakemake then post-processes the whole
-    DAG twice after every update (a sixth of planning 10,000 shards, bench/bench_dryrun.py).
+    The gathers also take the index itself as a plain input, so whenever index_chunks runs,
+    Snakemake re-evaluates them with the index it wrote. That is what keeps the plan right
+    when the caption input changes: the index_shards checkpoint upstream makes Snakemake's
+    first planning pass take a stale index as up to date (merge_tiers's rerun is only seen
+    in the second pass), and a gather planned from it alone would never be revisited. The
+    gathers check the chunks they get against the index (groundset.caption.check_chunks).
+    Before the index exists, no checkpoint is asked: a pending `checkpoints.get()` marks the
+    job incomplete and Snakemake post-processes the whole DAG twice after every update (a
+    sixth of planning 10,000 shards, bench/bench_dryrun.py).
     """
     if not os.path.exists(CHUNK_INDEX):
-        return [CHUNK_INDEX]
+        return []
     index = checkpoints.index_chunks.get().output.index
     return expand(pattern, chunk=range(len(read_index(index)["shards"])))
 

@@ -29,7 +29,8 @@ rule mask_chunk:
 
 rule gather_masks:
     input:
-        mask_chunks,
+        index=CHUNK_INDEX,
+        chunks=mask_chunks,
     output:
         records="masked/masked.jsonl",
         dropped="masked/dropped.jsonl",

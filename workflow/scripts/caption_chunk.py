@@ -4,7 +4,9 @@ from groundset.caption import Settings, caption_chunk, chunk_range, stop_on_sigt
 from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]), stop_on_sigterm():
-    path, start, end = chunk_range(snakemake.input.index, int(snakemake.wildcards.chunk))
+    path, start, end = chunk_range(
+        snakemake.input.index, int(snakemake.wildcards.chunk), snakemake.input.records
+    )
     caption_chunk(
         path,
         snakemake.output.records,

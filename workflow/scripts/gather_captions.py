@@ -5,8 +5,9 @@ from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]):
     gather_chunks(
-        list(snakemake.input),
+        list(snakemake.input.chunks),
         snakemake.output.records,
         snakemake.output.errors,
         snakemake.output.stats,
+        index=snakemake.input.index,
     )
