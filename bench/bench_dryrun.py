@@ -68,6 +68,9 @@ def lay_down(tmp: Path, shards: int) -> Path:
         "sources": [{"name": "big", "url_list": str(url_list), "save_additional_columns": []}],
         "shard_size": 10,
         "caption": {"stand_in": True},
+        # planning only: no model is loaded, so the stand-in weights are fine
+        "mask": {"random_weights": True},
+        "export": {"emu3": {"random_weights": True}},
     }
     path = tmp / "big.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -77,6 +77,9 @@ def run_variant(
                     "watermark": {"max_prob": 0.9},
                     "aesthetics": {"min_score": 0, "max_score": 10},
                 },
+                # the filter loads no SAM2 or Emu3 weights; the config must still opt in
+                "mask": {"random_weights": True},
+                "export": {"emu3": {"random_weights": True}},
             }
         )
     )

@@ -1,4 +1,5 @@
 import copy
+import json
 import re
 
 import pytest
@@ -238,6 +239,26 @@ def test_cli_entry_points_check_the_weights(tmp_path, capsys):
     assert main(["export-emu3", "--config", str(bad), *emu3]) == 2
     assert "export.emu3.tokenizer: null means no Emu3 vision tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "emu3").exists()
+
+
+def test_cli_options_name_the_weights_and_commands_without_models_need_none(tmp_path, capsys):
+    from groundset.cli import main
+
+    bare = write_config(tmp_path / "bare.yaml", SOURCES)  # checkpoint and tokenizer null
+    records = tmp_path / "in.jsonl"
+    records.write_text("")
+    # --tokenizer / --no-tokenize are applied before validation: they satisfy the check
+    emu3 = ["--input", str(records), "--outdir", str(tmp_path / "emu3")]
+    assert main(["export-emu3", "--config", str(bare), *emu3, "--no-tokenize"]) == 0
+    assert json.loads((tmp_path / "emu3" / "list" / "train.json").read_text())["path_list"] == []
+    # a command that loads no model does not ask for its weights
+    out = tmp_path / "shards"
+    assert main(["split", "--config", str(bare), "--input", str(records), "--outdir", str(out),
+                 "--shard-size", "2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    # the workflow loads both models: the same config stops before any job
+    with pytest.raises(ConfigError, match="mask.checkpoint: null"):
+        validate_config(yaml.safe_load(bare.read_text()))
 
 
 def test_duplicate_sources_and_bad_overrides_are_rejected():

@@ -152,9 +152,7 @@ def cmd_mask(args: argparse.Namespace, config: dict) -> dict:
 
     output = Path(args.output)
     stem = str(output).removesuffix(".jsonl")
-    settings = MaskSettings.from_config(
-        {**config["mask"], **({"mask_format": args.format} if args.format else {})}
-    )
+    settings = MaskSettings.from_config(config["mask"])
     return mask_chunk(
         args.input,
         output,
@@ -171,14 +169,7 @@ def cmd_export_emu3(args: argparse.Namespace, config: dict) -> dict:
     """Emu3 training data: prompts, visual tokens (feature/*.pth), list/datalist.jsonl and train.json."""
     from .emu3 import Emu3Settings, export_emu3
 
-    section = dict(config["export"]["emu3"])
-    if args.no_tokenize:
-        section["tokenize"] = False
-    if args.tokenizer:
-        section["tokenizer"] = args.tokenizer
-    if args.max_items is not None:
-        section["max_items"] = args.max_items
-    return export_emu3(args.input, args.outdir, Emu3Settings.from_config(section))
+    return export_emu3(args.input, args.outdir, Emu3Settings.from_config(config["export"]["emu3"]))
 
 
 def cmd_validate(args: argparse.Namespace, config: dict | None) -> None:
@@ -339,6 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that load model weights: their config must name them (or opt in to random ones).
+WEIGHTS = {"mask": ("mask",), "export-emu3": ("emu3",)}
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """Config values a command's options set, applied before the config is validated."""
+    if args.command == "mask" and args.format:
+        return {"mask": {"mask_format": args.format}}
+    if args.command == "export-emu3":
+        emu3 = {"tokenize": False} if args.no_tokenize else {}
+        if args.tokenizer:
+            emu3["tokenizer"] = args.tokenizer
+        if args.max_items is not None:
+            emu3["max_items"] = args.max_items
+        return {"export": {"emu3": emu3}}
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `groundset` console command."""
     args = build_parser().parse_args(argv)
@@ -352,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             or (args.command == "summary" and args.workdir and not args.config)
             or (args.command in ("validate", "stats", "draw") and not args.config)
         )
-        config = load_config(args.config) if needs_config else None
+        config = None
+        if needs_config:
+            config = load_config(args.config, config_overrides(args), WEIGHTS.get(args.command, ()))
         result = args.func(args, config)
     except (ConfigError, OSError, ValueError, RuntimeError, KeyError, SystemExit) as err:
         print(f"groundset {args.command}: error: {err}", file=sys.stderr)

@@ -6,7 +6,7 @@ import copy
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
 # The checkpoint file of each SAM2 model config (sam2.1_hiera_l.yaml -> sam2.1_hiera_large.pt).
 SAM2_SIZES = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
+
+
+# The models whose weights a run loads (SAM2 for masks, the Emu3 vision tokenizer).
+MODELS = ("mask", "emu3")
 
 
 class ConfigError(ValueError):
@@ -64,21 +68,25 @@ def _raise(source: str, problems: list[str]) -> None:
         raise ConfigError(f"{source}: invalid configuration ({count}):\n" + "\n".join(problems))
 
 
-def validate_config(config: dict, source: str = "config") -> dict:
-    """Validate a config dict in place, filling defaults; raise ConfigError naming each bad key."""
+def validate_config(
+    config: dict, source: str = "config", weights: Collection[str] = MODELS
+) -> dict:
+    """Validate a config dict in place, filling defaults; raise ConfigError naming each bad key.
+
+    `weights`: the models (of MODELS) whose weights must be set, as the run will load them."""
     validator = _with_defaults(Draft202012Validator)(load_schema("config"))
     errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     _raise(source, [f"{key_path(e.absolute_path)}: {e.message}" for e in errors])
-    return check_config(config, source)
+    return check_config(config, source, weights)
 
 
-def check_config(config: dict, source: str = "config") -> dict:
+def check_config(config: dict, source: str = "config", weights: Collection[str] = MODELS) -> dict:
     """What the schema cannot express: one line per problem, each leading with its key path."""
     problems = (
         _source_problems(config)
         + _threshold_problems(config)
         + _caption_problems(config)
-        + _weight_problems(config)
+        + _weight_problems(config, weights)
     )
     _raise(source, problems)
     return config
@@ -170,11 +178,11 @@ def _sam2_checkpoint_name(model_config: str) -> str:
     return f"a {found[1]}_hiera_{SAM2_SIZES[found[2]]}.pt file"
 
 
-def _weight_problems(config: dict) -> list[str]:
+def _weight_problems(config: dict, weights: Collection[str] = MODELS) -> list[str]:
     """No model weights (null checkpoint / tokenizer) without the random_weights opt-in."""
     problems = []
     mask = config["mask"]
-    if mask["checkpoint"] is None and not mask["random_weights"]:
+    if "mask" in weights and mask["checkpoint"] is None and not mask["random_weights"]:
         problems.append(
             "mask.checkpoint: null means no SAM2 weights; set it to "
             f"{_sam2_checkpoint_name(mask['model_config'])} matching mask.model_config "
@@ -182,7 +190,7 @@ def _weight_problems(config: dict) -> list[str]:
             "(masks are noise)"
         )
     emu3 = config["export"]["emu3"]
-    exported = "emu3" in config["export"].get("formats", ["emu3"])
+    exported = "emu3" in weights and "emu3" in config["export"].get("formats", ["emu3"])
     if exported and emu3["tokenize"] and emu3["tokenizer"] is None and not emu3["random_weights"]:
         problems.append(
             "export.emu3.tokenizer: null means no Emu3 vision tokenizer; set it to a folder of "
@@ -193,14 +201,30 @@ def _weight_problems(config: dict) -> list[str]:
     return problems
 
 
-def load_config(path: str | os.PathLike | None = None) -> dict:
-    """Read a YAML config (default `config/config.yaml`) and validate it."""
+def _deep_update(base: dict, changes: dict) -> dict:
+    """`base` with `changes` merged in, nested mappings merged key by key (in place)."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: dict | None = None,
+    weights: Collection[str] = MODELS,
+) -> dict:
+    """Read a YAML config (default `config/config.yaml`), apply `overrides` (command-line
+    options) and validate it; `weights` as in validate_config."""
     path = Path(path) if path else DEFAULT_CONFIG
     with open(path, encoding="utf-8") as handle:
         config = yaml.safe_load(handle) or {}
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return validate_config(config, source=str(path))
+    _deep_update(config, overrides or {})
+    return validate_config(config, source=str(path), weights=weights)
 
 
 def download_options(config: dict, source: dict) -> dict[str, Any]:

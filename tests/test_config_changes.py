@@ -1,0 +1,149 @@
+"""Config changes between runs of the finished sample: the next run follows the new config.
+
+Each test works on a copy of the sample's workdir, changes the merge tiers (the caption input
+grows, shrinks, empties) and runs the same command again: every record of the new caption input
+must be captioned or in the error file with a reason, masks, Emu3 lists, validation and counts
+in step, and only records new to the input asked for (pay-once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_snakemake, write_config
+from groundset.io import iter_jsonl
+
+pytestmark = pytest.mark.workflow
+BIN = os.path.dirname(sys.executable)
+
+
+def keys(path: Path) -> list[tuple[str, str]]:
+    """(source, image_id) of each record of a JSONL file, in order."""
+    return [(r.get("source"), r["image_id"]) for r in iter_jsonl(path)]
+
+
+def run_with_tiers(work: Path, tmp_path: Path, tiers: list[float]):
+    """The sample's command on `work` with other merge tiers (a real run, not a dry-run)."""
+    extra = write_config(
+        tmp_path / f"tiers_{tiers[1]}.yaml", {"filter": {"aesthetics_tiers": tiers}}
+    )
+    args = ["--profile", str(ROOT / "profiles" / "local"), "--configfile", "config/sample.yaml",
+            str(extra), "--config", f"workdir={work}", "--cores", "2"]  # fmt: skip
+    return run_snakemake(args)
+
+
+def journaled_keys(work: Path) -> set[str]:
+    """Keys of every answer in the caption journals."""
+    return {
+        e["key"]
+        for path in (work / "captioned" / "journal").glob("chunk_*.jsonl")
+        for e in iter_jsonl(path)
+    }
+
+
+def assert_in_step(work: Path) -> dict:
+    """Every stage after the merge follows merged/aes_6.jsonl; returns the caption stats."""
+    tier = keys(work / "merged" / "aes_6.jsonl")
+    captioned = keys(work / "captioned" / "captioned.jsonl")
+    errors = keys(work / "captioned" / "errors.jsonl")
+    assert sorted(captioned + errors) == sorted(tier)  # nothing lost, nothing twice
+    assert captioned == [key for key in tier if key in set(captioned)]  # input order kept
+    index = json.loads((work / "captioned" / "chunks.json").read_text())
+    assert index["records"] == len(tier)
+    assert Path(index["manifest"]).resolve() == (work / "merged" / "aes_6.jsonl").resolve()
+    stats = json.loads((work / "captioned" / "caption_stats.json").read_text())
+    assert stats["chunks"] == len(index["shards"]) and stats["records"] == len(tier)
+    masked = keys(work / "masked" / "masked.jsonl")
+    dropped = keys(work / "masked" / "dropped.jsonl")
+    assert sorted(masked + dropped) == sorted(captioned)
+    datalist = [r["name"] for r in iter_jsonl(work / "export" / "emu3" / "list" / "datalist.jsonl")]
+    assert len(datalist) == len(masked)
+    train = json.loads((work / "export" / "emu3" / "list" / "train.json").read_text())
+    assert len(train["path_list"]) == len(masked)
+    report = (work / "validated" / "report.txt").read_text()
+    assert "violations" not in report
+    assert f"captioned.jsonl: {len(captioned)} records" in report
+    counts = json.loads((work / "export" / "stage_counts.json").read_text())["stages"]
+    rows = {row["stage"]: row for row in counts}
+    assert rows["caption"]["in"] == len(tier) and rows["caption"]["kept"] == len(captioned)
+    assert rows["mask"]["in"] == len(captioned) and rows["mask"]["kept"] == len(masked)
+    return stats
+
+
+def summary(work: Path) -> str:
+    """`groundset summary` of a workdir."""
+    done = subprocess.run(
+        [os.path.join(BIN, "groundset"), "summary", "--workdir", str(work)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
+@pytest.fixture
+def sample_copy(sample_run, tmp_path) -> Path:
+    """A copy of the finished sample's workdir (mtimes and Snakemake's metadata kept)."""
+    work = tmp_path / "results"
+    shutil.copytree(sample_run["workdir"], work, symlinks=True)
+    return work
+
+
+def test_grown_then_shrunk_caption_input_is_captioned_completely(sample_copy, tmp_path):
+    work = sample_copy
+    before = set(keys(work / "merged" / "aes_6.jsonl"))
+    chunks_before = len(json.loads((work / "captioned" / "chunks.json").read_text())["shards"])
+    # grow: a lower second tier puts more records into aes_6.jsonl (and more chunks)
+    run_with_tiers(work, tmp_path, [5, 5.5])
+    grown = keys(work / "merged" / "aes_6.jsonl")
+    assert len(grown) > len(before)
+    assert len(json.loads((work / "captioned" / "chunks.json").read_text())["shards"]) > (
+        chunks_before
+    )
+    stats = assert_in_step(work)
+    # only the records new to the input were asked for; the others came from the journals
+    assert stats["requested"] == len(set(grown) - before)
+    assert stats["from_journal"] == len(before)
+    assert journaled_keys(work) == {f"{s}/{i}" for s, i in grown}
+    # shrink below the first run's chunk count: no stale chunk job, no IndexError
+    run_with_tiers(work, tmp_path, [5, 6.5])
+    shrunk = keys(work / "merged" / "aes_6.jsonl")
+    assert 0 < len(shrunk) < len(before)
+    stats = assert_in_step(work)
+    assert stats["requested"] == 0 and stats["chunks"] < chunks_before
+    # back to the sample's tiers: exactly the first run's captions again, nothing asked
+    run_with_tiers(work, tmp_path, [5, 6])
+    stats = assert_in_step(work)
+    assert stats["requested"] == 0 and set(keys(work / "captioned" / "captioned.jsonl")) == before
+
+
+def test_a_run_in_which_no_record_reaches_captioning_finishes(sample_copy, tmp_path):
+    work = sample_copy
+    done = run_with_tiers(work, tmp_path, [5, 9.9])  # the stand-in scores stay below 9.9
+    assert keys(work / "merged" / "aes_6.jsonl") == []
+    stats = assert_in_step(work)
+    assert stats["records"] == 0 and stats["chunks"] == 0 and stats["captioned"] == 0
+    assert (work / "masked" / "masked.jsonl").read_text() == ""
+    assert (
+        json.loads((work / "export" / "emu3" / "list" / "train.json").read_text())["path_list"]
+        == []
+    )
+    assert json.loads((work / "export" / "stats" / "stats.json").read_text())["records"] == 0
+    text = summary(work)
+    assert re.search(r"captioning:\n(  .*\n)*  records\s+0\n", text), text
+    assert "no record reached captioning" in text
+    assert "Error" not in done.stdout + done.stderr
+
+
+def test_summary_names_the_stand_in_as_the_caption_model(sample_run):
+    text = summary(sample_run["workdir"])
+    assert re.search(r"model\s+stand-in \(PLACEHOLDER", text), text
+    assert "qwen-vl-max via" not in text
