@@ -27,9 +27,10 @@ sample: install
 	@echo "== groundset sample: counts per stage (results/sample) =="
 	@$(BIN)/groundset summary --config config/sample.yaml
 
-# Lint and test (what CI runs).
+# Lint and test (what CI runs): two workers; the tests that share the sample run stay on one
+# (xdist groups), the SLURM test runs beside it.
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=25
 
 lint: install
 	$(BIN)/ruff check .

@@ -21,7 +21,7 @@ from PIL import Image
 
 from groundset.caption import Settings, caption_chunk
 from groundset.io import write_jsonl
-from groundset.stand_in_vlm import STAND_IN_KEY, StandInVLM
+from groundset.testing.vlm import STAND_IN_KEY, StandInVLM
 
 
 def make_input(folder: Path, count: int, distinct: int = 32, side: int = 512) -> Path:

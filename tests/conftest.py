@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -209,10 +210,24 @@ def make_records(path: Path, images: list[Path], source: str = "src") -> list[di
     return records
 
 
-@pytest.fixture(scope="session")
-def sample_run(tmp_path_factory):
-    """The bundled sample through the local profile, whole DAG (shared by the workflow and SLURM tests)."""
-    workdir = tmp_path_factory.mktemp("sample") / "results"
+def _shared_root(tmp_path_factory) -> Path:
+    """A folder all pytest-xdist workers of this session share (the basetemp without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def run_sample_once(tmp_path_factory) -> dict:
+    """The bundled sample through the local profile, whole DAG, run once per session.
+
+    Under pytest-xdist the first worker to ask runs it, the others wait on a lock and read the
+    result. `snapshot` is a copy of the finished workdir taken right after the run, before any
+    test changes the workdir (tests that compare with it or start from it use the copy).
+    """
+    from filelock import FileLock
+
+    root = _shared_root(tmp_path_factory) / "sample_run"
+    root.mkdir(exist_ok=True)
+    workdir, snapshot, result = root / "results", root / "snapshot", root / "result.json"
     args = [
         "--profile",
         str(ROOT / "profiles" / "local"),
@@ -223,11 +238,26 @@ def sample_run(tmp_path_factory):
         "--cores",
         "2",
     ]
-    started = time.time()
-    done = run_snakemake(args)
-    return {
-        "workdir": workdir,
-        "args": args,
-        "output": done.stdout + done.stderr,
-        "seconds": time.time() - started,
-    }
+    with FileLock(str(root / "lock")):
+        if not result.exists():
+            started = time.time()
+            done = run_snakemake(args)
+            seconds = time.time() - started
+            shutil.copytree(workdir, snapshot, symlinks=True)
+            output = done.stdout + done.stderr
+            result.write_text(json.dumps({"output": output, "seconds": seconds}))
+    saved = json.loads(result.read_text())
+    return {"workdir": workdir, "snapshot": snapshot, "args": args, **saved}
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory):
+    """The finished sample run (shared by the workflow, config-change and SLURM tests)."""
+    return run_sample_once(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def sample_run_later(tmp_path_factory):
+    """A function returning the finished sample run: a test that needs it only at its end (the
+    SLURM test) does its own work first, in parallel with the worker that runs the sample."""
+    return lambda: run_sample_once(tmp_path_factory)

@@ -16,8 +16,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import RANDOM_WEIGHTS, make_images, make_records
+from conftest import RANDOM_WEIGHTS, ROOT, make_images, make_records
 from groundset.caption import (
+    INDEX_KEYS,
+    OUTPUT_KEYS,
+    PREFLIGHT_KEYS,
+    TUNING_KEYS,
     CaptionError,
     Dropped,
     Settings,
@@ -25,13 +29,14 @@ from groundset.caption import (
     gather_chunks,
     index_chunks,
     load_payload,
+    output_settings,
     preflight,
     question_id,
     uses_stand_in,
 )
 from groundset.grounding import smart_resize
-from groundset.io import iter_jsonl, read_json
-from groundset.stand_in_vlm import STAND_IN_KEY, Reply, StandInVLM, image_digest
+from groundset.io import StalePlanError, iter_jsonl, read_json, write_jsonl
+from groundset.testing.vlm import STAND_IN_KEY, Reply, StandInVLM, image_digest
 
 KEY_ENV = "GROUNDSET_TEST_KEY"
 
@@ -174,6 +179,27 @@ def test_unreadable_images_are_dropped_before_any_request(tmp_path):
     assert stats["dropped"] == 3 and stats["error_reasons"]["rgb_conversion_failed"] == 2
 
 
+def test_records_without_an_image_are_counted_drops_and_keys_are_the_shared_ones(tmp_path):
+    images = make_images(tmp_path / "img", [(64, 48)] * 2)
+    records = make_records(tmp_path / "in.jsonl", images)
+    records += [{**records[0], "image_id": "no-list", "image": []},
+                {**records[0], "image_id": "no-field", "image": None}]  # fmt: skip
+    del records[1]["image_id"]  # keyed by its image path (groundset.records.record_key)
+    write_jsonl(tmp_path / "in.jsonl", records)
+    with StandInVLM() as server:
+        stats = run_chunk(tmp_path, tmp_path / "in.jsonl", settings_for(server))
+        assert len(server.log) == 2
+    assert stats["records"] == 4 and stats["captioned"] == 2 and stats["dropped"] == 2
+    assert stats["error_reasons"] == {"no_image": 2}
+    errors = list(iter_jsonl(tmp_path / "out_errors.jsonl"))
+    assert [(e["key"], e["status"], e["reason"], e["attempts"]) for e in errors] == [
+        ("src/no-list", "dropped", "no_image", 0),
+        ("src/no-field", "dropped", "no_image", 0),
+    ]
+    journal = [json.loads(line) for line in (tmp_path / "out.journal.jsonl").open()]
+    assert sorted(e["key"] for e in journal) == sorted([str(images[1]), "src/000000000"])
+
+
 def test_payload_keeps_rgb_bytes_and_converts_other_modes(tmp_path):
     (jpeg,) = make_images(tmp_path, [(40, 30)])
     payload = load_payload(str(jpeg))
@@ -266,6 +292,24 @@ def test_wrong_key_stops_the_job_and_a_dead_endpoint_stops_it_too(tmp_path):
         # three images failed twice each, then it stopped (one more was already in flight)
         assert len(server.log) <= 8 and len(server.counts) < 6
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_every_caption_key_is_either_an_output_key_or_a_tuning_knob():
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    keys = set(schema["properties"]["caption"]["properties"])
+    groups = [set(OUTPUT_KEYS), set(TUNING_KEYS), set(INDEX_KEYS)]
+    assert sum(len(g) for g in groups) == len(set().union(*groups))  # no key in two groups
+    # a new caption key must be classified: does it change a chunk's outputs (params) or not?
+    assert keys == set().union(*groups), keys ^ set().union(*groups)
+    assert set(Settings.__dataclass_fields__) - {"api_key"} <= set(OUTPUT_KEYS) | set(TUNING_KEYS)
+    assert set(PREFLIGHT_KEYS) <= set(OUTPUT_KEYS)  # a new check cuts the chunks again
+    section = {"model": "m", "prompt": "p", "keep_ungrounded": True, "concurrency": 3,
+               "timeout_s": 7, "rate_per_second": 4, "api_jobs": 2, "input": "x"}  # fmt: skip
+    assert set(output_settings(section)) == {"model", "prompt", "keep_ungrounded"}
+    assert Settings.for_job(output_settings(section), section, 2) == Settings.from_config(
+        section, 2
+    )
+    assert Settings.for_job(output_settings(section), section, 2).rate_per_second == 2
 
 
 def test_preflight_needs_a_key_and_a_reachable_endpoint(tmp_path, monkeypatch):
@@ -406,6 +450,27 @@ def test_chunks_resume_when_the_layout_changes(tmp_path):
     ]
     assert total["chunks"] == 4 and total["captioned"] == 7 and total["from_journal"] == 6
     assert total["requested"] == 1 and (tmp_path / "all_errors.jsonl").read_text() == ""
+    # the gather refuses chunks that are not the index's (a stale plan), naming the problem
+    with pytest.raises(StalePlanError, match="got 3 chunk files for the 4 chunks"):
+        gather_chunks(outputs[:3], tmp_path / "x.jsonl", tmp_path / "xe.jsonl", tmp_path / "x.json",
+                      index=tmp_path / "chunks.json")  # fmt: skip
+    # records that leave the input keep their answers (orphans) and get them back on return
+    lines = (tmp_path / "in.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "in.jsonl").write_text("".join(lines[:2]))
+    index_chunks(tmp_path / "in.jsonl", tmp_path / "chunks.json", 2, journals)
+    assert len(list(iter_jsonl(journals / "orphans.jsonl"))) == 5
+    (tmp_path / "in.jsonl").write_text("".join(lines))
+    index = index_chunks(tmp_path / "in.jsonl", tmp_path / "chunks.json", 2, journals)
+    with StandInVLM() as server:
+        for c in index["shards"]:
+            stats = caption_chunk(
+                tmp_path / "in.jsonl", tmp_path / "r.jsonl", tmp_path / "re.jsonl",
+                tmp_path / "rs.json", journals / f"chunk_{c['shard']}.jsonl",
+                settings_for(server), start=c["start"], end=c["end"],
+            )  # fmt: skip
+            assert stats["requested"] == 0 and stats["from_journal"] == c["records"]
+        assert server.log == []
+    assert not (journals / "orphans.jsonl").exists()
 
 
 def _cli_config(tmp_path: Path, server: StandInVLM, **caption) -> Path:

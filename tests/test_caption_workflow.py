@@ -1,16 +1,19 @@
-"""The captioning rules through real Snakemake: global quota, preflight, retry of error records."""
+"""The captioning rules through real Snakemake: global quota, preflight, retry of error records,
+which config changes mark chunks stale."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import RANDOM_WEIGHTS, ROOT, make_images, make_records, run_snakemake, write_config
-from groundset.stand_in_vlm import Reply, StandInVLM, image_digest
+from groundset.caption import TUNING_KEYS
+from groundset.testing.vlm import Reply, StandInVLM, image_digest
 
 pytestmark = pytest.mark.workflow
 KEY_ENV = "GROUNDSET_WF_TEST_KEY"
@@ -141,3 +144,47 @@ def test_retry_errors_asks_again_only_for_error_records(tmp_path):
     assert (work / "errors.jsonl").read_text() == ""
     captioned = [json.loads(line)["image_id"] for line in (work / "captioned.jsonl").open()]
     assert captioned == [r["image_id"] for r in records]
+
+
+def planned(done) -> dict[str, int]:
+    """The 'Job stats' table of a dry-run as {rule: count}; empty when nothing is to be done."""
+    if "Nothing to be done" in done.stdout:
+        return {}
+    table = done.stdout.split("Job stats:")[1].split("\n\n")[0]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M))
+    return {rule: int(n) for rule, n in counts.items() if rule != "total"}
+
+
+# A new value for each tuning knob (groundset.caption.TUNING_KEYS)
+KNOBS = {
+    "rate_per_second": 7, "rate_headroom": 0.1, "api_jobs": 3, "concurrency": 2, "timeout_s": 9,
+    "max_attempts": 2, "backoff_base_s": 0.02, "backoff_cap_s": 0.5, "max_consecutive_failures": 5,
+    "stand_in_latency_s": 0.2, "api_key_env": "GROUNDSET_WF_OTHER_KEY", "retry_errors": True,
+}  # fmt: skip
+
+
+def test_tuning_knobs_mark_no_chunk_stale_and_output_keys_do(tmp_path):
+    make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(40, 40)] * 4))
+    base = {"stand_in": True, "chunk_size": 2, "rate_per_second": 4}
+
+    def config(**changes) -> Path:
+        return caption_config(tmp_path, tmp_path / "in.jsonl", **{**base, **changes})
+
+    # the quota in force reaches the jobs through the config: --resources over caption.api_jobs
+    snakemake(config(), "--cores", "2", TARGET, "--resources", "vlm_api=2", key=None)
+    work = tmp_path / "results" / "captioned"
+    assert json.loads((work / "chunk_0_stats.json").read_text())["rate_per_second"] == 2
+    assert json.loads((work / "caption_stats.json").read_text())["captioned"] == 4
+    assert set(KNOBS) == set(TUNING_KEYS)
+    # every knob changed at once (and the quota), so one dry-run covers them all ...
+    done = snakemake(config(**KNOBS), "--cores", "1", TARGET, "-n", "--resources", "vlm_api=5",
+                     key=None)  # fmt: skip
+    if planned(done):  # ... and only a failure looks for the knobs that mark chunks stale
+        stale = [key for key, value in KNOBS.items()
+                 if planned(snakemake(config(**{key: value}), "-n", TARGET, key=None))]  # fmt: skip
+        raise AssertionError(f"{stale} mark jobs stale: {planned(done)}")
+    for key, value in {"keep_ungrounded": True, "prompt": "Caption it as JSON.",
+                       "max_tokens": 99}.items():  # fmt: skip
+        done = snakemake(config(**{key: value}), "--cores", "1", TARGET, "-n", key=None)
+        plan = planned(done)
+        assert plan.get("caption_chunk") == 2 and "caption_preflight" not in plan, (key, plan)

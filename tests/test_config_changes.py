@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, run_snakemake, write_config
 from groundset.io import iter_jsonl
 
-pytestmark = pytest.mark.workflow
+pytestmark = [pytest.mark.workflow, pytest.mark.xdist_group("config_changes")]
 BIN = os.path.dirname(sys.executable)
 
 
@@ -93,11 +93,11 @@ def summary(work: Path) -> str:
 def sample_copy(sample_run, tmp_path) -> Path:
     """A copy of the finished sample's workdir (mtimes and Snakemake's metadata kept)."""
     work = tmp_path / "results"
-    shutil.copytree(sample_run["workdir"], work, symlinks=True)
+    shutil.copytree(sample_run["snapshot"], work, symlinks=True)
     return work
 
 
-def test_grown_then_shrunk_caption_input_is_captioned_completely(sample_copy, tmp_path):
+def test_caption_input_grown_shrunk_emptied_and_restored_follows_the_config(sample_copy, tmp_path):
     work = sample_copy
     before = set(keys(work / "merged" / "aes_6.jsonl"))
     chunks_before = len(json.loads((work / "captioned" / "chunks.json").read_text())["shards"])
@@ -119,28 +119,23 @@ def test_grown_then_shrunk_caption_input_is_captioned_completely(sample_copy, tm
     assert 0 < len(shrunk) < len(before)
     stats = assert_in_step(work)
     assert stats["requested"] == 0 and stats["chunks"] < chunks_before
-    # back to the sample's tiers: exactly the first run's captions again, nothing asked
-    run_with_tiers(work, tmp_path, [5, 6])
-    stats = assert_in_step(work)
-    assert stats["requested"] == 0 and set(keys(work / "captioned" / "captioned.jsonl")) == before
-
-
-def test_a_run_in_which_no_record_reaches_captioning_finishes(sample_copy, tmp_path):
-    work = sample_copy
+    # empty: no record reaches captioning; every stage says 0 and the run ends 0
     done = run_with_tiers(work, tmp_path, [5, 9.9])  # the stand-in scores stay below 9.9
     assert keys(work / "merged" / "aes_6.jsonl") == []
     stats = assert_in_step(work)
     assert stats["records"] == 0 and stats["chunks"] == 0 and stats["captioned"] == 0
     assert (work / "masked" / "masked.jsonl").read_text() == ""
-    assert (
-        json.loads((work / "export" / "emu3" / "list" / "train.json").read_text())["path_list"]
-        == []
-    )
+    train = json.loads((work / "export" / "emu3" / "list" / "train.json").read_text())
+    assert train["path_list"] == []
     assert json.loads((work / "export" / "stats" / "stats.json").read_text())["records"] == 0
     text = summary(work)
     assert re.search(r"captioning:\n(  .*\n)*  records\s+0\n", text), text
     assert "no record reached captioning" in text
     assert "Error" not in done.stdout + done.stderr
+    # back to the sample's tiers: the first run's captions again, nothing asked twice
+    run_with_tiers(work, tmp_path, [5, 6])
+    stats = assert_in_step(work)
+    assert stats["requested"] == 0 and set(keys(work / "captioned" / "captioned.jsonl")) == before
 
 
 def test_summary_names_the_stand_in_as_the_caption_model(sample_run):

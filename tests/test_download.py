@@ -15,7 +15,7 @@ from groundset.download import (
     prepare_output,
     url_list_fingerprint,
 )
-from groundset.sample_server import SAMPLE_HOST
+from groundset.testing.sample_server import SAMPLE_HOST
 
 OPTS = {
     "input_format": "parquet",

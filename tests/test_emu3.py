@@ -11,15 +11,22 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import RANDOM_WEIGHTS
 from groundset.cli import main
+from groundset.config import validate_config
 from groundset.emu3 import (
+    OUTPUT_KEYS,
+    TUNING_KEYS,
     Emu3Error,
+    Emu3ListFiles,
+    Emu3PartFiles,
     Emu3Settings,
     export_emu3,
     export_part,
     format_prompt,
     gather_emu3,
     load_tokenizer,
+    output_settings,
     resized_size,
     token_shape,
 )
@@ -76,6 +83,33 @@ def make_input(tmp_path, sizes=SIZES, extra=()):
     path = tmp_path / "masked.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path, records
+
+
+def part_files(out, part: int) -> Emu3PartFiles:
+    """Part `part`'s files as the workflow lays them out under `out` (export/emu3)."""
+    return Emu3PartFiles(
+        records=str(out / f"list/parts/part_{part}.jsonl"),
+        errors=str(out / f"list/parts/error_{part}.jsonl"),
+        stats=str(out / f"list/parts/stats_{part}.json"),
+        features=str(out / f"feature/part_{part}"),
+        journal=str(out / f"journal/part_{part}.jsonl"),
+        store=str(out / f"journal/part_{part}"),
+    )
+
+
+def gather(out, parts: list[Emu3PartFiles], settings) -> dict:
+    """The workflow's gather of `parts` under `out` (train.json's prefix: out/feature)."""
+    lists = Emu3ListFiles(
+        datalist=str(out / "list/datalist.jsonl"),
+        train=str(out / "list/train.json"),
+        errors=str(out / "list/error.jsonl"),
+        prompts=str(out / "list/prompts.json"),
+        stats=str(out / "emu3_stats.json"),
+    )
+    return gather_emu3(
+        [p.records for p in parts], [p.errors for p in parts], [p.stats for p in parts],
+        [p.features for p in parts], lists, out / "feature", settings,
+    )  # fmt: skip
 
 
 def emu3_dataset_items(train_json):
@@ -260,13 +294,18 @@ def test_max_items_over_parts_and_prompts_only(tmp_path, tiny_tokenizer):
         tokenizer=str(tiny_tokenizer), image_area=32 * 32, device="cpu", parts=3, max_items=5
     )
     out = tmp_path / "out"
-    per_part = [export_part(input_path, out, settings, part) for part in range(3)]
+    parts = [part_files(out, part) for part in range(3)]
+    per_part = [export_part(input_path, parts[part], settings, part) for part in range(3)]
     assert all(p["exported"] <= 2 for p in per_part)  # ceil(5 / 3): each part its share only
-    stats = gather_emu3(out, settings)
+    stats = gather(out, parts, settings)
     train = json.loads((out / "list/train.json").read_text())
     assert stats["train_items"] == len(train["path_list"]) == 5
     assert len(set(train["path_list"])) == 5
+    assert train["prefix"] == str((out / "feature").resolve())
+    assert all(p.startswith("part_") for p in train["path_list"])  # feature/part_<k>/src/<id>.pth
     assert all((out / "feature" / p).exists() for p in train["path_list"])
+    datalist = list(iter_jsonl(out / "list/datalist.jsonl"))
+    assert [d["path"] for d in datalist][:5] == train["path_list"]  # the same relative paths
 
     plain = tmp_path / "plain"
     assert main(["export-emu3", "--config", "config/sample.yaml", "--input", str(input_path),
@@ -349,3 +388,42 @@ def test_a_full_emu3_hf_checkpoint_loads_only_its_vq_model(tmp_path):
     (tmp_path / "other/config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(Emu3Error, match="not an Emu3 vision tokenizer"):
         load_tokenizer(Emu3Settings(tokenizer=str(tmp_path / "other"), device="cpu"))
+
+
+def test_a_rerun_that_finds_its_feature_folder_emptied_links_the_journaled_features(
+    tmp_path, tiny_tokenizer
+):
+    """The workflow's layout: Snakemake empties a part's declared feature folder before it reruns
+    the job; the features saved in the store beside the journal are linked, not tokenized, again."""
+    import shutil
+
+    input_path, _ = make_input(tmp_path)
+    settings = Emu3Settings(tokenizer=str(tiny_tokenizer), image_area=32 * 32, device="cpu")
+    out = tmp_path / "emu3"
+    part = part_files(out, 0)
+    export_part(input_path, part, settings, 0)
+    gather(out, [part], settings)
+    train = json.loads((out / "list/train.json").read_text())
+    assert train["path_list"] == [f"part_0/src/{i:09d}.pth" for i in range(len(SIZES))]
+    for name in train["path_list"]:  # the listed file is a hard link of the saved one
+        saved = out / "journal" / name
+        assert (out / "feature" / name).samefile(saved)
+    before = {d[4]["name"]: d[4]["images"] for d in emu3_dataset_items(out / "list/train.json")}
+    shutil.rmtree(part.features)  # what Snakemake does before it reruns emu3_part
+    (out / "journal/part_0/src/000000001.pth").unlink()  # a saved feature lost: tokenized again
+    again = CountingFactory(settings)
+    stats = export_part(input_path, part, settings, 0, again)
+    assert again.encoded == 1 and stats["reused"] == len(SIZES) - 1
+    assert stats["feature_copies"] == 0
+    gather(out, [part], settings)
+    items = emu3_dataset_items(out / "list/train.json")
+    assert len(items) == len(SIZES)
+    assert all(torch.equal(before[data["name"]], data["images"]) for *_, data in items)
+
+
+def test_the_params_are_the_output_keys_and_the_rest_are_knobs():
+    config = validate_config({"sources": [{"name": "s", "url_list": "x"}], **RANDOM_WEIGHTS})
+    section = config["export"]["emu3"]
+    assert set(OUTPUT_KEYS) | set(TUNING_KEYS) == set(section)  # every key is one or the other
+    assert not set(OUTPUT_KEYS) & set(TUNING_KEYS)
+    assert list(output_settings(section)) == list(OUTPUT_KEYS)

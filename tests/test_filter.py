@@ -15,16 +15,21 @@ from PIL import Image
 from conftest import RANDOM_WEIGHTS, ROOT, SAMPLE
 from groundset.config import validate_config
 from groundset.filter import (
+    OTHER_KEYS,
+    OUTPUT_KEYS,
+    TUNING_KEYS,
     ShardFiles,
     aesthetics_divisor,
     fill_template,
     filter_shard,
     make_dj_config,
+    output_settings,
     per_filter_removed,
     probe_image,
     probe_shard,
     process_shard,
     resolve_models,
+    with_tuning,
 )
 from groundset.io import iter_jsonl, write_jsonl
 from groundset.merge import merge_tiers
@@ -208,7 +213,7 @@ def test_per_filter_removed():
 
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
-    from groundset.stand_in_models import build_stand_in_models
+    from groundset.testing.models import build_stand_in_models
 
     return build_stand_in_models(tmp_path_factory.mktemp("models"))
 
@@ -382,7 +387,7 @@ def test_process_shard_leaves_every_step_of_one_shard(tmp_path, stand_ins):
         {"sources": [{"name": "s", "url_list": "x"}], "filter": {"np": 1}, **RANDOM_WEIGHTS}
     )["filter"]
     out = tmp_path / "out"
-    names = {"recipe": "recipe.yaml", "stats": "stats.json"}
+    names = {"recipe": "recipe.yaml", "stats": "stats.json", "work": "work"}
     files = ShardFiles(
         **{n: str(out / names.get(n, f"{n}.jsonl")) for n in ShardFiles.__dataclass_fields__}
     )
@@ -393,7 +398,6 @@ def test_process_shard_leaves_every_step_of_one_shard(tmp_path, stand_ins):
             shard,
             files,
             template=ROOT / "config" / "data_juicer_filter.yaml",
-            work_dir=str(tmp_path / "work"),
             name=f"t_shard_{shard}",
             filter_cfg=fcfg,
             models=stand_ins,
@@ -403,7 +407,9 @@ def test_process_shard_leaves_every_step_of_one_shard(tmp_path, stand_ins):
         recipe = yaml.safe_load(Path(files.recipe).read_text())
         assert recipe["dataset_path"] == str(Path(files.probed).resolve())
         assert recipe["project_name"] == f"groundset_filter_t_shard_{shard}"
-        assert not (tmp_path / "work").exists()
+        assert recipe["work_dir"] == str(Path(files.work).resolve())
+        # data-juicer's work folder is left empty: the workflow's temp() output, Snakemake removes it
+        assert list(Path(files.work).iterdir()) == []
         if shard == 1:
             (probed,) = iter_jsonl(files.probed)
             assert probed["__dj__stats__"]["image_width"] == [Image.open(photo).size[0]]
@@ -419,6 +425,27 @@ def test_process_shard_leaves_every_step_of_one_shard(tmp_path, stand_ins):
     (dropped,) = iter_jsonl(files.dropped)
     assert dropped["image_id"] == "0002" and dropped["drop_reason"].startswith("not_an_image:")
     assert Path(files.kept).read_text() == ""
+
+
+def test_the_params_are_the_output_keys_and_the_knobs_come_from_the_config():
+    section = validate_config({"sources": [{"name": "s", "url_list": "x"}], **RANDOM_WEIGHTS})[
+        "filter"
+    ]
+    leaves = {
+        f"{key}.{sub}" if isinstance(value, dict) else key
+        for key, value in section.items()
+        for sub in (value if isinstance(value, dict) else [None])
+    }
+    named = set(OUTPUT_KEYS) | set(TUNING_KEYS) | set(OTHER_KEYS)
+    covered = {leaf for leaf in leaves if leaf in named or leaf.split(".")[0] in named}
+    assert covered == leaves  # every key is an output key, a knob, or the template/merge's
+    assert not set(OUTPUT_KEYS) & set(TUNING_KEYS)
+    params = output_settings(section)
+    assert "np" not in params and "mem_required" not in params["nsfw"]
+    assert params["nsfw"] == {"model": section["nsfw"]["model"], "max_score": 0.0006}
+    assert with_tuning(params, section) == {
+        k: v for k, v in section.items() if k not in OTHER_KEYS
+    }  # the job's settings: its params and the config's knobs
 
 
 def test_merge_refuses_duplicate_inputs_and_counts_unscored(tmp_path):

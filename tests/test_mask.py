@@ -8,16 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_images
+from conftest import RANDOM_WEIGHTS, make_images
+from groundset.config import validate_config
 from groundset.io import iter_jsonl, read_json, write_jsonl
 from groundset.mask import (
+    OUTPUT_KEYS,
+    TUNING_KEYS,
+    MaskChunkFiles,
     Masker,
     MaskError,
+    MaskGatherFiles,
     MaskSettings,
     decode_rle,
     gather_masks,
     load_model,
     mask_chunk,
+    output_settings,
     pixel_boxes,
 )
 
@@ -86,13 +92,20 @@ def captioned(tmp_path: Path, entities_per_image: list[list[dict]], sizes=None) 
     return path
 
 
-def run(tmp_path: Path, records: Path, masker, name: str = "out", **settings) -> dict:
-    settings = MaskSettings(model_config=TINY, device="cpu", batch_size=2, **settings)
-    return mask_chunk(
-        records, tmp_path / f"{name}.jsonl", tmp_path / f"{name}_dropped.jsonl",
-        tmp_path / f"{name}_stats.json", tmp_path / f"{name}.journal.jsonl",
-        tmp_path / f"masks_{name}", settings, masker,
+def chunk_files(tmp_path: Path, name: str = "out", store: bool = False) -> MaskChunkFiles:
+    """A job's files under `tmp_path` (`store`: as the workflow's, computed beside the journal)."""
+    return MaskChunkFiles(
+        records=str(tmp_path / f"{name}.jsonl"), dropped=str(tmp_path / f"{name}_dropped.jsonl"),
+        stats=str(tmp_path / f"{name}_stats.json"), masks=str(tmp_path / f"masks_{name}"),
+        journal=str(tmp_path / f"{name}.journal.jsonl"),
+        store=str(tmp_path / f"store_{name}") if store else None,
     )  # fmt: skip
+
+
+def run(tmp_path: Path, records: Path, masker, name: str = "out", store: bool = False,
+        **settings) -> dict:  # fmt: skip
+    settings = MaskSettings(model_config=TINY, device="cpu", batch_size=2, **settings)
+    return mask_chunk(records, chunk_files(tmp_path, name, store), settings, masker)
 
 
 def test_pixel_boxes_of_the_flattened_entities():
@@ -270,16 +283,61 @@ def test_gather_and_bad_settings(tmp_path, masker):
     path = captioned(tmp_path, [entities] * 2)
     run(tmp_path, path, masker, "c0")
     run(tmp_path, path, masker, "c1", mask_format="rle")
-    total = gather_masks(
-        [str(tmp_path / "c0.jsonl"), str(tmp_path / "c1.jsonl")],
-        tmp_path / "all.jsonl", tmp_path / "all_dropped.jsonl", tmp_path / "all.json",
-    )  # fmt: skip
+    chunks = [chunk_files(tmp_path, "c0"), chunk_files(tmp_path, "c1")]
+    gathered = MaskGatherFiles(records=str(tmp_path / "all.jsonl"),
+                               dropped=str(tmp_path / "all_dropped.jsonl"),
+                               stats=str(tmp_path / "all.json"))  # fmt: skip
+    total = gather_masks([c.records for c in chunks], [c.dropped for c in chunks],
+                         [c.stats for c in chunks], gathered)  # fmt: skip
     assert total["masked"] == 4 and total["chunks"] == 2
     assert len(list(iter_jsonl(tmp_path / "all.jsonl"))) == 4
     assert read_json(tmp_path / "all.json") == total
+    with pytest.raises(MaskError, match="2 chunks, 1 drop files"):
+        gather_masks([c.records for c in chunks], [chunks[0].dropped],
+                     [c.stats for c in chunks], gathered)  # fmt: skip
     with pytest.raises(MaskError, match="mask_format"):
         MaskSettings.from_config({"mask_format": "png"})
     with pytest.raises(MaskError, match="cannot build SAM2"):
         load_model(MaskSettings(model_config="configs/sam2.1/nope.yaml", device="cpu"))
     with pytest.raises(MaskError, match="not a file"):
         load_model(MaskSettings(model_config=TINY, checkpoint=str(tmp_path / "x.pt")))
+
+
+def test_a_rerun_that_finds_its_mask_folder_emptied_links_the_journaled_masks(tmp_path):
+    """The workflow's layout: Snakemake empties the declared mask folder before it reruns a job;
+    the masks computed into the store beside the journal are linked again, not computed."""
+    import shutil
+
+    path = captioned(tmp_path, [KNOWN] * 3)
+    fixed = FixedMasker(known_masks(), [0.9, 0.8])
+    stats = run(tmp_path, path, fixed, store=True)
+    files = chunk_files(tmp_path, store=True)
+    out = list(iter_jsonl(files.records))
+    masks, store = Path(files.masks).resolve(), Path(files.store).resolve()
+    assert [r["mask_file"] for r in out] == [str(masks / "src" / f"{i:06d}.npy") for i in range(3)]
+    for record in out:  # the record's file is a hard link of the computed one
+        computed = store / Path(record["mask_file"]).relative_to(masks)
+        assert Path(record["mask_file"]).samefile(computed)
+    assert stats["computed"] == 3 and stats["mask_copies"] == 0
+    shutil.rmtree(masks)  # what Snakemake does before it reruns mask_chunk
+    (store / "src" / "000001.npy").unlink()  # a computed mask lost since: the journal is checked
+    again = FixedMasker(known_masks(), [0.9, 0.8])
+    stats = run(tmp_path, path, again, store=True)
+    assert again.images == 1 and stats["computed"] == 1 and stats["from_journal"] == 2
+    assert list(iter_jsonl(files.records)) == out
+    assert all(np.array_equal(np.load(r["mask_file"]), known_masks()) for r in out)
+    assert all(Path(r["mask_file"]).stat().st_nlink == 2 for r in out)
+
+
+def test_the_params_are_the_output_keys_and_the_rest_are_knobs():
+    section = validate_config({"sources": [{"name": "s", "url_list": "x"}], **RANDOM_WEIGHTS})[
+        "mask"
+    ]
+    assert set(OUTPUT_KEYS) | set(TUNING_KEYS) == set(section)  # every key is one or the other
+    assert not set(OUTPUT_KEYS) & set(TUNING_KEYS)
+    assert list(output_settings(section)) == list(OUTPUT_KEYS)
+    base = MaskSettings.from_config(section)
+    knobs = {"batch_size": 1, "device": "cpu", "decode_workers": 9}
+    assert MaskSettings.from_config({**section, **knobs}).digest == base.digest  # journal reused
+    for key, value in {"mask_format": "rle", "min_score": 0.5, "low_quality": "flag"}.items():
+        assert MaskSettings.from_config({**section, key: value}).digest != base.digest, key

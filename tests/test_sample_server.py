@@ -3,7 +3,7 @@ import urllib.request
 
 import pytest
 
-from groundset.sample_server import SAMPLE_HOST, proxy_env, resolve, serve
+from groundset.testing.sample_server import SAMPLE_HOST, proxy_env, resolve, serve
 
 
 def fetch(proxy, url):

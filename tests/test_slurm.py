@@ -151,8 +151,9 @@ def kill_step(cluster, job: str) -> list[int]:
     return pids
 
 
+@pytest.mark.xdist_group("slurm")
 def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
-    cluster, sample_run, tmp_path
+    cluster, sample_run_later, tmp_path
 ):
     workdir = tmp_path / "results"
     args = ["--configfile", "config/sample.yaml", "--config", f"workdir={workdir}",
@@ -203,8 +204,9 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
     assert "FAILED" in states["filter_shard"], states["filter_shard"]  # the killed one
     assert "stage_counts" not in states  # a local rule: runs in the snakemake process
 
+    sample_run = sample_run_later()  # the local run (another xdist worker's, or run now)
     for name in COMPARED:
-        ours, local = workdir / name, sample_run["workdir"] / name
+        ours, local = workdir / name, sample_run["snapshot"] / name
         assert normalized(ours, workdir) == normalized(local, sample_run["workdir"]), name
     print(
         f"SLURM sample: first run {first_seconds:.0f} s (one job killed), rerun {rerun_seconds:.0f} s"

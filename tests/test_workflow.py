@@ -26,8 +26,10 @@ from conftest import (
     write_parquet,
 )
 from groundset.io import iter_jsonl
+from groundset.split import index_manifest, write_index
 
-pytestmark = pytest.mark.workflow
+# One xdist worker: these tests share (and some change) the sample run's workdir.
+pytestmark = [pytest.mark.workflow, pytest.mark.xdist_group("sample")]
 BIN = os.path.dirname(sys.executable)
 PROFILE = ["--profile", str(ROOT / "profiles" / "local")]
 
@@ -524,6 +526,107 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
         "gather_captions": 1,
         **FINAL_JOBS,
     }
+
+
+# The per-item jobs of the filter, mask and Emu3 stages, with the files each reads and writes.
+ITEM_JOBS = {
+    "filter_shard": (
+        ["shards/big/index.json"],
+        [
+            "shards/big/shard_0.jsonl",
+            "probed/big/shard_0.jsonl",
+            "probed/big/shard_0_dropped.jsonl",
+            "dj_configs/big/shard_0.yaml",
+            "filtered/big/shard_0.jsonl",
+            "filtered/big/shard_0_stats.json",
+        ],
+    ),
+    "mask_chunk": (
+        ["captioned/chunk_0.jsonl"],
+        [
+            "masked/chunk_0.jsonl",
+            "masked/chunk_0_dropped.jsonl",
+            "masked/chunk_0_stats.json",
+            "masks/chunk_0/",
+        ],
+    ),
+    "emu3_part": (
+        ["masked/masked.jsonl"],
+        [
+            "export/emu3/list/parts/part_0.jsonl",
+            "export/emu3/list/parts/error_0.jsonl",
+            "export/emu3/list/parts/stats_0.json",
+            "export/emu3/feature/part_0/",
+        ],
+    ),
+    "gather_emu3": (
+        [],
+        [
+            "export/emu3/list/datalist.jsonl",
+            "export/emu3/list/train.json",
+            "export/emu3/list/error.jsonl",
+            "export/emu3/list/prompts.json",
+            "export/emu3/emu3_stats.json",
+        ],
+    ),
+}
+# Tuning knobs of those jobs: changing them all at once must plan nothing.
+KNOBS = {
+    "filter": {
+        "np": 3,
+        "nsfw": {"mem_required": "2GB"},
+        "watermark": {"mem_required": "2GB"},
+        "aesthetics": {"mem_required": "3GB"},
+    },
+    "mask": {"batch_size": 3, "device": "cpu", "decode_workers": 3, "gpus": 0},
+    "export": {"emu3": {"batch_size": 3, "device": "cpu", "decode_workers": 3, "gpus": 0}},
+}
+
+
+def test_tuning_knobs_mark_no_filter_mask_or_emu3_job_stale(tmp_path):
+    laid = _lay_down_manifest(tmp_path, 3)
+    work = laid["work"]
+    stamp = time.time() - 50
+    for inputs, outputs in ITEM_JOBS.values():  # inputs first, then outputs, all in the past
+        for rel in [*inputs, *outputs]:
+            path = work / rel
+            if rel.endswith("/"):
+                path.mkdir(parents=True)
+            elif rel.endswith("index.json"):  # read while planning: the manifest's one shard
+                write_index(index_manifest(work / "manifest" / "big.jsonl", 10), path)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("{}\n")
+            stamp += 1
+            os.utime(path, (stamp, stamp))
+    targets = ["filtered/big/shard_0.jsonl", "masked/chunk_0.jsonl", "export/emu3/list/train.json"]
+    args = [*PROFILE, "--cores", "1", *targets, "--allowed-rules", *ITEM_JOBS]
+
+    def stale(*overrides: dict) -> set[str]:
+        """The rules whose jobs a dry-run with `overrides` reruns for their params (or code)."""
+        files = [
+            str(write_config(tmp_path / f"override_{i}.yaml", override))
+            for i, override in enumerate(overrides)
+        ]
+        done = run_snakemake([*args, "--configfile", str(laid["config"]), *files, "-n"])
+        out = done.stdout + done.stderr
+        if "Nothing to be done" in out:
+            return set()
+        triggered = re.search(r"Rules with provenance triggered jobs: (.+)", out)
+        assert triggered, out  # the jobs of a changed output key are planned for it
+        return set(triggered[1].strip().split(", "))
+
+    # record what each job ran with (its params), as a real run does
+    run_snakemake([*args, "--configfile", str(laid["config"]), "--touch", "--forcerun", *ITEM_JOBS])
+    assert stale() == set()
+    models_home = tmp_path / "models"
+    models_home.mkdir()
+    knobs = {**KNOBS, "filter": {**KNOBS["filter"], "models_home": str(models_home)}}
+    assert stale(knobs) == set()  # every knob changed: nothing is planned
+    assert stale({"filter": {"nsfw": {"max_score": 0.001}}}) == {"filter_shard"}
+    assert stale({"mask": {"mask_format": "rle"}}) == {"mask_chunk"}
+    assert stale({"mask": {"min_score": 0.5}}) == {"mask_chunk"}  # a floor changes outputs
+    assert stale({"export": {"emu3": {"image_area": 4096}}}) == {"emu3_part"}  # and its gather
 
 
 def test_config_errors_stop_before_any_job(tmp_path):

@@ -86,7 +86,7 @@ def cmd_probe(args: argparse.Namespace, config: dict) -> dict:
 def cmd_dj_config(args: argparse.Namespace, config: dict) -> dict:
     """Write the data-juicer recipe of one shard from the template and the config."""
     from .filter import make_dj_config, resolve_models
-    from .stand_in_models import build_stand_in_models
+    from .testing.models import build_stand_in_models
 
     filter_cfg = config["filter"]
     stand_in = build_stand_in_models(args.models_dir) if filter_cfg["stand_in_models"] else None
@@ -148,21 +148,18 @@ def cmd_caption(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_mask(args: argparse.Namespace, config: dict) -> dict:
     """SAM2 masks for the entity boxes of a captioned JSONL, resumable via its journal."""
-    from .mask import Masker, MaskSettings, load_model, mask_chunk
+    from .mask import MaskChunkFiles, Masker, MaskSettings, load_model, mask_chunk
 
-    output = Path(args.output)
-    stem = str(output).removesuffix(".jsonl")
+    stem = str(args.output).removesuffix(".jsonl")  # the defaults of the side files
     settings = MaskSettings.from_config(config["mask"])
-    return mask_chunk(
-        args.input,
-        output,
-        args.dropped or stem + "_dropped.jsonl",
-        args.stats or stem + "_stats.json",
-        args.journal or stem + ".journal.jsonl",
-        args.mask_dir,
-        settings,
-        lambda: Masker(*load_model(settings)),
+    files = MaskChunkFiles(
+        records=args.output,
+        dropped=args.dropped or stem + "_dropped.jsonl",
+        stats=args.stats or stem + "_stats.json",
+        masks=args.mask_dir,  # computed right there: DIR/<source>/<image_id>.npy
+        journal=args.journal or stem + ".journal.jsonl",
     )
+    return mask_chunk(args.input, files, settings, lambda: Masker(*load_model(settings)))
 
 
 def cmd_export_emu3(args: argparse.Namespace, config: dict) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from .io import atomic_write, read_json, write_json
-from .sample_server import proxy_env, serve
+from .testing.sample_server import proxy_env, serve
 
 log = logging.getLogger(__name__)
 

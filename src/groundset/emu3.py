@@ -1,17 +1,21 @@
 """Emu3 export: location-control prompts, visual tokens and the lists Emu3's training code reads.
 
-Under the export folder (`export/emu3` in the workflow):
+Under the export folder (`groundset export-emu3 --outdir DIR`; `export/emu3` in the workflow):
   feature/<source>/<image_id>.pth  {"name", "images" (int64 token grid h×w), "texts"}: what
                                    Emu3's `Emu3FeatureDataset` loads with `torch.load`
-                                   (`feature/<image_id>.pth` for a record without a source)
+                                   (`feature/<image_id>.pth` for a record without a source;
+                                   `feature/part_<k>/…` in the workflow, one folder per part)
   list/datalist.jsonl              one line per exported image (name, path, image, texts, tokens)
   list/train.json                  {"prefix": <absolute feature folder>, "path_list": [...]}:
-                                   the seed's two keys, nothing else
+                                   the seed's two keys, nothing else; paths relative to prefix
   list/error.jsonl                 records not exported, each with its reason
   list/prompts.json                [{"name", "image", "text"}]: the input of Emu3's prepare_data.py
 The records are split into `parts` by a hash of their key (`records.record_key`), one job
-(one GPU) per part. Every saved feature is journaled, so a rerun tokenizes nothing twice and a
-changed prompt template rewrites only the texts.
+(one GPU) per part, whose files are one `Emu3PartFiles`. Every saved feature is journaled, so a
+rerun tokenizes nothing twice and a changed prompt template rewrites only the texts. A part's
+feature folder is a declared output in the workflow, which Snakemake empties before it reruns
+the job: features are saved into the part's store beside its journal (resume state, never an
+output) and hard-linked into the folder (as `groundset.mask` does with masks).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from tqdm import tqdm
 
 from .io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
 from .journal import Journal
-from .mask import resolve_device
+from .mask import publish, resolve_device
 from .records import RecordError, feature_relpath, image_path, record_boxes, record_key
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,56 @@ STAND_IN_VQ = {
 
 class Emu3Error(RuntimeError):
     """A configuration or model problem that stops the export."""
+
+
+# `export.emu3:` keys the export's outputs depend on: the part and gather jobs' params.
+OUTPUT_KEYS = (
+    "tokenizer",  # which vision tokenizer (the tokens; the journal's digest)
+    "image_area",  # the size images are tokenized at (the tokens; the journal's digest)
+    "max_items",  # how many images each part exports, and train.json lists
+    "tokenize",  # features and token lists, or prompts only
+    "prompt",  # the texts
+    "parts",  # the partitioning: each part holds its hash share of the records
+)
+# Tuning knobs: how fast and where a job runs, never what its outputs hold. The jobs read them
+# from the config at run time, so changing one marks nothing stale.
+TUNING_KEYS = (
+    "batch_size",  # same-size images encoded together
+    "device",  # cuda or cpu
+    "decode_workers",  # threads decoding ahead of the tokenizer (the job's threads)
+    "gpus",  # the job's resource
+    "random_weights",  # the opt-in to a null tokenizer, checked before any job
+)
+
+
+def output_settings(section: dict) -> dict:
+    """The keys of an `export.emu3:` config section that change the export's outputs (params)."""
+    return {k: section[k] for k in OUTPUT_KEYS if k in section}
+
+
+@dataclass(frozen=True)
+class Emu3PartFiles:
+    """What one part's export job writes (the rule's outputs and params have these names)."""
+
+    records: str  # the part's list lines (name, path under `features`, image, texts, tokens)
+    errors: str  # records not exported, with their reasons
+    stats: str  # the part's counts
+    features: str  # the folder of its features: <features>/<source>/<image_id>.pth
+    journal: str  # resume state: every saved feature
+    # resume state: where features are saved, then hard-linked into `features` (which Snakemake
+    # empties before a rerun); None saves them in `features` itself (`groundset export-emu3`)
+    store: str | None = None
+
+
+@dataclass(frozen=True)
+class Emu3ListFiles:
+    """What the Emu3 gather writes (the rule's outputs have these names)."""
+
+    datalist: str  # one line per exported image
+    train: str  # {"prefix", "path_list"}, as Emu3's training code reads it
+    errors: str  # every part's errors
+    prompts: str  # [{"name", "image", "text"}] for Emu3's prepare_data.py
+    stats: str  # the totals
 
 
 @dataclass(frozen=True)
@@ -275,17 +329,6 @@ def load_feature(path: str | os.PathLike) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def part_paths(outdir: str | os.PathLike, part: int) -> dict[str, Path]:
-    """The files of one part: its list, errors, stats and journal."""
-    parts = Path(outdir) / "list" / "parts"
-    return {
-        "records": parts / f"part_{part}.jsonl",
-        "errors": parts / f"error_{part}.jsonl",
-        "stats": parts / f"stats_{part}.json",
-        "journal": parts / f"journal_{part}.jsonl",
-    }
-
-
 def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
@@ -304,17 +347,20 @@ class _Item:
 
 
 class _PartWriter:
-    """The list and error lines of one part, and its counts."""
+    """The list and error lines of one part, its published features, and its counts."""
 
-    def __init__(self, records, errors, outdir: Path, tokenize: bool):
+    def __init__(self, records, errors, saved_dir: Path, features_dir: Path, tokenize: bool):
         self.records, self.errors = records, errors
-        self.feature_dir = outdir / "feature"
+        self.saved_dir, self.features_dir = saved_dir, features_dir
         self.tokenize = tokenize
         self.counts: Counter = Counter()
         self.reasons: Counter = Counter()
 
     def item(self, item: _Item, tokens: tuple[int, int] | None) -> None:
-        """One exported image's list line."""
+        """One exported image's list line (and its feature, where the list names it)."""
+        if self.tokenize:
+            saved = self.saved_dir / item.feature
+            self.counts["feature_copies"] += publish(saved, self.features_dir / item.feature)
         line = {
             "name": item.key,
             "image": image_path(item.record),
@@ -367,28 +413,30 @@ def _check(record: dict) -> str | None:
 
 def export_part(
     input_path: str | os.PathLike,
-    outdir: str | os.PathLike,
+    files: Emu3PartFiles,
     settings: Emu3Settings,
     part: int = 0,
     tokenizer_factory: Callable[[], VisionTokenizer] | None = None,
 ) -> dict:
-    """Export the records of one part: features (unless no-tokenize), list lines, errors, stats."""
-    outdir = Path(outdir)
-    paths = part_paths(outdir, part)
+    """Export the records of one part into `files`: features (unless no-tokenize), list lines,
+    errors, stats."""
+    features_dir = Path(files.features).resolve()
+    saved_dir = Path(files.store).resolve() if files.store else features_dir
     factory = tokenizer_factory or (lambda: load_tokenizer(settings))
     digest = settings.digest()
     tokenizer: VisionTokenizer | None = None
     window = max(1, settings.batch_size) * 4
     quota = settings.quota
-    journal = Journal(paths["journal"]) if settings.tokenize else None
+    journal = Journal(files.journal) if settings.tokenize else None
     stack = contextlib.ExitStack()
     with stack:
         if journal is not None:
             stack.enter_context(journal)
         writer = _PartWriter(
-            stack.enter_context(atomic_write(paths["records"])),
-            stack.enter_context(atomic_write(paths["errors"])),
-            outdir,
+            stack.enter_context(atomic_write(files.records)),
+            stack.enter_context(atomic_write(files.errors)),
+            saved_dir,
+            features_dir,
             settings.tokenize,
         )
         pool = stack.enter_context(ThreadPoolExecutor(max(1, settings.decode_workers)))
@@ -418,7 +466,7 @@ def export_part(
                     tokens = tokenizer.encode(np.stack([item.pixels for item in batch]))
                     entries = []
                     for item, grid_tokens in zip(batch, tokens, strict=True):
-                        feature = writer.feature_dir / item.feature
+                        feature = saved_dir / item.feature
                         save_feature(feature, item.key, grid_tokens, item.prompt)
                         item.shape, item.pixels = tuple(grid_tokens.shape), None
                         entries.append(
@@ -447,7 +495,7 @@ def export_part(
             if not settings.tokenize:
                 return item
             done = journal.done(item.key)
-            feature = writer.feature_dir / item.feature
+            feature = saved_dir / item.feature
             if done and done.get("digest") == digest and feature.exists():
                 if done.get("texts_sha1") != _sha1(prompt):  # the prompt changed: texts only
                     tokens = load_feature(feature)["images"].numpy()
@@ -476,7 +524,14 @@ def export_part(
         "part": part,
         **{
             k: writer.counts[k]
-            for k in ("records", "exported", "tokenized", "reused", "texts_rewritten")
+            for k in (
+                "records",
+                "exported",
+                "tokenized",
+                "reused",
+                "texts_rewritten",
+                "feature_copies",
+            )
         },
         "beyond_max_items": writer.counts["beyond_max_items"],
         "errors": sum(writer.reasons.values()),
@@ -486,31 +541,56 @@ def export_part(
         "image_area": settings.image_area,
         "factor": tokenizer.factor if tokenizer is not None else None,
     }
-    write_json(paths["stats"], stats)
+    if writer.counts["feature_copies"]:
+        log.warning("%s: no hard links here, %d features copied from %s", features_dir,
+                    writer.counts["feature_copies"], saved_dir)  # fmt: skip
+    write_json(files.stats, stats)
     log.info("emu3 part %d: %s", part, stats)
     return stats
 
 
-def gather_emu3(outdir: str | os.PathLike, settings: Emu3Settings) -> dict:
-    """The lists of all parts: datalist.jsonl, train.json (max_items), error.jsonl, stats."""
-    outdir = Path(outdir)
-    lists = outdir / "list"
-    prefix = str((outdir / "feature").resolve())
+def _under(folder: str | os.PathLike, prefix: Path) -> str:
+    """`folder` relative to `prefix` as a path_list prefix ("" for prefix itself, else "a/b/")."""
+    rel = Path(os.path.relpath(Path(folder).resolve(), prefix)).as_posix()
+    if rel == ".." or rel.startswith("../"):
+        raise Emu3Error(f"feature folder {folder} is not under the train.json prefix {prefix}")
+    return "" if rel == "." else rel + "/"
+
+
+def gather_emu3(
+    records: list[str],
+    errors: list[str],
+    stats: list[str],
+    features: list[str],
+    files: Emu3ListFiles,
+    prefix: str | os.PathLike,
+    settings: Emu3Settings,
+) -> dict:
+    """The lists of all parts (their records, errors, stats and feature folders, aligned):
+    datalist.jsonl, train.json (max_items; paths relative to `prefix`), error.jsonl, stats."""
+    if not len(records) == len(errors) == len(stats) == len(features):
+        raise Emu3Error(
+            f"{len(records)} part lists, {len(errors)} error files, {len(stats)} stats and "
+            f"{len(features)} feature folders"
+        )
+    prefix = Path(prefix).resolve()
     counts: Counter = Counter()
     reasons: Counter = Counter()
     stand_in = False
     with (
-        atomic_write(lists / "datalist.jsonl") as datalist,
-        atomic_write(lists / "train.json") as train,
-        atomic_write(lists / "error.jsonl") as errors,
-        atomic_write(lists / "prompts.json") as prompts,
+        atomic_write(files.datalist) as datalist,
+        atomic_write(files.train) as train,
+        atomic_write(files.errors) as error_out,
+        atomic_write(files.prompts) as prompts,
     ):
-        train.write('{"prefix": ' + json.dumps(prefix) + ', "path_list": [')
+        train.write('{"prefix": ' + json.dumps(str(prefix)) + ', "path_list": [')
         prompts.write("[")
         listed = 0
-        for part in range(settings.parts):
-            paths = part_paths(outdir, part)
-            part_stats = read_json(paths["stats"])
+        for part_records, part_errors, part_stats_path, part_features in zip(
+            records, errors, stats, features, strict=True
+        ):
+            under = _under(part_features, prefix)
+            part_stats = read_json(part_stats_path)
             stand_in |= bool(part_stats.get("stand_in_tokenizer"))
             for key in (
                 "records",
@@ -519,17 +599,19 @@ def gather_emu3(outdir: str | os.PathLike, settings: Emu3Settings) -> dict:
                 "reused",
                 "texts_rewritten",
                 "beyond_max_items",
+                "feature_copies",
             ):
                 counts[key] += part_stats.get(key, 0)
             reasons.update(part_stats["error_reasons"])
-            for line in iter_jsonl(paths["records"]):
+            for line in iter_jsonl(part_records):
+                # relative to the prefix, as train.json lists it
+                line["path"] = under + (line.get("path") or f"{line['name']}.pth")
                 datalist.write(dumps_record(line) + "\n")
                 if settings.max_items is not None and listed >= settings.max_items:
                     counts["not_listed_max_items"] += 1
                     continue
                 sep = ", " if listed else ""
-                path = line.get("path") or f"{line['name']}.pth"  # parts of older versions
-                train.write(sep + json.dumps(path))
+                train.write(sep + json.dumps(line["path"]))
                 entry = {
                     "name": line["name"],
                     "image": line["image"],
@@ -537,26 +619,48 @@ def gather_emu3(outdir: str | os.PathLike, settings: Emu3Settings) -> dict:
                 }
                 prompts.write(sep + json.dumps(entry, ensure_ascii=False))
                 listed += 1
-            with open(paths["errors"], encoding="utf-8") as handle:
+            with open(part_errors, encoding="utf-8") as handle:
                 for line in handle:
-                    errors.write(line)
+                    error_out.write(line)
         train.write("]}\n")  # the seed's keys only (whether features exist: emu3_stats.json)
         prompts.write("]\n")
-    stats = {
+    result = {
         **{k: counts[k] for k in ("records", "exported", "tokenized", "reused", "texts_rewritten")},
         "train_items": listed,
         "not_listed_max_items": counts["not_listed_max_items"],
         "beyond_max_items": counts["beyond_max_items"],
+        "feature_copies": counts["feature_copies"],
         "errors": sum(reasons.values()),
         "error_reasons": dict(reasons),
         "tokenize": settings.tokenize,
         "stand_in_tokenizer": stand_in,
         "image_area": settings.image_area,
-        "feature_dir": prefix,
+        "feature_dir": str(prefix),
     }
-    write_json(outdir / "emu3_stats.json", stats)
-    log.info("emu3 export: %s", stats)
-    return stats
+    write_json(files.stats, result)
+    log.info("emu3 export: %s", result)
+    return result
+
+
+def outdir_files(outdir: str | os.PathLike) -> tuple[Emu3PartFiles, Emu3ListFiles]:
+    """The one-part layout of `groundset export-emu3 --outdir DIR` (the journal in list/parts)."""
+    outdir = Path(outdir)
+    parts = outdir / "list" / "parts"
+    part = Emu3PartFiles(
+        records=str(parts / "part_0.jsonl"),
+        errors=str(parts / "error_0.jsonl"),
+        stats=str(parts / "stats_0.json"),
+        features=str(outdir / "feature"),
+        journal=str(parts / "journal_0.jsonl"),
+    )
+    lists = Emu3ListFiles(
+        datalist=str(outdir / "list" / "datalist.jsonl"),
+        train=str(outdir / "list" / "train.json"),
+        errors=str(outdir / "list" / "error.jsonl"),
+        prompts=str(outdir / "list" / "prompts.json"),
+        stats=str(outdir / "emu3_stats.json"),
+    )
+    return part, lists
 
 
 def export_emu3(
@@ -567,5 +671,8 @@ def export_emu3(
 ) -> dict:
     """The whole export in one process (`groundset export-emu3`): one part, then the lists."""
     settings = replace(settings, parts=1)
-    export_part(input_path, outdir, settings, 0, tokenizer_factory)
-    return gather_emu3(outdir, settings)
+    part, lists = outdir_files(outdir)
+    export_part(input_path, part, settings, 0, tokenizer_factory)
+    return gather_emu3(
+        [part.records], [part.errors], [part.stats], [part.features], lists, part.features, settings
+    )

@@ -7,6 +7,8 @@ around one bad file, silently), `make_dj_config` (fills the recipe template) and
 `filter_shard` (runs the real data-juicer, writes the kept records with their scores in the
 DESIGN.md shape, aesthetic scores on LAION's 0-10 scale, plus per-filter counts).
 One job per shard keeps a plan of thousands of shards small (see bench/bench_dryrun.py).
+Its files are one `ShardFiles`, data-juicer's work folder among them (a temp() output in the
+workflow: Snakemake clears it before a rerun and removes it after the job).
 """
 
 from __future__ import annotations
@@ -41,6 +43,57 @@ OPS = (
 )
 AESTHETICS_KEY = "image_aesthetics_scores"
 STATS = "__dj__stats__"
+
+# `filter:` keys a shard's outputs depend on ("section.key" inside a subsection): the job's
+# params, so changing one reruns the shards.
+OUTPUT_KEYS = (
+    "header_sizes",  # the probe's header sizes: what the shape and aspect filters measure
+    "stand_in_models",  # which models score (the stand-ins' marker is also an input)
+    "image_shape",  # thresholds
+    "aspect_ratio",
+    "nsfw.model",
+    "nsfw.max_score",
+    "watermark.model",
+    "watermark.max_prob",
+    "aesthetics.model",
+    "aesthetics.min_score",
+    "aesthetics.max_score",
+)
+# Tuning knobs: how fast and where a shard is filtered, never what it keeps or scores. The job
+# reads them from the config at run time, so changing one marks no shard stale.
+TUNING_KEYS = (
+    "np",  # data-juicer processes (the job's threads)
+    "models_home",  # where the same models are found on disk
+    "nsfw.mem_required",  # memory data-juicer reserves per op process
+    "watermark.mem_required",
+    "aesthetics.mem_required",
+)
+# Neither: `template` is the job's input file, `aesthetics_tiers` the merge's params.
+OTHER_KEYS = ("template", "aesthetics_tiers")
+
+
+def _pick(section: dict, keys: tuple[str, ...], into: dict | None = None) -> dict:
+    """The `keys` ("a" or "a.b") of `section`, nested as there, added to a copy of `into`."""
+    picked = copy.deepcopy(into or {})
+    for key in keys:
+        head, _, sub = key.partition(".")
+        if head not in section:
+            continue
+        if sub:
+            picked.setdefault(head, {})[sub] = copy.deepcopy(section[head][sub])
+        else:
+            picked[head] = copy.deepcopy(section[head])
+    return picked
+
+
+def output_settings(section: dict) -> dict:
+    """The keys of a `filter:` config section that change a shard's outputs (its job's params)."""
+    return _pick(section, OUTPUT_KEYS)
+
+
+def with_tuning(settings: dict, section: dict) -> dict:
+    """A shard job's filter settings: its params (`output_settings`) plus the config's knobs."""
+    return _pick(section, TUNING_KEYS, settings)
 
 
 # --- probe -------------------------------------------------------------------------------
@@ -301,8 +354,13 @@ def filter_shard(
     np_override: int | None = None,
     models_home: str | None = None,
     probe_stats: dict | None = None,
+    keep_work_dir: bool = False,
 ) -> dict:
-    """Run data-juicer on one probed shard; write kept records (DESIGN shape) and the shard's stats."""
+    """Run data-juicer on one probed shard; write kept records (DESIGN shape) and the shard's stats.
+
+    Data-juicer's work folder is cleared first (a killed run's leftovers) and removed at the end,
+    or, with `keep_work_dir`, left empty (a declared output that Snakemake removes itself).
+    """
     with open(recipe_path, encoding="utf-8") as handle:
         recipe = yaml.safe_load(handle)
     export = Path(recipe["export_path"])
@@ -336,6 +394,8 @@ def filter_shard(
     }
     write_json(stats_path, stats)
     shutil.rmtree(work, ignore_errors=True)
+    if keep_work_dir:
+        work.mkdir(parents=True)
     return stats
 
 
@@ -352,6 +412,7 @@ class ShardFiles:
     recipe: str  # the data-juicer recipe
     kept: str  # data-juicer's kept records (DESIGN shape)
     stats: str  # counts of the probe and of every filter
+    work: str  # data-juicer's work folder (its export, caches, logs), left empty at the end
 
 
 def process_shard(
@@ -360,7 +421,6 @@ def process_shard(
     files: ShardFiles,
     *,
     template: str | os.PathLike,
-    work_dir: str,
     name: str,
     filter_cfg: dict,
     models: dict[str, str],
@@ -368,16 +428,18 @@ def process_shard(
     header_sizes: bool = True,
     models_home: str | None = None,
 ) -> dict:
-    """Slice shard `shard` from the indexed manifest, probe it, write its recipe, filter it."""
+    """Slice shard `shard` from the indexed manifest, probe it, write its recipe, filter it.
+
+    `filter_cfg` holds the output keys and the tuning knobs (`with_tuning`)."""
     write_shard(index, shard, files.shard)
     probe = probe_shard(files.shard, files.probed, files.dropped, threads, header_sizes)
     make_dj_config(
         template,
         files.recipe,
         dataset_path=files.probed,
-        export_path=os.path.join(work_dir, "export", f"{name}.jsonl"),
+        export_path=os.path.join(files.work, "export", f"{name}.jsonl"),  # inside: data-juicer's
         project_name=f"groundset_filter_{name}",
-        work_dir=work_dir,
+        work_dir=files.work,
         filter_cfg=filter_cfg,
         models=models,
     )
@@ -388,4 +450,5 @@ def process_shard(
         np_override=threads,
         models_home=models_home,
         probe_stats=probe,
+        keep_work_dir=True,
     )

@@ -7,14 +7,21 @@ prompt batch. Masks go to one `.npy` per image (bool `(N, H, W)`, N = entities i
 or into the record as COCO RLE. Per entity the record gets the SAM2 score, the fraction of the
 mask inside its box and the mask/box area ratio; entities under the quality floors are dropped
 or flagged (counted). Every finished image is journaled, so a killed job, rerun, skips it.
+
+A job's files are one `MaskChunkFiles`. In the workflow its mask folder is a declared output,
+which Snakemake empties before it reruns the job; so masks are computed into the job's store
+(resume state beside its journal, like the journal never an output) and hard-linked into the
+mask folder, and a rerun links what the journal already has instead of computing it again.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,7 +32,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .io import atomic_save, atomic_write, concat_chunks, dumps_record, iter_jsonl, write_json
+from .io import (
+    atomic_save,
+    atomic_write,
+    check_chunk_plan,
+    dumps_record,
+    iter_jsonl,
+    read_json,
+    write_json,
+)
 from .journal import Journal
 from .records import RecordError, flatten_record, mask_relpath, record_key
 
@@ -38,6 +53,46 @@ STD = (0.229, 0.224, 0.225)
 
 class MaskError(RuntimeError):
     """A problem that stops the mask job (model config, checkpoint)."""
+
+
+# `mask:` keys a mask job's outputs depend on: the rule's params (changing one reruns the job),
+# and the journal's digest (an image masked under other values is masked again).
+OUTPUT_KEYS = (
+    "model_config",  # which SAM2
+    "checkpoint",  # its weights
+    "mask_format",  # npy files or RLE in the records
+    "min_score",  # quality floor: which entities stay (drop) or are flagged
+    "min_inside_fraction",  # quality floor
+    "low_quality",  # drop or flag
+)
+# Tuning knobs: how fast and where a job runs, never what its outputs hold. The job reads them
+# from the config at run time, so changing one marks nothing stale.
+TUNING_KEYS = (
+    "batch_size",  # images per encoder batch
+    "device",  # cuda or cpu
+    "decode_workers",  # threads decoding ahead of the model (the job's threads)
+    "gpus",  # the job's resource
+    "random_weights",  # the opt-in to a null checkpoint, checked before any job
+)
+
+
+def output_settings(section: dict) -> dict:
+    """The keys of a `mask:` config section that change a mask job's outputs (its params)."""
+    return {k: section[k] for k in OUTPUT_KEYS if k in section}
+
+
+@dataclass(frozen=True)
+class MaskChunkFiles:
+    """What one mask job writes (the rule's outputs and params have these names)."""
+
+    records: str  # masked records, aligned with their masks
+    dropped: str  # records dropped, each with its drop_reason
+    stats: str  # the job's counts
+    masks: str  # the folder the records' mask_file names: <masks>/<source>/<image_id>.npy
+    journal: str  # resume state: every finished image
+    # resume state: where masks are computed, then hard-linked into `masks` (which Snakemake
+    # empties before a rerun); None computes them in `masks` itself (`groundset mask`)
+    store: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,11 +111,11 @@ class MaskSettings:
 
     @property
     def digest(self) -> str:
-        """What decides a mask entry's content: an entry made under other settings is redone."""
+        """What decides a mask entry's content (OUTPUT_KEYS): an entry made under other values is
+        redone."""
         import hashlib
 
-        key = (self.model_config, self.checkpoint, self.mask_format, self.min_score,
-               self.min_inside_fraction, self.low_quality)  # fmt: skip
+        key = tuple(getattr(self, name) for name in OUTPUT_KEYS)
         return hashlib.sha256(repr(key).encode()).hexdigest()[:12]
 
     @classmethod
@@ -239,6 +294,30 @@ def save_npy(path: Path, masks: np.ndarray) -> int:
     return path.stat().st_size
 
 
+# A filesystem without hard links (or another device) gets copies: errnos that say so.
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def publish(computed: Path, published: Path) -> bool:
+    """Hard-link a computed file to where the records name it (a copy where links are not
+    possible; the same path: nothing); True if it had to be copied."""
+    if computed == published:
+        return False
+    published.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if published.samefile(computed):
+            return False
+        published.unlink()  # an earlier version: the files are replaced, never written into
+    try:
+        os.link(computed, published)
+        return False
+    except OSError as err:
+        if err.errno not in _NO_LINK:
+            raise
+    shutil.copyfile(computed, published)
+    return True
+
+
 # --- chunks ---------------------------------------------------------------------------------
 
 
@@ -298,18 +377,14 @@ def _apply_floors(entry: dict, settings: MaskSettings) -> list[bool]:
 
 def mask_chunk(
     records_path: str | os.PathLike,
-    output: str | os.PathLike,
-    dropped_out: str | os.PathLike,
-    stats_out: str | os.PathLike,
-    journal_path: str | os.PathLike,
-    mask_dir: str | os.PathLike,
+    files: MaskChunkFiles,
     settings: MaskSettings,
     masker: Masker | Callable[[], Masker] | None = None,
 ) -> dict:
-    """Masks for every record of a captioned JSONL; returns the counts.
+    """Masks for every record of a captioned JSONL into `files`; returns the counts.
 
     `masker` may be a factory, called once the first image needs the model. Images already
-    journaled (with their mask file, for npy) are not computed again.
+    journaled (with their computed mask file still there, for npy) are not computed again.
     """
     holder: list = [masker]
 
@@ -333,14 +408,16 @@ def mask_chunk(
                 "without_entities",
                 "dropped",
                 "mask_bytes",
+                "mask_copies",
             ),
             0,
         )  # fmt: skip
     )
     reasons: Counter = Counter()
     began = time.monotonic()
-    mask_dir = Path(mask_dir)
-    with Journal(journal_path) as journal:
+    masks_dir = Path(files.masks).resolve()
+    computed_dir = Path(files.store).resolve() if files.store else masks_dir
+    with Journal(files.journal) as journal:
 
         def done(item: _Item) -> bool:
             entry = journal.done(item.key)
@@ -357,10 +434,10 @@ def mask_chunk(
                 cf.ThreadPoolExecutor(2) as writer, \
                 tqdm(desc="mask", unit="img", mininterval=5) as bar:  # fmt: skip
             for batch in _batches(todo, pool, settings.batch_size):
-                entries = _mask_batch(batch, get_masker, settings, mask_dir, writer, counts)
+                entries = _mask_batch(batch, get_masker, settings, computed_dir, writer, counts)
                 journal.append([{**entry, "settings": settings.digest} for entry in entries])
                 bar.update(len(batch))
-        with atomic_write(output) as out, atomic_write(dropped_out) as drop:
+        with atomic_write(files.records) as out, atomic_write(files.dropped) as drop:
             for record in iter_jsonl(records_path):
                 counts["records"] += 1
                 flat = flatten_record(record)
@@ -381,6 +458,10 @@ def mask_chunk(
                                              "drop_reason": "all_entities_below_quality_floors",
                                              "mask_scores": entry["mask_scores"]}) + "\n")  # fmt: skip
                     continue
+                if out_record["mask_file"]:  # where the records name it: the mask folder
+                    published = masks_dir / mask_relpath(flat)
+                    counts["mask_copies"] += publish(Path(out_record["mask_file"]), published)
+                    out_record["mask_file"] = str(published)
                 counts["masked"] += 1
                 counts["without_entities"] += not out_record["entities"]
                 counts["entities"] += len(out_record["entities"])
@@ -398,15 +479,19 @@ def mask_chunk(
         if counts["masked"]
         else 0.0,
     }
-    write_json(stats_out, result)
+    if counts["mask_copies"]:
+        log.warning("%s: no hard links here, %d masks copied from %s", masks_dir,
+                    counts["mask_copies"], computed_dir)  # fmt: skip
+    write_json(files.stats, result)
     return result
 
 
 def _mask_batch(
-    batch: list[_Item], get_masker: Callable[[], Masker], settings: MaskSettings, mask_dir: Path,
-    writer: cf.ThreadPoolExecutor, counts: Counter,
+    batch: list[_Item], get_masker: Callable[[], Masker], settings: MaskSettings,
+    computed_dir: Path, writer: cf.ThreadPoolExecutor, counts: Counter,
 ) -> list[dict]:  # fmt: skip
-    """Journal entries for one decoded batch (masks written before the entries are returned)."""
+    """Journal entries for one decoded batch (masks written under `computed_dir` before the
+    entries, which name them, are returned)."""
     entries: list[dict] = []
     ready = [item for item in batch if item.image is not None]
     masker = get_masker() if ready else None
@@ -439,7 +524,7 @@ def _mask_batch(
             entry["mask_file"] = None
             entry["bytes"] = sum(len(r["counts"]) for r in entry["mask_rle"])
         else:
-            path = mask_path(mask_dir, item.record).resolve()
+            path = mask_path(computed_dir, item.record)
             entry["mask_file"] = str(path)
             writes.append((writer.submit(save_npy, path, array), entry))
         counts["computed"] += 1
@@ -476,26 +561,45 @@ def _merge(flat: dict, entry: dict, settings: MaskSettings, counts: Counter) -> 
     return out
 
 
+@dataclass(frozen=True)
+class MaskGatherFiles:
+    """What the mask gather writes (the rule's outputs have these names)."""
+
+    records: str  # every chunk's masked records, in chunk order
+    dropped: str  # every chunk's dropped records
+    stats: str  # the totals
+
+
 def gather_masks(
-    chunks: list[str], output: str | os.PathLike, dropped_out: str | os.PathLike,
-    stats_out: str | os.PathLike, index: str | os.PathLike | None = None,
+    chunks: list[str], dropped: list[str], stats: list[str], files: MaskGatherFiles,
+    index: str | os.PathLike | None = None,
 ) -> dict:  # fmt: skip
-    """Concatenate masked chunks (and their drop files) in order and total their counts; with
-    `index`, the chunks must be those of the caption chunk index."""
+    """Concatenate the masked chunks and their drop files in order and total their stats (the
+    three lists aligned); with `index`, the chunks must be those of the caption chunk index."""
+    if not len(chunks) == len(dropped) == len(stats):
+        raise MaskError(f"{len(chunks)} chunks, {len(dropped)} drop files, {len(stats)} stats")
+    per_chunk = [read_json(path) for path in stats]
+    if index is not None:
+        check_chunk_plan(index, chunks, per_chunk)
+    with atomic_write(files.records, "wb") as out, atomic_write(files.dropped, "wb") as drop:
+        for paths, handle in ((chunks, out), (dropped, drop)):
+            for path in paths:
+                with open(path, "rb") as src:
+                    shutil.copyfileobj(src, handle, 1 << 20)
     totals: Counter = Counter()
     reasons: Counter = Counter()
     meta: dict = {}
-    for stats in concat_chunks(chunks, output, "dropped", dropped_out, index):
-        reasons.update(stats.pop("drop_reasons", {}))
+    for chunk_stats in per_chunk:
+        reasons.update(chunk_stats.pop("drop_reasons", {}))
         for key in ("mask_format", "model_config", "random_weights", "bytes_per_masked_image"):
-            value = stats.pop(key, None)
+            value = chunk_stats.pop(key, None)
             if key != "bytes_per_masked_image":
                 meta.setdefault(key, value)
-        totals.update(stats)
+        totals.update(chunk_stats)
     result = {**meta, "chunks": len(chunks), **dict(totals), "drop_reasons": dict(reasons)}
     result["seconds"] = round(result.get("seconds", 0.0), 3)
     result["bytes_per_masked_image"] = (
         round(totals["mask_bytes"] / totals["masked"], 1) if totals["masked"] else 0.0
     )
-    write_json(stats_out, result)
+    write_json(files.stats, result)
     return result

@@ -1,5 +1,11 @@
 # Grounded captioning (Qwen-VL): preflight, chunks, one paced job per chunk, gather.
 
+# `params: settings` holds only the keys that change a chunk's outputs (caption_settings); the
+# jobs read the tuning knobs (groundset.caption.TUNING_KEYS: pacing, retries, timeouts,
+# concurrency) from the config, so changing one marks nothing stale. Their share of the rate is
+# that of the quota in force (`--resources vlm_api=N` over caption.api_jobs, see common.smk).
+config["caption"]["api_jobs"] = API_JOBS
+
 
 rule caption_preflight:
     output:
@@ -14,7 +20,8 @@ rule caption_preflight:
         mem_mb=500,
         runtime=5,
     params:
-        settings=caption_settings,
+        # what the check depends on (groundset.caption.PREFLIGHT_KEYS): the endpoint, the stand-in
+        settings=lambda wildcards: groundset.caption.preflight_settings(config["caption"]),
     script:
         "../scripts/caption_preflight.py"
 
@@ -63,7 +70,6 @@ rule caption_chunk:
         vlm_api=1,
     params:
         settings=caption_settings,
-        rate_share=API_JOBS,
         journal=lambda wildcards: f"captioned/journal/chunk_{wildcards.chunk}.jsonl",
     script:
         "../scripts/caption_chunk.py"

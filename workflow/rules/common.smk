@@ -7,6 +7,10 @@ from groundset.caption import Settings, uses_stand_in
 from groundset.config import ConfigError, download_options, find_source, validate_config
 from groundset.prefilter import PrefilterRules
 from groundset.split import read_index
+import groundset.caption
+import groundset.emu3
+import groundset.filter
+import groundset.mask
 
 # Schema (defaults filled) and cross-key checks, before any job: one line per problem, each
 # leading with its key path (a WorkflowError: Snakemake prints it without a traceback).
@@ -109,8 +113,10 @@ def filtered_shards(wildcards):
 # Snakemake time while it plans.
 # The stand-in models' marker when `filter.stand_in_models` is on (sample and tests).
 STAND_IN_MODELS = ["models/stand_in/models.json"] if config["filter"]["stand_in_models"] else []
-# The filter config that goes into a shard's data-juicer recipe (not the merge tiers).
-FILTER_SETTINGS = {k: v for k, v in config["filter"].items() if k != "aesthetics_tiers"}
+# The filter keys a shard's outputs depend on (groundset.filter.OUTPUT_KEYS): its job's params.
+# The tuning knobs (np, models_home, mem_required) are read by the job from the config, so
+# changing one marks no shard stale; the template is an input, the merge tiers the merge's.
+FILTER_SETTINGS = groundset.filter.output_settings(config["filter"])
 
 
 def source_targets(source):
@@ -132,9 +138,12 @@ MERGED = ["merged/merged_output.jsonl", "merged/aes_6.jsonl"]
 
 
 def caption_settings(wildcards):
-    """The captioning settings a chunk job uses (not the key: only the name of its variable)."""
-    skip = ("input", "chunk_size", "api_jobs", "retry_errors")
-    return {k: v for k, v in config["caption"].items() if k not in skip}
+    """The captioning keys that change a chunk's outputs (groundset.caption.OUTPUT_KEYS).
+
+    The tuning knobs (pacing, retries, timeouts, concurrency: TUNING_KEYS) are read by the job
+    from the config, so changing one marks no chunk stale; the key is in neither.
+    """
+    return groundset.caption.output_settings(config["caption"])
 
 
 CHUNK_INDEX = "captioned/chunks.json"
@@ -148,7 +157,7 @@ def chunk_outputs(pattern):
     when the caption input changes: the index_shards checkpoint upstream makes Snakemake's
     first planning pass take a stale index as up to date (merge_tiers's rerun is only seen
     in the second pass), and a gather planned from it alone would never be revisited. The
-    gathers check the chunks they get against the index (groundset.caption.check_chunks).
+    gathers check the chunks they get against the index (groundset.io.check_chunk_plan).
     Before the index exists, no checkpoint is asked: a pending `checkpoints.get()` marks the
     job incomplete and Snakemake post-processes the whole DAG twice after every update (a
     sixth of planning 10,000 shards, bench/bench_dryrun.py).
@@ -165,14 +174,23 @@ def caption_chunks(wildcards):
 
 
 def mask_chunks(wildcards):
-    """Input function of the mask gather: one masked chunk per caption chunk."""
-    return chunk_outputs("masked/chunk_{chunk}.jsonl")
+    """Input function of the mask gather (unpack): every chunk's records, drops and stats."""
+    return {
+        "chunks": chunk_outputs("masked/chunk_{chunk}.jsonl"),
+        "dropped": chunk_outputs("masked/chunk_{chunk}_dropped.jsonl"),
+        "stats": chunk_outputs("masked/chunk_{chunk}_stats.json"),
+    }
 
 
 CAPTIONED = ["captioned/captioned.jsonl"]
 MASKED = ["masked/masked.jsonl"]
 VALIDATED = ["validated/report.txt"]
-EMU3_SETTINGS = {k: v for k, v in config["export"]["emu3"].items() if k != "gpus"}
+# The mask and Emu3 keys their jobs' outputs depend on (OUTPUT_KEYS of groundset.mask and
+# groundset.emu3): the params. The tuning knobs (batch sizes, devices, decode workers) are read
+# by the jobs from the config, so changing one marks nothing stale.
+MASK_SETTINGS = groundset.mask.output_settings(config["mask"])
+EMU3_SETTINGS = groundset.emu3.output_settings(config["export"]["emu3"])
+# the parts are also the outputs' partitioning: each part holds its hash share of the records
 EMU3_PARTS = EMU3_SETTINGS["parts"]
 # tokenizing needs a GPU (resource gpu); prompts-only export does not
 EMU3_GPUS = config["export"]["emu3"]["gpus"] if EMU3_SETTINGS["tokenize"] else 0

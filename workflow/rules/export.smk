@@ -1,14 +1,21 @@
 # Export and inspection: Emu3 training data, statistics, drawings, the validator over every
 # stage's output, and the counts per stage for the report.
+#
+# A part's features are a declared output folder (export/emu3/feature/part_{k}/<source>/
+# <image_id>.pth, listed in train.json relative to export/emu3/feature), which Snakemake empties
+# before it reruns the job. So the job saves them into its store beside its journal (resume
+# state, deliberately no output) and hard-links them into the folder: a rerun tokenizes only
+# what the journal lacks (groundset.emu3.Emu3PartFiles).
 
 
 rule emu3_part:
     input:
-        "masked/masked.jsonl",
+        masked="masked/masked.jsonl",
     output:
         records="export/emu3/list/parts/part_{part}.jsonl",
         errors="export/emu3/list/parts/error_{part}.jsonl",
         stats="export/emu3/list/parts/stats_{part}.json",
+        features=directory("export/emu3/feature/part_{part}"),
     log:
         "logs/emu3_part/{part}.log",
     benchmark:
@@ -22,6 +29,8 @@ rule emu3_part:
         gpu=EMU3_GPUS,
     params:
         settings=EMU3_SETTINGS,
+        journal="export/emu3/journal/part_{part}.jsonl",
+        store="export/emu3/journal/part_{part}",
     script:
         "../scripts/emu3_part.py"
 
@@ -31,6 +40,7 @@ rule gather_emu3:
         records=expand("export/emu3/list/parts/part_{part}.jsonl", part=range(EMU3_PARTS)),
         errors=expand("export/emu3/list/parts/error_{part}.jsonl", part=range(EMU3_PARTS)),
         stats=expand("export/emu3/list/parts/stats_{part}.json", part=range(EMU3_PARTS)),
+        features=expand("export/emu3/feature/part_{part}", part=range(EMU3_PARTS)),
     output:
         datalist="export/emu3/list/datalist.jsonl",
         train="export/emu3/list/train.json",
@@ -47,6 +57,9 @@ rule gather_emu3:
         runtime=60,
     params:
         settings=EMU3_SETTINGS,
+        # train.json's prefix, which path_list is relative to: absolute, as train.json holds it
+        # (a moved workdir rewrites the lists)
+        prefix=os.path.abspath("export/emu3/feature"),
     script:
         "../scripts/gather_emu3.py"
 

@@ -71,6 +71,9 @@ rule filter_shard:
         recipe="dj_configs/{source}/shard_{shard}.yaml",
         kept="filtered/{source}/shard_{shard}.jsonl",
         stats="filtered/{source}/shard_{shard}_stats.json",
+        # data-juicer's work folder: Snakemake clears it before a (re)run, so a killed job's
+        # leftovers never meet the rerun, and removes it after the job
+        work=temp(directory("dj_work/{source}/shard_{shard}")),
     log:
         "logs/filter_shard/{source}/{shard}.log",
     benchmark:

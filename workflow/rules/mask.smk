@@ -1,13 +1,20 @@
 # SAM2 masks: one job per caption chunk, then one file.
+#
+# A chunk's masks are a declared output folder (masks/chunk_{j}/<source>/<image_id>.npy), which
+# Snakemake empties before it reruns the job. So the job computes them into its store beside its
+# journal (resume state, deliberately no output: Snakemake never deletes them) and hard-links
+# them into the folder; a rerun, killed or forced, links what the journal has and computes the
+# rest (groundset.mask.MaskChunkFiles).
 
 
 rule mask_chunk:
     input:
-        "captioned/chunk_{chunk}.jsonl",
+        captioned="captioned/chunk_{chunk}.jsonl",
     output:
         records="masked/chunk_{chunk}.jsonl",
         dropped="masked/chunk_{chunk}_dropped.jsonl",
         stats="masked/chunk_{chunk}_stats.json",
+        masks=directory("masks/chunk_{chunk}"),
     log:
         "logs/mask_chunk/{chunk}.log",
     benchmark:
@@ -20,17 +27,17 @@ rule mask_chunk:
         runtime=12 * 60,
         gpu=config["mask"]["gpus"],
     params:
-        settings={k: v for k, v in config["mask"].items() if k != "gpus"},
-        journal=lambda wildcards: f"masked/journal/chunk_{wildcards.chunk}.jsonl",
-        mask_dir="masks",
+        settings=MASK_SETTINGS,
+        journal="masked/journal/chunk_{chunk}.jsonl",
+        store="masked/journal/chunk_{chunk}",
     script:
         "../scripts/mask_chunk.py"
 
 
 rule gather_masks:
     input:
+        unpack(mask_chunks),
         index=CHUNK_INDEX,
-        chunks=mask_chunks,
     output:
         records="masked/masked.jsonl",
         dropped="masked/dropped.jsonl",

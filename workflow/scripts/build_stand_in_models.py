@@ -1,10 +1,10 @@
-"""Snakemake script of rule build_stand_in_models: see groundset.stand_in_models."""
+"""Snakemake script of rule build_stand_in_models: see groundset.testing.models."""
 
 import os
 
 from groundset.io import write_json
 from groundset.runlog import log_to
-from groundset.stand_in_models import build_stand_in_models
+from groundset.testing.models import build_stand_in_models
 
 with log_to(snakemake.log[0]):
     paths = build_stand_in_models(os.path.dirname(snakemake.output[0]))

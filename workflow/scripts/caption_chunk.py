@@ -3,6 +3,9 @@
 from groundset.caption import Settings, caption_chunk, chunk_range, stop_on_sigterm
 from groundset.runlog import log_to
 
+# params: what changes the outputs; the tuning knobs (retry_errors among them) come from the
+# config, so that changing one marks no chunk stale
+section = snakemake.config["caption"]
 with log_to(snakemake.log[0]), stop_on_sigterm():
     path, start, end = chunk_range(
         snakemake.input.index, int(snakemake.wildcards.chunk), snakemake.input.records
@@ -13,9 +16,8 @@ with log_to(snakemake.log[0]), stop_on_sigterm():
         snakemake.output.errors,
         snakemake.output.stats,
         snakemake.params.journal,
-        Settings.from_config(snakemake.params.settings, snakemake.params.rate_share),
+        Settings.for_job(snakemake.params.settings, section, rate_share=section["api_jobs"]),
         start=start,
         end=end,
-        # read here, not a param: switching it on for one run must not mark every chunk stale
-        retry_errors=snakemake.config["caption"]["retry_errors"],
+        retry_errors=section["retry_errors"],
     )

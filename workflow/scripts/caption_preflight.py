@@ -5,4 +5,5 @@ from groundset.io import write_json
 from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]):
-    write_json(snakemake.output[0], preflight(Settings.from_config(snakemake.params.settings)))
+    settings = Settings.for_job(snakemake.params.settings, snakemake.config["caption"])
+    write_json(snakemake.output[0], preflight(settings))

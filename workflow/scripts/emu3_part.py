@@ -2,17 +2,26 @@
 
 from pathlib import Path
 
-from groundset.emu3 import Emu3Settings, export_part
+from groundset.emu3 import Emu3PartFiles, Emu3Settings, export_part
 from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]):
-    # the job's threads (the profile may set them) decode images ahead of the tokenizer
+    # params: what the outputs depend on; the tuning knobs come from the config, the decode
+    # threads are the job's threads (the profile may set them)
     settings = Emu3Settings.from_config(
-        {**snakemake.params.settings, "decode_workers": snakemake.threads}
+        {
+            **snakemake.config["export"]["emu3"],
+            **snakemake.params.settings,
+            "decode_workers": snakemake.threads,
+        }
     )
-    export_part(
-        snakemake.input[0],
-        Path(snakemake.output.records).parents[2],  # export/emu3 (list/parts/part_N.jsonl)
-        settings,
-        int(snakemake.wildcards.part),
+    files = Emu3PartFiles(
+        records=snakemake.output.records,
+        errors=snakemake.output.errors,
+        stats=snakemake.output.stats,
+        features=snakemake.output.features,
+        journal=snakemake.params.journal,
+        store=snakemake.params.store,
     )
+    Path(files.features).mkdir(parents=True, exist_ok=True)  # a declared folder, also if empty
+    export_part(snakemake.input.masked, files, settings, int(snakemake.wildcards.part))

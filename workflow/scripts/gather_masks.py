@@ -1,13 +1,17 @@
 """Snakemake script of rule gather_masks: see groundset.mask.gather_masks."""
 
-from groundset.mask import gather_masks
+from groundset.mask import MaskGatherFiles, gather_masks
 from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]):
     gather_masks(
         list(snakemake.input.chunks),
-        snakemake.output.records,
-        snakemake.output.dropped,
-        snakemake.output.stats,
+        list(snakemake.input.dropped),
+        list(snakemake.input.stats),
+        MaskGatherFiles(
+            records=snakemake.output.records,
+            dropped=snakemake.output.dropped,
+            stats=snakemake.output.stats,
+        ),
         index=snakemake.input.index,
     )

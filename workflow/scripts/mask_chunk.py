@@ -1,20 +1,32 @@
 """Snakemake script of rule mask_chunk: see groundset.mask.mask_chunk."""
 
-from groundset.mask import Masker, MaskSettings, load_model, mask_chunk
+from pathlib import Path
+
+from groundset.mask import MaskChunkFiles, Masker, MaskSettings, load_model, mask_chunk
 from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]):
-    # the job's threads (the profile may set them) decode images ahead of the model
+    # params: what the outputs depend on; the tuning knobs come from the config, the decode
+    # threads are the job's threads (the profile may set them)
     settings = MaskSettings.from_config(
-        {**snakemake.params.settings, "decode_workers": snakemake.threads}
+        {
+            **snakemake.config["mask"],
+            **snakemake.params.settings,
+            "decode_workers": snakemake.threads,
+        }
     )
+    files = MaskChunkFiles(
+        records=snakemake.output.records,
+        dropped=snakemake.output.dropped,
+        stats=snakemake.output.stats,
+        masks=snakemake.output.masks,
+        journal=snakemake.params.journal,
+        store=snakemake.params.store,
+    )
+    Path(files.masks).mkdir(parents=True, exist_ok=True)  # a declared folder, also if empty
     mask_chunk(
-        snakemake.input[0],
-        snakemake.output.records,
-        snakemake.output.dropped,
-        snakemake.output.stats,
-        snakemake.params.journal,
-        snakemake.params.mask_dir,
+        snakemake.input.captioned,
+        files,
         settings,
         lambda: Masker(*load_model(settings)),  # built only if an image needs it
     )

@@ -1,0 +1,196 @@
+"""Asking about images: one image with retries and back-off, a chunk's pending images in flight.
+
+Requests are paced by a rate limiter shared by the job's threads, retried with jittered back-off
+on 429/5xx/timeouts, and every answer is journaled (fsynced) as it lands, also when the job is
+stopped, so nothing is paid for twice.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from ..grounding import parse_answer
+from ..journal import Journal
+from ..pacing import RateLimiter, backoff_delay
+from ..records import record_key
+from .backends import ApiError, Dropped, Payload, _sent, make_backend, record_payload
+from .settings import CaptionError, Settings, question_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What requesting one image came to: a journal entry (paid answer / final error) or a give-up."""
+
+    entry: dict | None = None
+    gave_up: dict | None = None
+    retries: int = 0
+    throttled: int = 0
+
+
+def request_image(
+    backend, limiter: RateLimiter, settings: Settings, key: str, payload: Payload, sleep=time.sleep
+) -> Outcome:
+    """Ask about one image, retrying throttling and transient errors with jittered back-off."""
+    outcome = Outcome()
+    attempts = 0
+    while True:
+        attempts += 1  # the request waits for its slot in the backend's transport
+        started = time.time()
+        _sent.at = None
+        try:
+            answer = backend.ask(payload, settings.prompt_text)
+        except ApiError as err:
+            if err.kind == "auth":
+                raise CaptionError(
+                    f"the endpoint refused the API key ({err}); check ${settings.api_key_env}"
+                ) from None
+            failure = {"key": key, "status": "error", "reason": str(err), "http_status": err.status,
+                       "code": err.code, "attempts": attempts,
+                       "question": question_id(settings)}  # fmt: skip
+            if err.kind == "final":
+                outcome.entry = failure
+                return outcome
+            if attempts >= settings.max_attempts:
+                outcome.gave_up = {**failure, "reason": f"gave up after {attempts} attempts: {err}"}
+                return outcome
+            delay = backoff_delay(attempts, settings.backoff_base_s, settings.backoff_cap_s)
+            outcome.retries += 1
+            if err.kind == "throttled":
+                outcome.throttled += 1
+                limiter.penalize(delay)
+            log.info("%s: %s; retry %d in %.1f s", key, err, attempts, delay)
+            sleep(delay)
+            continue
+        outcome.entry = {
+            "key": key,
+            "status": "answered",
+            "answer": answer.text,
+            "request_id": answer.request_id,
+            "attempts": attempts,
+            "width": payload.width,
+            "height": payload.height,
+            "model": settings.model,
+            "backend": settings.backend,
+            "question": question_id(settings),
+            "sent_at": round(_sent.at, 4) if _sent.at else None,
+            "seconds": round(time.time() - started, 3),
+        }
+        return outcome
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM (Snakemake, SLURM's scancel) into SystemExit so in-flight answers get journaled."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(f"stopped by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _needs_request(
+    entry: dict | None, retry_errors: bool, question: str, expect_json: bool = False
+) -> bool:
+    """Whether a journaled (or absent) entry calls for a request."""
+    if entry is None or entry.get("question") != question:
+        return True
+    if not retry_errors:
+        return False
+    if entry["status"] == "error":
+        return True
+    return (
+        parse_answer(entry.get("answer", ""), "normalized", expect_json=expect_json).error
+        is not None
+    )
+
+
+def request_pending(
+    records: Iterable[dict], settings: Settings, journal: Journal, retry_errors: bool,
+    counts: Counter, dropped: dict, gave_up: dict,
+) -> None:  # fmt: skip
+    """Request every record that the journal lacks, journaling answers as they land."""
+    limiter = RateLimiter(settings.paced_rate)
+    backend = make_backend(settings, limiter)
+    window = max(1, settings.concurrency) * 2
+    consecutive = 0
+    question = question_id(settings)
+    in_flight: dict[cf.Future, str] = {}
+
+    def collect(done) -> None:
+        nonlocal consecutive
+        batch = []
+        for future in done:
+            key = in_flight.pop(future)
+            outcome = future.result()  # CaptionError (auth) propagates: stop the job
+            counts["retries"] += outcome.retries
+            counts["throttled"] += outcome.throttled
+            if outcome.entry is not None:
+                batch.append(outcome.entry)
+                counts["attempts"] += outcome.entry["attempts"]
+                consecutive = 0 if outcome.entry["status"] == "answered" else consecutive
+            else:
+                gave_up[key] = outcome.gave_up
+                counts["attempts"] += outcome.gave_up["attempts"]
+                consecutive += 1
+        journal.append(batch)  # flushed and fsynced before anything else is written
+        if consecutive >= settings.max_consecutive_failures:
+            raise CaptionError(
+                f"{consecutive} images in a row failed after retries (last: "
+                f"{gave_up[key]['reason']}); the endpoint looks down. Answers so far are "
+                f"journaled in {journal.path}; rerun to continue"
+            )
+
+    with (
+        cf.ThreadPoolExecutor(max(1, settings.concurrency), thread_name_prefix="caption") as pool,
+        tqdm(desc="caption", unit="img", mininterval=5) as bar,
+    ):
+        try:
+            for record in records:
+                key = record_key(record)
+                if not _needs_request(
+                    journal.done(key), retry_errors, question, settings.expects_json
+                ):
+                    counts["from_journal"] += 1
+                    continue
+                try:
+                    payload = record_payload(record)
+                except Dropped as drop:
+                    dropped[key] = {"status": "dropped", "reason": drop.reason,
+                                    "detail": drop.detail}  # fmt: skip
+                    continue
+                while len(in_flight) >= window:
+                    done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                    collect(done)
+                    bar.update(len(done))
+                counts["requested"] += 1
+                future = pool.submit(request_image, backend, limiter, settings, key, payload)
+                in_flight[future] = key
+            while in_flight:
+                done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                collect(done)
+                bar.update(len(done))
+        except BaseException:
+            # keep what was paid for: let running requests land and journal them, then stop
+            for future in in_flight:
+                future.cancel()
+            running = [f for f in in_flight if not f.cancelled()]
+            cf.wait(running, timeout=settings.timeout_s)
+            landed = [f.result().entry for f in running if f.done() and f.exception() is None]
+            with contextlib.suppress(Exception):
+                journal.append([entry for entry in landed if entry is not None])
+            raise

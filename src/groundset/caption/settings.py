@@ -1,0 +1,261 @@
+"""Captioning settings: the `caption:` config section, prompts, the stand-in decision, preflight.
+
+Which keys are `params` of the chunk jobs (OUTPUT_KEYS: they change a chunk's outputs) and of
+the preflight check (PREFLIGHT_KEYS), and which are tuning knobs (TUNING_KEYS: read from the
+config at run time, never marking a job stale), is decided here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("dashscope", "openai")
+DASHSCOPE_COMPATIBLE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
+
+PROMPTS = {
+    # The seed's request (its script is not in the write-up; reconstructed from its records):
+    # one caption plus high-confidence main entities with boxes, as JSON.
+    "seed": (
+        "Describe this image in one detailed English caption. Then list the main entities in "
+        "the image that you can locate with high confidence; do not list parts of an entity "
+        "that overlap it. Give each entity a bounding box [x1, y1, x2, y2]. Answer with JSON "
+        'only, in this form: {"caption": "...", "entities": [{"entity": "...", '
+        '"bboxes": [x1, y1, x2, y2]}]}'
+    ),
+    # Qwen2-VL's native grounding tokens inside a caption.
+    "qwen2_tokens": (
+        "Describe this image in one detailed English caption, and ground each main entity "
+        "you mention with its bounding box."
+    ),
+}
+
+
+# What a caption chunk job's `params` carry: the keys that change its outputs (a change marks
+# every chunk stale; answers already journaled for the same question are not paid for again).
+OUTPUT_KEYS = (
+    "backend",  # which client and protocol asks; each record's caption_meta.backend
+    "base_url",  # which server answers the records the journal lacks (new, failed, given up);
+    #              under stand_in: auto, whether the stand-in answers at all
+    "model",  # the question digest (another model's answers are asked again), caption_meta.model,
+    #           and how box_convention: auto reads the boxes
+    "prompt",  # the question digest, and whether prose alone is an error (expects_json)
+    "prompt_preset",  # the same, when no prompt is given
+    "box_convention",  # how the boxes of every answer are read
+    "keep_ungrounded",  # whether captions without a valid box stay in the output
+    "max_tokens",  # the answer length limit (a short one cuts answers into parse errors)
+    "stand_in",  # placeholder answers from the loopback stand-in, or the model's
+)
+# Tuning knobs: how fast and how stubbornly a job asks, never what its outputs hold. The job
+# reads them from the config at run time, so changing one marks nothing stale.
+TUNING_KEYS = (
+    "rate_per_second",  # pacing: the run's quota
+    "rate_headroom",  # pacing: the part of the quota left unused
+    "api_jobs",  # pacing: how many jobs share the quota (the effective `vlm_api`)
+    "concurrency",  # requests in flight per job
+    "timeout_s",  # when a request counts as timed out (then retried)
+    "max_attempts",  # retries of throttling/5xx/timeouts before an image is given up for this run
+    "backoff_base_s",  # retry back-off
+    "backoff_cap_s",  # retry back-off
+    "max_consecutive_failures",  # when a job stops because the endpoint looks down
+    "stand_in_latency_s",  # the stand-in's delay per answer
+    "api_key_env",  # the variable that holds the key (the key itself goes nowhere)
+    "retry_errors",  # whether one run asks again for journaled errors (with --forcerun)
+)
+# Keys of the chunk index (its rule's input and params), not of a chunk job's settings.
+INDEX_KEYS = ("input", "chunk_size")
+# What the preflight check depends on (its job's params; all OUTPUT_KEYS): the endpoint, and
+# whether the stand-in answers. A change checks again, and so cuts the chunks again (the index
+# waits for the check); other output keys mark only the chunks stale, which a dry-run lists.
+PREFLIGHT_KEYS = ("backend", "base_url", "stand_in")
+
+
+def output_settings(section: dict) -> dict:
+    """The keys of a `caption:` config section that change a chunk's outputs (its job's params)."""
+    return {k: section[k] for k in OUTPUT_KEYS if k in section}
+
+
+def preflight_settings(section: dict) -> dict:
+    """The keys of a `caption:` config section that the preflight check depends on (its params)."""
+    return {k: section[k] for k in PREFLIGHT_KEYS if k in section}
+
+
+def tuning_knobs(section: dict) -> dict:
+    """The tuning knobs of a `caption:` config section (read at run time, never params)."""
+    return {k: section[k] for k in TUNING_KEYS if k in section}
+
+
+class CaptionError(RuntimeError):
+    """A problem that stops the captioning job (configuration, key, endpoint, auth)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The `caption:` config section, with the job's share of the global rate."""
+
+    backend: str = "dashscope"
+    base_url: str | None = None
+    model: str = "qwen-vl-max"
+    api_key_env: str = "DASHSCOPE_API_KEY"
+    rate_per_second: float | None = 2.0
+    rate_headroom: float = 0.02
+    concurrency: int = 8
+    prompt: str | None = None
+    prompt_preset: str = "seed"
+    box_convention: str = "auto"
+    max_attempts: int = 6
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+    timeout_s: float = 120.0
+    max_tokens: int = 1024
+    max_consecutive_failures: int = 20
+    stand_in: bool | str = False
+    stand_in_latency_s: float = 0.0
+    keep_ungrounded: bool = False
+    api_key: str | None = field(default=None, repr=False)  # resolved at run time, never logged
+
+    @classmethod
+    def from_config(cls, section: dict, rate_share: int = 1) -> Settings:
+        """Settings from the `caption:` config dict; the rate is divided among `rate_share` jobs."""
+        known = {f for f in cls.__dataclass_fields__ if f != "api_key"}
+        values = {k: v for k, v in section.items() if k in known}
+        settings = cls(**values)
+        if settings.backend not in BACKENDS:
+            raise CaptionError(
+                f"caption.backend must be one of {BACKENDS}, not {settings.backend!r}"
+            )
+        if settings.prompt is None and settings.prompt_preset not in PROMPTS:
+            raise CaptionError(
+                f"caption.prompt_preset {settings.prompt_preset!r} is not one of {sorted(PROMPTS)}"
+            )
+        if settings.rate_per_second is not None and rate_share > 1:
+            settings = replace(settings, rate_per_second=settings.rate_per_second / rate_share)
+        return settings
+
+    @classmethod
+    def for_job(cls, outputs: dict, section: dict, rate_share: int = 1) -> Settings:
+        """A job's settings: its params (`outputs`) with the tuning knobs of the `caption:` section."""
+        return cls.from_config({**tuning_knobs(section), **outputs}, rate_share)
+
+    @property
+    def paced_rate(self) -> float | None:
+        """Requests/s the job's limiter allows: its share of the quota less the jitter headroom."""
+        if self.rate_per_second is None:
+            return None
+        return self.rate_per_second * (1.0 - self.rate_headroom)
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt sent with every image."""
+        return self.prompt if self.prompt else PROMPTS[self.prompt_preset]
+
+    @property
+    def expects_json(self) -> bool:
+        """Whether the prompt asks for a JSON answer (then prose alone is unparseable, not a caption)."""
+        if self.prompt:
+            return "json" in self.prompt.lower()
+        return self.prompt_preset == "seed"
+
+    @property
+    def convention(self) -> str:
+        """Box coordinate convention: `auto` is pixels for Qwen2.5-VL, the 0-1000 grid otherwise."""
+        if self.box_convention != "auto":
+            return self.box_convention
+        name = self.model.lower().replace("_", ".")
+        return "pixels" if "qwen2.5" in name else "grid1000"
+
+    @property
+    def endpoint(self) -> str:
+        """The base URL requests go to."""
+        if self.base_url:
+            return self.base_url.rstrip("/")
+        if self.backend == "openai":
+            return DASHSCOPE_COMPATIBLE_URL
+        import dashscope
+
+        return str(dashscope.base_http_api_url).rstrip("/")
+
+
+def uses_stand_in(settings: Settings, environ: dict | None = None) -> bool:
+    """Whether this run talks to the loopback stand-in (`stand_in: true`, or `auto` without a key)."""
+    environ = os.environ if environ is None else environ
+    if settings.stand_in == "auto":
+        return not environ.get(settings.api_key_env) and not settings.base_url
+    return bool(settings.stand_in)
+
+
+def resolve_key(settings: Settings, environ: dict | None = None) -> Settings:
+    """Settings with the API key from the environment (error naming the variable if unset)."""
+    if settings.api_key:
+        return settings
+    environ = os.environ if environ is None else environ
+    key = environ.get(settings.api_key_env, "").strip()
+    if not key:
+        raise CaptionError(
+            f"the {settings.backend} backend needs an API key in ${settings.api_key_env} "
+            f"(caption.api_key_env); it is not set. Export it, or use a self-hosted server "
+            f"with any non-empty value"
+        )
+    return replace(settings, api_key=key)
+
+
+def check_endpoint(settings: Settings, timeout: float = 10.0) -> None:
+    """Fail with a clear error unless the endpoint answers HTTP (any status counts as reachable)."""
+    url = settings.endpoint
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):  # noqa: S310 (http(s) from config)
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise CaptionError(
+            f"the {settings.backend} endpoint {url} cannot be reached: {reason} "
+            f"(caption.base_url; is the server up and the address right?)"
+        ) from err
+
+
+def preflight(settings: Settings, environ: dict | None = None) -> dict:
+    """Check key and endpoint before any chunk starts; returns what the check saw (no key)."""
+    stand_in = uses_stand_in(settings, environ)
+    if not stand_in:
+        resolve_key(settings, environ)
+        check_endpoint(settings)
+    return {
+        "backend": settings.backend,
+        "model": settings.model,
+        "endpoint": "loopback stand-in" if stand_in else settings.endpoint,
+        "stand_in": stand_in,
+        "rate_per_second": settings.rate_per_second,
+        "convention": settings.convention,
+    }
+
+
+def question_id(settings: Settings) -> str:
+    """Digest of what is asked (model + prompt): a journaled answer to another question is stale."""
+    return hashlib.sha256(f"{settings.model}\n{settings.prompt_text}".encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def endpoint_for_run(settings: Settings) -> Iterator[Settings]:
+    """Settings with a key; starts the loopback stand-in server for the block when it is in use."""
+    if not uses_stand_in(settings):
+        yield resolve_key(settings)
+        return
+    from ..testing.vlm import STAND_IN_KEY, StandInVLM
+
+    log.warning(
+        "caption: no endpoint/key configured; using groundset's LOOPBACK STAND-IN server. "
+        "Its captions are PLACEHOLDERS, not model output (see README: Captioning)"
+    )
+    with StandInVLM(latency=settings.stand_in_latency_s) as server:
+        url = server.dashscope_url if settings.backend == "dashscope" else server.openai_url
+        yield replace(settings, base_url=url, api_key=STAND_IN_KEY)
