@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from groundset.io import write_jsonl
-from groundset.mask import Masker, MaskSettings, load_model, mask_chunk
+from groundset.mask import MaskChunkFiles, Masker, MaskSettings, load_model, mask_chunk
 
 CONFIGS = {
     "tiny": "configs/sam2.1/sam2.1_hiera_t.yaml",
@@ -77,6 +77,15 @@ def seed_loop(predictor, records: list[dict], out: Path) -> None:
         np.save(out / f"{record['image_id']}.npy", masks)
 
 
+def chunk_files(folder: Path, name: str) -> MaskChunkFiles:
+    """One mask job's files under `folder` (its masks in masks_<name>/)."""
+    return MaskChunkFiles(
+        records=str(folder / f"{name}.jsonl"), dropped=str(folder / f"{name}_d.jsonl"),
+        stats=str(folder / f"{name}.json"), masks=str(folder / f"masks_{name}"),
+        journal=str(folder / f"{name}.journal"),
+    )  # fmt: skip
+
+
 def bench_model(name: str, args, folder: Path, records_path: Path, records: list[dict]) -> dict:
     """Images/s of both paths for one model size."""
     import torch
@@ -89,8 +98,7 @@ def bench_model(name: str, args, folder: Path, records_path: Path, records: list
     warm = folder / f"warm_{name}.jsonl"
     write_jsonl(warm, records[:1])
     masker = Masker(predictor, device)
-    mask_chunk(warm, folder / "w.jsonl", folder / "w_d.jsonl", folder / "w.json",
-               folder / f"w_{name}.journal", folder / "wm", settings, masker)  # fmt: skip
+    mask_chunk(warm, chunk_files(folder, f"w_{name}"), settings, masker)
     sync(device)
 
     began = time.perf_counter()
@@ -105,9 +113,7 @@ def bench_model(name: str, args, folder: Path, records_path: Path, records: list
         profiler = cProfile.Profile()
         profiler.enable()
     began = time.perf_counter()
-    stats = mask_chunk(records_path, folder / f"g_{name}.jsonl", folder / f"g_{name}_d.jsonl",
-                       folder / f"g_{name}.json", folder / f"g_{name}.journal",
-                       folder / f"masks_{name}", settings, masker)  # fmt: skip
+    stats = mask_chunk(records_path, chunk_files(folder, f"g_{name}"), settings, masker)
     sync(device)
     ours = time.perf_counter() - began
     if profiler is not None:

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_parquet
+from groundset.config import ConfigError, fill_section, load_schema
 from groundset.download import (
     FINGERPRINT_FILE,
     collect_stats,
@@ -17,25 +18,17 @@ from groundset.download import (
 )
 from groundset.testing.sample_server import SAMPLE_HOST
 
-OPTS = {
-    "input_format": "parquet",
-    "url_col": "URL",
-    "caption_col": "TEXT",
-    "output_format": "files",
-    "image_size": 1024,
-    "resize_only_if_bigger": True,
-    "resize_mode": "no",
-    "skip_reencode": True,
-    "encode_format": "jpg",
-    "processes_count": 1,
-    "thread_count": 4,
-    "number_sample_per_shard": 2,
-    "timeout": 5,
-    "retries": 0,
-    "enable_wandb": False,
-    "extra_args": {"compute_hash": "md5"},
-    "prefilter": {"enabled": True},
-}
+# The schema's `download` defaults (the seed's img2dataset settings), scaled down for tests.
+OPTS = fill_section(
+    "download",
+    {
+        "processes_count": 1,
+        "thread_count": 4,
+        "number_sample_per_shard": 2,
+        "timeout": 5,
+        "extra_args": {"compute_hash": "md5"},
+    },
+)
 
 
 def test_kwargs_and_command_carry_the_seed_settings():
@@ -192,3 +185,30 @@ def test_columns_img2dataset_reads_are_checked_before_it_runs(tmp_path, monkeypa
         download_source(src.parent, out, tmp_path / "s.json", OPTS, ["LANGUAGE"])
     assert (out / FINGERPRINT_FILE).read_text().strip() == "an earlier list"
     assert not (tmp_path / "s.json").exists()
+
+
+def test_options_left_out_are_the_schemas_never_img2datasets(tmp_path, monkeypatch):
+    # img2dataset's own defaults differ (url_col "url", image_size 256, resize_mode "border")
+    ran = []
+
+    class Ran(Exception):
+        pass
+
+    def record(kwargs, env, stdout=None):
+        ran.append(kwargs)
+        raise Ran
+
+    monkeypatch.setattr("groundset.download.run_img2dataset", record)
+    src = write_parquet(tmp_path / "urls" / "u.parquet", [{"URL": "u", "TEXT": "t"}])
+    with pytest.raises(Ran):
+        download_source(src.parent, tmp_path / "dl", tmp_path / "s.json", {"thread_count": 3}, [])
+    (kwargs,) = ran
+    schema = load_schema("config")["properties"]["download"]["properties"]
+    defaults = {k: v["default"] for k, v in schema.items() if k not in ("prefilter", "extra_args")}
+    assert {k: kwargs[k] for k in defaults} == {**defaults, "thread_count": 3}
+    assert (kwargs["url_col"], kwargs["image_size"], kwargs["resize_mode"]) == ("URL", 1024, "no")
+    with pytest.raises(ConfigError, match=r"(?m)^download\.resize_mode: 'sideways' is not one of"):
+        download_source(
+            src.parent, tmp_path / "dl", tmp_path / "s.json", {"resize_mode": "sideways"}, []
+        )
+    assert len(ran) == 1

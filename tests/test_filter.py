@@ -38,6 +38,11 @@ from groundset.split import index_manifest
 PHOTOS = SAMPLE / "www" / "img"
 
 
+def tiers(folder: Path) -> tuple[Path, Path]:
+    """The two tier files in `folder`, as `groundset merge --outdir` names them."""
+    return folder / "merged_output.jsonl", folder / "aes_6.jsonl"
+
+
 def bad_files(folder):
     """Every kind of file that breaks image loading, plus odd but valid encodings."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -363,7 +368,7 @@ def test_real_data_juicer_keeps_exactly_the_expected_records(tmp_path, stand_ins
     # Tiers by score; changing a tier only re-reads the stored scores.
     scores = {usable[i]["image_id"]: ref["aesthetics"][i] for i in kept}
     tier = float(np.median(list(scores.values())))
-    merge = merge_tiers([tmp_path / "filtered.jsonl"], tmp_path / "merged", [5.0, tier])
+    merge = merge_tiers([tmp_path / "filtered.jsonl"], tiers(tmp_path / "merged"), [5.0, tier])
     low = [r["image_id"] for r in iter_jsonl(tmp_path / "merged" / "merged_output.jsonl")]
     high = [r["image_id"] for r in iter_jsonl(tmp_path / "merged" / "aes_6.jsonl")]
     assert low == [usable[i]["image_id"] for i in kept]
@@ -466,8 +471,8 @@ def test_merge_refuses_duplicate_inputs_and_counts_unscored(tmp_path):
         ],
     )
     with pytest.raises(ValueError, match="listed twice"):
-        merge_tiers([tmp_path / "a.jsonl", tmp_path / "a.jsonl"], tmp_path / "m", [5, 6])
-    stats = merge_tiers([tmp_path / "a.jsonl"], tmp_path / "m", [5, 6])
+        merge_tiers([tmp_path / "a.jsonl", tmp_path / "a.jsonl"], tiers(tmp_path / "m"), [5, 6])
+    stats = merge_tiers([tmp_path / "a.jsonl"], tiers(tmp_path / "m"), [5, 6])
     assert [r["image_id"] for r in iter_jsonl(tmp_path / "m" / "aes_6.jsonl")] == ["1"]
     assert [r["image_id"] for r in iter_jsonl(tmp_path / "m" / "merged_output.jsonl")] == ["1", "2"]
     assert stats["records_without_score"] == 1

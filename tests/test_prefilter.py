@@ -3,7 +3,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_parquet
+from conftest import RANDOM_WEIGHTS, write_parquet
+from groundset.config import ConfigError, download_options, validate_config
 from groundset.prefilter import (
     PrefilterRules,
     list_parquet_files,
@@ -18,9 +19,14 @@ def urls(path):
     return pq.read_table(path).column("URL").to_pylist()
 
 
+def with_prefilter(**prefilter) -> PrefilterRules:
+    """The default rules with `download.prefilter` keys changed (the schema fills the rest)."""
+    return PrefilterRules.from_config({"download": {"prefilter": prefilter}})
+
+
 def test_size_and_aspect_rules_drop_before_download(tmp_path, laion_rows):
     src = write_parquet(tmp_path / "in" / "part0.parquet", laion_rows)
-    stats = prefilter_url_list(src, tmp_path / "out", PrefilterRules(), COLUMNS)
+    stats = prefilter_url_list(src, tmp_path / "out", PrefilterRules.from_config({}), COLUMNS)
     # b: 800 px wide (too small); c: 3000/1024 = 2.93 (aspect); e: empty URL; d: no size -> kept.
     assert urls(tmp_path / "out" / "part0.parquet") == [
         "http://x/a.jpg",
@@ -52,16 +58,23 @@ def test_boundaries_are_inclusive_like_the_filter_stage(tmp_path):
     ]
     rows = [{**row, "TEXT": "t"} for row in rows]
     src = write_parquet(tmp_path / "l.parquet", rows)
-    stats = prefilter_url_list(src, tmp_path / "out", PrefilterRules())
+    stats = prefilter_url_list(src, tmp_path / "out", PrefilterRules.from_config({}))
     assert urls(tmp_path / "out" / "l.parquet") == ["u1", "u2", "u3", "u6"]
     assert stats["dropped"]["too_small"] == 1 and stats["dropped"]["aspect_ratio"] == 1
 
 
 def test_thresholds_come_from_the_rules(tmp_path, laion_rows):
     src = write_parquet(tmp_path / "l.parquet", laion_rows)
-    rules = PrefilterRules(
-        min_width=512, min_height=512, max_ratio=3.0, max_punsafe=0.1, max_pwatermark=0.9
+    rules = PrefilterRules.from_config(
+        {
+            "filter": {
+                "image_shape": {"min_width": 512, "min_height": 512},
+                "aspect_ratio": {"max_ratio": 3.0},
+            },
+            "download": {"prefilter": {"max_punsafe": 0.1, "max_pwatermark": 0.9}},
+        }
     )
+    assert (rules.min_ratio, rules.size_filter) == (0.5, True)  # the rest: the schema's defaults
     stats = prefilter_url_list(src, tmp_path / "out", rules)
     # b fails punsafe (0.2), c fails punsafe (0.5), d fails pwatermark (0.95) and has null punsafe.
     assert urls(tmp_path / "out" / "l.parquet") == ["http://x/a.jpg", "http://x/f.jpg"]
@@ -77,14 +90,12 @@ def test_thresholds_come_from_the_rules(tmp_path, laion_rows):
 def test_disabled_size_filter_and_missing_columns_keep_rows(tmp_path):
     rows = [{"URL": "u1", "TEXT": "t"}, {"URL": "u2", "TEXT": "t"}]
     src = write_parquet(tmp_path / "l.parquet", rows)
-    stats = prefilter_url_list(src, tmp_path / "out", PrefilterRules(max_punsafe=0.1))
+    stats = prefilter_url_list(src, tmp_path / "out", with_prefilter(max_punsafe=0.1))
     assert stats["rows_out"] == 2
     src = write_parquet(
         tmp_path / "m.parquet", [{"URL": "u", "TEXT": "t", "WIDTH": 10, "HEIGHT": 10}]
     )
-    assert (
-        prefilter_url_list(src, tmp_path / "o2", PrefilterRules(size_filter=False))["rows_out"] == 1
-    )
+    assert prefilter_url_list(src, tmp_path / "o2", with_prefilter(enabled=False))["rows_out"] == 1
 
 
 def test_folder_input_streams_in_batches(tmp_path):
@@ -95,7 +106,11 @@ def test_folder_input_streams_in_batches(tmp_path):
         ]
         write_parquet(tmp_path / "in" / f"part{k}.parquet", rows)
     stats = run_prefilter(
-        tmp_path / "in", tmp_path / "out", tmp_path / "s.json", PrefilterRules(), batch_rows=64
+        tmp_path / "in",
+        tmp_path / "out",
+        tmp_path / "s.json",
+        PrefilterRules.from_config({}),
+        batch_rows=64,
     )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "part0.parquet",
@@ -111,7 +126,7 @@ def test_all_rows_dropped_still_writes_a_readable_file(tmp_path):
     src = write_parquet(
         tmp_path / "l.parquet", [{"URL": "u", "TEXT": "t", "WIDTH": 5, "HEIGHT": 5}]
     )
-    prefilter_url_list(src, tmp_path / "out", PrefilterRules())
+    prefilter_url_list(src, tmp_path / "out", PrefilterRules.from_config({}))
     assert pq.read_table(tmp_path / "out" / "l.parquet").num_rows == 0
 
 
@@ -123,16 +138,16 @@ def test_clear_errors_name_the_file(tmp_path):
         list_parquet_files(tmp_path / "empty")
     src = write_parquet(tmp_path / "nourl.parquet", [{"url": "u", "TEXT": "t"}])
     with pytest.raises(ValueError, match=r"nourl.parquet: missing column\(s\) \['URL'\]"):
-        prefilter_url_list(src, tmp_path / "out", PrefilterRules())
+        prefilter_url_list(src, tmp_path / "out", PrefilterRules.from_config({}))
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match="bad.parquet: not a readable parquet file"):
-        prefilter_url_list(bad, tmp_path / "out", PrefilterRules())
+        prefilter_url_list(bad, tmp_path / "out", PrefilterRules.from_config({}))
 
 
 def error_of(src, tmp_path, rules=None, columns=None) -> str:
     with pytest.raises(ValueError) as caught:
-        prefilter_url_list(src, tmp_path / "out", rules or PrefilterRules(), columns)
+        prefilter_url_list(src, tmp_path / "out", rules or PrefilterRules.from_config({}), columns)
     return str(caught.value)
 
 
@@ -146,7 +161,7 @@ def test_missing_url_or_caption_column_is_named_with_the_files_columns(tmp_path)
         "(download.caption_col); its columns: URL, caption, WIDTH"
     )
     # download.prefilter.enabled: false only turns the size rules off: columns are still checked
-    assert "no caption column 'TEXT'" in error_of(src, tmp_path, PrefilterRules(size_filter=False))
+    assert "no caption column 'TEXT'" in error_of(src, tmp_path, with_prefilter(enabled=False))
     src = write_parquet(tmp_path / "nourl.parquet", [{"url": "u", "TEXT": "t"}])
     assert error_of(src, tmp_path) == (
         f"{src}: missing column(s) ['URL']: it has no URL column 'URL' (download.url_col); "
@@ -154,9 +169,9 @@ def test_missing_url_or_caption_column_is_named_with_the_files_columns(tmp_path)
     )
     # the config's names are the ones checked
     assert (
-        prefilter_url_list(src, tmp_path / "ok", PrefilterRules(url_col="url", caption_col="TEXT"))[
-            "rows_out"
-        ]
+        prefilter_url_list(
+            src, tmp_path / "ok", PrefilterRules.from_config({"download": {"url_col": "url"}})
+        )["rows_out"]
         == 1
     )
 
@@ -181,7 +196,7 @@ def test_columns_of_every_file_are_checked_before_any_is_written(tmp_path):
     write_parquet(tmp_path / "in" / "part0.parquet", [{"URL": "u", "TEXT": "t"}])
     write_parquet(tmp_path / "in" / "part1.parquet", [{"URL": "u", "caption": "t"}])
     with pytest.raises(ValueError, match=r"part1.parquet: missing column\(s\) \['TEXT'\]"):
-        prefilter_url_list(tmp_path / "in", tmp_path / "out", PrefilterRules())
+        prefilter_url_list(tmp_path / "in", tmp_path / "out", PrefilterRules.from_config({}))
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -199,3 +214,23 @@ def test_rules_from_config_carry_the_caption_column():
     }
     rules = PrefilterRules.from_config(config, download)
     assert (rules.url_col, rules.caption_col, rules.size_filter) == ("url", "caption", False)
+    assert (rules.min_width, rules.max_ratio) == (1, 10)
+
+
+def test_rules_read_a_sources_download_and_name_a_bad_key():
+    config = validate_config(
+        {
+            "sources": [
+                {"name": "s", "url_list": "x", "download": {"prefilter": {"max_punsafe": 0.2}}}
+            ],
+            "filter": {"image_shape": {"min_width": 640}},
+            **RANDOM_WEIGHTS,
+        }
+    )
+    rules = PrefilterRules.from_config(config, download_options(config, config["sources"][0]))
+    assert (rules.min_width, rules.min_height, rules.max_punsafe) == (640, 1024, 0.2)
+    assert PrefilterRules.from_config(config).max_punsafe is None  # the global download section
+    with pytest.raises(ConfigError, match=r"(?m)^filter\.image_shape\.min_width: 'wide' is not"):
+        PrefilterRules.from_config({"filter": {"image_shape": {"min_width": "wide"}}})
+    with pytest.raises(ConfigError, match=r"(?m)^download\.prefilter\.max_punsafe: 2 is greater"):
+        with_prefilter(max_punsafe=2)

@@ -12,6 +12,11 @@ from groundset.mask import encode_rle
 from groundset.stats import write_stats
 
 
+def drawn(out):
+    """The two drawing folders as `groundset draw --outdir OUT` lays them out."""
+    return out / "draw", out / "draw_sam2_mask"
+
+
 def test_stats_counts_and_histograms(tmp_path):
     records = [
         {"image_id": "1", "entities": [{"entity": "Dog", "bboxes": [[0, 0, 0.5, 0.5], [0, 0, 1, 1]]}],
@@ -23,7 +28,7 @@ def test_stats_counts_and_histograms(tmp_path):
         {"image_id": "3", "entities": []},
     ]  # fmt: skip
     write_jsonl(tmp_path / "in.jsonl", records)
-    stats = write_stats(tmp_path / "in.jsonl", tmp_path / "out")
+    stats = write_stats(tmp_path / "in.jsonl", tmp_path / "out/stats.json", tmp_path / "out/plots")
     assert stats["records"] == 3 and stats["boxes"] == 4 and stats["images_with_entities"] == 2
     assert stats["top_entities"] == [("dog", 3), ("cat", 1)]  # names folded, counted per box
     hist = stats["histograms"]
@@ -68,7 +73,7 @@ def test_drawings_of_a_deterministic_sample(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", records)
     first = [r["image_id"] for r in sample_records(tmp_path / "in.jsonl", 3, seed=1)]
     assert first == [r["image_id"] for r in sample_records(tmp_path / "in.jsonl", 3, seed=1)]
-    counts = draw_sample(tmp_path / "in.jsonl", tmp_path / "out", n=7)
+    counts = draw_sample(tmp_path / "in.jsonl", *drawn(tmp_path / "out"), n=7)
     assert counts == {"boxes": 6, "masks": 6, "failed": 1}
     overlay = np.asarray(Image.open(tmp_path / "out" / "draw_sam2_mask" / "s" / "1.png"))
     plain = np.asarray(Image.open(images[1]).convert("RGB")).astype(int)
@@ -87,7 +92,7 @@ def test_drawings_of_records_without_source_have_the_seeds_names(tmp_path):
               "entities": [{"entity": "thing", "bbox": [0.1, 0.1, 0.5, 0.5]}],
               "mask_scores": [0.9], "mask_file": str(tmp_path / "000000974.npy")}  # fmt: skip
     write_jsonl(tmp_path / "in.jsonl", [record, {**record, "image_id": "x", "image": []}])
-    counts = draw_sample(tmp_path / "in.jsonl", tmp_path / "out", n=5)
+    counts = draw_sample(tmp_path / "in.jsonl", *drawn(tmp_path / "out"), n=5)
     assert counts == {"boxes": 1, "masks": 1, "failed": 1}  # no image: counted, not a crash
     assert sorted(p.relative_to(tmp_path / "out").as_posix()
                   for p in (tmp_path / "out").rglob("*.*")) == [

@@ -366,7 +366,9 @@ def test_sample_masks(sample_run):
     captioned = [json.loads(line) for line in (work / "captioned" / "captioned.jsonl").open()]
     masked = [json.loads(line) for line in (work / "masked" / "masked.jsonl").open()]
     assert [r["image_id"] for r in masked] == [r["image_id"] for r in captioned]
-    for record, before in zip(masked, captioned, strict=True):
+    chunks = json.loads((work / "captioned" / "chunks.json").read_text())["shards"]
+    chunk_of = [chunk["shard"] for chunk in chunks for _ in range(chunk["records"])]
+    for record, before, chunk in zip(masked, captioned, chunk_of, strict=True):
         boxes = [(e["entity"], b) for e in before["entities"] for b in e["bboxes"]]
         assert [(e["entity"], e["bbox"]) for e in record["entities"]] == boxes
         assert record["image"] == before["image"][0]
@@ -377,8 +379,11 @@ def test_sample_masks(sample_run):
         )
         assert masks.dtype == bool and masks.shape == (len(boxes), height, width)
         assert len(record["mask_scores"]) == len(boxes) == len(record["mask_inside_fraction"])
-        assert record["mask_file"] == str(
-            work / "masks" / record["source"] / f"{record['image_id']}.npy"
+        # in its chunk's declared folder, a hard link of the mask beside the chunk's journal
+        name = Path(record["source"]) / f"{record['image_id']}.npy"
+        assert record["mask_file"] == str(work / "masks" / f"chunk_{chunk}" / name)
+        assert Path(record["mask_file"]).samefile(
+            work / "masked" / "journal" / f"chunk_{chunk}" / name
         )
     stats = json.loads((work / "masked" / "mask_stats.json").read_text())
     assert stats["masked"] == 5 and stats["random_weights"] is True and stats["chunks"] == 3
@@ -402,7 +407,8 @@ def test_sample_emu3_export(sample_run):
     masked = [json.loads(line) for line in (work / "masked" / "masked.jsonl").open()]
     train = json.loads((work / "export" / "emu3" / "list" / "train.json").read_text())
     assert train["prefix"] == str(work / "export" / "emu3" / "feature")
-    assert train["path_list"] == [f"{r['source']}/{r['image_id']}.pth" for r in masked]
+    # relative to the prefix: in the declared folder of the one part (export.emu3.parts: 1)
+    assert train["path_list"] == [f"part_0/{r['source']}/{r['image_id']}.pth" for r in masked]
     for name, record in zip(train["path_list"], masked, strict=True):
         data = torch.load(os.path.join(train["prefix"], name))  # as Emu3FeatureDataset does
         assert data["texts"].startswith(record["caption"] + "\nPrecise location control:\n\n")

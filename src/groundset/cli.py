@@ -116,11 +116,14 @@ def cmd_filter(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_merge(args: argparse.Namespace, config: dict) -> dict:
     """Merge filtered shards into the aesthetic tiers."""
-    from .merge import merge_tiers
+    from .merge import TIER_FILES, merge_tiers
 
     outdir = Path(args.outdir)
     return merge_tiers(
-        args.inputs, outdir, config["filter"]["aesthetics_tiers"], outdir / "merge_stats.json"
+        args.inputs,
+        (outdir / TIER_FILES[0], outdir / TIER_FILES[1]),
+        config["filter"]["aesthetics_tiers"],
+        outdir / "merge_stats.json",
     )
 
 
@@ -184,7 +187,7 @@ def cmd_stats(args: argparse.Namespace, config: dict | None) -> dict:
     """Entity, box, mask and filter-score statistics of a grounded JSONL (JSON + PNG plots)."""
     from .stats import write_stats
 
-    stats = write_stats(args.input, args.outdir)
+    stats = write_stats(args.input, Path(args.outdir) / "stats.json", Path(args.outdir) / "plots")
     return {k: v for k, v in stats.items() if k != "histograms"}
 
 
@@ -192,7 +195,8 @@ def cmd_draw(args: argparse.Namespace, config: dict | None) -> dict:
     """Boxes (and masks) drawn over a deterministic sample of records."""
     from .draw import draw_sample
 
-    return draw_sample(args.input, args.outdir, args.n, args.seed)
+    outdir = Path(args.outdir)
+    return draw_sample(args.input, outdir / "draw", outdir / "draw_sam2_mask", args.n, args.seed)
 
 
 def cmd_summary(args: argparse.Namespace, config: dict) -> dict | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -44,13 +45,45 @@ def _with_defaults(validator_class: type) -> type:
     return validators.extend(validator_class, {"properties": set_defaults})
 
 
-def load_schema(name: str = "config") -> dict:
-    """Read the package's `schemas/<name>.schema.yaml` (workflow/schemas in the repository)."""
+@functools.cache
+def _read_schema(name: str) -> dict:
+    """The parsed `schemas/<name>.schema.yaml`, read once per process (callers get copies)."""
     path = SCHEMA_DIR / f"{name}.schema.yaml"
     if not path.exists():
         raise FileNotFoundError(f"schema {path} not found (groundset installed without its data?)")
     with open(path, encoding="utf-8") as handle:
         return yaml.safe_load(handle)
+
+
+def load_schema(name: str = "config") -> dict:
+    """Read the package's `schemas/<name>.schema.yaml` (workflow/schemas in the repository)."""
+    return copy.deepcopy(_read_schema(name))
+
+
+def section_schema(path: str) -> dict:
+    """The part of the config schema under a dotted key path (`caption`, `export.emu3`)."""
+    node = _read_schema("config")
+    for part in path.split("."):
+        node = node.get("properties", {}).get(part)
+        if not isinstance(node, dict):
+            raise KeyError(f"the config schema has no section {path!r}")
+    return copy.deepcopy(node)
+
+
+def fill_section(path: str, values: dict | None = None, source: str = "config") -> dict:
+    """A copy of one config section (e.g. `caption`) validated against its part of the schema,
+    defaults filled; ConfigError naming each bad key by its full path (`caption.backend: ...`)."""
+    section = copy.deepcopy(values) if values is not None else {}
+    validator = _with_defaults(Draft202012Validator)(section_schema(path))
+    errors = sorted(validator.iter_errors(section), key=lambda e: [str(p) for p in e.absolute_path])
+    prefix = path.split(".")
+    _raise(source, [f"{key_path([*prefix, *e.absolute_path])}: {e.message}" for e in errors])
+    return section
+
+
+def section_defaults(path: str) -> dict:
+    """The schema's defaults of one config section (nested sections filled too), a fresh copy."""
+    return fill_section(path, {})
 
 
 def key_path(parts: Iterable[str | int]) -> str:

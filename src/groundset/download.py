@@ -52,7 +52,8 @@ def img2dataset_command(kwargs: dict) -> list[str]:
 def url_list_rows(
     files: list[Path], opts: dict | None = None, save_columns: list[str] | None = None
 ) -> int:
-    """Total rows of parquet files, read from their footers; with `opts`, check their columns.
+    """Total rows of parquet files, read from their footers; with `opts` (a filled `download`
+    section), check their columns.
 
     The check names the file and its columns where img2dataset would die inside pyarrow (the
     prefilter checks too, but `groundset download` may be given a URL list of its own).
@@ -63,9 +64,8 @@ def url_list_rows(
     for path in files:
         with open_parquet(path) as parquet:
             if opts is not None:
-                # img2dataset's own defaults where the options leave a column out
-                check_columns(path, parquet.schema_arrow.names, opts.get("url_col", "url"),
-                              opts.get("caption_col"), save_columns or [])  # fmt: skip
+                check_columns(path, parquet.schema_arrow.names, opts["url_col"],
+                              opts["caption_col"], save_columns or [])  # fmt: skip
             rows += parquet.metadata.num_rows
     return rows
 
@@ -137,9 +137,13 @@ def download_source(
     serve_dir: str | os.PathLike | None = None,
     stdout: IO | None = None,
 ) -> dict:
-    """Download every row of `url_list` into `output_folder` (img2dataset `files`), write stats."""
+    """Download every row of `url_list` into `output_folder` (img2dataset `files`), write stats;
+    `opts`: the source's `download` options (what they leave out, the schema fills)."""
+    from .config import fill_section  # lazily, as below: the manifest imports this module
     from .prefilter import list_parquet_files
 
+    # what the options leave out is the schema's default, never img2dataset's own (url, 256 px)
+    opts = fill_section("download", opts)
     output_folder = Path(output_folder).resolve()
     files = list_parquet_files(url_list)
     expected = url_list_rows(files, opts, save_columns)

@@ -98,19 +98,22 @@ def _save(img: Image.Image, path: Path) -> None:
 
 
 def draw_sample(
-    path: str | os.PathLike, outdir: str | os.PathLike, n: int = 50, seed: int = 0
+    path: str | os.PathLike,
+    boxes_dir: str | os.PathLike,
+    masks_dir: str | os.PathLike,
+    n: int = 50,
+    seed: int = 0,
 ) -> dict:
-    """Box drawings (and mask overlays when the records have masks) of a sample; returns counts."""
-    outdir = Path(outdir)
+    """Box drawings into `boxes_dir` (and mask overlays into `masks_dir` when the records have
+    masks) of a sample, as <source>/<image_id>.jpg/.png; returns counts."""
+    boxes_dir, masks_dir = Path(boxes_dir), Path(masks_dir)
     counts = {"boxes": 0, "masks": 0, "failed": 0}
     for record in sample_records(path, n, seed):
         try:
-            _save(draw_boxes(record), outdir / "draw" / record_relpath(record, ".jpg"))
+            _save(draw_boxes(record), boxes_dir / record_relpath(record, ".jpg"))
             counts["boxes"] += 1
             if "mask_scores" in record and (record.get("mask_file") or record.get("mask_rle")):
-                _save(
-                    draw_masks(record), outdir / "draw_sam2_mask" / record_relpath(record, ".png")
-                )
+                _save(draw_masks(record), masks_dir / record_relpath(record, ".png"))
                 counts["masks"] += 1
         except (OSError, ValueError):
             counts["failed"] += 1

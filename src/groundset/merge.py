@@ -33,19 +33,19 @@ def image_id(record: dict) -> str:
 
 def merge_tiers(
     inputs: list[str | os.PathLike],
-    outdir: str | os.PathLike,
+    outputs: tuple[str | os.PathLike, str | os.PathLike],
     tiers: list[float],
     stats_path: str | os.PathLike | None = None,
 ) -> dict:
-    """Write records scoring >= tiers[0] to merged_output.jsonl and >= tiers[1] to aes_6.jsonl."""
+    """Write records scoring >= tiers[0] to outputs[0] (merged_output.jsonl) and >= tiers[1] to
+    outputs[1] (aes_6.jsonl); the counts are keyed by those names (TIER_FILES)."""
     if len(set(map(str, inputs))) != len(inputs):
         raise ValueError("the same shard is listed twice in the merge inputs")
-    outdir = Path(outdir)
     counts: Counter = Counter()
     per_source: dict[str, Counter] = {}
     with (
-        atomic_write(outdir / TIER_FILES[0]) as low,
-        atomic_write(outdir / TIER_FILES[1]) as high,
+        atomic_write(outputs[0]) as low,
+        atomic_write(outputs[1]) as high,
         tqdm(unit="rec", desc="merge", mininterval=5) as bar,
     ):
         for path in inputs:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .config import fill_section, section_defaults
 from .io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -21,37 +22,52 @@ log = logging.getLogger(__name__)
 REASONS = ("missing_url", "too_small", "aspect_ratio", "punsafe", "pwatermark")
 
 
+# The config key each rule mirrors (the filter stage's thresholds, the download's columns).
+RULE_KEYS = {
+    "url_col": "download.url_col",
+    "caption_col": "download.caption_col",
+    "size_filter": "download.prefilter.enabled",
+    "min_width": "filter.image_shape.min_width",
+    "min_height": "filter.image_shape.min_height",
+    "min_ratio": "filter.aspect_ratio.min_ratio",
+    "max_ratio": "filter.aspect_ratio.max_ratio",
+    "max_punsafe": "download.prefilter.max_punsafe",
+    "max_pwatermark": "download.prefilter.max_pwatermark",
+}
+
+
 @dataclass(frozen=True)
 class PrefilterRules:
-    """Thresholds of the pre-download filter (mirrors the filter stage's config keys)."""
+    """Thresholds of the pre-download filter (the config keys of RULE_KEYS; built by from_config,
+    the schema holds the defaults)."""
 
-    url_col: str = "URL"
-    caption_col: str | None = "TEXT"
-    size_filter: bool = True
-    min_width: int = 1024
-    min_height: int = 1024
-    min_ratio: float = 0.5
-    max_ratio: float = 2.0
-    max_punsafe: float | None = None
-    max_pwatermark: float | None = None
+    url_col: str
+    caption_col: str | None
+    size_filter: bool
+    min_width: int
+    min_height: int
+    min_ratio: float
+    max_ratio: float
+    max_punsafe: float | None
+    max_pwatermark: float | None
 
     @classmethod
-    def from_config(cls, config: dict, download: dict) -> PrefilterRules:
-        """Build the rules from a validated config and one source's download options."""
-        pre = download["prefilter"]
-        shape = config["filter"]["image_shape"]
-        aspect = config["filter"]["aspect_ratio"]
-        return cls(
-            url_col=download["url_col"],
-            caption_col=download.get("caption_col"),
-            size_filter=pre["enabled"],
-            min_width=shape["min_width"],
-            min_height=shape["min_height"],
-            min_ratio=aspect["min_ratio"],
-            max_ratio=aspect["max_ratio"],
-            max_punsafe=pre["max_punsafe"],
-            max_pwatermark=pre["max_pwatermark"],
-        )
+    def from_config(cls, config: dict, download: dict | None = None) -> PrefilterRules:
+        """The rules of a (partial) config and one source's download options (default: the
+        config's `download`), checked and filled from the schema."""
+        sections = {
+            "filter": fill_section("filter", config.get("filter")),
+            "download": fill_section(
+                "download", config.get("download") if download is None else download
+            ),
+        }
+        values = {}
+        for name, path in RULE_KEYS.items():
+            node = sections
+            for part in path.split("."):
+                node = node[part]
+            values[name] = node
+        return cls(**values)
 
 
 def list_parquet_files(url_list: str | os.PathLike) -> list[Path]:
@@ -158,9 +174,13 @@ def prefilter_url_list(
     outdir: str | os.PathLike,
     rules: PrefilterRules,
     required_columns: list[str] | None = None,
-    batch_rows: int = 65536,
+    batch_rows: int | None = None,
 ) -> dict:
-    """Stream every parquet file of a URL list into `outdir`, dropping failing rows; return stats."""
+    """Stream every parquet file of a URL list into `outdir`, dropping failing rows; return stats.
+
+    `batch_rows` None: the schema's default of download.prefilter.batch_rows."""
+    if batch_rows is None:
+        batch_rows = section_defaults("download.prefilter")["batch_rows"]
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     files = list_parquet_files(url_list)
@@ -204,7 +224,7 @@ def run_prefilter(
     stats_path: str | os.PathLike,
     rules: PrefilterRules,
     required_columns: list[str] | None = None,
-    batch_rows: int = 65536,
+    batch_rows: int | None = None,
 ) -> dict:
     """Prefilter a URL list and write its stats JSON; the stats are returned too."""
     stats = prefilter_url_list(url_list, outdir, rules, required_columns, batch_rows)

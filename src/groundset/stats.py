@@ -166,10 +166,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_stats(path: str | os.PathLike, outdir: str | os.PathLike) -> dict:
-    """`stats.json` of a grounded JSONL into `outdir`, its PNG plots into `outdir/plots`."""
+def write_stats(
+    path: str | os.PathLike, stats_out: str | os.PathLike, plots_dir: str | os.PathLike
+) -> dict:
+    """The statistics of a grounded JSONL as JSON (`stats_out`), its PNG plots into `plots_dir`."""
     stats = collect_stats(path)
-    plots = plot_stats(stats, Path(outdir) / "plots")
+    plots = plot_stats(stats, plots_dir)
     stats["plots"] = [p.name for p in plots]
-    write_json(Path(outdir) / "stats.json", stats)
+    write_json(stats_out, stats)
     return stats

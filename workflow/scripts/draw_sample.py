@@ -10,7 +10,8 @@ with log_to(snakemake.log[0]):
         Path(folder).mkdir(parents=True, exist_ok=True)  # also when nothing has masks
     draw_sample(
         snakemake.input[0],
-        Path(snakemake.output.boxes).parent,
+        snakemake.output.boxes,
+        snakemake.output.masks,
         snakemake.params.n,
         snakemake.params.seed,
     )

@@ -6,7 +6,7 @@ from groundset.runlog import log_to
 with log_to(snakemake.log[0]):
     merge_tiers(
         list(snakemake.input),
-        snakemake.output.low.rsplit("/", 1)[0],
+        (snakemake.output.low, snakemake.output.high),
         snakemake.params.tiers,
         snakemake.output.stats,
     )

@@ -36,7 +36,6 @@ from .chunks import (
     rebucket_journals,
 )
 from .settings import (
-    BACKENDS,
     DASHSCOPE_COMPATIBLE_URL,
     INDEX_KEYS,
     OUTPUT_KEYS,
@@ -58,7 +57,6 @@ from .settings import (
 
 __all__ = [
     "ANSWER_KEEP_CHARS",
-    "BACKENDS",
     "COUNTS",
     "DASHSCOPE_COMPATIBLE_URL",
     "INDEX_KEYS",
