@@ -1,6 +1,7 @@
 import copy
 import json
 import re
+from dataclasses import MISSING, fields
 
 import pytest
 import yaml
@@ -10,8 +11,10 @@ from groundset.config import (
     SCHEMA_DIR,
     ConfigError,
     download_options,
+    fill_section,
     load_config,
     load_schema,
+    section_defaults,
     validate_config,
 )
 
@@ -372,3 +375,91 @@ def test_snakemake_stops_on_a_bad_config_before_any_job(tmp_path, patch, message
         assert dump not in out, out
     assert "Job stats" not in out
     assert not (tmp_path / "results").exists()
+
+
+def _named_as_keys(cls: type, section: str, runtime: set[str]) -> dict[str, str]:
+    """Field -> config key path for a class whose fields are named as its section's keys."""
+    return {f.name: f"{section}.{f.name}" for f in fields(cls) if f.name not in runtime}
+
+
+def _settings_classes() -> list[tuple]:
+    """Every class built from config sections: (class, build from an empty config, the config
+    key of each field, its runtime-only fields: not config keys, so free to have defaults)."""
+    from groundset.caption import Settings
+    from groundset.prefilter import RULE_KEYS, PrefilterRules
+
+    return [
+        (Settings, lambda: Settings.from_config({}),
+         _named_as_keys(Settings, "caption", {"api_key"}), {"api_key"}),
+        (PrefilterRules, lambda: PrefilterRules.from_config({}), RULE_KEYS, set()),
+    ]  # fmt: skip
+
+
+SETTINGS_CLASSES = _settings_classes()
+
+
+def _schema_default(path: str):
+    """The schema's default of one config key (KeyError if the schema has no such key)."""
+    section, key = path.rsplit(".", 1)
+    return section_defaults(section)[key]
+
+
+@pytest.mark.parametrize(
+    "cls, build, keys, runtime", SETTINGS_CLASSES, ids=[row[0].__name__ for row in SETTINGS_CLASSES]
+)
+def test_settings_classes_take_every_default_from_the_schema(cls, build, keys, runtime):
+    # every field is a config key or declared runtime-only; no config key has a default here
+    assert set(keys) | runtime == {f.name for f in fields(cls)} and not set(keys) & runtime
+    repeated = [f.name for f in fields(cls) if f.name in keys
+                and (f.default is not MISSING or f.default_factory is not MISSING)]  # fmt: skip
+    assert repeated == [], f"{cls.__name__} repeats the schema's defaults of {repeated}"
+    # built from an empty config, each field is its key's schema default (the key must exist)
+    built = build()
+    for name, path in keys.items():
+        assert getattr(built, name) == _schema_default(path), f"{cls.__name__}.{name} ({path})"
+
+
+def test_a_default_changed_in_the_schema_reaches_the_settings(monkeypatch):
+    from groundset import config as config_module
+    from groundset.caption import Settings
+    from groundset.prefilter import PrefilterRules
+
+    schema = load_schema("config")
+    props = schema["properties"]
+    props["caption"]["properties"]["model"]["default"] = "another-model"
+    props["caption"]["properties"]["rate_per_second"]["default"] = 7
+    props["filter"]["properties"]["image_shape"]["properties"]["min_width"]["default"] = 12
+    props["download"]["properties"]["prefilter"]["properties"]["enabled"]["default"] = False
+    monkeypatch.setattr(config_module, "_read_schema", lambda name: schema)
+    settings = Settings.from_config({})
+    assert (settings.model, settings.rate_per_second) == ("another-model", 7)
+    rules = PrefilterRules.from_config({})
+    assert (rules.min_width, rules.size_filter) == (12, False)
+
+
+def test_sections_fill_nested_defaults_and_name_bad_keys_by_their_path():
+    emu3 = section_defaults("export.emu3")
+    assert emu3["prompt"]["header"] == "\nPrecise location control:\n\n"
+    assert emu3["tokenizer"] is None and emu3["image_area"] == 518400
+    assert section_defaults("download.prefilter") == {
+        "enabled": True, "max_punsafe": None, "max_pwatermark": None, "batch_rows": 65536,
+    }  # fmt: skip
+    # a fresh copy every time: a caller's change reaches neither the schema nor the next caller
+    section_defaults("caption")["backend"] = "changed"
+    assert section_defaults("caption")["backend"] == "dashscope"
+    given = {"model": "m", "api_jobs": 2}
+    filled = fill_section("caption", given)
+    assert given == {"model": "m", "api_jobs": 2} and filled["model"] == "m"
+    assert filled == {**section_defaults("caption"), "model": "m", "api_jobs": 2}
+    with pytest.raises(ConfigError) as error:
+        fill_section("caption", {"backend": "x", "prompt_preset": "y"})
+    assert str(error.value).splitlines()[1:] == [
+        "caption.backend: 'x' is not one of ['dashscope', 'openai']",
+        "caption.prompt_preset: 'y' is not one of ['seed', 'qwen2_tokens']",
+    ]
+    with pytest.raises(ConfigError, match=r"(?m)^export\.emu3\.prompt\.header: 3 is not of type"):
+        fill_section("export.emu3", {"prompt": {"header": 3}})
+    with pytest.raises(ConfigError, match=r"(?m)^mask: Additional properties .*'maks_format'"):
+        fill_section("mask", {"maks_format": "rle"})
+    with pytest.raises(KeyError, match="no section 'captions'"):
+        section_defaults("captions")

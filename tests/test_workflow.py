@@ -264,7 +264,7 @@ def test_deleting_one_shard_reruns_only_that_shard(sample_run):
     assert job_counts(done.stdout) == {
         "filter_shard": 1,
         **SAMPLE_FROM_MERGE,
-    }
+    }, re.findall(r"reason: .*", done.stdout)
     assert "filtered/laion-high-resolution/shard_1.jsonl" in done.stdout
     journals = sorted((work / "captioned" / "journal").glob("chunk_*.jsonl"))
     paid = [path.read_bytes() for path in journals]
