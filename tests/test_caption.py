@@ -523,9 +523,12 @@ def test_chunks_resume_when_the_layout_changes(tmp_path):
             )  # fmt: skip
             outputs.append(str(tmp_path / f"{name}.jsonl"))
         assert len(server.log) == 7  # only the record no chunk had asked about
+    sides = [o.removesuffix(".jsonl") for o in outputs]
+    errors, stats = [f"{o}_errors.jsonl" for o in sides], [f"{o}_stats.json" for o in sides]
     total = gather_chunks(
-        outputs, tmp_path / "all.jsonl", tmp_path / "all_errors.jsonl", tmp_path / "all.json"
-    )
+        outputs, errors, stats,
+        tmp_path / "all.jsonl", tmp_path / "all_errors.jsonl", tmp_path / "all.json",
+    )  # fmt: skip
     assert [r["image_id"] for r in iter_jsonl(tmp_path / "all.jsonl")] == [
         f"{i:09d}" for i in range(7)
     ]
@@ -533,7 +536,8 @@ def test_chunks_resume_when_the_layout_changes(tmp_path):
     assert total["requested"] == 1 and (tmp_path / "all_errors.jsonl").read_text() == ""
     # the gather refuses chunks that are not the index's (a stale plan), naming the problem
     with pytest.raises(StalePlanError, match="got 3 chunk files for the 4 chunks"):
-        gather_chunks(outputs[:3], tmp_path / "x.jsonl", tmp_path / "xe.jsonl", tmp_path / "x.json",
+        gather_chunks(outputs[:3], errors[:3], stats[:3], tmp_path / "x.jsonl",
+                      tmp_path / "xe.jsonl", tmp_path / "x.json",
                       index=tmp_path / "chunks.json")  # fmt: skip
     # records that leave the input keep their answers (orphans) and get them back on return
     lines = (tmp_path / "in.jsonl").read_text().splitlines(keepends=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .io import iter_jsonl
+from .io import atomic_save, iter_jsonl
 from .records import image_path, record_boxes, record_relpath
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -90,11 +90,9 @@ def draw_masks(record: dict, alpha: float = 0.5) -> Image.Image:
 
 
 def _save(img: Image.Image, path: Path) -> None:
-    """Save atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    img.save(tmp)
-    os.replace(tmp, path)
+    """Save atomically, in the format the file name says (a full disk names the file)."""
+    fmt = Image.registered_extensions()[path.suffix.lower()]
+    atomic_save(path, lambda handle: img.save(handle, format=fmt))
 
 
 def draw_sample(

@@ -10,7 +10,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -182,21 +182,23 @@ def check_chunk_plan(index_path: str | os.PathLike, chunks: list, stats: list[di
 
 
 def concat_chunks(
-    chunks: Iterable[str | os.PathLike], output: str | os.PathLike, side: str,
-    side_out: str | os.PathLike, index: str | os.PathLike | None = None,
+    files: Sequence[Sequence[str | os.PathLike]], outputs: Sequence[str | os.PathLike],
+    stats: Sequence[str | os.PathLike], index: str | os.PathLike | None = None,
 ) -> list[dict]:  # fmt: skip
-    """Concatenate chunk JSONL files and their `…_{side}.jsonl` files in order; return their stats.
+    """Concatenate aligned lists of chunk files (`files[k][j]`: chunk j's k-th file, e.g. records
+    and drops) into `outputs[k]` in chunk order; return each chunk's stats.
 
-    With `index` (the chunk index), first check that the chunks are exactly its chunks.
+    With `index` (the chunk index), first check that `files[0]` are exactly its chunks.
     """
-    chunks = list(chunks)
-    bases = [str(chunk).removesuffix(".jsonl") for chunk in chunks]
-    stats = [read_json(f"{base}_stats.json") for base in bases]
+    if any(len(group) != len(stats) for group in files) or len(files) != len(outputs):
+        raise ValueError(f"chunk file lists not aligned: {[len(g) for g in files]}, {len(stats)}")
+    per_chunk = [read_json(path) for path in stats]
     if index is not None:
-        check_chunk_plan(index, chunks, stats)
-    with atomic_write(output, "wb") as out, atomic_write(side_out, "wb") as side_handle:
-        for chunk, base in zip(chunks, bases, strict=True):
-            for path, handle in ((chunk, out), (f"{base}_{side}.jsonl", side_handle)):
+        check_chunk_plan(index, list(files[0]), per_chunk)
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(atomic_write(path, "wb")) for path in outputs]
+        for group, handle in zip(files, handles, strict=True):
+            for path in group:
                 with open(path, "rb") as src:
                     shutil.copyfileobj(src, handle, 1 << 20)
-    return stats
+    return per_chunk

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import iter_jsonl, write_json
+from .io import atomic_save, iter_jsonl, write_json
 from .records import entity_boxes
 
 TOP_NAMES = 50
@@ -158,11 +158,9 @@ def plot_stats(stats: dict, outdir: str | os.PathLike) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    """Save a figure atomically."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    """Save a figure atomically (a full disk names the file)."""
     fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    atomic_save(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
     return path
 
 

@@ -77,8 +77,8 @@ rule caption_chunk:
 
 rule gather_captions:
     input:
+        unpack(caption_chunks),
         index=CHUNK_INDEX,
-        chunks=caption_chunks,
     output:
         records="captioned/captioned.jsonl",
         errors="captioned/errors.jsonl",

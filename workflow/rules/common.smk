@@ -169,8 +169,12 @@ def chunk_outputs(pattern):
 
 
 def caption_chunks(wildcards):
-    """Input function of the gather: every chunk's output, known once the input is indexed."""
-    return chunk_outputs("captioned/chunk_{chunk}.jsonl")
+    """Input function of the caption gather (unpack): every chunk's records, errors and stats."""
+    return {
+        "chunks": chunk_outputs("captioned/chunk_{chunk}.jsonl"),
+        "errors": chunk_outputs("captioned/chunk_{chunk}_errors.jsonl"),
+        "stats": chunk_outputs("captioned/chunk_{chunk}_stats.json"),
+    }
 
 
 def mask_chunks(wildcards):

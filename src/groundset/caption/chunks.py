@@ -282,27 +282,29 @@ def index_chunks(
 
 def gather_chunks(
     chunks: list[str],
+    errors: list[str],
+    stats: list[str],
     output: str | os.PathLike,
     errors_out: str | os.PathLike,
     stats_out: str | os.PathLike,
     index: str | os.PathLike | None = None,
 ) -> dict:
-    """Concatenate chunk outputs (and their error files) in chunk order and total their counts;
-    with `index`, the chunks must be those of the chunk index."""
+    """Concatenate chunk outputs and their error files (lists aligned with `stats`) in chunk
+    order and total their counts; with `index`, the chunks must be those of the chunk index."""
     totals: Counter = Counter(dict.fromkeys(COUNTS, 0))
     reasons: Counter = Counter()
     boxes: Counter = Counter()
     meta: dict = {}
-    for stats in concat_chunks(chunks, output, "errors", errors_out, index):
-        stats.pop("range", None)
-        reasons.update(stats.pop("error_reasons", {}))
-        boxes.update(stats.pop("boxes_dropped", {}))
-        stand_in = bool(stats.pop("stand_in", False))
+    for chunk_stats in concat_chunks([chunks, errors], [output, errors_out], stats, index):
+        chunk_stats.pop("range", None)
+        reasons.update(chunk_stats.pop("error_reasons", {}))
+        boxes.update(chunk_stats.pop("boxes_dropped", {}))
+        stand_in = bool(chunk_stats.pop("stand_in", False))
         meta["stand_in"] = meta.get("stand_in", False) or stand_in
         for key in ("backend", "model", "rate_per_second"):
-            meta.setdefault(key, stats.get(key))
-            stats.pop(key, None)
-        totals.update({k: v for k, v in stats.items() if isinstance(v, int | float)})
+            meta.setdefault(key, chunk_stats.get(key))
+            chunk_stats.pop(key, None)
+        totals.update({k: v for k, v in chunk_stats.items() if isinstance(v, int | float)})
     result = {
         **meta,
         "chunks": len(chunks),
