@@ -58,7 +58,8 @@ def main() -> int:
             make_file(path, count, images)
             code = (
                 "from groundset.emu3 import Emu3Settings, export_emu3; "
-                f"export_emu3({str(path)!r}, {str(tmp / 'prompts')!r}, Emu3Settings(tokenize=False))"
+                f"export_emu3({str(path)!r}, {str(tmp / 'prompts')!r}, "
+                "Emu3Settings.from_config({'tokenize': False}))"
             )
             r = in_child(code)
             print(f"{count:>10,} {'prompts only':<18} {r['seconds']:>8.2f} {count / r['seconds']:>11,.0f} "
@@ -69,7 +70,8 @@ def main() -> int:
         tokenizer = repr(args.tokenizer)
         code = (
             "from groundset.emu3 import Emu3Settings, export_emu3, load_tokenizer; "
-            f"s = Emu3Settings(tokenizer={tokenizer}, image_area={args.area}, batch_size=8); "
+            f"s = Emu3Settings.from_config({{'tokenizer': {tokenizer}, 'image_area': {args.area}, "
+            "'batch_size': 8}); "
             "tok = load_tokenizer(s); "
             f"export_emu3({str(path)!r}, {str(tmp / 'tokens')!r}, s, lambda: tok)"
         )

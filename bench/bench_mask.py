@@ -90,8 +90,9 @@ def bench_model(name: str, args, folder: Path, records_path: Path, records: list
     """Images/s of both paths for one model size."""
     import torch
 
-    settings = MaskSettings(model_config=CONFIGS[name], batch_size=args.batch_size,
-                            device=args.device, decode_workers=args.decode_workers)  # fmt: skip
+    settings = MaskSettings.from_config({"model_config": CONFIGS[name], "device": args.device,
+                                         "batch_size": args.batch_size,
+                                         "decode_workers": args.decode_workers})  # fmt: skip
     predictor, device = load_model(settings)
     # warm-up both paths (CUDA context, kernels) on the first image
     seed_loop(predictor, records[:1], folder / "warm")

@@ -386,12 +386,22 @@ def _settings_classes() -> list[tuple]:
     """Every class built from config sections: (class, build from an empty config, the config
     key of each field, its runtime-only fields: not config keys, so free to have defaults)."""
     from groundset.caption import Settings
+    from groundset.emu3 import Emu3Settings
+    from groundset.mask import MaskSettings
     from groundset.prefilter import RULE_KEYS, PrefilterRules
 
+    emu3_keys = {
+        **_named_as_keys(Emu3Settings, "export.emu3", {"header", "entity"}),
+        "header": "export.emu3.prompt.header",
+        "entity": "export.emu3.prompt.entity",
+    }
     return [
         (Settings, lambda: Settings.from_config({}),
          _named_as_keys(Settings, "caption", {"api_key"}), {"api_key"}),
         (PrefilterRules, lambda: PrefilterRules.from_config({}), RULE_KEYS, set()),
+        (MaskSettings, lambda: MaskSettings.from_config({}),
+         _named_as_keys(MaskSettings, "mask", set()), set()),
+        (Emu3Settings, lambda: Emu3Settings.from_config({}), emu3_keys, set()),
     ]  # fmt: skip
 
 

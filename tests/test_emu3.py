@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os.path as osp
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -183,8 +184,8 @@ def test_features_load_as_emu3s_dataset_reads_them(tmp_path, tiny_tokenizer):
     ]
     input_path, records = make_input(tmp_path, extra=extra)
     area = 64 * 64
-    settings = Emu3Settings(
-        tokenizer=str(tiny_tokenizer), image_area=area, batch_size=2, device="cpu"
+    settings = Emu3Settings.from_config(
+        {"tokenizer": str(tiny_tokenizer), "image_area": area, "batch_size": 2, "device": "cpu"}
     )
     stats = export_emu3(input_path, tmp_path / "out", settings)
     assert stats["exported"] == stats["tokenized"] == stats["train_items"] == len(SIZES)
@@ -250,8 +251,8 @@ class CountingFactory:
 
 def test_rerun_tokenizes_nothing_twice_and_follows_prompt_changes(tmp_path, tiny_tokenizer):
     input_path, _ = make_input(tmp_path)
-    settings = Emu3Settings(
-        tokenizer=str(tiny_tokenizer), image_area=64 * 64, batch_size=2, device="cpu"
+    settings = Emu3Settings.from_config(
+        {"tokenizer": str(tiny_tokenizer), "image_area": 64 * 64, "batch_size": 2, "device": "cpu"}
     )
     out = tmp_path / "out"
     crashing = CountingFactory(settings, fail_after=2)
@@ -275,14 +276,14 @@ def test_rerun_tokenizes_nothing_twice_and_follows_prompt_changes(tmp_path, tiny
     stats = export_emu3(input_path, out, settings, again)
     assert again.loads == 0 and stats["reused"] == len(SIZES) and stats["tokenized"] == 0
 
-    changed = Emu3Settings(**{**vars(settings), "header": "\nLayout:\n"})
+    changed = replace(settings, header="\nLayout:\n")
     stats = export_emu3(input_path, out, changed, CountingFactory(changed))
     assert stats["texts_rewritten"] == len(SIZES) and stats["tokenized"] == 0
     items = emu3_dataset_items(out / "list/train.json")
     assert all("\nLayout:\n" in texts for *_, texts, _ in items)
     assert all(torch.equal(before[data["name"]], data["images"]) for *_, data in items)
 
-    bigger = Emu3Settings(**{**vars(settings), "image_area": 96 * 96})  # tokens depend on the area
+    bigger = replace(settings, image_area=96 * 96)  # tokens depend on the area
     stats = export_emu3(input_path, out, bigger)
     assert stats["tokenized"] == len(SIZES)
 
@@ -290,8 +291,14 @@ def test_rerun_tokenizes_nothing_twice_and_follows_prompt_changes(tmp_path, tiny
 def test_max_items_over_parts_and_prompts_only(tmp_path, tiny_tokenizer):
     sizes = [(64 + 8 * i, 64) for i in range(12)]
     input_path, records = make_input(tmp_path, sizes=sizes)
-    settings = Emu3Settings(
-        tokenizer=str(tiny_tokenizer), image_area=32 * 32, device="cpu", parts=3, max_items=5
+    settings = Emu3Settings.from_config(
+        {
+            "tokenizer": str(tiny_tokenizer),
+            "image_area": 32 * 32,
+            "device": "cpu",
+            "parts": 3,
+            "max_items": 5,
+        }
     )
     out = tmp_path / "out"
     parts = [part_files(out, part) for part in range(3)]
@@ -332,7 +339,9 @@ def test_seed_records_without_source_get_the_seeds_feature_paths(tmp_path, tiny_
         record = {k: v for k, v in record.items() if k != "source"}
         seed.append(record)
     input_path.write_text("".join(json.dumps(r) + "\n" for r in seed))
-    settings = Emu3Settings(tokenizer=str(tiny_tokenizer), image_area=32 * 32, device="cpu")
+    settings = Emu3Settings.from_config(
+        {"tokenizer": str(tiny_tokenizer), "image_area": 32 * 32, "device": "cpu"}
+    )
     out = tmp_path / "out"
     stats = export_emu3(input_path, out, settings)
     assert stats["exported"] == stats["tokenized"] == 3
@@ -376,7 +385,9 @@ def test_a_full_emu3_hf_checkpoint_loads_only_its_vq_model(tmp_path):
     model.save_pretrained(tmp_path / "emu3-hf", max_shard_size="1MB")  # sharded, with an index
     assert (tmp_path / "emu3-hf/model.safetensors.index.json").exists()
 
-    tokenizer = load_tokenizer(Emu3Settings(tokenizer=str(tmp_path / "emu3-hf"), device="cpu"))
+    tokenizer = load_tokenizer(
+        Emu3Settings.from_config({"tokenizer": str(tmp_path / "emu3-hf"), "device": "cpu"})
+    )
     assert tokenizer.factor == 4 and not tokenizer.stand_in
     pixels = np.random.default_rng(0).integers(0, 255, (2, 32, 48, 3), dtype=np.uint8)
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -387,7 +398,9 @@ def test_a_full_emu3_hf_checkpoint_loads_only_its_vq_model(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other/config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(Emu3Error, match="not an Emu3 vision tokenizer"):
-        load_tokenizer(Emu3Settings(tokenizer=str(tmp_path / "other"), device="cpu"))
+        load_tokenizer(
+            Emu3Settings.from_config({"tokenizer": str(tmp_path / "other"), "device": "cpu"})
+        )
 
 
 def test_a_rerun_that_finds_its_feature_folder_emptied_links_the_journaled_features(
@@ -398,7 +411,9 @@ def test_a_rerun_that_finds_its_feature_folder_emptied_links_the_journaled_featu
     import shutil
 
     input_path, _ = make_input(tmp_path)
-    settings = Emu3Settings(tokenizer=str(tiny_tokenizer), image_area=32 * 32, device="cpu")
+    settings = Emu3Settings.from_config(
+        {"tokenizer": str(tiny_tokenizer), "image_area": 32 * 32, "device": "cpu"}
+    )
     out = tmp_path / "emu3"
     part = part_files(out, 0)
     export_part(input_path, part, settings, 0)

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .config import fill_section, section_defaults
 from .io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
 from .journal import Journal
 from .mask import publish, resolve_device
@@ -43,9 +44,6 @@ from .records import RecordError, feature_relpath, image_path, record_boxes, rec
 
 log = logging.getLogger(__name__)
 
-# The seed's layout: caption, this header, then one entity line per box on a 0-1000 grid.
-DEFAULT_HEADER = "\nPrecise location control:\n\n"
-DEFAULT_ENTITY = "Entity: [{name}]; box: [{x1}, {y1}, {x2}, {y2}].\n\n"
 # The stand-in tokenizer (`tokenizer: null`): a tiny random Emu3VQVAE, 2× spatial downsampling.
 STAND_IN_VQ = {
     "codebook_size": 512,
@@ -116,30 +114,35 @@ class Emu3ListFiles:
 
 @dataclass(frozen=True)
 class Emu3Settings:
-    """The `export.emu3` section of the config."""
+    """The `export.emu3` section of the config (the prompt template flattened to header, entity).
 
-    tokenizer: str | None = None
-    image_area: int = 720 * 720
-    max_items: int | None = None
-    header: str = DEFAULT_HEADER
-    entity: str = DEFAULT_ENTITY
-    tokenize: bool = True
-    batch_size: int = 8
-    device: str = "auto"
-    decode_workers: int = 2
-    parts: int = 1
+    Built by from_config only: the schema (workflow/schemas/config.schema.yaml) holds every
+    default and allowed value, so no field repeats one."""
+
+    tokenizer: str | None
+    image_area: int
+    max_items: int | None
+    header: str
+    entity: str
+    tokenize: bool
+    batch_size: int
+    device: str
+    decode_workers: int
+    parts: int
 
     @classmethod
     def from_config(cls, section: dict) -> Emu3Settings:
-        """Settings from `export.emu3` (the prompt template nests under `prompt`)."""
-        prompt = section.get("prompt") or {}
+        """Settings from a (partial) `export.emu3` config dict, checked and filled from the schema
+        (ConfigError naming the key; the prompt template nests under `prompt`); keys without a
+        field (gpus, random_weights) are the workflow's."""
+        values = fill_section("export.emu3", section)
         known = {f.name for f in fields(cls)} - {"header", "entity"}
         settings = cls(
-            **{k: v for k, v in section.items() if k in known},
-            header=prompt.get("header", DEFAULT_HEADER),
-            entity=prompt.get("entity", DEFAULT_ENTITY),
+            **{k: v for k, v in values.items() if k in known},
+            header=values["prompt"]["header"],
+            entity=values["prompt"]["entity"],
         )
-        try:
+        try:  # what the schema cannot express: the template's fields
             settings.entity.format(name="x", x1=0, y1=0, x2=1, y2=1)
         except (KeyError, IndexError, ValueError) as err:
             raise Emu3Error(
@@ -169,8 +172,13 @@ def grid(value: float) -> int:
     return min(1000, max(0, round(float(value) * 1000)))
 
 
-def format_prompt(record: dict, header: str = DEFAULT_HEADER, entity: str = DEFAULT_ENTITY) -> str:
-    """The caption, the header, then one entity line per box (coordinates on a 0-1000 grid)."""
+def format_prompt(record: dict, header: str | None = None, entity: str | None = None) -> str:
+    """The caption, the header, then one entity line per box (coordinates on a 0-1000 grid);
+    header and entity default to the schema's `export.emu3.prompt` (the seed's layout)."""
+    if header is None or entity is None:
+        prompt = section_defaults("export.emu3")["prompt"]
+        header = prompt["header"] if header is None else header
+        entity = prompt["entity"] if entity is None else entity
     lines = [
         entity.format(name=name, x1=grid(x1), y1=grid(y1), x2=grid(x2), y2=grid(y2))
         for name, (x1, y1, x2, y2) in record_boxes(record)

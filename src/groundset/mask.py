@@ -32,13 +32,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .config import fill_section
 from .io import (
     atomic_save,
     atomic_write,
-    check_chunk_plan,
+    concat_chunks,
     dumps_record,
     iter_jsonl,
-    read_json,
     write_json,
 )
 from .journal import Journal
@@ -46,7 +46,6 @@ from .records import RecordError, flatten_record, mask_relpath, record_key
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("npy", "rle")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -97,17 +96,20 @@ class MaskChunkFiles:
 
 @dataclass(frozen=True)
 class MaskSettings:
-    """The `mask:` config section."""
+    """The `mask:` config section.
 
-    model_config: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
-    checkpoint: str | None = None
-    mask_format: str = "npy"
-    min_score: float = 0.0
-    min_inside_fraction: float = 0.0
-    low_quality: str = "drop"
-    batch_size: int = 8
-    device: str = "auto"
-    decode_workers: int = 4
+    Built by from_config only: the schema (workflow/schemas/config.schema.yaml) holds every
+    default and allowed value, so no field repeats one."""
+
+    model_config: str
+    checkpoint: str | None
+    mask_format: str
+    min_score: float
+    min_inside_fraction: float
+    low_quality: str
+    batch_size: int
+    device: str
+    decode_workers: int
 
     @property
     def digest(self) -> str:
@@ -120,16 +122,12 @@ class MaskSettings:
 
     @classmethod
     def from_config(cls, section: dict) -> MaskSettings:
-        """Settings from the `mask:` config dict (unknown keys are the workflow's)."""
+        """Settings from a (partial) `mask:` config dict, checked and filled from the schema
+        (ConfigError naming the key); keys without a field (gpus, random_weights) are the
+        workflow's."""
+        values = fill_section("mask", section)
         names = {f.name for f in fields(cls)}
-        settings = cls(**{k: v for k, v in section.items() if k in names})
-        if settings.mask_format not in FORMATS:
-            raise MaskError(
-                f"mask.mask_format must be one of {FORMATS}, not {settings.mask_format!r}"
-            )
-        if settings.low_quality not in ("drop", "flag"):
-            raise MaskError(f"mask.low_quality must be drop or flag, not {settings.low_quality!r}")
-        return settings
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 # --- records --------------------------------------------------------------------------------
@@ -576,16 +574,7 @@ def gather_masks(
 ) -> dict:  # fmt: skip
     """Concatenate the masked chunks and their drop files in order and total their stats (the
     three lists aligned); with `index`, the chunks must be those of the caption chunk index."""
-    if not len(chunks) == len(dropped) == len(stats):
-        raise MaskError(f"{len(chunks)} chunks, {len(dropped)} drop files, {len(stats)} stats")
-    per_chunk = [read_json(path) for path in stats]
-    if index is not None:
-        check_chunk_plan(index, chunks, per_chunk)
-    with atomic_write(files.records, "wb") as out, atomic_write(files.dropped, "wb") as drop:
-        for paths, handle in ((chunks, out), (dropped, drop)):
-            for path in paths:
-                with open(path, "rb") as src:
-                    shutil.copyfileobj(src, handle, 1 << 20)
+    per_chunk = concat_chunks([chunks, dropped], [files.records, files.dropped], stats, index)
     totals: Counter = Counter()
     reasons: Counter = Counter()
     meta: dict = {}
