@@ -140,8 +140,8 @@ MERGED = ["merged/merged_output.jsonl", "merged/aes_6.jsonl"]
 def caption_settings(wildcards):
     """The captioning keys that change a chunk's outputs (groundset.caption.OUTPUT_KEYS).
 
-    The tuning knobs (pacing, retries, timeouts, concurrency: TUNING_KEYS) are read by the job
-    from the config, so changing one marks no chunk stale; the key is in neither.
+    The job reads the tuning knobs (pacing, retries, timeouts, concurrency: TUNING_KEYS) out of
+    the config, so changing one marks no chunk stale; the key is in neither.
     """
     return groundset.caption.output_settings(config["caption"])
 
