@@ -322,5 +322,20 @@ def config_table(schema: dict | None = None) -> str:
     return "\n".join(rows)
 
 
+def pick_keys(section: dict, keys: tuple[str, ...], into: dict | None = None) -> dict:
+    """The `keys` ("a" or "a.b") of a config section, nested as there, added to a copy of `into`
+    (a job's params: the keys that change its outputs)."""
+    picked = copy.deepcopy(into or {})
+    for key in keys:
+        head, _, sub = key.partition(".")
+        if head not in section:
+            continue
+        if sub:
+            picked.setdefault(head, {})[sub] = copy.deepcopy(section[head][sub])
+        else:
+            picked[head] = copy.deepcopy(section[head])
+    return picked
+
+
 if __name__ == "__main__":
     print(config_table())

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .config import fill_section, section_defaults
+from .config import fill_section, pick_keys, section_defaults
 from .io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
 from .journal import Journal
 from .mask import publish, resolve_device
@@ -84,7 +84,7 @@ TUNING_KEYS = (
 
 def output_settings(section: dict) -> dict:
     """The keys of an `export.emu3:` config section that change the export's outputs (params)."""
-    return {k: section[k] for k in OUTPUT_KEYS if k in section}
+    return pick_keys(section, OUTPUT_KEYS)
 
 
 @dataclass(frozen=True)

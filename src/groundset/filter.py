@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from .config import pick_keys
 from .io import atomic_write, dumps_record, iter_jsonl, write_json
 from .split import write_shard
 
@@ -72,28 +73,14 @@ TUNING_KEYS = (
 OTHER_KEYS = ("template", "aesthetics_tiers")
 
 
-def _pick(section: dict, keys: tuple[str, ...], into: dict | None = None) -> dict:
-    """The `keys` ("a" or "a.b") of `section`, nested as there, added to a copy of `into`."""
-    picked = copy.deepcopy(into or {})
-    for key in keys:
-        head, _, sub = key.partition(".")
-        if head not in section:
-            continue
-        if sub:
-            picked.setdefault(head, {})[sub] = copy.deepcopy(section[head][sub])
-        else:
-            picked[head] = copy.deepcopy(section[head])
-    return picked
-
-
 def output_settings(section: dict) -> dict:
     """The keys of a `filter:` config section that change a shard's outputs (its job's params)."""
-    return _pick(section, OUTPUT_KEYS)
+    return pick_keys(section, OUTPUT_KEYS)
 
 
 def with_tuning(settings: dict, section: dict) -> dict:
     """A shard job's filter settings: its params (`output_settings`) plus the config's knobs."""
-    return _pick(section, TUNING_KEYS, settings)
+    return pick_keys(section, TUNING_KEYS, settings)
 
 
 # --- probe -------------------------------------------------------------------------------

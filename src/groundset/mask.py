@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .config import fill_section
+from .config import fill_section, pick_keys
 from .io import (
     atomic_save,
     atomic_write,
@@ -77,7 +77,7 @@ TUNING_KEYS = (
 
 def output_settings(section: dict) -> dict:
     """The keys of a `mask:` config section that change a mask job's outputs (its params)."""
-    return {k: section[k] for k in OUTPUT_KEYS if k in section}
+    return pick_keys(section, OUTPUT_KEYS)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 
-from ..config import fill_section
+from ..config import fill_section, pick_keys
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ PREFLIGHT_KEYS = ("backend", "base_url", "stand_in")
 
 def output_settings(section: dict) -> dict:
     """The keys of a `caption:` config section that change a chunk's outputs (its job's params)."""
-    return {k: section[k] for k in OUTPUT_KEYS if k in section}
+    return pick_keys(section, OUTPUT_KEYS)
 
 
 def preflight_settings(section: dict) -> dict:
