@@ -620,6 +620,30 @@ def test_killed_job_rerun_pays_once_and_no_key_is_written(tmp_path, sig):
             assert secret.encode() not in path.read_bytes(), path
 
 
+def test_sigterm_sends_no_new_request_while_threads_wait_for_their_slots(tmp_path):
+    images = make_images(tmp_path / "img", [(32, 32)] * 8)
+    make_records(tmp_path / "in.jsonl", images)
+    command = [sys.executable, "-m", "groundset.cli", "caption", "--input",
+               str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]  # fmt: skip
+    with StandInVLM(api_key=STAND_IN_KEY) as server:
+        # one request per second, four threads: three of them wait for a slot at any time
+        config = _cli_config(tmp_path, server, rate_per_second=1.0, concurrency=4)
+        env = {**os.environ, KEY_ENV: STAND_IN_KEY}
+        job = subprocess.Popen([*command, "--config", str(config)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        _wait_for_lines(tmp_path / "out.journal.jsonl", 2)
+        stopped_at = time.monotonic()
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(30) != 0
+        exited_at = time.monotonic()
+        late = [e.start - stopped_at for e in server.log if e.start > stopped_at + 0.05]
+        asked = len(server.log)
+    assert late == []  # the waiting threads gave up their slots: nothing went out after SIGTERM
+    assert exited_at - stopped_at < 3  # and the job did not wait for them
+    journaled = list(iter_jsonl(tmp_path / "out.journal.jsonl"))
+    assert len(journaled) == asked and asked < 8  # every request that went out was journaled
+
+
 def test_cli_caption_fails_cleanly_without_key(tmp_path, monkeypatch):
     images = make_images(tmp_path / "img", [(32, 32)])
     make_records(tmp_path / "in.jsonl", images)

@@ -7,6 +7,10 @@ import time
 from collections.abc import Callable
 
 
+class Stopped(RuntimeError):
+    """The job is stopping: no new request may start (those on the wire still land)."""
+
+
 class RateLimiter:
     """Spaces request starts at least 1/rate seconds apart (so any window of T seconds holds at
     most rate*T + 1 starts); `rate=None` means unlimited. Threads wait for their own slot."""
@@ -24,9 +28,22 @@ class RateLimiter:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._next = float("-inf")
+        self._stopped = threading.Event()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether stop() was called."""
+        return self._stopped.is_set()
+
+    def stop(self) -> None:
+        """Refuse every slot from now on, waking the threads that wait for one (SIGTERM, Ctrl-C)."""
+        self._stopped.set()
 
     def acquire(self) -> float:
-        """Wait for the next free slot; return the time the caller may start."""
+        """Wait for the next free slot; return the time the caller may start. Raises Stopped
+        once stop() was called, also while waiting, so no new request goes out."""
+        if self.stopped:
+            raise Stopped("the job is stopping: no new request")
         if not self.interval:
             return self._clock()
         with self._lock:
@@ -34,7 +51,12 @@ class RateLimiter:
             slot = max(now, self._next)
             self._next = slot + self.interval
         if slot > now:
-            self._sleep(slot - now)
+            if self._sleep is time.sleep:
+                self._stopped.wait(slot - now)
+            else:
+                self._sleep(slot - now)
+        if self.stopped:
+            raise Stopped("the job is stopping: no new request")
         return slot
 
     def penalize(self, seconds: float) -> None:

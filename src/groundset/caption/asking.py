@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..grounding import parse_answer
 from ..journal import Journal
-from ..pacing import RateLimiter, backoff_delay
+from ..pacing import RateLimiter, Stopped, backoff_delay
 from ..records import record_key
 from .backends import ApiError, Dropped, Payload, _sent, make_backend, record_payload
 from .settings import CaptionError, Settings, question_id
@@ -44,12 +44,16 @@ def request_image(
     outcome = Outcome()
     attempts = 0
     while True:
+        if limiter.stopped:  # the job is stopping: what never went out is asked on the rerun
+            raise Stopped(f"{key}: not asked, the job is stopping")
         attempts += 1  # the request waits for its slot in the backend's transport
         started = time.time()
         _sent.at = None
         try:
             answer = backend.ask(payload, settings.prompt_text)
         except ApiError as err:
+            if limiter.stopped:  # the SDK wrapped the transport's Stopped (or a late failure)
+                raise Stopped(f"{key}: not asked, the job is stopping") from None
             if err.kind == "auth":
                 raise CaptionError(
                     f"the endpoint refused the API key ({err}); check ${settings.api_key_env}"
@@ -185,7 +189,9 @@ def request_pending(
                 collect(done)
                 bar.update(len(done))
         except BaseException:
-            # keep what was paid for: let running requests land and journal them, then stop
+            # keep what was paid for: no new request starts (threads waiting for a slot give
+            # up), the ones on the wire land and are journaled, then stop
+            limiter.stop()
             for future in in_flight:
                 future.cancel()
             running = [f for f in in_flight if not f.cancelled()]
