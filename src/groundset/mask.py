@@ -46,6 +46,21 @@ from .records import RecordError, flatten_record, mask_relpath, record_key
 
 log = logging.getLogger(__name__)
 
+# What a mask job counts (its stats file; the gather totals them, zero chunks included).
+COUNTS = (
+    "records",
+    "masked",
+    "from_journal",
+    "computed",
+    "entities",
+    "entities_dropped",
+    "entities_flagged",
+    "without_entities",
+    "dropped",
+    "mask_bytes",
+    "mask_copies",
+)
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -393,24 +408,7 @@ def mask_chunk(
             raise MaskError("records with entities but no model to mask them")
         return holder[0]
 
-    counts: Counter = Counter(
-        dict.fromkeys(
-            (
-                "records",
-                "masked",
-                "from_journal",
-                "computed",
-                "entities",
-                "entities_dropped",
-                "entities_flagged",
-                "without_entities",
-                "dropped",
-                "mask_bytes",
-                "mask_copies",
-            ),
-            0,
-        )  # fmt: skip
-    )
+    counts: Counter = Counter(dict.fromkeys(COUNTS, 0))
     reasons: Counter = Counter()
     began = time.monotonic()
     masks_dir = Path(files.masks).resolve()
@@ -575,7 +573,7 @@ def gather_masks(
     """Concatenate the masked chunks and their drop files in order and total their stats (the
     three lists aligned); with `index`, the chunks must be those of the caption chunk index."""
     per_chunk = concat_chunks([chunks, dropped], [files.records, files.dropped], stats, index)
-    totals: Counter = Counter()
+    totals: Counter = Counter(dict.fromkeys(COUNTS, 0))
     reasons: Counter = Counter()
     meta: dict = {}
     for chunk_stats in per_chunk:
