@@ -255,12 +255,22 @@ def test_rerun_after_completion_does_nothing(sample_run):
     assert "Nothing to be done" in done.stdout + done.stderr
 
 
-def test_deleting_one_shard_reruns_only_that_shard(sample_run):
-    work = sample_run["workdir"]
+@pytest.fixture
+def private_sample(sample_run, tmp_path) -> dict:
+    """A copy of the finished sample (its snapshot) for a test that changes and reruns it, so
+    that no other test, on any xdist worker, sees the shared workdir mid-run."""
+    work = tmp_path / "results"
+    shutil.copytree(sample_run["snapshot"], work, symlinks=True)
+    args = [f"workdir={work}" if a.startswith("workdir=") else a for a in sample_run["args"]]
+    return {"workdir": work, "args": args}
+
+
+def test_deleting_one_shard_reruns_only_that_shard(private_sample):
+    work = private_sample["workdir"]
     before = (work / "merged" / "merged_output.jsonl").read_bytes()
     for rel in ("shards/{}/shard_1.jsonl", "probed/{}/shard_1.jsonl", "filtered/{}/shard_1.jsonl"):
         (work / rel.format("laion-high-resolution")).unlink()
-    done = run_snakemake([*sample_run["args"], "-n"])
+    done = run_snakemake([*private_sample["args"], "-n"])
     assert job_counts(done.stdout) == {
         "filter_shard": 1,
         **SAMPLE_FROM_MERGE,
@@ -269,19 +279,19 @@ def test_deleting_one_shard_reruns_only_that_shard(sample_run):
     journals = sorted((work / "captioned" / "journal").glob("chunk_*.jsonl"))
     paid = [path.read_bytes() for path in journals]
     captions = (work / "captioned" / "captioned.jsonl").read_bytes()
-    run_snakemake(sample_run["args"])
+    run_snakemake(private_sample["args"])
     # the captions come from the journals: no new answer was asked for
     assert [path.read_bytes() for path in journals] == paid
     assert (work / "captioned" / "captioned.jsonl").read_bytes() == captions
-    assert "Nothing to be done" in run_snakemake([*sample_run["args"], "-n"]).stdout
+    assert "Nothing to be done" in run_snakemake([*private_sample["args"], "-n"]).stdout
     assert (
         work / "merged" / "merged_output.jsonl"
     ).read_bytes() == before  # same records, no duplicates
 
 
-def test_killed_filter_job_reruns_cleanly(sample_run):
+def test_killed_filter_job_reruns_cleanly(private_sample):
     """SIGKILL snakemake while data-juicer filters a shard; --rerun-incomplete restores the same outputs."""
-    work = sample_run["workdir"]
+    work = private_sample["workdir"]
     before = {
         name: (work / "merged" / name).read_bytes()
         for name in ("merged_output.jsonl", "aes_6.jsonl")
@@ -293,7 +303,7 @@ def test_killed_filter_job_reruns_cleanly(sample_run):
         "snakemake",
         "--snakefile",
         str(ROOT / "Snakefile"),
-        *sample_run["args"],
+        *private_sample["args"],
     ]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -306,8 +316,8 @@ def test_killed_filter_job_reruns_cleanly(sample_run):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (work / "filtered" / "laion-high-resolution" / "shard_0.jsonl").exists()
-    run_snakemake([*sample_run["args"], "--unlock"])  # a SIGKILL leaves snakemake's lock behind
-    run_snakemake([*sample_run["args"], "--rerun-incomplete"])
+    run_snakemake([*private_sample["args"], "--unlock"])  # a SIGKILL leaves snakemake's lock behind
+    run_snakemake([*private_sample["args"], "--rerun-incomplete"])
     for name, content in before.items():
         assert (work / "merged" / name).read_bytes() == content, name
     assert not work_dir.exists()
