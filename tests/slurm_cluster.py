@@ -266,10 +266,13 @@ class SlurmCluster:
 
     def _link_system_conf(self) -> None:
         """Point /etc/slurm/slurm.conf at this cluster (job steps read it); refuse to clobber a real one."""
-        if SYSTEM_CONF.is_symlink() and not SYSTEM_CONF.resolve().exists():
-            SYSTEM_CONF.unlink()  # left by an earlier test cluster that was killed
+        if SYSTEM_CONF.is_symlink() and _left_by_dead_test_cluster(SYSTEM_CONF):
+            SYSTEM_CONF.unlink()  # an earlier test cluster was killed before it could remove it
         if SYSTEM_CONF.exists() or SYSTEM_CONF.is_symlink():
-            raise ClusterError(f"{SYSTEM_CONF} exists: not overwriting a real SLURM config")
+            raise ClusterError(
+                f"{SYSTEM_CONF} exists and is not a stale link of a test cluster: "
+                "not overwriting a real SLURM config (or one of a test cluster still running)"
+            )
         SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
         SYSTEM_CONF.symlink_to(self.conf)
         self.linked_system_conf = True
@@ -299,6 +302,54 @@ class SlurmCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+DAEMON_PID_FILES = {
+    "slurmd": "slurmd.pid",
+    "slurmctld": "slurmctld.pid",
+    "slurmdbd": "slurmdbd.pid",
+    "mariadbd": "mariadb.pid",
+    "munged": "munged.pid",
+}
+
+
+def _left_by_dead_test_cluster(link: Path) -> bool:
+    """True when the link dangles, or points at a test cluster's config whose owner is gone.
+
+    A test cluster whose pytest was killed (a CI timeout) leaves its daemons running, orphaned
+    (parent pid 1): they are stopped here by their pid files, then the link is stale.
+    """
+    try:
+        conf = link.resolve().read_text()
+    except OSError:
+        return True  # pytest removed the old temp dir, or the target is unreadable
+    if f"ClusterName={CLUSTER}\n" not in conf:
+        return False  # a real site config behind a symlink: never touched
+    run_dir = link.resolve().parent.parent / "run"
+    alive = {name: pid for name in DAEMON_PID_FILES if (pid := _daemon_pid(run_dir, name))}
+    if any(_parent_pid(pid) not in (0, 1) for pid in alive.values()):
+        return False  # its owner still runs: another test session's cluster
+    for pid in alive.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _daemon_pid(run_dir: Path, name: str) -> int | None:
+    """The pid in a daemon's pid file when that process is still the named daemon."""
+    try:
+        pid = int((run_dir / DAEMON_PID_FILES[name]).read_text().strip())
+        return pid if Path(f"/proc/{pid}/comm").read_text().strip() == name else None
+    except (OSError, ValueError):
+        return None
+
+
+def _parent_pid(pid: int) -> int:
+    """A process's parent pid (0 when it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster
+from slurm_cluster import CLUSTER, SlurmCluster, _left_by_dead_test_cluster
 
 from conftest import ROOT
 
@@ -211,3 +211,34 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
     print(
         f"SLURM sample: first run {first_seconds:.0f} s (one job killed), rerun {rerun_seconds:.0f} s"
     )
+
+
+def test_a_stale_link_of_a_killed_test_cluster_is_replaced_and_a_real_config_is_not(tmp_path):
+    """/etc/slurm/slurm.conf left by a killed test run is stale; a site's config never is."""
+    link = tmp_path / "slurm.conf"
+    root = tmp_path / "old-cluster"
+    (root / "etc").mkdir(parents=True)
+    (root / "run").mkdir()
+    conf = root / "etc" / "slurm.conf"
+    conf.write_text(f"ClusterName={CLUSTER}\nSlurmctldPidFile={root / 'run' / 'slurmctld.pid'}\n")
+    link.symlink_to(tmp_path / "gone" / "slurm.conf")
+    assert _left_by_dead_test_cluster(link)  # dangling: pytest removed the old temp dir
+    link.unlink()
+    link.symlink_to(conf)
+    assert _left_by_dead_test_cluster(link)  # no daemon of that cluster runs
+    # a live "slurmctld" whose parent (this test) still runs: another session's cluster
+    daemon = tmp_path / "slurmctld"
+    daemon.write_bytes(Path("/bin/sleep").read_bytes())
+    daemon.chmod(0o755)
+    with subprocess.Popen([str(daemon), "60"]) as proc:
+        try:
+            (root / "run" / "slurmctld.pid").write_text(f"{proc.pid}\n")
+            assert not _left_by_dead_test_cluster(link)
+            assert proc.poll() is None  # and it was not touched
+        finally:
+            proc.kill()
+    site = tmp_path / "site.conf"
+    site.write_text("ClusterName=production\n")
+    link.unlink()
+    link.symlink_to(site)
+    assert not _left_by_dead_test_cluster(link)
