@@ -78,6 +78,11 @@ def assert_in_step(work: Path) -> dict:
     return stats
 
 
+def mask_stats(work: Path) -> dict:
+    """The mask stage's totals of the last run."""
+    return json.loads((work / "masked" / "mask_stats.json").read_text())
+
+
 def summary(work: Path) -> str:
     """`groundset summary` of a workdir."""
     done = subprocess.run(
@@ -113,12 +118,15 @@ def test_caption_input_grown_shrunk_emptied_and_restored_follows_the_config(samp
     assert stats["requested"] == len(set(grown) - before)
     assert stats["from_journal"] == len(before)
     assert journaled_keys(work) == {f"{s}/{i}" for s, i in grown}
+    # and only they were masked: the others' masks followed them into their new chunks
+    assert 0 < mask_stats(work)["computed"] <= len(set(grown) - before)
     # shrink below the first run's chunk count: no stale chunk job, no IndexError
     run_with_tiers(work, tmp_path, [5, 6.5])
     shrunk = keys(work / "merged" / "aes_6.jsonl")
     assert 0 < len(shrunk) < len(before)
     stats = assert_in_step(work)
     assert stats["requested"] == 0 and stats["chunks"] < chunks_before
+    assert mask_stats(work)["computed"] == 0
     # empty: no record reaches captioning; every stage says 0 and the run ends 0
     done = run_with_tiers(work, tmp_path, [5, 9.9])  # the stand-in scores stay below 9.9
     assert keys(work / "merged" / "aes_6.jsonl") == []
@@ -136,6 +144,7 @@ def test_caption_input_grown_shrunk_emptied_and_restored_follows_the_config(samp
     run_with_tiers(work, tmp_path, [5, 6])
     stats = assert_in_step(work)
     assert stats["requested"] == 0 and set(keys(work / "captioned" / "captioned.jsonl")) == before
+    assert mask_stats(work)["computed"] == 0
 
 
 def test_summary_names_the_stand_in_as_the_caption_model(sample_run):

@@ -336,6 +336,60 @@ def test_a_rerun_that_finds_its_mask_folder_emptied_links_the_journaled_masks(tm
     assert all(Path(r["mask_file"]).stat().st_nlink == 2 for r in out)
 
 
+def test_a_record_captioned_again_with_other_boxes_is_masked_again(tmp_path):
+    """The journal remembers what each mask was computed from: new boxes (a caption setting
+    changed) are masked again; unchanged records keep theirs."""
+    path = captioned(tmp_path, [KNOWN] * 2)
+    first = FixedMasker(known_masks(), [0.9, 0.8])
+    assert run(tmp_path, path, first, store=True)["computed"] == 2
+    records = list(iter_jsonl(path))
+    moved = [dict(e, bboxes=[[0.0, 0.0, 0.5, 0.5]]) for e in records[1]["entities"]]
+    write_jsonl(path, [records[0], {**records[1], "entities": moved}])
+    again = FixedMasker(known_masks(), [0.7, 0.6])
+    stats = run(tmp_path, path, again, store=True)
+    assert again.images == 1 and stats["computed"] == 1 and stats["from_journal"] == 1
+    out = list(iter_jsonl(tmp_path / "out.jsonl"))
+    assert out[0]["mask_scores"] == [0.9, 0.8] and out[1]["mask_scores"] == [0.7, 0.6]
+    assert [e["bbox"] for e in out[1]["entities"]] == [[0.0, 0.0, 0.5, 0.5]] * 2
+
+
+def test_masks_follow_their_records_into_new_chunks(tmp_path):
+    """The caption input changed (a tier or chunk_size changed): index_chunks moves the mask
+    journals' entries with their records, and the new chunks compute nothing already computed
+    (one store for all chunks)."""
+    from groundset.caption import index_chunks
+    from groundset.caption.chunks import iter_range
+
+    source = captioned(tmp_path, [KNOWN] * 4)
+    journals = {"caption": tmp_path / "cj", "mask": tmp_path / "mj"}
+
+    def run_chunks(chunk_size: int, masker) -> list[dict]:
+        index = index_chunks(source, tmp_path / "chunks.json", chunk_size, *journals.values())
+        stats = []
+        for chunk in index["shards"]:
+            part = tmp_path / f"chunk_{chunk['shard']}.jsonl"
+            write_jsonl(part, iter_range(source, chunk["start"], chunk["end"]))
+            files = MaskChunkFiles(
+                records=str(tmp_path / f"m_{chunk['shard']}.jsonl"),
+                dropped=str(tmp_path / f"m_{chunk['shard']}_dropped.jsonl"),
+                stats=str(tmp_path / f"m_{chunk['shard']}_stats.json"),
+                masks=str(tmp_path / "masks" / f"chunk_{chunk['shard']}"),
+                journal=str(journals["mask"] / f"chunk_{chunk['shard']}.jsonl"),
+                store=str(tmp_path / "store"),
+            )
+            settings = MaskSettings.from_config({"model_config": TINY, "device": "cpu"})
+            stats.append(mask_chunk(part, files, settings, masker))
+        return stats
+
+    first = FixedMasker(known_masks(), [0.9, 0.8])
+    assert [s["computed"] for s in run_chunks(3, first)] == [3, 1]
+    again = FixedMasker(known_masks(), [0.1, 0.1])
+    stats = run_chunks(2, again)  # records 2 and 3 now in chunk 1, record 2's entry moved there
+    assert again.images == 0 and [s["computed"] for s in stats] == [0, 0]
+    assert [s["from_journal"] for s in stats] == [2, 2]
+    assert read_json(journals["mask"] / "layout.json")["chunk_size"] == 2
+
+
 def test_the_params_are_the_output_keys_and_the_rest_are_knobs():
     section = validate_config({"sources": [{"name": "s", "url_list": "x"}], **RANDOM_WEIGHTS})[
         "mask"

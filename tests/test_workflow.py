@@ -389,12 +389,10 @@ def test_sample_masks(sample_run):
         )
         assert masks.dtype == bool and masks.shape == (len(boxes), height, width)
         assert len(record["mask_scores"]) == len(boxes) == len(record["mask_inside_fraction"])
-        # in its chunk's declared folder, a hard link of the mask beside the chunk's journal
+        # in its chunk's declared folder, a hard link of the mask in the store of all chunks
         name = Path(record["source"]) / f"{record['image_id']}.npy"
         assert record["mask_file"] == str(work / "masks" / f"chunk_{chunk}" / name)
-        assert Path(record["mask_file"]).samefile(
-            work / "masked" / "journal" / f"chunk_{chunk}" / name
-        )
+        assert Path(record["mask_file"]).samefile(work / "masked" / "store" / name)
     stats = json.loads((work / "masked" / "mask_stats.json").read_text())
     assert stats["masked"] == 5 and stats["random_weights"] is True and stats["chunks"] == 3
     stats = json.loads((work / "export" / "stats" / "stats.json").read_text())

@@ -9,9 +9,11 @@ mask inside its box and the mask/box area ratio; entities under the quality floo
 or flagged (counted). Every finished image is journaled, so a killed job, rerun, skips it.
 
 A job's files are one `MaskChunkFiles`. In the workflow its mask folder is a declared output,
-which Snakemake empties before it reruns the job; so masks are computed into the job's store
-(resume state beside its journal, like the journal never an output) and hard-linked into the
-mask folder, and a rerun links what the journal already has instead of computing it again.
+which Snakemake empties before it reruns the job; so masks are computed into a store shared by
+all chunks (resume state, like the journal never an output) and hard-linked into the mask
+folder, and a rerun links what the journal already has instead of computing it again. A journal
+entry holds what its masks were computed from (settings digest, image and boxes): anything
+else is computed again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import errno
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -130,8 +134,6 @@ class MaskSettings:
     def digest(self) -> str:
         """What decides a mask entry's content (OUTPUT_KEYS): an entry made under other values is
         redone."""
-        import hashlib
-
         key = tuple(getattr(self, name) for name in OUTPUT_KEYS)
         return hashlib.sha256(repr(key).encode()).hexdigest()[:12]
 
@@ -154,6 +156,13 @@ def pixel_boxes(entities: list[dict], width: int, height: int) -> np.ndarray:
         return np.zeros((0, 4), dtype=np.float32)
     boxes = np.asarray([e["bbox"] for e in entities], dtype=np.float32)
     return boxes * np.asarray([width, height, width, height], dtype=np.float32)
+
+
+def input_digest(flat: dict) -> str:
+    """What a record's masks are computed from (its image and boxes): a journaled entry made
+    from another image or other boxes (the record was captioned again) is computed again."""
+    boxes = [entity["bbox"] for entity in flat["entities"]]
+    return hashlib.sha256(json.dumps([flat["image"], boxes]).encode()).hexdigest()[:16]
 
 
 def mask_path(mask_dir: str | os.PathLike, record: dict) -> Path:
@@ -419,6 +428,8 @@ def mask_chunk(
             entry = journal.done(item.key)
             if entry is None or entry.get("settings") != settings.digest:
                 return False
+            if entry.get("input") != input_digest(flatten_record(item.record)):
+                return False
             if entry.get("error"):
                 return False  # cheap to try again: the image may be back
             if settings.mask_format == "rle" or not entry.get("mask_file"):
@@ -431,7 +442,10 @@ def mask_chunk(
                 tqdm(desc="mask", unit="img", mininterval=5) as bar:  # fmt: skip
             for batch in _batches(todo, pool, settings.batch_size):
                 entries = _mask_batch(batch, get_masker, settings, computed_dir, writer, counts)
-                journal.append([{**entry, "settings": settings.digest} for entry in entries])
+                journal.append([
+                    {**entry, "settings": settings.digest, "input": input_digest(item.record)}
+                    for item, entry in zip(batch, entries, strict=True)
+                ])  # fmt: skip
                 bar.update(len(batch))
         with atomic_write(files.records) as out, atomic_write(files.dropped) as drop:
             for record in iter_jsonl(records_path):

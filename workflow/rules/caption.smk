@@ -45,6 +45,8 @@ checkpoint index_chunks:
     params:
         chunk_size=config["caption"]["chunk_size"],
         journal_dir="captioned/journal",
+        # the mask jobs' journals follow the same chunks: moved with their records
+        mask_journal_dir="masked/journal",
     script:
         "../scripts/index_chunks.py"
 

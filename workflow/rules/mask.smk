@@ -1,10 +1,12 @@
 # SAM2 masks: one job per caption chunk, then one file.
 #
 # A chunk's masks are a declared output folder (masks/chunk_{j}/<source>/<image_id>.npy), which
-# Snakemake empties before it reruns the job. So the job computes them into its store beside its
-# journal (resume state, deliberately no output: Snakemake never deletes them) and hard-links
-# them into the folder; a rerun, killed or forced, links what the journal has and computes the
-# rest (groundset.mask.MaskChunkFiles).
+# Snakemake empties before it reruns the job. So the job computes them into the store
+# masked/store/<source>/<image_id>.npy (resume state, deliberately no output: Snakemake never
+# deletes it; one store for all chunks, so a record that moves to another chunk keeps its mask)
+# and hard-links them into the folder; a rerun, killed or forced, links what the journal has
+# and computes the rest (groundset.mask.MaskChunkFiles). index_chunks moves journal entries with
+# their records when the chunk layout changes.
 
 
 rule mask_chunk:
@@ -29,7 +31,7 @@ rule mask_chunk:
     params:
         settings=MASK_SETTINGS,
         journal="masked/journal/chunk_{chunk}.jsonl",
-        store="masked/journal/chunk_{chunk}",
+        store="masked/store",
     script:
         "../scripts/mask_chunk.py"
 

@@ -9,4 +9,5 @@ with log_to(snakemake.log[0]):
         snakemake.output.index,
         snakemake.params.chunk_size,
         snakemake.params.journal_dir,
+        snakemake.params.mask_journal_dir,
     )

@@ -211,9 +211,11 @@ def journal_name(chunk: int) -> str:
 
 
 def rebucket_journals(journal_dir: str | os.PathLike, index: dict) -> dict:
-    """Move journaled answers to the chunk that now holds their record (after the input or the
-    chunk size changed), so no answer is paid for twice. Answers whose record left the input
-    are kept in `orphans.jsonl` and move back when their record returns. Returns counts."""
+    """Move journaled entries to the chunk that now holds their record (after the input or the
+    chunk size changed), so no answer is paid for (and no mask computed) twice. Entries whose
+    record left the input are kept in `orphans.jsonl` and move back when their record returns.
+    Only the journals' lines move (`chunk_*.jsonl`); anything else in the folder is dropped.
+    Returns counts."""
     journal_dir = Path(journal_dir)
     orphans = journal_dir / "orphans.jsonl"
     # orphans first: an answer journaled later for the same key comes after it and wins
@@ -259,10 +261,20 @@ def index_chunks(
     index_path: str | os.PathLike,
     chunk_size: int,
     journal_dir: str | os.PathLike,
+    *more_journal_dirs: str | os.PathLike,
 ) -> dict:
-    """Cut the input into chunks of `chunk_size` records (byte ranges) and keep the journals in
-    step with the chunk layout."""
+    """Cut the input into chunks of `chunk_size` records (byte ranges) and keep the journals of
+    every per-chunk stage (captions, masks) in step with the chunk layout."""
     index = index_manifest(records_path, chunk_size)
+    for directory in (journal_dir, *more_journal_dirs):
+        keep_journals_in_step(directory, index)
+    write_json(index_path, index)
+    return index
+
+
+def keep_journals_in_step(journal_dir: str | os.PathLike, index: dict) -> None:
+    """Move a stage's journaled entries to the chunks that now hold their records when the
+    chunk layout changed since the journals were written (their `layout.json`)."""
     journal_dir = Path(journal_dir)
     layout_file = journal_dir / "layout.json"
     layout = _layout(index)
@@ -270,14 +282,14 @@ def index_chunks(
     if previous is not None and previous != layout:
         counts = rebucket_journals(journal_dir, index)
         log.warning(
-            "chunk layout changed (input or chunk_size): %d journaled answers moved to their "
-            "new chunks, %d kept in orphans.jsonl (their records left the input)",
+            "%s: chunk layout changed (input or chunk_size): %d journaled entries moved to "
+            "their new chunks, %d kept in orphans.jsonl (their records left the input)",
+            journal_dir,
             counts["moved_entries"],
             counts["orphans"],
         )
+    journal_dir.mkdir(parents=True, exist_ok=True)
     write_json(layout_file, layout)
-    write_json(index_path, index)
-    return index
 
 
 def gather_chunks(
