@@ -260,9 +260,15 @@ def test_quality_floors_drop_or_flag(tmp_path, masker):
     assert stats["entities_flagged"] == 2 and stats["masked"] == 2
 
 
-def test_killed_job_resumes_without_recomputing(tmp_path, masker):
+def one_mask() -> FixedMasker:
+    """Known masks for one box on a 160x120 image (resume and gather tests need no SAM2 run)."""
+    return FixedMasker(known_masks()[:1], [0.9])
+
+
+def test_killed_job_resumes_without_recomputing(tmp_path):
     entities = [{"entity": "a", "bboxes": [[0.2, 0.2, 0.7, 0.7]]}]
     path = captioned(tmp_path, [entities] * 5)
+    masker = one_mask()
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, path, CountingMasker(masker, fail_after=1))  # batch of 2 done, then killed
     assert not (tmp_path / "out.jsonl").exists()
@@ -281,9 +287,10 @@ def test_killed_job_resumes_without_recomputing(tmp_path, masker):
     assert other.images == 5 and stats["computed"] == 5
 
 
-def test_gather_and_bad_settings(tmp_path, masker):
+def test_gather_and_bad_settings(tmp_path):
     entities = [{"entity": "a", "bboxes": [[0.2, 0.2, 0.7, 0.7]]}]
     path = captioned(tmp_path, [entities] * 2)
+    masker = one_mask()
     run(tmp_path, path, masker, "c0")
     run(tmp_path, path, masker, "c1", mask_format="rle")
     chunks = [chunk_files(tmp_path, "c0"), chunk_files(tmp_path, "c1")]
