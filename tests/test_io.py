@@ -192,3 +192,22 @@ def test_save_npy_turns_numpy_short_write_into_no_space_left(tmp_path, monkeypat
     monkeypatch.undo()
     assert mask.save_npy(target, masks) == target.stat().st_size
     assert np.load(target).shape == (3, 1024, 1024)
+
+
+def test_job_files_come_from_the_rules_outputs_then_params_then_defaults():
+    from types import SimpleNamespace
+
+    from snakemake.iocontainers import Namedlist
+
+    from groundset.mask import MaskChunkFiles
+    from groundset.runlog import job_files
+
+    outputs = {"records": "r.jsonl", "dropped": "d.jsonl", "stats": "s.json", "masks": "m"}
+    job = SimpleNamespace(
+        output=Namedlist(fromdict=outputs),
+        params=Namedlist(fromdict={"journal": "j.jsonl", "settings": {}, "records": "not me"}),
+    )
+    files = job_files(MaskChunkFiles, job)
+    assert files == MaskChunkFiles(**outputs, journal="j.jsonl", store=None)
+    with pytest.raises(TypeError, match="journal"):  # a field the rule lacks is an error
+        job_files(MaskChunkFiles, SimpleNamespace(output=job.output, params=Namedlist()))

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from groundset.emu3 import Emu3PartFiles, Emu3Settings, export_part
-from groundset.runlog import log_to
+from groundset.runlog import job_files, log_to
 
 with log_to(snakemake.log[0]):
     # params: what the outputs depend on; the tuning knobs come from the config, the decode
@@ -15,13 +15,6 @@ with log_to(snakemake.log[0]):
             "decode_workers": snakemake.threads,
         }
     )
-    files = Emu3PartFiles(
-        records=snakemake.output.records,
-        errors=snakemake.output.errors,
-        stats=snakemake.output.stats,
-        features=snakemake.output.features,
-        journal=snakemake.params.journal,
-        store=snakemake.params.store,
-    )
+    files = job_files(Emu3PartFiles, snakemake)
     Path(files.features).mkdir(parents=True, exist_ok=True)  # a declared folder, also if empty
     export_part(snakemake.input.masked, files, settings, int(snakemake.wildcards.part))

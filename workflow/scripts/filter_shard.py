@@ -1,10 +1,8 @@
 """Snakemake script of rule filter_shard: see groundset.filter.process_shard."""
 
-import dataclasses
-
 from groundset.filter import ShardFiles, process_shard, resolve_models, with_tuning
 from groundset.io import read_json
-from groundset.runlog import log_to
+from groundset.runlog import job_files, log_to
 from groundset.split import read_index
 
 with log_to(snakemake.log[0]):
@@ -15,7 +13,7 @@ with log_to(snakemake.log[0]):
     process_shard(
         read_index(snakemake.input.index),
         int(shard),
-        ShardFiles(**{f.name: snakemake.output[f.name] for f in dataclasses.fields(ShardFiles)}),
+        job_files(ShardFiles, snakemake),
         template=snakemake.input.template,
         name=f"{source}_shard_{shard}",  # data-juicer's project name, not a path
         filter_cfg=filter_cfg,

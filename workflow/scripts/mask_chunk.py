@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from groundset.mask import MaskChunkFiles, Masker, MaskSettings, load_model, mask_chunk
-from groundset.runlog import log_to
+from groundset.runlog import job_files, log_to
 
 with log_to(snakemake.log[0]):
     # params: what the outputs depend on; the tuning knobs come from the config, the decode
@@ -15,14 +15,7 @@ with log_to(snakemake.log[0]):
             "decode_workers": snakemake.threads,
         }
     )
-    files = MaskChunkFiles(
-        records=snakemake.output.records,
-        dropped=snakemake.output.dropped,
-        stats=snakemake.output.stats,
-        masks=snakemake.output.masks,
-        journal=snakemake.params.journal,
-        store=snakemake.params.store,
-    )
+    files = job_files(MaskChunkFiles, snakemake)
     Path(files.masks).mkdir(parents=True, exist_ok=True)  # a declared folder, also if empty
     mask_chunk(
         snakemake.input.captioned,
