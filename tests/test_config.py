@@ -96,7 +96,11 @@ def test_defaults_fill_nested_sections_given_empty():
         ({"download": {"processes_count": 2.5}}, r"^download\.processes_count: 2\.5 is not"),
         ({"download": {"resize_mode": False}}, r"^download\.resize_mode: False is not one of"),
         ({"filter": {"aspect_ratio": {"min_ratio": "a"}}}, r"^filter\.aspect_ratio\.min_ratio: "),
-        ({"typo_key": 1}, r"^<top level>: Additional properties are not allowed \('typo_key'"),
+        ({"typo_key": 1}, r"^typo_key: unknown key$"),
+        (
+            {"caption": {"chunk_sise": 3}},
+            r"^caption\.chunk_sise: unknown key \(did you mean caption\.chunk_size\?\)$",
+        ),
         ({"sources": []}, r"^sources: \[\] should be non-empty$"),
         ({"sources": [{"name": "a b", "url_list": "x"}]}, r"^sources\[0\]\.name: 'a b' does not"),
     ],
@@ -363,8 +367,14 @@ def sample_with(tmp_path, patch: dict) -> list[str]:
         ({"filter": {"aesthetics": {"min_score": 50}}},
          "filter.aesthetics.min_score: 50 is greater than the maximum of 10"),
         ({"mask": {"random_weights": False}}, "mask.checkpoint: null means no SAM2 weights"),
+        ({"mask": {"checkpoint": "nowhere/sam2.1_hiera_tiny.pt"}},
+         f"mask.checkpoint: {ROOT}/nowhere/sam2.1_hiera_tiny.pt is not a file"),
+        ({"export": {"emu3": {"tokenizer": "nowhere"}}},
+         f"export.emu3.tokenizer: {ROOT}/nowhere is not a model folder with a config.json"),
+        ({"caption": {"chunk_sise": 4}},
+         "caption.chunk_sise: unknown key (did you mean caption.chunk_size?)"),
     ],
-    ids=["min_score", "checkpoint"],
+    ids=["min_score", "checkpoint", "missing_checkpoint", "missing_tokenizer", "typo"],
 )  # fmt: skip
 def test_snakemake_stops_on_a_bad_config_before_any_job(tmp_path, patch, message):
     done = run_snakemake(sample_with(tmp_path, patch), check=False)
@@ -469,7 +479,10 @@ def test_sections_fill_nested_defaults_and_name_bad_keys_by_their_path():
     ]
     with pytest.raises(ConfigError, match=r"(?m)^export\.emu3\.prompt\.header: 3 is not of type"):
         fill_section("export.emu3", {"prompt": {"header": 3}})
-    with pytest.raises(ConfigError, match=r"(?m)^mask: Additional properties .*'maks_format'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"(?m)^mask\.maks_format: unknown key \(did you mean mask\.mask_format\?\)$",
+    ):
         fill_section("mask", {"maks_format": "rle"})
     with pytest.raises(KeyError, match="no section 'captions'"):
         section_defaults("captions")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import json
 import os
@@ -77,7 +78,7 @@ def fill_section(path: str, values: dict | None = None, source: str = "config") 
     validator = _with_defaults(Draft202012Validator)(section_schema(path))
     errors = sorted(validator.iter_errors(section), key=lambda e: [str(p) for p in e.absolute_path])
     prefix = path.split(".")
-    _raise(source, [f"{key_path([*prefix, *e.absolute_path])}: {e.message}" for e in errors])
+    _raise(source, [line for e in errors for line in _schema_problems(e, prefix)])
     return section
 
 
@@ -109,8 +110,25 @@ def validate_config(
     `weights`: the models (of MODELS) whose weights must be set, as the run will load them."""
     validator = _with_defaults(Draft202012Validator)(load_schema("config"))
     errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
-    _raise(source, [f"{key_path(e.absolute_path)}: {e.message}" for e in errors])
+    _raise(source, [line for e in errors for line in _schema_problems(e, [])])
     return check_config(config, source, weights)
+
+
+def _schema_problems(error, prefix: list) -> list[str]:
+    """One line per problem of a schema error (its key path under `prefix` first); an unknown
+    key is named by its own path, with the known key it most resembles (a typo)."""
+    where = [*prefix, *error.absolute_path]
+    known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+    if error.validator != "additionalProperties" or not isinstance(error.instance, dict):
+        return [f"{key_path(where)}: {error.message}"]
+    lines = []
+    for key in sorted(set(error.instance) - set(known)):
+        line = f"{key_path([*where, key])}: unknown key"
+        close = difflib.get_close_matches(key, list(known), n=1)
+        if close:
+            line += f" (did you mean {key_path([*where, close[0]])}?)"
+        lines.append(line)
+    return lines
 
 
 def check_config(config: dict, source: str = "config", weights: Collection[str] = MODELS) -> dict:
@@ -230,6 +248,28 @@ def _weight_problems(config: dict, weights: Collection[str] = MODELS) -> list[st
             "BAAI/Emu3-VisionTokenizer or an Emu3 -hf checkpoint, set export.emu3.tokenize: false "
             "for prompts and lists only, or set export.emu3.random_weights: true for tests "
             "(tokens are noise)"
+        )
+    return problems
+
+
+def missing_weights(config: dict, weights: Collection[str] = MODELS) -> list[str]:
+    """Weights the config names that are not there (paths already absolute): one line each,
+    leading with the key, so a run stops before any job instead of at its first mask job."""
+    problems = []
+    checkpoint = config["mask"]["checkpoint"]
+    if "mask" in weights and checkpoint is not None and not Path(checkpoint).is_file():
+        problems.append(
+            f"mask.checkpoint: {checkpoint} is not a file (relative paths are relative to where "
+            "snakemake was started)"
+        )
+    emu3 = config["export"]["emu3"]
+    tokenizer = emu3["tokenizer"]
+    exported = "emu3" in weights and "emu3" in config["export"].get("formats", ["emu3"])
+    needed = exported and emu3["tokenize"] and tokenizer is not None
+    if needed and not (Path(tokenizer) / "config.json").is_file():
+        problems.append(
+            f"export.emu3.tokenizer: {tokenizer} is not a model folder with a config.json "
+            "(relative paths are relative to where snakemake was started)"
         )
     return problems
 

@@ -4,7 +4,13 @@ import re
 from snakemake.exceptions import WorkflowError
 
 from groundset.caption import Settings, uses_stand_in
-from groundset.config import ConfigError, download_options, find_source, validate_config
+from groundset.config import (
+    ConfigError,
+    download_options,
+    find_source,
+    missing_weights,
+    validate_config,
+)
 from groundset.prefilter import PrefilterRules
 from groundset.split import read_index
 import groundset.caption
@@ -34,6 +40,8 @@ config["filter"]["template"] = launch_path(config["filter"]["template"])
 config["filter"]["models_home"] = launch_path(config["filter"]["models_home"] or None)
 config["mask"]["checkpoint"] = launch_path(config["mask"]["checkpoint"])
 config["export"]["emu3"]["tokenizer"] = launch_path(config["export"]["emu3"]["tokenizer"])
+if missing_weights(config):
+    raise WorkflowError("invalid configuration:\n" + "\n".join(missing_weights(config)))
 
 SOURCES = [source["name"] for source in config["sources"]]
 
