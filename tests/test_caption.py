@@ -486,15 +486,25 @@ def test_reparse_rebuilds_outputs_from_the_journal_without_requests(tmp_path):
 def test_another_prompt_or_model_is_asked_again(tmp_path):
     images = make_images(tmp_path / "img", [(32, 32)] * 2)
     make_records(tmp_path / "in.jsonl", images)
+
+    def answers() -> list[str]:
+        """The request id of each caption written (which paid answer it came from)."""
+        return [r["caption_meta"]["request_id"] for r in iter_jsonl(tmp_path / "out.jsonl")]
+
     with StandInVLM() as server:
         settings = settings_for(server)
         run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
+        first = answers()
         run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
-        assert len(server.log) == 2
+        assert len(server.log) == 2 and answers() == first
         other = settings_for(server, prompt="Caption this.")
         assert question_id(other) != question_id(settings)
         run_chunk(tmp_path, tmp_path / "in.jsonl", other)
-        assert len(server.log) == 4
+        assert len(server.log) == 4 and not set(answers()) & set(first)
+        # and back: the first question's answers are still journaled, nothing is paid again
+        stats = run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
+        assert len(server.log) == 4 and stats["from_journal"] == 2 and stats["requested"] == 0
+        assert answers() == first
 
 
 def test_chunks_resume_when_the_layout_changes(tmp_path):

@@ -15,12 +15,16 @@ log = logging.getLogger(__name__)
 class Journal:
     """Append-only JSONL of finished requests keyed by `key` (the last entry of a key wins).
 
+    With `variant` (a field name, e.g. the question asked), the last entry of each key and
+    variant is kept too (`done_for`): switching back to an earlier question finds its answer.
     A line cut short by a kill is ignored (and counted) when the journal is read back.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, variant: str | None = None):
         self.path = Path(path)
+        self.variant = variant
         self.entries: dict[str, dict] = {}
+        self.variants: dict[tuple[str, object], dict] = {}
         self.torn_lines = 0
         if self.path.exists():
             self._load()
@@ -35,8 +39,7 @@ class Journal:
             if not line.strip():
                 continue
             try:
-                entry = json.loads(line)
-                self.entries[str(entry["key"])] = entry
+                self._keep(json.loads(line))
             except (ValueError, KeyError, TypeError):
                 self.torn_lines += 1
         if self.torn_lines:
@@ -49,12 +52,23 @@ class Journal:
             with open(self.path, "ab") as handle:  # end the torn line so appends start clean
                 handle.write(b"\n")
 
+    def _keep(self, entry: dict) -> None:
+        """Index one entry (a later entry of the same key, and variant, replaces the earlier)."""
+        key = str(entry["key"])
+        self.entries[key] = entry
+        if self.variant is not None:
+            self.variants[key, entry.get(self.variant)] = entry
+
     def __contains__(self, key: str) -> bool:
         return str(key) in self.entries
 
     def done(self, key: str) -> dict | None:
         """The journaled entry of a key, if any."""
         return self.entries.get(str(key))
+
+    def done_for(self, key: str, variant: object) -> dict | None:
+        """The journaled entry of a key for one value of the journal's variant field, if any."""
+        return self.variants.get((str(key), variant))
 
     def append(self, entries: list[dict]) -> None:
         """Append a batch of entries (each with `key`), flushed and fsynced before returning."""
@@ -64,7 +78,7 @@ class Journal:
             self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         for entry in entries:
             self._handle.write(dumps_record(entry) + "\n")
-            self.entries[str(entry["key"])] = entry
+            self._keep(entry)
         self._handle.flush()
         os.fsync(self._handle.fileno())
 

@@ -167,7 +167,7 @@ def request_pending(
             for record in records:
                 key = record_key(record)
                 if not _needs_request(
-                    journal.done(key), retry_errors, question, settings.expects_json
+                    journal.done_for(key, question), retry_errors, question, settings.expects_json
                 ):
                     counts["from_journal"] += 1
                     continue

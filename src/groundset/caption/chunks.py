@@ -22,7 +22,7 @@ from ..journal import Journal
 from ..records import record_key
 from ..split import index_manifest
 from .asking import request_pending
-from .settings import CaptionError, Settings, endpoint_for_run, uses_stand_in
+from .settings import CaptionError, Settings, endpoint_for_run, question_id, uses_stand_in
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ def caption_chunk(
     gave_up: dict[str, dict] = {}
     began = time.monotonic()
     stand_in = uses_stand_in(settings)
-    with Journal(journal_path) as journal:
+    question = question_id(settings)
+    with Journal(journal_path, variant="question") as journal:  # every question's answers
         if journal.torn_lines:
             counts["journal_torn_lines"] = journal.torn_lines
         if not reparse:
@@ -115,7 +116,9 @@ def caption_chunk(
                     reasons[dropped[key]["reason"]] += 1
                     err_out.write(dumps_record({**base, **dropped[key], "attempts": 0}) + "\n")
                     continue
-                entry = journal.done(key)
+                # the answer to this config's question; reparse (no requests) takes the last
+                # answer journaled, whatever it was asked
+                entry = journal.done_for(key, question) or (journal.done(key) if reparse else None)
                 if entry is None or key in gave_up:  # never asked, or this run's asking failed
                     failure = gave_up.get(key) or {"reason": "not requested (reparse)",
                                                    "attempts": 0}  # fmt: skip
