@@ -211,3 +211,18 @@ def test_job_files_come_from_the_rules_outputs_then_params_then_defaults():
     assert files == MaskChunkFiles(**outputs, journal="j.jsonl", store=None)
     with pytest.raises(TypeError, match="journal"):  # a field the rule lacks is an error
         job_files(MaskChunkFiles, SimpleNamespace(output=job.output, params=Namedlist()))
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o027, 0o640)])
+def test_stand_in_models_are_readable_as_the_umask_allows(tmp_path, umask, expected):
+    """save_pretrained writes safetensors 0600; the stand-ins get the plain mode."""
+    from groundset.testing.models import build_stand_in_models
+
+    old = os.umask(umask)
+    try:
+        paths = build_stand_in_models(tmp_path / "models")
+    finally:
+        os.umask(old)
+    files = [p for path in paths.values() for p in Path(path).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {expected}

@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -55,6 +56,19 @@ def _create_temp(path: Path) -> tuple[int, Path]:
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, f"no free temp file name beside {path}")
+
+
+def plain_mode_tree(folder: str | os.PathLike) -> None:
+    """Give every file under `folder` the mode a plain open() gives there (for files that other
+    libraries wrote 0600, e.g. safetensors); measured with a temp file, the umask untouched."""
+    folder = Path(folder)
+    handle, probe = _create_temp(folder / "mode")
+    os.close(handle)
+    mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.unlink()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..io import plain_mode_tree
+
 log = logging.getLogger(__name__)
 
 # Directory names: data-juicer picks the aesthetics class from substrings of the path ("v2", "linear").
@@ -105,6 +107,7 @@ def build_stand_in_models(root: str | os.PathLike, seed: int = 0) -> dict[str, s
     for name, path in paths.items():
         if not (path / "config.json").exists():
             builders[name](path)
+            plain_mode_tree(path)  # safetensors writes 0600: readable as the umask allows
             log.warning(
                 "built a RANDOM stand-in %s model at %s: scores are meaningless", name, path
             )
