@@ -2,7 +2,7 @@
 
 Each case lays down a finished upstream (URL list, download and manifest stats, a manifest of
 N × 10 records) and its shard index (groundset's own index_manifest, shard_size 10), so the
-dry-run plans every per-shard job (one filter_shard job per shard) and what follows. Targets:
+dry-run plans every per-shard job (a score_shard and a select_shard job per shard) and what follows. Targets:
 < 5 s for 118 shards, < 60 s for 10,000. On a shared machine the time varies by ±15 % from run
 to run: `--repeat N` prints the fastest and the median of N runs.
 

@@ -1,15 +1,18 @@
-"""Filter stage throughput: the seed's data-juicer recipe vs groundset's, on generated JPEGs.
+"""Filter stage throughput: the seed's data-juicer recipe as is vs groundset's score + select.
 
-N photo-like JPEGs of 1024-2048 px (a few below 1024 and off-aspect so every filter works) go
-through (a) the seed's recipe as is: data-juicer's five filters, each decoding every image it
-sees; (b) groundset's: the probe (one reduced-size decode that also validates the file, sizes
-from the header) then the same five data-juicer filters, whose shape and aspect checks now
-need no decode. Both use the tiny stand-in models, so image decoding dominates, which is what
-the change targets; with real-size models on CPU the models dominate instead (see the note at
-the end). Prints images/s of the processing (data-juicer's own per-op times plus the probe)
-and of the whole job including data-juicer's start-up, for np = 1 and 2, and the ratio.
+The same generated photo-like JPEGs (1024-2048 px) and the same random-weight models go through
+(a) the seed's way: its five-filter recipe (header sizes off) run by stock data-juicer, every
+op decoding every image it sees, one sample at a time; (b) groundset's: `groundset score` (the
+probe, then data-juicer runs groundset's op: one decode per image at reduced size, batched
+models, bf16 where the hardware has it) and `groundset select` (the thresholds). Thresholds are
+open so that both paths run every model on every image (the same work). Each path is one job,
+start-up included, as a shard job runs. Also reported: how far the fast scores are from stock
+data-juicer's, and how many keep/drop decisions flip with thresholds at the scores' quantiles.
 
-Run: `python bench/bench_filter.py [--images 120]`.
+    python bench/bench_filter.py [--models tiny|real-size] [--np 2] [--device cpu|cuda]
+                                 [--images 120] [--precision auto] [--decode draft]
+
+Ends with the line `speedup: N.NN` (groundset images/s ÷ the seed's).
 """
 
 from __future__ import annotations
@@ -27,19 +30,17 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+SCORES = ("image_nsfw_score", "image_watermark_prob", "image_aesthetics_scores")
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def make_images(folder: Path, count: int) -> list[Path]:
-    """Photo-like JPEGs (smooth noise, ~2-3 bits/px) of 1024-2048 px, some too small or too wide."""
+    """Photo-like JPEGs (smooth noise, ~2-3 bits/px) of 1024-2048 px on each side."""
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
     paths = []
     for i in range(count):
         w, h = int(rng.integers(1024, 2049)), int(rng.integers(1024, 2049))
-        if i % 10 == 0:
-            w = 900  # fails the shape filter
-        elif i % 10 == 1:
-            w, h = 2048, 1000 if w > 0 else h  # fails shape (h < 1024)
         small = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
         img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
         noise = rng.normal(0, 6, (h, w, 3))
@@ -50,150 +51,154 @@ def make_images(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def run(cmd: list[str]) -> float:
+def run(cmd: list[str], env: dict | None = None) -> float:
     """Wall seconds of a command (its output is discarded unless it fails)."""
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
 
 
-def run_variant(
-    tmp: Path, groundset: list[str], shard: Path, variant: str, np_: int, tag: str
-) -> dict:
-    """One filter job (probe + dj-config + filter for groundset; dj-config + filter for the seed)."""
-    cfg = tmp / f"{variant}{np_}.yaml"
-    cfg.write_text(
-        json.dumps(
-            {
-                "sources": [{"name": "b", "url_list": "x"}],
-                "filter": {
-                    "np": np_,
-                    "stand_in_models": True,
-                    "header_sizes": variant == "groundset",
-                    "template": str(ROOT / "config" / "data_juicer_filter.yaml"),
-                    "nsfw": {"max_score": 0.5},
-                    "watermark": {"max_prob": 0.9},
-                    "aesthetics": {"min_score": 0, "max_score": 10},
-                },
-                # the filter loads no SAM2 or Emu3 weights; the config must still opt in
-                "mask": {"random_weights": True},
-                "export": {"emu3": {"random_weights": True}},
-            }
-        )
-    )
-    work = tmp / f"run_{variant}{np_}_{tag}"
-    work.mkdir()
-    dataset, probe_seconds = shard, 0.0
-    if variant == "groundset":
-        dataset = work / "probed.jsonl"
-        probe_seconds = run(
-            [
-                *groundset,
-                "probe",
-                "--config",
-                str(cfg),
-                "--input",
-                str(shard),
-                "--output",
-                str(dataset),
-                "--threads",
-                str(np_),
-            ]
-        )
-    run(
-        [
-            *groundset,
-            "dj-config",
-            "--config",
-            str(cfg),
-            "--input",
-            str(dataset),
-            "--output",
-            str(work / "recipe.yaml"),
-            "--models-dir",
-            str(tmp / "models"),
-        ]
-    )
-    job = (
-        run(
-            [
-                *groundset,
-                "filter",
-                "--config",
-                str(cfg),
-                "--recipe",
-                str(work / "recipe.yaml"),
-                "--output",
-                str(work / "out.jsonl"),
-            ]
-        )
-        + probe_seconds
-    )
-    stats = json.loads((work / "out_stats.json").read_text())
-    return {
-        "job": job,
-        "processing": sum(stats["seconds_by_filter"].values()) + probe_seconds,
-        "ops": stats["seconds_by_filter"],
-        "probe": probe_seconds,
+def write_config(path: Path, args: argparse.Namespace, models: dict, header_sizes: bool) -> Path:
+    """A groundset config with open thresholds and the benchmark's models and settings."""
+    open_bounds = {
+        "image_shape": {"min_width": 0, "min_height": 0},
+        "aspect_ratio": {"min_ratio": 0.01, "max_ratio": 100},
+        "nsfw": {"model": models["nsfw"], "max_score": 1.0},
+        "watermark": {"model": models["watermark"], "max_prob": 1.0},
+        "aesthetics": {"model": models["aesthetics"], "min_score": -1000, "max_score": 1000},
     }
+    config = {
+        "sources": [{"name": "b", "url_list": "x"}],
+        "filter": {
+            "np": args.np,
+            "template": str(ROOT / "config" / "data_juicer_filter.yaml"),
+            "header_sizes": header_sizes,
+            "precision": args.precision,
+            "decode": args.decode,
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "aesthetics_tiers": [-1000, -1000],
+            **open_bounds,
+        },
+        # the filter loads no SAM2 or Emu3 weights; the config must still opt in
+        "mask": {"random_weights": True},
+        "export": {"emu3": {"random_weights": True}},
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+def scores_of(path: Path) -> dict[str, dict[str, float]]:
+    """image_id -> {score: value} from a JSONL with __dj__stats__."""
+    out = {}
+    with open(path) as handle:
+        for line in handle:
+            record = json.loads(line)
+            stats = record["__dj__stats__"]
+            out[record["image_id"]] = {key: float(stats[key][0]) for key in SCORES}
+    return out
+
+
+def deviation(stock: dict, fast: dict) -> dict[str, dict]:
+    """Per score: max and mean absolute difference, and the worst share of flipped decisions
+    with a threshold at each quantile of stock's scores."""
+    ids = sorted(stock)
+    report = {}
+    for key in SCORES:
+        a = np.array([stock[i][key] for i in ids])
+        b = np.array([fast[i][key] for i in ids])
+        flips = [float(np.mean((a <= t) != (b <= t))) for t in np.quantile(a, QUANTILES)]
+        report[key] = {
+            "max_abs": float(np.max(np.abs(a - b))),
+            "mean_abs": float(np.mean(np.abs(a - b))),
+            "spread": float(np.std(a)),
+            "flipped": max(flips),
+        }
+    return report
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--images", type=int, default=160, help="the larger shard; the smaller is a quarter"
-    )
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", choices=["tiny", "real-size"], default="tiny")
+    parser.add_argument("--np", type=int, default=2, help="the seed's processes, our threads")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--images", type=int, default=120)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--decode", default="draft", choices=["draft", "full"])
     args = parser.parse_args()
-    groundset = [str(Path(sys.executable).with_name("groundset"))]
+    groundset = str(Path(sys.executable).with_name("groundset"))
+    env = {**os.environ}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = (
+            ""  # stock data-juicer's model ops take a GPU when they see one
+        )
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
         paths = make_images(tmp / "img", args.images)
-        sizes = {"small": args.images // 4, "large": args.images}
-        shards = {}
-        for tag, count in sizes.items():
-            shards[tag] = tmp / f"shard_{tag}.jsonl"
-            shards[tag].write_text(
-                "".join(
-                    json.dumps({"image": [str(p)], "text": "", "image_id": p.stem}) + "\n"
-                    for p in paths[:count]
-                )
+        shard = tmp / "shard.jsonl"
+        shard.write_text(
+            "".join(
+                json.dumps({"image": [str(p)], "text": "", "image_id": p.stem}) + "\n"
+                for p in paths
             )
+        )
+        from groundset.testing.models import build_stand_in_models
+
+        started = time.perf_counter()
+        models = build_stand_in_models(tmp / "models", size=args.models)
+        built = time.perf_counter() - started
         mb = sum(p.stat().st_size for p in paths) / 2**20
         print(
-            f"{args.images} JPEGs ({mb:.0f} MiB, 1024-2048 px), tiny stand-in models, 2-core machine."
+            f"{args.images} JPEGs ({mb:.0f} MiB, 1024-2048 px), {args.models} models with random "
+            f"weights (built in {built:.0f} s), device {args.device}, np {args.np}, "
+            f"{os.cpu_count()} cores"
         )
+
+        # (a) the seed's way: its recipe (thresholds open), stock data-juicer
+        seed_cfg = write_config(tmp / "seed.yaml", args, models, header_sizes=False)
+        seed_dir = tmp / "seed"
+        seed_dir.mkdir()
+        recipe = seed_dir / "recipe.yaml"
+        seed_s = run([groundset, "dj-config", "--config", str(seed_cfg), "--input", str(shard),
+                      "--output", str(recipe)], env)  # fmt: skip
+        seed_s += run([groundset, "filter", "--config", str(seed_cfg), "--recipe", str(recipe),
+                       "--output", str(seed_dir / "out.jsonl")], env)  # fmt: skip
+        seed_ops = json.loads((seed_dir / "out_stats.json").read_text())["seconds_by_filter"]
+
+        # (b) groundset: score (probe + one data-juicer op) then select
+        ours_cfg = write_config(tmp / "ours.yaml", args, models, header_sizes=True)
+        ours = tmp / "ours"
+        ours.mkdir()
+        score_s = run([groundset, "score", "--config", str(ours_cfg), "--input", str(shard),
+                       "--output", str(ours / "scored.jsonl"), "--threads", str(args.np)], env)  # fmt: skip
+        select_s = run([groundset, "select", "--config", str(ours_cfg), "--input",
+                        str(ours / "scored.jsonl"), "--output", str(ours / "kept.jsonl")], env)  # fmt: skip
+        score_stats = json.loads((ours / "scored_stats.json").read_text())
+        kept = len((ours / "kept.jsonl").read_text().splitlines())
+        assert kept == args.images, f"open thresholds kept {kept} of {args.images}"
+
+        ours_s = score_s + select_s
+        seed_rate, ours_rate = args.images / seed_s, args.images / ours_s
+        print(f"{'path':<44}{'job s':>8}{'img/s':>9}")
+        print(f"{'seed recipe, stock data-juicer':<44}{seed_s:>8.1f}{seed_rate:>9.2f}")
+        print(f"    per-op seconds: {json.dumps({k: round(v, 1) for k, v in seed_ops.items()})}")
+        label = f"groundset score+select ({score_stats['precision']}, {score_stats['decode']})"
+        print(f"{label:<44}{ours_s:>8.1f}{ours_rate:>9.2f}")
         print(
-            "marginal img/s = extra images / extra processing seconds between a shard of "
-            f"{sizes['small']} and one of {sizes['large']} (removes data-juicer's fixed per-op costs)"
+            f"    score {score_s:.1f} s (data-juicer op {score_stats['seconds']:.1f} s, "
+            f"{score_stats['images_per_second']} img/s inside), select {select_s:.1f} s"
         )
-        print(
-            f"{'variant':<12}{'np':>3}{'marginal img/s':>16}{'job s (large)':>15}{'job img/s':>11}"
-        )
-        marginal = {}
-        for np_ in (1, 2):
-            for variant in ("seed", "groundset"):
-                small = run_variant(tmp, groundset, shards["small"], variant, np_, "small")
-                large = run_variant(tmp, groundset, shards["large"], variant, np_, "large")
-                extra = sizes["large"] - sizes["small"]
-                marginal[(variant, np_)] = extra / max(
-                    large["processing"] - small["processing"], 1e-9
-                )
-                print(
-                    f"{variant:<12}{np_:>3}{marginal[(variant, np_)]:>16.1f}{large['job']:>15.1f}"
-                    f"{args.images / large['job']:>11.1f}"
-                )
-                print(
-                    f"    per-op seconds (large): {json.dumps(large['ops'])}, probe {large['probe']:.1f}"
-                )
+        report = deviation(scores_of(seed_dir / "out.jsonl"), scores_of(ours / "scored.jsonl"))
+        print("scores against stock data-juicer (thresholds at its 10/25/50/75/90 % quantiles):")
+        for key, row in report.items():
             print(
-                f"  groundset / seed at np={np_}: {marginal[('groundset', np_)] / marginal[('seed', np_)]:.2f}x"
+                f"    {key:<24} max |d| {row['max_abs']:.2e}  mean |d| {row['mean_abs']:.2e}  "
+                f"(spread {row['spread']:.2e})  decisions flipped {100 * row['flipped']:.2f} %"
             )
-        print(
-            "Real-size models on CPU (DEPENDENCIES.md): ViT-B/16 0.21 s/img each for NSFW and watermark,"
-            " CLIP ViT-L/14 1.04 s/img for aesthetics: on CPU the models, not decoding, set the pace."
-        )
+        print(f"speedup: {ours_rate / seed_rate:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Filter stage: image probing, recipe templating, and the real data-juicer on a mixed shard."""
+"""Filter stage: probing, scoring through data-juicer (exact and fast), selecting as data-juicer does."""
 
 from __future__ import annotations
 
 import io
 import json
-import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,26 +13,25 @@ import yaml
 from PIL import Image
 
 from conftest import RANDOM_WEIGHTS, ROOT, SAMPLE
+from groundset import score, scoring
 from groundset.config import validate_config
 from groundset.filter import (
-    OTHER_KEYS,
-    OUTPUT_KEYS,
-    TUNING_KEYS,
-    ShardFiles,
+    OPS,
+    SELECT_KEYS,
     aesthetics_divisor,
     fill_template,
     filter_shard,
     make_dj_config,
-    output_settings,
     per_filter_removed,
     probe_image,
     probe_shard,
-    process_shard,
     resolve_models,
-    with_tuning,
+    select_settings,
 )
 from groundset.io import iter_jsonl, write_jsonl
 from groundset.merge import merge_tiers
+from groundset.score import ScoreFiles
+from groundset.select import SelectFiles, rules_from_recipe, select_shard, selection_rules, verdict
 from groundset.split import index_manifest
 
 PHOTOS = SAMPLE / "www" / "img"
@@ -243,7 +242,8 @@ def reference_scores(paths, models):
     return scores
 
 
-def test_real_data_juicer_keeps_exactly_the_expected_records(tmp_path, stand_ins):
+def sample_shard(tmp_path):
+    """The sample's photos (real and generated) plus every kind of broken file, probed."""
     photos = sorted(
         p
         for p in PHOTOS.iterdir()
@@ -274,8 +274,36 @@ def test_real_data_juicer_keeps_exactly_the_expected_records(tmp_path, stand_ins
         tmp_path / "shard.jsonl", tmp_path / "probed.jsonl", tmp_path / "dropped.jsonl", 2
     )
     assert probe["dropped"] == {"empty_file": 1, "not_an_image": 2, "truncated": 1}
+    return probe
 
-    # Reference: sizes from the files, scores from the same models run here; thresholds at medians.
+
+def score_files(folder: Path, probed: Path) -> ScoreFiles:
+    """A score job's files under `folder`, reading an already probed shard."""
+    return ScoreFiles(
+        shard="",
+        probed=str(probed),
+        dropped="",
+        recipe=str(folder / "recipe.yaml"),
+        scored=str(folder / "scored.jsonl"),
+        stats=str(folder / "score_stats.json"),
+        work=str(folder / "work"),
+    )
+
+
+def select_files(folder: Path) -> SelectFiles:
+    """A select job's files under `folder` (after `score_files`)."""
+    return SelectFiles(
+        scored=str(folder / "scored.jsonl"),
+        score_stats=str(folder / "score_stats.json"),
+        kept=str(folder / "kept.jsonl"),
+        rejected=str(folder / "rejected.jsonl"),
+        stats=str(folder / "stats.json"),
+    )
+
+
+def test_exact_scores_and_selection_equal_stock_data_juicer(tmp_path, stand_ins):
+    """Exact mode (fp32, full decode) + select == the seed's recipe run by stock data-juicer."""
+    probe = sample_shard(tmp_path)
     usable = list(iter_jsonl(tmp_path / "probed.jsonl"))
     sizes = [Image.open(r["image"][0]).size for r in usable]
     ref = reference_scores([r["image"][0] for r in usable], stand_ins)
@@ -288,6 +316,8 @@ def test_real_data_juicer_keeps_exactly_the_expected_records(tmp_path, stand_ins
             "sources": [{"name": "s", "url_list": "x"}],
             "filter": {
                 "np": 1,
+                "precision": "fp32",
+                "decode": "full",
                 "nsfw": {"max_score": nsfw_max},
                 "watermark": {"max_prob": 0.6},
                 "aesthetics": {"min_score": 5.0, "max_score": 8.0},
@@ -296,16 +326,8 @@ def test_real_data_juicer_keeps_exactly_the_expected_records(tmp_path, stand_ins
         }
     )
     fcfg = config["filter"]
-    expected_removed = {
-        op: 0
-        for op in (
-            "image_shape_filter",
-            "image_aspect_ratio_filter",
-            "image_nsfw_filter",
-            "image_watermark_filter",
-            "image_aesthetics_filter",
-        )
-    }
+    # An independent expectation: sizes from the files, scores from the models run here.
+    expected_removed = dict.fromkeys(OPS, 0)
     kept = []
     for i, (w, h) in enumerate(sizes):
         if not (w >= 1024 and h >= 1024):
@@ -326,6 +348,7 @@ def test_real_data_juicer_keeps_exactly_the_expected_records(tmp_path, stand_ins
     ), expected_removed
     assert kept
 
+    # The seed's way: the template filled with the thresholds, run by stock data-juicer.
     recipe = tmp_path / "recipe.yaml"
     make_dj_config(
         ROOT / "config" / "data_juicer_filter.yaml",
@@ -340,45 +363,199 @@ def test_real_data_juicer_keeps_exactly_the_expected_records(tmp_path, stand_ins
     # leftovers of a killed run are cleared first
     (tmp_path / "work" / "export").mkdir(parents=True)
     (tmp_path / "work" / "export" / "x.jsonl").write_text('{"image": ["stale"]}\n')
-    stats = filter_shard(
+    stock = filter_shard(
         recipe, tmp_path / "filtered.jsonl", tmp_path / "stats.json", probe_stats=probe
     )
-    out = list(iter_jsonl(tmp_path / "filtered.jsonl"))
-    assert [r["image_id"] for r in out] == [usable[i]["image_id"] for i in kept]
-    assert stats["removed_by_filter"] == expected_removed
-    assert stats["records_in"] == len(usable) and stats["records_out"] == len(kept)
-    assert stats["aesthetics_score_divisor"] == 10.0 and stats["probe"] == probe
+    stock_kept = list(iter_jsonl(tmp_path / "filtered.jsonl"))
+    assert [r["image_id"] for r in stock_kept] == [usable[i]["image_id"] for i in kept]
+    assert stock["removed_by_filter"] == expected_removed
     assert not (tmp_path / "work").exists()
-    for record, i in zip(out, kept, strict=True):
+
+    # groundset: score every record once (exact mode), then select with the same thresholds.
+    out = tmp_path / "groundset"
+    files = score_files(out, tmp_path / "probed.jsonl")
+    settings = score.with_tuning(score.score_settings(fcfg), fcfg)
+    scored_stats = score.score_probed(
+        files,
+        template=ROOT / "config" / "data_juicer_filter.yaml",
+        name="t",
+        settings=settings,
+        models=stand_ins,
+        threads=2,
+        probe=probe,
+    )
+    assert scored_stats["records_scored"] == len(usable) and scored_stats["probe"] == probe
+    assert (scored_stats["precision"], scored_stats["decode"]) == ("fp32", "full")
+    assert list(Path(files.work).iterdir()) == []
+    recipe = yaml.safe_load(Path(files.recipe).read_text())
+    assert [next(iter(e)) for e in recipe["process"]] == ["groundset_image_scores_filter"]
+    scored = list(iter_jsonl(files.scored))
+    assert [r["image_id"] for r in scored] == [r["image_id"] for r in usable]  # none removed
+    for i, record in enumerate(scored):
         s = record["__dj__stats__"]
-        assert sorted(s) == [
-            "aspect_ratios",
-            "image_aesthetics_scores",
-            "image_height",
-            "image_nsfw_score",
-            "image_watermark_prob",
-            "image_width",
-        ]
+        assert sorted(s) == sorted(scoring.STATS_KEYS)
         assert (s["image_width"], s["image_height"]) == ([sizes[i][0]], [sizes[i][1]])
-        assert s["image_aesthetics_scores"][0] == pytest.approx(
-            ref["aesthetics"][i], rel=1e-4
-        )  # 0-10 scale
-        assert s["image_nsfw_score"][0] == pytest.approx(ref["nsfw"][i], rel=1e-3, abs=1e-7)
+        assert s["image_nsfw_score"][0] == pytest.approx(ref["nsfw"][i], abs=1e-5)
+        assert s["image_watermark_prob"][0] == pytest.approx(ref["watermark"][i], abs=1e-5)
+        assert s["image_aesthetics_scores"][0] == pytest.approx(ref["aesthetics"][i], abs=1e-5)
+    stock_stats = {r["image_id"]: r["__dj__stats__"] for r in stock_kept}
+    for record in scored:
+        if record["image_id"] in stock_stats:  # stock's kept records, scores on 0-10 both
+            for key, value in stock_stats[record["image_id"]].items():
+                assert record["__dj__stats__"][key] == pytest.approx(value, abs=1e-5), key
+
+    stats = select_shard(
+        select_files(out), selection_rules(ROOT / "config" / "data_juicer_filter.yaml", fcfg)
+    )
+    assert [r["image_id"] for r in iter_jsonl(out / "kept.jsonl")] == [
+        r["image_id"] for r in stock_kept
+    ]
+    assert stats["removed_by_filter"] == stock["removed_by_filter"]
+    assert stats["records_in"] == stock["records_in"] and stats["probe"] == probe
+    rejected = list(iter_jsonl(out / "rejected.jsonl"))
+    assert len(rejected) == sum(expected_removed.values())
+    by_op = Counter(r["drop_reason"].split(":")[0] for r in rejected)
+    assert by_op == {op: n for op, n in expected_removed.items() if n}
+    assert all(r["drop_stage"] == "filter" and "__dj__stats__" in r for r in rejected)
+    reasons = {r["image_id"]: r["drop_reason"] for r in rejected}
+    for i, (w, _) in enumerate(sizes):
+        if w < 1024:
+            assert reasons[usable[i]["image_id"]] == f"image_shape_filter: width {w} < 1024"
+    nsfw = [r for r in rejected if r["drop_reason"].startswith("image_nsfw_filter")]
+    assert nsfw and all(
+        r["drop_reason"]
+        == f"image_nsfw_filter: {r['__dj__stats__']['image_nsfw_score'][0]:.6g} > {nsfw_max:.6g}"
+        for r in nsfw
+    )
+
+    # Fast mode (draft decode, bf16 where the CPU has it) stays close to the exact scores.
+    fast = tmp_path / "fast"
+    fast_cfg = {**fcfg, "precision": "auto", "decode": "draft"}
+    score.score_probed(
+        score_files(fast, tmp_path / "probed.jsonl"),
+        template=ROOT / "config" / "data_juicer_filter.yaml",
+        name="t",
+        settings=score.with_tuning(score.score_settings(fast_cfg), fast_cfg),
+        models=stand_ins,
+        threads=2,
+    )
+    for exact, quick in zip(scored, iter_jsonl(fast / "scored.jsonl"), strict=True):
+        a, b = exact["__dj__stats__"], quick["__dj__stats__"]
+        assert (a["image_width"], a["image_height"]) == (b["image_width"], b["image_height"])
+        for key, tolerance in (
+            ("image_nsfw_score", 0.05),
+            ("image_watermark_prob", 0.1),
+            ("image_aesthetics_scores", 0.5),
+        ):
+            assert abs(a[key][0] - b[key][0]) <= tolerance, (exact["image_id"], key)
 
     # Tiers by score; changing a tier only re-reads the stored scores.
     scores = {usable[i]["image_id"]: ref["aesthetics"][i] for i in kept}
     tier = float(np.median(list(scores.values())))
-    merge = merge_tiers([tmp_path / "filtered.jsonl"], tiers(tmp_path / "merged"), [5.0, tier])
+    merge = merge_tiers([out / "kept.jsonl"], tiers(tmp_path / "merged"), [5.0, tier])
     low = [r["image_id"] for r in iter_jsonl(tmp_path / "merged" / "merged_output.jsonl")]
     high = [r["image_id"] for r in iter_jsonl(tmp_path / "merged" / "aes_6.jsonl")]
     assert low == [usable[i]["image_id"] for i in kept]
     assert high == [k for k in low if scores[k] >= tier] and 0 < len(high) < len(low) + 1
     assert merge["records"] == {"merged_output.jsonl": len(low), "aes_6.jsonl": len(high)}
-    shutil.rmtree(tmp_path / "merged")
 
 
-def test_process_shard_leaves_every_step_of_one_shard(tmp_path, stand_ins):
-    """One job per shard: the slice, probe, recipe and data-juicer output all land, and agree."""
+def _stock_keeps(op, stats: dict) -> bool:
+    """Whether data-juicer's own op keeps a record with these stats."""
+    if op.is_batched_op():
+        return bool(next(iter(op.process_batched({"__dj__stats__": [stats]}))))
+    return bool(op.process_single({"__dj__stats__": stats}))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_select_applies_bounds_exactly_as_data_juicer(seed):
+    """Random stats at and around the bounds, one to three images, any/all, open and reversed
+    ranges: select keeps exactly what data-juicer's own ops keep, and names the first failure."""
+    from data_juicer.ops import load_ops  # models load lazily: none is loaded here
+
+    rng = np.random.default_rng(seed)
+    process = [
+        {"image_shape_filter": {"min_width": 1024, "min_height": 1000, "max_height": 3000}},
+        {"image_aspect_ratio_filter": {"min_ratio": 0.5, "max_ratio": 2.0, "any_or_all": "all"}},
+        {"image_nsfw_filter": {"hf_nsfw_model": "/n", "max_score": 0.0006}},
+        {"image_watermark_filter": {"hf_watermark_model": "/w", "prob_threshold": 0.8}},
+        {
+            "image_aesthetics_filter": {
+                "hf_scorer_model": "/a/aesthetics-predictor-v2-linear",
+                "min_score": 0.5,
+                "max_score": 0.9,
+                "any_or_all": "all" if seed else "any",
+                "max_closed_interval": False,
+            }
+        },
+    ]
+    if seed:
+        process[2]["image_nsfw_filter"]["reversed_range"] = True
+    rules = rules_from_recipe({"process": process})
+    ops = load_ops(process)
+    outcomes = Counter()
+    for _ in range(3000):
+        n = int(rng.integers(1, 4))
+        stats = {
+            "image_width": rng.choice([1023, 1024, 1025, 2048], n).tolist(),
+            "image_height": rng.choice([999, 1000, 1024, 3000, 3001], n).tolist(),
+            "aspect_ratios": rng.choice([0.4999, 0.5, 1.0, 2.0, 2.0001], n).tolist(),
+            "image_nsfw_score": rng.choice([0.0, 0.0005, 0.0006, 0.0007], n).tolist(),
+            "image_watermark_prob": rng.choice([0.1, 0.8, 0.80001], n).tolist(),
+            # stored on LAION's 0-10 scale; data-juicer compares score / 10 with 0.5-0.9
+            "image_aesthetics_scores": rng.choice([4.99, 5.0, 6.0, 9.0, 9.01], n).tolist(),
+        }
+        dj_stats = {
+            **stats,
+            "image_aesthetics_scores": [v / 10 for v in stats["image_aesthetics_scores"]],
+        }
+        expected = next((op._name for op in ops if not _stock_keeps(op, dj_stats)), None)
+        op_name, reason = verdict({"__dj__stats__": stats}, rules)
+        assert op_name == expected, (stats, reason)
+        assert reason is None if expected is None else reason.startswith(f"{expected}: ")
+        outcomes[op_name] += 1
+    assert len(outcomes) == 6 and min(outcomes.values()) > 30, outcomes  # every branch exercised
+
+
+def test_select_drops_what_scoring_could_not_decode_and_handles_empty_shards(tmp_path):
+    rules = selection_rules(
+        ROOT / "config" / "data_juicer_filter.yaml",
+        validate_config({"sources": [{"name": "s", "url_list": "x"}], **RANDOM_WEIGHTS})["filter"],
+    )
+    good = {
+        "image_width": [1500],
+        "image_height": [1200],
+        "aspect_ratios": [1.25],
+        "image_nsfw_score": [0.0001],
+        "image_watermark_prob": [0.1],
+        "image_aesthetics_scores": [6.1],
+    }
+    changed = {**good, scoring.SCORE_ERRORS: ["OSError: image file is truncated"]}
+    write_jsonl(
+        tmp_path / "scored.jsonl",
+        [
+            {"image": ["/a.jpg"], "image_id": "a", "__dj__stats__": good},
+            {"image": ["/b.jpg"], "image_id": "b", "__dj__stats__": changed},
+        ],
+    )
+    stats = select_shard(select_files(tmp_path), rules)
+    assert [r["image_id"] for r in iter_jsonl(tmp_path / "kept.jsonl")] == ["a"]
+    (bad,) = iter_jsonl(tmp_path / "rejected.jsonl")
+    assert bad["drop_reason"] == "score_error: OSError: image file is truncated"
+    assert stats["removed_by_filter"]["score_error"] == 1
+    assert stats["records_in"] - sum(stats["removed_by_filter"].values()) == stats["records_out"]
+    # zero records is a normal outcome
+    (tmp_path / "scored.jsonl").write_text("")
+    stats = select_shard(select_files(tmp_path), rules)
+    assert (stats["records_in"], stats["records_out"]) == (0, 0)
+    assert set(stats["removed_by_filter"].values()) == {0}
+    assert (tmp_path / "kept.jsonl").read_text() == (tmp_path / "rejected.jsonl").read_text() == ""
+    with pytest.raises(ValueError, match="recipe template op 'image_text_similarity_filter'"):
+        rules_from_recipe({"process": [{"image_text_similarity_filter": {}}]})
+
+
+def test_score_shard_leaves_every_step_of_one_shard(tmp_path, stand_ins):
+    """One job per shard: the slice, probe, recipe and scores all land, and agree."""
     folder = bad_files(tmp_path / "img")
     photo = sorted(PHOTOS.iterdir())[0]
     images = [photo, folder / "corrupt.jpg", folder / "cmyk.jpg", folder / "empty.jpg"]
@@ -393,46 +570,46 @@ def test_process_shard_leaves_every_step_of_one_shard(tmp_path, stand_ins):
     )["filter"]
     out = tmp_path / "out"
     names = {"recipe": "recipe.yaml", "stats": "stats.json", "work": "work"}
-    files = ShardFiles(
-        **{n: str(out / names.get(n, f"{n}.jsonl")) for n in ShardFiles.__dataclass_fields__}
+    files = ScoreFiles(
+        **{n: str(out / names.get(n, f"{n}.jsonl")) for n in ScoreFiles.__dataclass_fields__}
     )
     stats = {}
     for shard in (1, 2):
-        stats[shard] = process_shard(
+        stats[shard] = score.score_shard(
             index,
             shard,
             files,
             template=ROOT / "config" / "data_juicer_filter.yaml",
             name=f"t_shard_{shard}",
-            filter_cfg=fcfg,
+            settings=score.with_tuning(score.score_settings(fcfg), fcfg),
             models=stand_ins,
         )
         assert json.loads(Path(files.stats).read_text()) == stats[shard]
         assert list(iter_jsonl(files.shard)) == [records[shard]]
         recipe = yaml.safe_load(Path(files.recipe).read_text())
         assert recipe["dataset_path"] == str(Path(files.probed).resolve())
-        assert recipe["project_name"] == f"groundset_filter_t_shard_{shard}"
+        assert recipe["project_name"] == f"groundset_score_t_shard_{shard}"
         assert recipe["work_dir"] == str(Path(files.work).resolve())
+        assert recipe["custom_operator_paths"] == [scoring.dj_ops_path()]
         # data-juicer's work folder is left empty: the workflow's temp() output, Snakemake removes it
         assert list(Path(files.work).iterdir()) == []
         if shard == 1:
             (probed,) = iter_jsonl(files.probed)
             assert probed["__dj__stats__"]["image_width"] == [Image.open(photo).size[0]]
-    # shard 1: a photo, probed with its header size, then judged by data-juicer
+            (scored,) = iter_jsonl(files.scored)
+            assert sorted(scored["__dj__stats__"]) == sorted(scoring.STATS_KEYS)
+    # shard 1: a photo, probed with its header size, then scored
     assert stats[1]["probe"] == {"records_in": 1, "records_out": 1, "dropped": {}}
-    assert (
-        stats[1]["records_in"] == 1
-        and sum(stats[1]["removed_by_filter"].values()) + stats[1]["records_out"] == 1
-    )
+    assert stats[1]["records_scored"] == 1
     # shard 2: an undecodable file, dropped by the probe with its reason; data-juicer sees nothing
     assert stats[2]["probe"] == {"records_in": 1, "records_out": 0, "dropped": {"not_an_image": 1}}
-    assert stats[2]["records_in"] == stats[2]["records_out"] == 0
+    assert stats[2]["records_scored"] == 0
     (dropped,) = iter_jsonl(files.dropped)
     assert dropped["image_id"] == "0002" and dropped["drop_reason"].startswith("not_an_image:")
-    assert Path(files.kept).read_text() == ""
+    assert Path(files.scored).read_text() == ""
 
 
-def test_the_params_are_the_output_keys_and_the_knobs_come_from_the_config():
+def test_score_params_hold_no_threshold_and_select_params_no_model_setting():
     section = validate_config({"sources": [{"name": "s", "url_list": "x"}], **RANDOM_WEIGHTS})[
         "filter"
     ]
@@ -441,16 +618,24 @@ def test_the_params_are_the_output_keys_and_the_knobs_come_from_the_config():
         for key, value in section.items()
         for sub in (value if isinstance(value, dict) else [None])
     }
-    named = set(OUTPUT_KEYS) | set(TUNING_KEYS) | set(OTHER_KEYS)
+    groups = {
+        "score": set(score.SCORE_KEYS),
+        "tuning": set(score.SCORE_TUNING_KEYS)
+        | {"gpus", "nsfw.mem_required", "watermark.mem_required", "aesthetics.mem_required"},
+        "select": set(SELECT_KEYS),
+        "other": {"template", "aesthetics_tiers"},
+    }
+    named = set().union(*groups.values())
     covered = {leaf for leaf in leaves if leaf in named or leaf.split(".")[0] in named}
-    assert covered == leaves  # every key is an output key, a knob, or the template/merge's
-    assert not set(OUTPUT_KEYS) & set(TUNING_KEYS)
-    params = output_settings(section)
-    assert "np" not in params and "mem_required" not in params["nsfw"]
-    assert params["nsfw"] == {"model": section["nsfw"]["model"], "max_score": 0.0006}
-    assert with_tuning(params, section) == {
-        k: v for k, v in section.items() if k not in OTHER_KEYS
-    }  # the job's settings: its params and the config's knobs
+    assert covered == leaves  # every key changes scores, selection, or nothing the job writes
+    # only the aesthetics model is both: select needs its scale (data-juicer's 0-1 or 0-10)
+    assert groups["score"] & groups["select"] == {"aesthetics.model"}
+    assert not groups["score"] & groups["tuning"] and not groups["select"] & groups["tuning"]
+    params = score.score_settings(section)
+    assert "np" not in params and "max_score" not in params["nsfw"]
+    assert params["nsfw"] == {"model": section["nsfw"]["model"]}
+    thresholds = select_settings(section)
+    assert thresholds["nsfw"] == {"max_score": 0.0006} and "precision" not in thresholds
 
 
 def test_merge_refuses_duplicate_inputs_and_counts_unscored(tmp_path):

@@ -113,7 +113,7 @@ def normalized(path: Path, workdir: Path) -> list:
 
 
 def wait_for_running_filter_job(cluster, run: Run, timeout: float = 600) -> tuple[str, str]:
-    """(job id, comment) of the first filter_shard job SLURM runs, once its step has started."""
+    """(job id, comment) of the first score_shard job SLURM runs, once its step has started."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert run.running(), run.log.read_text()
@@ -123,12 +123,12 @@ def wait_for_running_filter_job(cluster, run: Run, timeout: float = 600) -> tupl
                 job, state, comment = line.split("|")
                 if (
                     state == "RUNNING"
-                    and comment.startswith("rule_filter_shard")
+                    and comment.startswith("rule_score_shard")
                     and step_pids(cluster, job)
                 ):
                     return job, comment
         time.sleep(0.5)
-    raise AssertionError("no filter_shard job ran on SLURM")
+    raise AssertionError("no score_shard job ran on SLURM")
 
 
 def step_pids(cluster, job: str) -> list[int]:
@@ -168,8 +168,8 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
         first.stop()
     first_seconds = time.monotonic() - started
     assert code != 0, output
-    assert "Error in rule filter_shard" in output
-    source, shard = re.fullmatch(r"rule_filter_shard_wildcards_(.+)_(\d+)", comment).groups()
+    assert "Error in rule score_shard" in output
+    source, shard = re.fullmatch(r"rule_score_shard_wildcards_(.+)_(\d+)", comment).groups()
     killed = workdir / "filtered" / source / f"shard_{shard}.jsonl"
     assert not killed.exists()
     finished = {p: p.stat().st_mtime_ns for p in (workdir / "filtered").glob("*/shard_*.jsonl")}
@@ -184,7 +184,7 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
     rerun_seconds = time.monotonic() - started
     assert code == 0, output
     planned = job_stats(output)
-    assert planned.get("filter_shard") == 1, planned  # only the killed shard
+    assert planned.get("score_shard") == 1, planned  # only the killed shard
     assert "download_images" not in planned and "index_shards" not in planned, planned
     assert killed.exists()
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # no finished shard recomputed
@@ -199,9 +199,9 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
         rule = re.match(r"rule_(\w+?)_wildcards|rule_(\w+)$", rule_comment)
         if rule:
             states.setdefault(rule.group(1) or rule.group(2), []).append(state)
-    for rule in ("download_images", "filter_shard", "caption_chunk", "mask_chunk", "emu3_part"):
+    for rule in ("download_images", "score_shard", "caption_chunk", "mask_chunk", "emu3_part"):
         assert "COMPLETED" in states.get(rule, []), (rule, accounted)
-    assert "FAILED" in states["filter_shard"], states["filter_shard"]  # the killed one
+    assert "FAILED" in states["score_shard"], states["score_shard"]  # the killed one
     assert "stage_counts" not in states  # a local rule: runs in the snakemake process
 
     sample_run = sample_run_later()  # the local run (another xdist worker's, or run now)

@@ -155,7 +155,14 @@ def test_sample_counts_per_stage(sample_run, source):
                 s["image_watermark_prob"][0] <= 0.8 and 5 <= s["image_aesthetics_scores"][0] <= 10
             )
         recipe = (work / "dj_configs" / source / f"shard_{shard}.yaml").read_text()
-        assert "stand-in-aesthetics-predictor-v2-linear" in recipe and "min_score: 0.5" in recipe
+        assert "stand-in-aesthetics-predictor-v2-linear" in recipe
+        assert "groundset_image_scores_filter" in recipe  # scores only: no threshold in it
+        assert stats["bounds"]["image_aesthetics_filter"]["min_score"] == 0.5  # data-juicer's 0-1
+        rejected = list(iter_jsonl(work / "rejected" / source / f"shard_{shard}.jsonl"))
+        assert len(rejected) == sum(stats["removed_by_filter"].values())
+        assert all(r["drop_stage"] == "filter" and ": " in r["drop_reason"] for r in rejected)
+        scored = work / "scored" / source / f"shard_{shard}.jsonl"
+        assert sum(1 for _ in iter_jsonl(scored)) == stats["records_in"]
         kept += len(filtered)
     assert kept > 0
 
@@ -268,11 +275,12 @@ def private_sample(sample_run, tmp_path) -> dict:
 def test_deleting_one_shard_reruns_only_that_shard(private_sample):
     work = private_sample["workdir"]
     before = (work / "merged" / "merged_output.jsonl").read_bytes()
-    for rel in ("shards/{}/shard_1.jsonl", "probed/{}/shard_1.jsonl", "filtered/{}/shard_1.jsonl"):
+    for rel in ("shards/{}/shard_1.jsonl", "scored/{}/shard_1.jsonl", "filtered/{}/shard_1.jsonl"):
         (work / rel.format("laion-high-resolution")).unlink()
     done = run_snakemake([*private_sample["args"], "-n"])
     assert job_counts(done.stdout) == {
-        "filter_shard": 1,
+        "score_shard": 1,
+        "select_shard": 1,
         **SAMPLE_FROM_MERGE,
     }, re.findall(r"reason: .*", done.stdout)
     assert "filtered/laion-high-resolution/shard_1.jsonl" in done.stdout
@@ -290,13 +298,14 @@ def test_deleting_one_shard_reruns_only_that_shard(private_sample):
 
 
 def test_killed_filter_job_reruns_cleanly(private_sample):
-    """SIGKILL snakemake while data-juicer filters a shard; --rerun-incomplete restores the same outputs."""
+    """SIGKILL snakemake while data-juicer scores a shard; --rerun-incomplete restores the same outputs."""
     work = private_sample["workdir"]
     before = {
         name: (work / "merged" / name).read_bytes()
         for name in ("merged_output.jsonl", "aes_6.jsonl")
     }
     (work / "filtered" / "laion-high-resolution" / "shard_0.jsonl").unlink()
+    (work / "scored" / "laion-high-resolution" / "shard_0.jsonl").unlink()
     cmd = [
         sys.executable,
         "-m",
@@ -315,7 +324,7 @@ def test_killed_filter_job_reruns_cleanly(private_sample):
     assert proc.poll() is None, "snakemake finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (work / "filtered" / "laion-high-resolution" / "shard_0.jsonl").exists()
+    assert not (work / "scored" / "laion-high-resolution" / "shard_0.jsonl").exists()
     run_snakemake([*private_sample["args"], "--unlock"])  # a SIGKILL leaves snakemake's lock behind
     run_snakemake([*private_sample["args"], "--rerun-incomplete"])
     for name, content in before.items():
@@ -533,7 +542,8 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
     assert len(index["shards"]) == 118
     counts = job_counts(run_snakemake([*args, "-n"]).stdout)
     assert counts == {
-        "filter_shard": 118,  # one job per shard: slice, probe, recipe, data-juicer
+        "score_shard": 118,  # one job per shard: slice, probe, recipe, data-juicer's scores
+        "select_shard": 118,  # the thresholds (local, cheap)
         "merge_tiers": 1,
         "caption_preflight": 1,
         "index_chunks": 1,
@@ -544,14 +554,22 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
 
 # The per-item jobs of the filter, mask and Emu3 stages, with the files each reads and writes.
 ITEM_JOBS = {
-    "filter_shard": (
+    "score_shard": (
         ["shards/big/index.json"],
         [
             "shards/big/shard_0.jsonl",
             "probed/big/shard_0.jsonl",
             "probed/big/shard_0_dropped.jsonl",
             "dj_configs/big/shard_0.yaml",
+            "scored/big/shard_0.jsonl",
+            "scored/big/shard_0_stats.json",
+        ],
+    ),
+    "select_shard": (
+        [],
+        [
             "filtered/big/shard_0.jsonl",
+            "rejected/big/shard_0.jsonl",
             "filtered/big/shard_0_stats.json",
         ],
     ),
@@ -588,6 +606,9 @@ ITEM_JOBS = {
 KNOBS = {
     "filter": {
         "np": 3,
+        "batch_size": 5,
+        "device": "cpu",
+        "gpus": 1,
         "nsfw": {"mem_required": "2GB"},
         "watermark": {"mem_required": "2GB"},
         "aesthetics": {"mem_required": "3GB"},
@@ -637,7 +658,12 @@ def test_tuning_knobs_mark_no_filter_mask_or_emu3_job_stale(tmp_path):
     models_home.mkdir()
     knobs = {**KNOBS, "filter": {**KNOBS["filter"], "models_home": str(models_home)}}
     assert stale(knobs) == set()  # every knob changed: nothing is planned
-    assert stale({"filter": {"nsfw": {"max_score": 0.001}}}) == {"filter_shard"}
+    # a threshold reruns the cheap select only; what the scores depend on, the score job
+    assert stale({"filter": {"nsfw": {"max_score": 0.001}}}) == {"select_shard"}
+    assert stale({"filter": {"aesthetics": {"min_score": 4.5}}}) == {"select_shard"}
+    assert stale({"filter": {"image_shape": {"min_width": 800}}}) == {"select_shard"}
+    assert stale({"filter": {"precision": "fp32"}}) == {"score_shard"}
+    assert stale({"filter": {"nsfw": {"model": "other/nsfw"}}}) == {"score_shard"}
     assert stale({"mask": {"mask_format": "rle"}}) == {"mask_chunk"}
     assert stale({"mask": {"min_score": 0.5}}) == {"mask_chunk"}  # a floor changes outputs
     assert stale({"export": {"emu3": {"image_area": 4096}}}) == {"emu3_part"}  # and its gather

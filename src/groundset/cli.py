@@ -75,21 +75,70 @@ def cmd_split(args: argparse.Namespace, config: dict) -> dict:
     return {"records": index["records"], "shards": len(index["shards"]), "shard_size": shard_size}
 
 
-def cmd_probe(args: argparse.Namespace, config: dict) -> dict:
-    """Drop the records of a shard whose images cannot be decoded (with reasons)."""
-    from .filter import probe_shard
-
-    dropped = args.dropped or str(Path(args.output).with_suffix("")) + "_dropped.jsonl"
-    return probe_shard(args.input, args.output, dropped, args.threads)
-
-
-def cmd_dj_config(args: argparse.Namespace, config: dict) -> dict:
-    """Write the data-juicer recipe of one shard from the template and the config."""
-    from .filter import make_dj_config, resolve_models
+def _models(config: dict, models_dir: str) -> dict[str, str]:
+    """The filter models of a config (the stand-ins, built under `models_dir`, when configured)."""
+    from .filter import resolve_models
     from .testing.models import build_stand_in_models
 
     filter_cfg = config["filter"]
-    stand_in = build_stand_in_models(args.models_dir) if filter_cfg["stand_in_models"] else None
+    stand_in = build_stand_in_models(models_dir) if filter_cfg["stand_in_models"] else None
+    return resolve_models(filter_cfg, stand_in)
+
+
+def cmd_score(args: argparse.Namespace, config: dict) -> dict:
+    """Probe one shard and score every decodable record (all five filters' stats, none removed)."""
+    from .filter import probe_shard
+    from .score import ScoreFiles, score_probed
+
+    stem = str(Path(args.output).with_suffix(""))
+    files = ScoreFiles(
+        shard=args.input,
+        probed=stem + "_probed.jsonl",
+        dropped=args.dropped or stem + "_dropped.jsonl",
+        recipe=stem + "_recipe.yaml",
+        scored=args.output,
+        stats=args.stats or stem + "_stats.json",
+        work=stem + "_work",
+    )
+    settings = config["filter"]
+    probe = probe_shard(
+        files.shard, files.probed, files.dropped, args.threads, settings["header_sizes"]
+    )
+    stats = score_probed(
+        files,
+        template=settings["template"],
+        name=Path(args.output).stem,
+        settings=settings,
+        models=_models(config, args.models_dir),
+        threads=args.threads,
+        probe=probe,
+    )
+    Path(files.work).rmdir()
+    return stats
+
+
+def cmd_select(args: argparse.Namespace, config: dict) -> dict:
+    """Apply the config's thresholds to a scored shard: kept, rejected (with why) and counts."""
+    from .select import SelectFiles, select_shard, selection_rules
+
+    stem = str(Path(args.output).with_suffix(""))
+    in_stem = str(Path(args.input).with_suffix(""))
+    files = SelectFiles(
+        scored=args.input,
+        score_stats=args.score_stats or in_stem + "_stats.json",
+        kept=args.output,
+        rejected=args.rejected or stem + "_rejected.jsonl",
+        stats=args.stats or stem + "_stats.json",
+    )
+    filter_cfg = config["filter"]
+    return select_shard(files, selection_rules(filter_cfg["template"], filter_cfg))
+
+
+def cmd_dj_config(args: argparse.Namespace, config: dict) -> dict:
+    """The seed's way: write stock data-juicer's recipe (template + thresholds) for one shard."""
+    from .filter import make_dj_config
+
+    filter_cfg = config["filter"]
     work_dir = args.work_dir or str(Path(args.output).with_suffix("")) + "_work"
     name = Path(args.input).stem
     return make_dj_config(
@@ -100,12 +149,12 @@ def cmd_dj_config(args: argparse.Namespace, config: dict) -> dict:
         project_name=args.project_name or f"groundset_filter_{name}",
         work_dir=work_dir,
         filter_cfg=filter_cfg,
-        models=resolve_models(filter_cfg, stand_in),
+        models=_models(config, args.models_dir),
     )
 
 
 def cmd_filter(args: argparse.Namespace, config: dict) -> dict:
-    """Run data-juicer on one shard's recipe; write kept records and per-filter counts."""
+    """The seed's way: run stock data-juicer on a `dj-config` recipe (kept records, counts)."""
     from .filter import filter_shard
 
     stats = args.stats or str(Path(args.output).with_suffix("")) + "_stats.json"
@@ -246,14 +295,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", required=True, help="folder for shard_{i}.jsonl and index.json")
     p.add_argument("--shard-size", type=int, help="records per shard (default: config shard_size)")
 
-    p = add("probe", cmd_probe, cmd_probe.__doc__)
-    p.add_argument("--input", required=True, help="shard JSONL")
-    p.add_argument("--output", required=True, help="JSONL of the records whose images decode")
+    p = add("score", cmd_score, cmd_score.__doc__)
+    p.add_argument("--input", required=True, help="shard JSONL (e.g. from `groundset split`)")
+    p.add_argument("--output", required=True, help="scored JSONL to write")
+    p.add_argument("--dropped", help="undecodable records (default: <output>_dropped.jsonl)")
+    p.add_argument("--stats", help="counts JSON (default: <output>_stats.json)")
+    p.add_argument("--threads", type=int, default=2, help="decoding and model threads")
     p.add_argument(
-        "--dropped",
-        help="JSONL of dropped records with drop_reason (default: <output>_dropped.jsonl)",
+        "--models-dir", default="models/stand_in", help="where stand-in models go, if configured"
     )
-    p.add_argument("--threads", type=int, default=2, help="decoding threads")
+
+    p = add("select", cmd_select, cmd_select.__doc__)
+    p.add_argument("--input", required=True, help="scored JSONL from `groundset score`")
+    p.add_argument("--output", required=True, help="kept records (filtered JSONL) to write")
+    p.add_argument(
+        "--rejected", help="dropped records, with why (default: <output>_rejected.jsonl)"
+    )
+    p.add_argument("--stats", help="counts JSON (default: <output>_stats.json)")
+    p.add_argument("--score-stats", help="the score job's counts (default: <input>_stats.json)")
 
     p = add("dj-config", cmd_dj_config, cmd_dj_config.__doc__)
     p.add_argument("--input", required=True, help="the (probed) shard data-juicer reads")

@@ -1,14 +1,10 @@
-"""Filter stage: probe images, build each shard's data-juicer recipe, run data-juicer, keep stats.
+"""Filter stage helpers: the image probe, data-juicer recipes from the template, running data-juicer.
 
-`process_shard` takes one shard through four steps in one job, each leaving its own file:
-the shard's slice of the manifest (`split.write_shard`), `probe_shard` (drops records whose
-images cannot be decoded, with a reason: data-juicer would otherwise drop the whole batch
-around one bad file, silently), `make_dj_config` (fills the recipe template) and
-`filter_shard` (runs the real data-juicer, writes the kept records with their scores in the
-DESIGN.md shape, aesthetic scores on LAION's 0-10 scale, plus per-filter counts).
-One job per shard keeps a plan of thousands of shards small (see bench/bench_dryrun.py).
-Its files are one `ShardFiles`, data-juicer's work folder among them (a temp() output in the
-workflow: Snakemake clears it before a rerun and removes it after the job).
+The stage runs as two steps per shard: `groundset.score` (probe, then data-juicer computes all
+five filters' stats, nothing removed) and `groundset.select` (the thresholds). This module holds
+what both share and the seed's way — the template filled with the thresholds and run by stock
+data-juicer (`make_dj_config` + `filter_shard`, `groundset dj-config`), which the tests and
+bench/bench_filter.py compare groundset's scores and speed against.
 """
 
 from __future__ import annotations
@@ -23,7 +19,6 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -31,7 +26,6 @@ from tqdm import tqdm
 
 from .config import pick_keys
 from .io import atomic_write, dumps_record, iter_jsonl, write_json
-from .split import write_shard
 
 log = logging.getLogger(__name__)
 
@@ -45,42 +39,22 @@ OPS = (
 AESTHETICS_KEY = "image_aesthetics_scores"
 STATS = "__dj__stats__"
 
-# `filter:` keys a shard's outputs depend on ("section.key" inside a subsection): the job's
-# params, so changing one reruns the shards.
-OUTPUT_KEYS = (
-    "header_sizes",  # the probe's header sizes: what the shape and aspect filters measure
-    "stand_in_models",  # which models score (the stand-ins' marker is also an input)
-    "image_shape",  # thresholds
+# `filter:` keys that decide which scored records a shard keeps ("section.key" inside a
+# subsection): the select job's params, so changing one reruns select and what follows only.
+SELECT_KEYS = (
+    "image_shape",
     "aspect_ratio",
-    "nsfw.model",
     "nsfw.max_score",
-    "watermark.model",
     "watermark.max_prob",
-    "aesthetics.model",
+    "aesthetics.model",  # its divisor (data-juicer's 0-1 or 0-10 scale)
     "aesthetics.min_score",
     "aesthetics.max_score",
 )
-# Tuning knobs: how fast and where a shard is filtered, never what it keeps or scores. The job
-# reads them from the config at run time, so changing one marks no shard stale.
-TUNING_KEYS = (
-    "np",  # data-juicer processes (the job's threads)
-    "models_home",  # where the same models are found on disk
-    "nsfw.mem_required",  # memory data-juicer reserves per op process
-    "watermark.mem_required",
-    "aesthetics.mem_required",
-)
-# Neither: `template` is the job's input file, `aesthetics_tiers` the merge's params.
-OTHER_KEYS = ("template", "aesthetics_tiers")
 
 
-def output_settings(section: dict) -> dict:
-    """The keys of a `filter:` config section that change a shard's outputs (its job's params)."""
-    return pick_keys(section, OUTPUT_KEYS)
-
-
-def with_tuning(settings: dict, section: dict) -> dict:
-    """A shard job's filter settings: its params (`output_settings`) plus the config's knobs."""
-    return pick_keys(section, TUNING_KEYS, settings)
+def select_settings(section: dict) -> dict:
+    """The keys of a `filter:` config section that change what a shard keeps (select's params)."""
+    return pick_keys(section, SELECT_KEYS)
 
 
 # --- probe -------------------------------------------------------------------------------
@@ -202,18 +176,18 @@ def filter_values(filter_cfg: dict, models: dict[str, str]) -> dict[str, dict]:
         "image_nsfw_filter": {
             "hf_nsfw_model": models["nsfw"],
             "max_score": filter_cfg["nsfw"]["max_score"],
-            "mem_required": filter_cfg["nsfw"]["mem_required"],
+            "mem_required": filter_cfg["nsfw"].get("mem_required"),
         },
         "image_watermark_filter": {
             "hf_watermark_model": models["watermark"],
             "prob_threshold": filter_cfg["watermark"]["max_prob"],
-            "mem_required": filter_cfg["watermark"]["mem_required"],
+            "mem_required": filter_cfg["watermark"].get("mem_required"),
         },
         "image_aesthetics_filter": {
             "hf_scorer_model": models["aesthetics"],
             "min_score": aesthetics["min_score"] / divisor,
             "max_score": aesthetics["max_score"] / divisor,
-            "mem_required": aesthetics["mem_required"],
+            "mem_required": aesthetics.get("mem_required"),
         },
     }
 
@@ -384,58 +358,3 @@ def filter_shard(
     if keep_work_dir:
         work.mkdir(parents=True)
     return stats
-
-
-# --- one shard, end to end ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardFiles:
-    """What one shard's filter job writes (the rule's outputs have the same names)."""
-
-    shard: str  # the slice of the manifest (split)
-    probed: str  # its decodable records, with header sizes: data-juicer's input
-    dropped: str  # the undecodable ones, each with its drop_reason
-    recipe: str  # the data-juicer recipe
-    kept: str  # data-juicer's kept records (DESIGN shape)
-    stats: str  # counts of the probe and of every filter
-    work: str  # data-juicer's work folder (its export, caches, logs), left empty at the end
-
-
-def process_shard(
-    index: dict,
-    shard: int,
-    files: ShardFiles,
-    *,
-    template: str | os.PathLike,
-    name: str,
-    filter_cfg: dict,
-    models: dict[str, str],
-    threads: int = 1,
-    header_sizes: bool = True,
-    models_home: str | None = None,
-) -> dict:
-    """Slice shard `shard` from the indexed manifest, probe it, write its recipe, filter it.
-
-    `filter_cfg` holds the output keys and the tuning knobs (`with_tuning`)."""
-    write_shard(index, shard, files.shard)
-    probe = probe_shard(files.shard, files.probed, files.dropped, threads, header_sizes)
-    make_dj_config(
-        template,
-        files.recipe,
-        dataset_path=files.probed,
-        export_path=os.path.join(files.work, "export", f"{name}.jsonl"),  # inside: data-juicer's
-        project_name=f"groundset_filter_{name}",
-        work_dir=files.work,
-        filter_cfg=filter_cfg,
-        models=models,
-    )
-    return filter_shard(
-        files.recipe,
-        files.kept,
-        files.stats,
-        np_override=threads,
-        models_home=models_home,
-        probe_stats=probe,
-        keep_work_dir=True,
-    )

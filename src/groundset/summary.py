@@ -69,7 +69,7 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
             row["unreadable_images"] = dict(probe_drops)
             row["filter_removed"] = {
                 op.removeprefix("image_").removesuffix("_filter"): removed[op]
-                for op in OPS
+                for op in (*OPS, "score_error")  # score_error: an image changed after the probe
                 if op in removed
             }
             row["filter_kept"] = filtered

@@ -16,6 +16,7 @@ from groundset.split import read_index
 import groundset.caption
 import groundset.emu3
 import groundset.filter
+import groundset.score
 import groundset.mask
 
 # Schema (defaults filled) and cross-key checks, before any job: one line per problem, each
@@ -58,6 +59,7 @@ if not uses_stand_in(Settings.from_config(config["caption"])):
 localrules:
     all,
     index_chunks,
+    select_shard,
     gather_captions,
     gather_masks,
     gather_emu3,
@@ -121,10 +123,11 @@ def filtered_shards(wildcards):
 # Snakemake time while it plans.
 # The stand-in models' marker when `filter.stand_in_models` is on (sample and tests).
 STAND_IN_MODELS = ["models/stand_in/models.json"] if config["filter"]["stand_in_models"] else []
-# The filter keys a shard's outputs depend on (groundset.filter.OUTPUT_KEYS): its job's params.
-# The tuning knobs (np, models_home, mem_required) are read by the job from the config, so
-# changing one marks no shard stale; the template is an input, the merge tiers the merge's.
-FILTER_SETTINGS = groundset.filter.output_settings(config["filter"])
+# What a shard's scores depend on (groundset.score.SCORE_KEYS: models, precision, decode): the
+# score job's params; the tuning knobs (threads, batch size, device) are read by the job from
+# the config, so changing one marks no shard stale. The thresholds are the select job's params.
+SCORE_SETTINGS = groundset.score.score_settings(config["filter"])
+SELECT_SETTINGS = groundset.filter.select_settings(config["filter"])
 
 
 def source_targets(source):

@@ -55,10 +55,12 @@ rule build_stand_in_models:
         "../scripts/build_stand_in_models.py"
 
 
-# One job per shard: slice it from the manifest, probe its images, write its data-juicer
-# recipe, run data-juicer (groundset.filter.process_shard). One job, not four, keeps the plan of
-# thousands of shards quick (bench/bench_dryrun.py); every step still leaves its own file.
-rule filter_shard:
+# The filter stage is two rules per shard. score_shard (heavy: CPU threads or a GPU) slices the
+# shard from the manifest, probes its images and has data-juicer compute all five filters' stats
+# of every decodable record (groundset.score); its params are what changes scores, never a
+# threshold. select_shard (cheap, local) applies the thresholds (groundset.select): changing one
+# reruns select, the merge and what follows, and no score job.
+rule score_shard:
     input:
         manifest="manifest/{source}.jsonl",
         index="shards/{source}/index.json",
@@ -69,25 +71,49 @@ rule filter_shard:
         probed="probed/{source}/shard_{shard}.jsonl",
         dropped="probed/{source}/shard_{shard}_dropped.jsonl",
         recipe="dj_configs/{source}/shard_{shard}.yaml",
-        kept="filtered/{source}/shard_{shard}.jsonl",
-        stats="filtered/{source}/shard_{shard}_stats.json",
+        scored="scored/{source}/shard_{shard}.jsonl",
+        stats="scored/{source}/shard_{shard}_stats.json",
         # data-juicer's work folder: Snakemake clears it before a (re)run, so a killed job's
         # leftovers never meet the rerun, and removes it after the job
         work=temp(directory("dj_work/{source}/shard_{shard}")),
     log:
-        "logs/filter_shard/{source}/{shard}.log",
+        "logs/score_shard/{source}/{shard}.log",
     benchmark:
-        "benchmarks/filter_shard/{source}/{shard}.tsv"
+        "benchmarks/score_shard/{source}/{shard}.tsv"
     conda:
         "../envs/filter.yaml"
     threads: config["filter"]["np"]
     resources:
         mem_mb=16000,
         runtime=24 * 60,
+        gpu=config["filter"]["gpus"],
     params:
-        filter=FILTER_SETTINGS,
+        settings=SCORE_SETTINGS,
     script:
-        "../scripts/filter_shard.py"
+        "../scripts/score_shard.py"
+
+
+rule select_shard:
+    input:
+        scored="scored/{source}/shard_{shard}.jsonl",
+        score_stats="scored/{source}/shard_{shard}_stats.json",
+        template=config["filter"]["template"],
+    output:
+        kept="filtered/{source}/shard_{shard}.jsonl",
+        rejected="rejected/{source}/shard_{shard}.jsonl",
+        stats="filtered/{source}/shard_{shard}_stats.json",
+    log:
+        "logs/select_shard/{source}/{shard}.log",
+    conda:
+        "../envs/groundset.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=60,
+    params:
+        thresholds=SELECT_SETTINGS,
+    script:
+        "../scripts/select_shard.py"
 
 
 rule merge_tiers:

@@ -37,16 +37,39 @@ TINY = {
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
 }
+# Benchmarks only (bench/bench_filter.py --models real-size): the real models' architectures with
+# random weights — ViT-B/16 at 224 px (NSFW, watermark) and CLIP ViT-L/14 at 224 px with the
+# LAION linear head (aesthetics) — so compute costs are the real ones.
+VIT_B16 = {
+    "image_size": 224,
+    "patch_size": 16,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+}
+CLIP_L14 = {
+    "image_size": 224,
+    "patch_size": 14,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "projection_dim": 768,
+}
+SHAPES = {"tiny": (TINY, {**TINY, "projection_dim": 16}), "real-size": (VIT_B16, CLIP_L14)}
 
 
-def _vit_classifier(path: Path, positive_bias: float, gain: float, seed: int) -> None:
-    """A 2-class ViT (32 px, 2 layers) whose positive-class logit is shifted by `positive_bias`."""
+def _vit_classifier(
+    path: Path, positive_bias: float, gain: float, seed: int, shape: dict = TINY
+) -> None:
+    """A 2-class ViT (`shape`) whose positive-class logit is shifted by `positive_bias`."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
     config = ViTConfig(
-        **TINY,
+        **shape,
         num_labels=2,
         id2label={0: "normal", 1: "positive"},
         label2id={"normal": 0, "positive": 1},
@@ -56,7 +79,8 @@ def _vit_classifier(path: Path, positive_bias: float, gain: float, seed: int) ->
         model.classifier.weight.mul_(gain)
         model.classifier.bias.copy_(torch.tensor([0.0, positive_bias]))
     model.save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    side = shape["image_size"]
+    ViTImageProcessor(size={"height": side, "width": side}).save_pretrained(path)
 
 
 def _byte_level_vocab() -> dict[str, int]:
@@ -69,15 +93,17 @@ def _byte_level_vocab() -> dict[str, int]:
     return {token: i for i, token in enumerate(tokens)}
 
 
-def _aesthetics(path: Path, bias: float, gain: float, seed: int) -> None:
-    """A tiny AestheticsPredictorV2Linear on a small CLIP vision tower, with a CLIPProcessor."""
+def _aesthetics(
+    path: Path, bias: float, gain: float, seed: int, shape: dict = SHAPES["tiny"][1]
+) -> None:
+    """An AestheticsPredictorV2Linear on a CLIP vision tower (`shape`), with a CLIPProcessor."""
     import torch
     from aesthetics_predictor import AestheticsPredictorV2Linear
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
     from transformers.models.clip.configuration_clip import CLIPVisionConfig
 
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(**TINY, projection_dim=16)
+    config = CLIPVisionConfig(**shape)
     model = AestheticsPredictorV2Linear(config).eval()
     with torch.no_grad():
         model.layers[-1].weight.mul_(gain)
@@ -87,22 +113,30 @@ def _aesthetics(path: Path, bias: float, gain: float, seed: int) -> None:
     vocab.write_text(json.dumps(_byte_level_vocab()))
     merges.write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(vocab), str(merges))
+    side = shape["image_size"]
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
     )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
 
 
-def build_stand_in_models(root: str | os.PathLike, seed: int = 0) -> dict[str, str]:
-    """Create the three stand-in models under `root` (once); return filter name -> model path."""
+def build_stand_in_models(
+    root: str | os.PathLike, seed: int = 0, size: str = "tiny"
+) -> dict[str, str]:
+    """Create the three stand-in models under `root` (once); return filter name -> model path.
+
+    `size="real-size"` builds the real architectures (random weights) for benchmarks."""
     root = Path(root).resolve()
+    vit, clip = SHAPES[size]
     paths = {name: root / dirname for name, dirname in NAMES.items()}
     builders = {
-        "nsfw": lambda p: _vit_classifier(p, BIASES["nsfw"], GAINS["nsfw"], seed),
+        "nsfw": lambda p: _vit_classifier(p, BIASES["nsfw"], GAINS["nsfw"], seed, vit),
         "watermark": lambda p: _vit_classifier(
-            p, BIASES["watermark"], GAINS["watermark"], seed + 1
+            p, BIASES["watermark"], GAINS["watermark"], seed + 1, vit
         ),
-        "aesthetics": lambda p: _aesthetics(p, BIASES["aesthetics"], GAINS["aesthetics"], seed + 2),
+        "aesthetics": lambda p: _aesthetics(
+            p, BIASES["aesthetics"], GAINS["aesthetics"], seed + 2, clip
+        ),
     }
     for name, path in paths.items():
         if not (path / "config.json").exists():

@@ -1,0 +1,23 @@
+"""Snakemake script of rule score_shard: see groundset.score.score_shard."""
+
+from groundset.filter import resolve_models
+from groundset.io import read_json
+from groundset.runlog import job_files, log_to
+from groundset.score import ScoreFiles, score_shard, with_tuning
+from groundset.split import read_index
+
+with log_to(snakemake.log[0]):
+    source, shard = snakemake.wildcards.source, snakemake.wildcards.shard
+    # params: what the scores depend on; the tuning knobs (threads, batch, device) from the config
+    settings = with_tuning(snakemake.params.settings, snakemake.config["filter"])
+    stand_in = read_json(snakemake.input.models[0]) if snakemake.input.models else None
+    score_shard(
+        read_index(snakemake.input.index),
+        int(shard),
+        job_files(ScoreFiles, snakemake),
+        template=snakemake.input.template,
+        name=f"{source}_shard_{shard}",  # data-juicer's project name, not a path
+        settings=settings,
+        models=resolve_models({**snakemake.config["filter"], **settings}, stand_in),
+        threads=snakemake.threads,
+    )

@@ -1,0 +1,14 @@
+"""Snakemake script of rule select_shard: see groundset.select.select_shard."""
+
+from groundset.runlog import log_to
+from groundset.select import SelectFiles, select_shard, selection_rules
+
+with log_to(snakemake.log[0]):
+    files = SelectFiles(
+        scored=snakemake.input.scored,
+        score_stats=snakemake.input.score_stats,
+        kept=snakemake.output.kept,
+        rejected=snakemake.output.rejected,
+        stats=snakemake.output.stats,
+    )
+    select_shard(files, selection_rules(snakemake.input.template, snakemake.params.thresholds))
