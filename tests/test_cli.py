@@ -7,7 +7,7 @@ import sys
 
 from conftest import RANDOM_WEIGHTS, ROOT, fake_download, write_config, write_parquet
 from groundset.cli import main
-from groundset.io import iter_jsonl
+from groundset.io import iter_jsonl, write_jsonl
 
 GROUNDSET = os.path.join(os.path.dirname(sys.executable), "groundset")
 
@@ -132,3 +132,53 @@ def test_summary_formats_counts_per_stage(tmp_path, capsys):
         and "manifest_records    2" in out
         and "downloaded          2" in out
     )
+
+
+def test_score_once_then_select_with_other_thresholds(tmp_path, capsys):
+    """`groundset score` then `groundset select`: a second select with other thresholds re-reads
+    the stored scores only (no model run) and keeps exactly what its bounds say."""
+    folder = ROOT / "tests" / "data" / "sample" / "www" / "img"
+    photos = sorted(p for p in folder.glob("*_1*.jpg") if not p.name.startswith("truncated"))
+    write_jsonl(
+        tmp_path / "shard.jsonl",
+        [{"image": [str(p)], "text": "", "image_id": p.stem, "source": "s"} for p in photos],
+    )
+    base = {"sources": [{"name": "s", "url_list": "x"}], **RANDOM_WEIGHTS}
+    base["filter"] = {"stand_in_models": True, "np": 2}
+    cfg = write_config(tmp_path / "c.yaml", base)
+    scored = tmp_path / "scored.jsonl"
+    args = ["score", "--config", str(cfg), "--input", str(tmp_path / "shard.jsonl")]
+    assert main([*args, "--output", str(scored), "--models-dir", str(tmp_path / "m")]) == 0
+    assert json.loads(capsys.readouterr().out)["records_scored"] == len(photos)
+    mtime = scored.stat().st_mtime_ns
+    records = list(iter_jsonl(scored))
+    nsfw = sorted(r["__dj__stats__"]["image_nsfw_score"][0] for r in records)
+    kept = {}
+    for name, bound in (("loose", 1.0), ("tight", nsfw[len(nsfw) // 2])):
+        changed = {**base, "filter": {**base["filter"], "nsfw": {"max_score": bound}}}
+        changed["filter"]["aesthetics"] = {"min_score": 0}
+        cfg = write_config(tmp_path / f"{name}.yaml", changed)
+        out = tmp_path / f"{name}.jsonl"
+        assert (
+            main(["select", "--config", str(cfg), "--input", str(scored), "--output", str(out)])
+            == 0
+        )
+        stats = json.loads(capsys.readouterr().out)
+        kept[name] = {r["image_id"] for r in iter_jsonl(out)}
+        rejected = list(iter_jsonl(tmp_path / f"{name}_rejected.jsonl"))
+        assert len(kept[name]) + len(rejected) == len(records) == stats["records_in"]
+    geometry_ok = {
+        r["image_id"]
+        for r in records
+        if min(r["__dj__stats__"]["image_width"][0], r["__dj__stats__"]["image_height"][0]) >= 1024
+        and 0.5 <= r["__dj__stats__"]["aspect_ratios"][0] <= 2.0
+    }
+    assert kept["loose"] == geometry_ok
+    assert kept["tight"] == {
+        r["image_id"]
+        for r in records
+        if r["image_id"] in geometry_ok
+        and r["__dj__stats__"]["image_nsfw_score"][0] <= nsfw[len(nsfw) // 2]
+    }
+    assert kept["tight"] < kept["loose"]
+    assert scored.stat().st_mtime_ns == mtime  # the scores were read, never recomputed

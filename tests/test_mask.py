@@ -12,6 +12,7 @@ from conftest import RANDOM_WEIGHTS, make_images
 from groundset.config import ConfigError, validate_config
 from groundset.io import iter_jsonl, read_json, write_jsonl
 from groundset.mask import (
+    FLOOR_KEYS,
     OUTPUT_KEYS,
     TUNING_KEYS,
     MaskChunkFiles,
@@ -110,6 +111,18 @@ def run(tmp_path: Path, records: Path, masker, name: str = "out", store: bool = 
     return mask_chunk(records, chunk_files(tmp_path, name, store), settings, masker)
 
 
+def floored(tmp_path: Path, name: str, **floors) -> dict:
+    """The gather of one mask job's outputs under the quality floors `floors` (as the workflow's
+    gather applies them): `<name>_final.jsonl`, kept masks of shortened records in `floored_<name>`."""
+    job = chunk_files(tmp_path, name)
+    settings = MaskSettings.from_config({"model_config": TINY, **floors})
+    files = MaskGatherFiles(records=str(tmp_path / f"{name}_final.jsonl"),
+                            dropped=str(tmp_path / f"{name}_final_dropped.jsonl"),
+                            stats=str(tmp_path / f"{name}_final.json"),
+                            floored=str(tmp_path / f"floored_{name}"))  # fmt: skip
+    return gather_masks([job.records], [job.dropped], [job.stats], files, settings)
+
+
 def test_pixel_boxes_of_the_flattened_entities():
     entities = [{"entity": "dog", "bbox": [0.1, 0.2, 0.3, 0.4]},
                 {"entity": "dog", "bbox": [0.5, 0.5, 0.9, 0.9]},
@@ -196,13 +209,17 @@ def test_quality_fields_are_what_known_masks_give(tmp_path):
     assert out["mask_area_ratio"] == [0.75, 1.0]
     assert np.array_equal(np.load(out["mask_file"]), known_masks())
     assert stats["computed"] == 1 and stats["entities"] == 2
-    # the floors act on those values: 0.6667 < 0.7 drops entity a, keeps b and its mask only
-    stats = run(tmp_path, path, FixedMasker(known_masks(), [0.875, 0.25]), "floor",
-                min_inside_fraction=0.7)  # fmt: skip
-    (out,) = iter_jsonl(tmp_path / "floor.jsonl")
-    assert [e["entity"] for e in out["entities"]] == ["b"] and out["mask_scores"] == [0.25]
-    assert np.array_equal(np.load(out["mask_file"]), known_masks()[1:])
-    assert stats["entities_dropped"] == 1
+    # the floors act on those values after the job: 0.6667 < 0.7 drops entity a, keeps b and
+    # its mask only (in a file of its own), the job's file keeps both
+    stats = floored(tmp_path, "out", min_inside_fraction=0.7)
+    (final,) = iter_jsonl(tmp_path / "out_final.jsonl")
+    assert [e["entity"] for e in final["entities"]] == ["b"] and final["mask_scores"] == [0.25]
+    assert final["mask_shape"] == [1, 120, 160] and final["mask_area_ratio"] == [1.0]
+    assert final["mask_file"] == str((tmp_path / "floored_out" / "src" / "000000.npy").resolve())
+    assert np.array_equal(np.load(final["mask_file"]), known_masks()[1:])
+    assert np.array_equal(np.load(out["mask_file"]), known_masks())
+    assert stats["entities_dropped"] == 1 and stats["entities"] == 1 and stats["masked"] == 1
+    assert stats["floors"]["min_inside_fraction"] == 0.7
 
 
 def test_seed_records_without_source_get_the_seeds_mask_paths(tmp_path):
@@ -247,17 +264,20 @@ def test_rle_round_trips_to_the_npy_masks(tmp_path, masker):
 def test_quality_floors_drop_or_flag(tmp_path, masker):
     entities = [{"entity": "a", "bboxes": [[0.1, 0.1, 0.5, 0.6]]}]
     path = captioned(tmp_path, [entities, entities])
+    run(tmp_path, path, masker, "job")  # one mask per entity, whatever its quality
+    assert len(list(iter_jsonl(tmp_path / "job.jsonl"))) == 2
     # the schema's maximum: no score of these random weights reaches it
-    stats = run(tmp_path, path, masker, "drop", min_score=1.0)
-    assert (tmp_path / "drop.jsonl").read_text() == ""
-    reasons = [r["drop_reason"] for r in iter_jsonl(tmp_path / "drop_dropped.jsonl")]
+    stats = floored(tmp_path, "job", min_score=1.0)
+    assert (tmp_path / "job_final.jsonl").read_text() == ""
+    reasons = [r["drop_reason"] for r in iter_jsonl(tmp_path / "job_final_dropped.jsonl")]
     assert reasons == ["all_entities_below_quality_floors"] * 2
-    assert stats["entities_dropped"] == 2 and stats["dropped"] == 2
-    assert np.load(tmp_path / "masks_drop" / "src" / "000000.npy").shape == (0, 120, 160)
-    stats = run(tmp_path, path, masker, "flag", min_score=1.0, low_quality="flag")
-    out = list(iter_jsonl(tmp_path / "flag.jsonl"))
+    assert stats["entities_dropped"] == 2 and stats["dropped"] == 2 and stats["masked"] == 0
+    assert np.load(tmp_path / "masks_job" / "src" / "000000.npy").shape == (1, 120, 160)
+    stats = floored(tmp_path, "job", min_score=1.0, low_quality="flag")
+    out = list(iter_jsonl(tmp_path / "job_final.jsonl"))
     assert [r["mask_low_quality"] for r in out] == [[True], [True]]
     assert stats["entities_flagged"] == 2 and stats["masked"] == 2
+    assert stats["computed"] == 2  # the one job's: gathers never run the model
 
 
 def one_mask() -> FixedMasker:
@@ -282,8 +302,11 @@ def test_killed_job_resumes_without_recomputing(tmp_path):
     assert len(out) == 5 and all(np.load(r["mask_file"]).shape == (1, 120, 160) for r in out)
     stats = run(tmp_path, path, None)  # everything journaled: no model needed at all
     assert stats["computed"] == 0 and stats["masked"] == 5
-    other = CountingMasker(masker)  # other floors: the journaled masks no longer apply
-    stats = run(tmp_path, path, other, min_inside_fraction=0.0001)
+    other = CountingMasker(masker)  # other floors: applied after the job, the journal holds
+    stats = run(tmp_path, path, other, min_inside_fraction=0.0001, low_quality="flag")
+    assert other.images == 0 and stats["computed"] == 0
+    other = CountingMasker(masker)  # another format: computed again
+    stats = run(tmp_path, path, other, mask_format="rle")
     assert other.images == 5 and stats["computed"] == 5
 
 
@@ -297,14 +320,15 @@ def test_gather_and_bad_settings(tmp_path):
     gathered = MaskGatherFiles(records=str(tmp_path / "all.jsonl"),
                                dropped=str(tmp_path / "all_dropped.jsonl"),
                                stats=str(tmp_path / "all.json"))  # fmt: skip
+    defaults = MaskSettings.from_config({"model_config": TINY})
     total = gather_masks([c.records for c in chunks], [c.dropped for c in chunks],
-                         [c.stats for c in chunks], gathered)  # fmt: skip
+                         [c.stats for c in chunks], gathered, defaults)  # fmt: skip
     assert total["masked"] == 4 and total["chunks"] == 2
     assert len(list(iter_jsonl(tmp_path / "all.jsonl"))) == 4
     assert read_json(tmp_path / "all.json") == total
-    with pytest.raises(ValueError, match=r"chunk file lists not aligned: \[2, 1\], 2"):
+    with pytest.raises(ValueError, match=r"chunk file lists not aligned: 2, 1, 2"):
         gather_masks([c.records for c in chunks], [chunks[0].dropped],
-                     [c.stats for c in chunks], gathered)  # fmt: skip
+                     [c.stats for c in chunks], gathered, defaults)  # fmt: skip
     with pytest.raises(ConfigError, match=r"(?m)^mask\.mask_format: 'png' is not one of"):
         MaskSettings.from_config({"mask_format": "png"})
     with pytest.raises(MaskError, match="cannot build SAM2"):
@@ -401,11 +425,14 @@ def test_the_params_are_the_output_keys_and_the_rest_are_knobs():
     section = validate_config({"sources": [{"name": "s", "url_list": "x"}], **RANDOM_WEIGHTS})[
         "mask"
     ]
-    assert set(OUTPUT_KEYS) | set(TUNING_KEYS) == set(section)  # every key is one or the other
-    assert not set(OUTPUT_KEYS) & set(TUNING_KEYS)
+    groups = (set(OUTPUT_KEYS), set(FLOOR_KEYS), set(TUNING_KEYS))
+    assert set().union(*groups) == set(section)  # every key is one of them
+    assert sum(map(len, groups)) == len(section)  # and only one
     assert list(output_settings(section)) == list(OUTPUT_KEYS)
     base = MaskSettings.from_config(section)
     knobs = {"batch_size": 1, "device": "cpu", "decode_workers": 9}
     assert MaskSettings.from_config({**section, **knobs}).digest == base.digest  # journal reused
-    for key, value in {"mask_format": "rle", "min_score": 0.5, "low_quality": "flag"}.items():
-        assert MaskSettings.from_config({**section, key: value}).digest != base.digest, key
+    assert MaskSettings.from_config({**section, "mask_format": "rle"}).digest != base.digest
+    for key, value in {"min_score": 0.5, "min_inside_fraction": 0.3, "low_quality": "flag"}.items():
+        # a floor is applied after the job: the journaled masks stay valid
+        assert MaskSettings.from_config({**section, key: value}).digest == base.digest, key

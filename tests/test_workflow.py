@@ -665,7 +665,7 @@ def test_tuning_knobs_mark_no_filter_mask_or_emu3_job_stale(tmp_path):
     assert stale({"filter": {"precision": "fp32"}}) == {"score_shard"}
     assert stale({"filter": {"nsfw": {"model": "other/nsfw"}}}) == {"score_shard"}
     assert stale({"mask": {"mask_format": "rle"}}) == {"mask_chunk"}
-    assert stale({"mask": {"min_score": 0.5}}) == {"mask_chunk"}  # a floor changes outputs
+    assert stale({"mask": {"min_score": 0.5}}) == set()  # a floor: the gather only, no mask job
     assert stale({"export": {"emu3": {"image_area": 4096}}}) == {"emu3_part"}  # and its gather
 
 

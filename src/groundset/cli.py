@@ -199,19 +199,35 @@ def cmd_caption(args: argparse.Namespace, config: dict) -> dict:
 
 
 def cmd_mask(args: argparse.Namespace, config: dict) -> dict:
-    """SAM2 masks for the entity boxes of a captioned JSONL, resumable via its journal."""
-    from .mask import MaskChunkFiles, Masker, MaskSettings, load_model, mask_chunk
+    """SAM2 masks for the entity boxes of a captioned JSONL (quality floors applied), resumable."""
+    from .mask import (
+        MaskChunkFiles,
+        Masker,
+        MaskGatherFiles,
+        MaskSettings,
+        gather_masks,
+        load_model,
+        mask_chunk,
+    )
 
     stem = str(args.output).removesuffix(".jsonl")  # the defaults of the side files
     settings = MaskSettings.from_config(config["mask"])
-    files = MaskChunkFiles(
-        records=args.output,
-        dropped=args.dropped or stem + "_dropped.jsonl",
-        stats=args.stats or stem + "_stats.json",
+    files = MaskChunkFiles(  # every entity's mask, as computed (resume state with the journal)
+        records=stem + "_all_entities.jsonl",
+        dropped=stem + "_all_entities_dropped.jsonl",
+        stats=stem + "_all_entities_stats.json",
         masks=args.mask_dir,  # computed right there: DIR/<source>/<image_id>.npy
         journal=args.journal or stem + ".journal.jsonl",
     )
-    return mask_chunk(args.input, files, settings, lambda: Masker(*load_model(settings)))
+    Path(args.mask_dir).mkdir(parents=True, exist_ok=True)
+    mask_chunk(args.input, files, settings, lambda: Masker(*load_model(settings)))
+    floored = MaskGatherFiles(
+        records=args.output,
+        dropped=args.dropped or stem + "_dropped.jsonl",
+        stats=args.stats or stem + "_stats.json",
+        floored=str(Path(args.mask_dir) / "floored"),  # records that lost entities to a floor
+    )
+    return gather_masks([files.records], [files.dropped], [files.stats], floored, settings)
 
 
 def cmd_export_emu3(args: argparse.Namespace, config: dict) -> dict:

@@ -58,7 +58,6 @@ class ImageScoresFilter(Filter):
         """This process's scorer for the op's models and settings (loaded on first use)."""
         key = (tuple(sorted(self.models.items())), self.precision, self.device)
         if key not in _SCORERS:
-            scoring.set_threads(self.threads)
             _SCORERS[key] = scoring.ImageScorer(
                 self.models, precision=self.precision, device=self.device
             )
@@ -70,9 +69,12 @@ class ImageScoresFilter(Filter):
         images = [list(paths or []) for paths in samples[self.image_key]]
         todo = [i for i, record in enumerate(stats) if scoring.NSFW not in (record or {})]
         paths = [path for i in todo for path in images[i]]
+        scorer = self.scorer() if paths else None
+        # data-juicer sets torch to one thread (on imports and model loads): the job's cores back
+        scoring.set_threads(self.threads)
         results = (
             scoring.score_paths(
-                self.scorer(),
+                scorer,
                 paths,
                 decode_mode=self.decode,
                 batch_size=self.batch_size,

@@ -5,8 +5,10 @@ pool ahead of the model, resized and normalized on the model's device, encoded i
 (bf16 autocast on CUDA, `torch.inference_mode`), and all boxes of an image are decoded in one
 prompt batch. Masks go to one `.npy` per image (bool `(N, H, W)`, N = entities in record order)
 or into the record as COCO RLE. Per entity the record gets the SAM2 score, the fraction of the
-mask inside its box and the mask/box area ratio; entities under the quality floors are dropped
-or flagged (counted). Every finished image is journaled, so a killed job, rerun, skips it.
+mask inside its box and the mask/box area ratio: a mask job computes and keeps one mask per
+entity, whatever its quality. The quality floors (`mask.min_score`, `mask.min_inside_fraction`,
+`mask.low_quality`) are applied afterwards by the cheap gather (`apply_floors`), so changing a
+floor recomputes nothing. Every finished image is journaled, so a killed job, rerun, skips it.
 
 A job's files are one `MaskChunkFiles`. In the workflow its mask folder is a declared output,
 which Snakemake empties before it reruns the job; so masks are computed into a store shared by
@@ -40,9 +42,10 @@ from .config import fill_section, pick_keys
 from .io import (
     atomic_save,
     atomic_write,
-    concat_chunks,
+    check_chunk_plan,
     dumps_record,
     iter_jsonl,
+    read_json,
     write_json,
 )
 from .journal import Journal
@@ -79,8 +82,12 @@ OUTPUT_KEYS = (
     "model_config",  # which SAM2
     "checkpoint",  # its weights
     "mask_format",  # npy files or RLE in the records
-    "min_score",  # quality floor: which entities stay (drop) or are flagged
-    "min_inside_fraction",  # quality floor
+)
+# The quality floors: which entities stay (drop) or are flagged. Applied by the gather over
+# the stored masks and scores (its params): changing one reruns no mask job.
+FLOOR_KEYS = (
+    "min_score",
+    "min_inside_fraction",
     "low_quality",  # drop or flag
 )
 # Tuning knobs: how fast and where a job runs, never what its outputs hold. The job reads them
@@ -97,6 +104,11 @@ TUNING_KEYS = (
 def output_settings(section: dict) -> dict:
     """The keys of a `mask:` config section that change a mask job's outputs (its params)."""
     return pick_keys(section, OUTPUT_KEYS)
+
+
+def floor_settings(section: dict) -> dict:
+    """The quality floors of a `mask:` config section (the gather's params)."""
+    return pick_keys(section, FLOOR_KEYS)
 
 
 @dataclass(frozen=True)
@@ -389,14 +401,6 @@ def _batches(
         pending = pending[size:]
 
 
-def _apply_floors(entry: dict, settings: MaskSettings) -> list[bool]:
-    """Which entities pass the quality floors."""
-    return [
-        score >= settings.min_score and inside >= settings.min_inside_fraction
-        for score, inside in zip(entry["mask_scores"], entry["mask_inside_fraction"], strict=True)
-    ]
-
-
 def mask_chunk(
     records_path: str | os.PathLike,
     files: MaskChunkFiles,
@@ -460,14 +464,7 @@ def mask_chunk(
                     drop.write(dumps_record({**flat, "drop_reason": entry["error"],
                                              "stage": "mask"}) + "\n")  # fmt: skip
                     continue
-                out_record = _merge(flat, entry, settings, counts)
-                if out_record is None:
-                    counts["dropped"] += 1
-                    reasons["all_entities_below_quality_floors"] += 1
-                    drop.write(dumps_record({**flat, "stage": "mask",
-                                             "drop_reason": "all_entities_below_quality_floors",
-                                             "mask_scores": entry["mask_scores"]}) + "\n")  # fmt: skip
-                    continue
+                out_record = _with_masks(flat, entry, settings)
                 if out_record["mask_file"]:  # where the records name it: the mask folder
                     published = masks_dir / mask_relpath(flat)
                     counts["mask_copies"] += publish(Path(out_record["mask_file"]), published)
@@ -525,10 +522,6 @@ def _mask_batch(
         entry = {"key": item.key, "mask_scores": [round(float(s), 4) for s in scores],
                  "mask_inside_fraction": inside, "mask_area_ratio": ratio,
                  "shape": [int(height), int(width)]}  # fmt: skip
-        keep = _apply_floors(entry, settings) if settings.low_quality == "drop" else None
-        if keep is not None and not all(keep):
-            array = array[np.asarray(keep, dtype=bool)]
-            entry["kept"] = keep
         if settings.mask_format == "rle":
             entry["mask_rle"] = encode_rle(array)
             entry["mask_file"] = None
@@ -544,30 +537,60 @@ def _mask_batch(
     return entries
 
 
-def _merge(flat: dict, entry: dict, settings: MaskSettings, counts: Counter) -> dict | None:
-    """The output record: entities aligned with scores/quality (floors applied), or None."""
-    n = len(flat["entities"])
-    keep = entry.get("kept") or [True] * n
+def _with_masks(flat: dict, entry: dict, settings: MaskSettings) -> dict:
+    """The output record of a mask job: every entity, aligned with its mask, score and quality."""
     out = {**flat}
-    if settings.low_quality == "drop":
-        pick = [i for i in range(n) if keep[i]]
-        counts["entities_dropped"] += n - len(pick)
-        if n and not pick:
-            return None
-    else:
-        pick = list(range(n))
-        passing = _apply_floors(entry, settings) if n else []
-        flags = [not ok for ok in passing]
-        counts["entities_flagged"] += sum(flags)
-        out["mask_low_quality"] = flags
-    out["entities"] = [flat["entities"][i] for i in pick]
     for name in ("mask_scores", "mask_inside_fraction", "mask_area_ratio"):
-        out[name] = [entry[name][i] for i in pick]
+        out[name] = list(entry[name])
     out["mask_file"] = entry.get("mask_file")
     if settings.mask_format == "rle":
         out["mask_rle"] = entry.get("mask_rle", [])
     if entry.get("shape"):
-        out["mask_shape"] = [len(pick), *entry["shape"]]
+        out["mask_shape"] = [len(flat["entities"]), *entry["shape"]]
+    return out
+
+
+# --- quality floors, applied after the masks ------------------------------------------------
+
+ALIGNED = ("entities", "mask_scores", "mask_inside_fraction", "mask_area_ratio", "mask_rle")
+BELOW_FLOORS = "all_entities_below_quality_floors"
+
+
+def apply_floors(
+    record: dict, settings: MaskSettings, floored_dir: Path | None, counts: Counter
+) -> dict | None:
+    """A masked record under the quality floors: entities dropped (None when none is left) or
+    flagged. A record that loses entities gets its kept masks in `floored_dir` (same relative
+    path), so its `mask_file` stays aligned with its entities; the job's file is never touched."""
+    n = len(record.get("entities") or [])
+    passing = [
+        score >= settings.min_score and inside >= settings.min_inside_fraction
+        for score, inside in zip(
+            record.get("mask_scores") or [], record.get("mask_inside_fraction") or [], strict=True
+        )
+    ]
+    if settings.low_quality == "flag":
+        flags = [not ok for ok in passing]
+        counts["entities_flagged"] += sum(flags)
+        return {**record, "mask_low_quality": flags}
+    pick = [i for i, ok in enumerate(passing) if ok]
+    counts["entities_dropped"] += n - len(pick)
+    if len(pick) == n:
+        return record
+    if not pick:
+        return None
+    out = {**record}
+    for name in ALIGNED:
+        if isinstance(record.get(name), list):
+            out[name] = [record[name][i] for i in pick]
+    if record.get("mask_shape"):
+        out["mask_shape"] = [len(pick), *record["mask_shape"][1:]]
+    if record.get("mask_file"):
+        if floored_dir is None:
+            raise MaskError("entities dropped by a floor but no folder for the kept masks")
+        path = Path(floored_dir).resolve() / mask_relpath(record)
+        save_npy(path, np.load(record["mask_file"])[pick])
+        out["mask_file"] = str(path)
     return out
 
 
@@ -575,18 +598,29 @@ def _merge(flat: dict, entry: dict, settings: MaskSettings, counts: Counter) -> 
 class MaskGatherFiles:
     """What the mask gather writes (the rule's outputs have these names)."""
 
-    records: str  # every chunk's masked records, in chunk order
-    dropped: str  # every chunk's dropped records
+    records: str  # every chunk's masked records, in chunk order, under the quality floors
+    dropped: str  # every chunk's dropped records, then those no floor left an entity
     stats: str  # the totals
+    floored: str | None = None  # masks of records that lost entities to a floor
 
 
 def gather_masks(
     chunks: list[str], dropped: list[str], stats: list[str], files: MaskGatherFiles,
-    index: str | os.PathLike | None = None,
+    settings: MaskSettings, index: str | os.PathLike | None = None,
 ) -> dict:  # fmt: skip
-    """Concatenate the masked chunks and their drop files in order and total their stats (the
-    three lists aligned); with `index`, the chunks must be those of the caption chunk index."""
-    per_chunk = concat_chunks([chunks, dropped], [files.records, files.dropped], stats, index)
+    """Concatenate the masked chunks (the quality floors applied) and their drop files in order
+    and total their stats (the three lists aligned); with `index`, the chunks must be those of
+    the caption chunk index."""
+    if not len(chunks) == len(dropped) == len(stats):
+        raise ValueError(
+            f"chunk file lists not aligned: {len(chunks)}, {len(dropped)}, {len(stats)}"
+        )
+    per_chunk = [read_json(path) for path in stats]
+    if index is not None:
+        check_chunk_plan(index, list(chunks), per_chunk)
+    floored = Path(files.floored) if files.floored else None
+    if floored is not None:
+        floored.mkdir(parents=True, exist_ok=True)  # a declared folder, also if empty
     totals: Counter = Counter(dict.fromkeys(COUNTS, 0))
     reasons: Counter = Counter()
     meta: dict = {}
@@ -597,7 +631,27 @@ def gather_masks(
             if key != "bytes_per_masked_image":
                 meta.setdefault(key, value)
         totals.update(chunk_stats)
+    for key in ("masked", "entities", "without_entities", "entities_dropped", "entities_flagged"):
+        totals[key] = 0  # counted below, under the floors
+    with atomic_write(files.records) as out, atomic_write(files.dropped, "wb") as drop:
+        for path in dropped:
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, drop, 1 << 20)
+        for path in chunks:
+            for record in iter_jsonl(path):
+                kept = apply_floors(record, settings, floored, totals)
+                if kept is None:
+                    totals["dropped"] += 1
+                    reasons[BELOW_FLOORS] += 1
+                    line = {**record, "stage": "mask", "drop_reason": BELOW_FLOORS}
+                    drop.write((dumps_record(line) + "\n").encode())
+                    continue
+                totals["masked"] += 1
+                totals["entities"] += len(kept.get("entities") or [])
+                totals["without_entities"] += not kept.get("entities")
+                out.write(dumps_record(kept) + "\n")
     result = {**meta, "chunks": len(chunks), **dict(totals), "drop_reasons": dict(reasons)}
+    result["floors"] = {key: getattr(settings, key) for key in FLOOR_KEYS}
     result["seconds"] = round(result.get("seconds", 0.0), 3)
     result["bytes_per_masked_image"] = (
         round(totals["mask_bytes"] / totals["masked"], 1) if totals["masked"] else 0.0

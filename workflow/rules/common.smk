@@ -204,6 +204,8 @@ VALIDATED = ["validated/report.txt"]
 # groundset.emu3): the params. The tuning knobs (batch sizes, devices, decode workers) are read
 # by the jobs from the config, so changing one marks nothing stale.
 MASK_SETTINGS = groundset.mask.output_settings(config["mask"])
+# The quality floors: the mask gather's params (changing one reruns no mask job).
+MASK_FLOORS = groundset.mask.floor_settings(config["mask"])
 EMU3_SETTINGS = groundset.emu3.output_settings(config["export"]["emu3"])
 # the parts are also the outputs' partitioning: each part holds its hash share of the records
 EMU3_PARTS = EMU3_SETTINGS["parts"]

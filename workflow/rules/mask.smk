@@ -1,4 +1,7 @@
-# SAM2 masks: one job per caption chunk, then one file.
+# SAM2 masks: one job per caption chunk, then one file. A mask job keeps one mask per entity
+# with its score and quality; the gather applies the quality floors (its params), so changing
+# a floor reruns only the gather: records that lose entities get their kept masks in
+# masks/floored/<source>/<image_id>.npy.
 #
 # A chunk's masks are a declared output folder (masks/chunk_{j}/<source>/<image_id>.npy), which
 # Snakemake empties before it reruns the job. So the job computes them into the store
@@ -44,6 +47,7 @@ rule gather_masks:
         records="masked/masked.jsonl",
         dropped="masked/dropped.jsonl",
         stats="masked/mask_stats.json",
+        floored=directory("masks/floored"),
     log:
         "logs/gather_masks.log",
     conda:
@@ -52,5 +56,7 @@ rule gather_masks:
     resources:
         mem_mb=500,
         runtime=60,
+    params:
+        floors=MASK_FLOORS,
     script:
         "../scripts/gather_masks.py"
