@@ -93,11 +93,12 @@ rule score_shard:
         "../scripts/score_shard.py"
 
 
+# One input, no input function: 10,000 shards plan 20,000 filter jobs (bench/bench_dryrun.py).
+# The score job writes its stats beside the scores and depends on the template itself: a new
+# template rescores, and the new scores rerun select.
 rule select_shard:
     input:
-        scored="scored/{source}/shard_{shard}.jsonl",
-        score_stats="scored/{source}/shard_{shard}_stats.json",
-        template=config["filter"]["template"],
+        "scored/{source}/shard_{shard}.jsonl",
     output:
         kept="filtered/{source}/shard_{shard}.jsonl",
         rejected="rejected/{source}/shard_{shard}.jsonl",
@@ -112,6 +113,7 @@ rule select_shard:
         runtime=60,
     params:
         thresholds=SELECT_SETTINGS,
+        template=config["filter"]["template"],
     script:
         "../scripts/select_shard.py"
 
