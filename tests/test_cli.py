@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import yaml
+
 from conftest import RANDOM_WEIGHTS, ROOT, fake_download, write_config, write_parquet
 from groundset.cli import main
 from groundset.io import iter_jsonl, write_jsonl
@@ -157,6 +159,7 @@ def test_score_once_then_select_with_other_thresholds(tmp_path, capsys):
     for name, bound in (("loose", 1.0), ("tight", nsfw[len(nsfw) // 2])):
         changed = {**base, "filter": {**base["filter"], "nsfw": {"max_score": bound}}}
         changed["filter"]["aesthetics"] = {"min_score": 0}
+        changed["filter"]["watermark"] = {"max_prob": 1.0}
         cfg = write_config(tmp_path / f"{name}.yaml", changed)
         out = tmp_path / f"{name}.jsonl"
         assert (
@@ -182,3 +185,18 @@ def test_score_once_then_select_with_other_thresholds(tmp_path, capsys):
     }
     assert kept["tight"] < kept["loose"]
     assert scored.stat().st_mtime_ns == mtime  # the scores were read, never recomputed
+
+
+def test_score_refuses_a_template_select_cannot_apply_before_opening_an_image(tmp_path, capsys):
+    template = yaml.safe_load((ROOT / "config" / "data_juicer_filter.yaml").read_text())
+    template["process"].append({"image_text_similarity_filter": {}})
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(template))
+    config = {"sources": [{"name": "s", "url_list": "x"}], **RANDOM_WEIGHTS}
+    config["filter"] = {"template": str(tmp_path / "t.yaml")}
+    cfg = write_config(tmp_path / "c.yaml", config)
+    write_jsonl(tmp_path / "shard.jsonl", [{"image": ["/nowhere.jpg"], "image_id": "a"}])
+    args = ["score", "--config", str(cfg), "--input", str(tmp_path / "shard.jsonl")]
+    assert main([*args, "--output", str(tmp_path / "scored.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "filter.template: recipe template op 'image_text_similarity_filter'" in err
+    assert not (tmp_path / "scored_probed.jsonl").exists()  # nothing was probed

@@ -73,7 +73,7 @@ def test_probe_image_reasons(tmp_path):
     assert probe_image(str(PHOTOS / "chelsea.jpg")) == (None, (451, 300))
 
 
-def test_probe_shard_keeps_order_and_counts_reasons(tmp_path):
+def test_probe_shard_keeps_order_and_counts_reasons(tmp_path, monkeypatch):
     folder = bad_files(tmp_path / "img")
     names = [
         "cmyk.jpg",
@@ -114,6 +114,12 @@ def test_probe_shard_keeps_order_and_counts_reasons(tmp_path):
     assert "__dj__stats__" not in next(iter_jsonl(tmp_path / "k2.jsonl"))
     dropped = {r["image_id"]: r["drop_reason"] for r in iter_jsonl(tmp_path / "d.jsonl")}
     assert set(dropped) == {"corrupt.jpg", "empty.jpg", "gone.jpg", "truncated.jpg", "page.jpg"}
+    # a relative path is opened where the probe runs; data-juicer gets it absolute (it would
+    # resolve it against its input file's folder)
+    monkeypatch.chdir(folder)
+    write_jsonl(tmp_path / "r.jsonl", [{"image": ["cmyk.jpg"], "image_id": "r"}])
+    probe_shard(tmp_path / "r.jsonl", tmp_path / "rk.jsonl", tmp_path / "rd.jsonl")
+    assert next(iter_jsonl(tmp_path / "rk.jsonl"))["image"] == [str(folder / "cmyk.jpg")]
 
 
 def test_fill_template_fills_nulls_and_refuses_unknown_ones():
@@ -510,7 +516,7 @@ def test_select_applies_bounds_exactly_as_data_juicer(seed):
             "image_aesthetics_scores": [v / 10 for v in stats["image_aesthetics_scores"]],
         }
         expected = next((op._name for op in ops if not _stock_keeps(op, dj_stats)), None)
-        op_name, reason = verdict({"__dj__stats__": stats}, rules)
+        op_name, reason = verdict({"image": ["x.jpg"] * n, "__dj__stats__": stats}, rules)
         assert op_name == expected, (stats, reason)
         assert reason is None if expected is None else reason.startswith(f"{expected}: ")
         outcomes[op_name] += 1
@@ -536,13 +542,25 @@ def test_select_drops_what_scoring_could_not_decode_and_handles_empty_shards(tmp
         [
             {"image": ["/a.jpg"], "image_id": "a", "__dj__stats__": good},
             {"image": ["/b.jpg"], "image_id": "b", "__dj__stats__": changed},
+            {"image": ["/c.jpg"], "image_id": "c"},  # never scored (a manifest fed to select)
+            {
+                "image": ["/d.jpg"],
+                "image_id": "d",
+                "__dj__stats__": {**good, "image_nsfw_score": []},
+            },
+            {"image": [], "image_id": "e", "__dj__stats__": {}},  # no image: data-juicer keeps it
         ],
     )
     stats = select_shard(select_files(tmp_path), rules)
-    assert [r["image_id"] for r in iter_jsonl(tmp_path / "kept.jsonl")] == ["a"]
-    (bad,) = iter_jsonl(tmp_path / "rejected.jsonl")
-    assert bad["drop_reason"] == "score_error: OSError: image file is truncated"
-    assert stats["removed_by_filter"]["score_error"] == 1
+    assert [r["image_id"] for r in iter_jsonl(tmp_path / "kept.jsonl")] == ["a", "e"]
+    bad = {r["image_id"]: r["drop_reason"] for r in iter_jsonl(tmp_path / "rejected.jsonl")}
+    assert bad == {
+        "b": "score_error: OSError: image file is truncated",
+        "c": "score_error: no image_width for its 1 image(s): not scored",
+        "d": "score_error: no image_nsfw_score for its 1 image(s): not scored",
+    }
+    assert stats["removed_by_filter"]["score_error"] == 3
+    assert stats["bounds"]["image_aesthetics_filter"] == {"min_score": 5.0, "max_score": 10.0}
     assert stats["records_in"] - sum(stats["removed_by_filter"].values()) == stats["records_out"]
     # zero records is a normal outcome
     (tmp_path / "scored.jsonl").write_text("")

@@ -157,7 +157,7 @@ def test_sample_counts_per_stage(sample_run, source):
         recipe = (work / "dj_configs" / source / f"shard_{shard}.yaml").read_text()
         assert "stand-in-aesthetics-predictor-v2-linear" in recipe
         assert "groundset_image_scores_filter" in recipe  # scores only: no threshold in it
-        assert stats["bounds"]["image_aesthetics_filter"]["min_score"] == 0.5  # data-juicer's 0-1
+        assert stats["bounds"]["image_aesthetics_filter"]["min_score"] == 5.0  # 0-10, as configured
         rejected = list(iter_jsonl(work / "rejected" / source / f"shard_{shard}.jsonl"))
         assert len(rejected) == sum(stats["removed_by_filter"].values())
         assert all(r["drop_stage"] == "filter" and ": " in r["drop_reason"] for r in rejected)

@@ -89,6 +89,7 @@ def cmd_score(args: argparse.Namespace, config: dict) -> dict:
     """Probe one shard and score every decodable record (all five filters' stats, none removed)."""
     from .filter import probe_shard
     from .score import ScoreFiles, score_probed
+    from .select import selection_rules
 
     stem = str(Path(args.output).with_suffix(""))
     files = ScoreFiles(
@@ -101,6 +102,10 @@ def cmd_score(args: argparse.Namespace, config: dict) -> dict:
         work=stem + "_work",
     )
     settings = config["filter"]
+    try:  # a template select cannot apply stops here, before any image is opened
+        selection_rules(settings["template"], settings)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"filter.template: {error}") from None
     probe = probe_shard(
         files.shard, files.probed, files.dropped, args.threads, settings["header_sizes"]
     )

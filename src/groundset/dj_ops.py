@@ -39,8 +39,6 @@ class ImageScoresFilter(Filter):
         **kwargs,
     ):
         """Models as data-juicer's three filters name them; how to run them (groundset.scoring)."""
-        kwargs.setdefault("auto_op_parallelism", False)  # one process: batches and threads inside
-        kwargs.setdefault("num_proc", 1)
         super().__init__(*args, **kwargs)
         if decode not in scoring.DECODES:
             raise ValueError(f"decode must be one of {scoring.DECODES}, not {decode!r}")
@@ -96,6 +94,12 @@ class ImageScoresFilter(Filter):
             record[scoring.SCORE_ERRORS] = [r.get(scoring.SCORE_ERRORS, "") for r in mine]
             stats[i] = record
         return samples
+
+    def runtime_np(self):
+        """None: data-juicer's map runs in this process. `datasets` forks a pool for any
+        num_proc >= 1, and torch's OpenMP threads (the job's cores, set above) hang in a child
+        forked from a parent that already ran them; in-process, the models also load once."""
+        return None
 
     def process_batched(self, samples):
         """Keep every record (groundset.select applies the thresholds)."""

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,17 @@ def probe_record(record: dict) -> tuple[str | None, list[tuple[int, int]]]:
     return None, sizes
 
 
+def with_absolute_images(record: dict) -> dict:
+    """The record with its image paths absolute (relative ones are relative to the working
+    directory, where the probe opened them; data-juicer resolves them against its input file)."""
+    images = record.get("image")
+    if isinstance(images, str):
+        return {**record, "image": os.path.abspath(images)}
+    if images and any(not os.path.isabs(path) for path in images):
+        return {**record, "image": [os.path.abspath(path) for path in images]}
+    return record
+
+
 def with_size_stats(record: dict, sizes: list[tuple[int, int]]) -> dict:
     """Add header sizes as data-juicer stats, so its shape and aspect filters need no decode."""
     stats = dict(record.get(STATS) or {})
@@ -137,7 +149,8 @@ def probe_shard(
             for record, (reason, sizes) in zip(chunk, pool.map(probe_record, chunk), strict=True):
                 counts["records_in"] += 1
                 if reason is None:
-                    kept.write(
+                    record = with_absolute_images(record)  # as probed, not as data-juicer
+                    kept.write(  # would resolve them (its file)
                         dumps_record(with_size_stats(record, sizes) if header_sizes else record)
                         + "\n"
                     )
@@ -277,14 +290,21 @@ def run_data_juicer(
     args = ["--config", str(recipe_path)]
     if np_override:
         args += ["--np", str(np_override)]
-    cfg = init_configs(args=args)  # resets loguru's handlers: add ours afterwards
-    handler = logger.add(sink, level="INFO")
+    # data-juicer's first set-up in a process redirects stdout and stderr to its logger; later
+    # ones print the config table to stdout: stdout stays the caller's (e.g. the CLI's JSON)
+    streams = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr
+    handler = None
     try:
+        cfg = init_configs(args=args)  # resets loguru's handlers: add ours afterwards
+        handler = logger.add(sink, level="INFO")
         DefaultExecutor(cfg).run()
     finally:
-        with contextlib.suppress(ValueError):
-            logger.remove(handler)
+        if handler is not None:
+            with contextlib.suppress(ValueError):
+                logger.remove(handler)
         logger.remove()  # data-juicer's file sinks live in the work dir, which is removed next
+        sys.stdout, sys.stderr = streams
     return left
 
 

@@ -188,26 +188,11 @@ def score_probed(
     return stats
 
 
-def score_shard(
-    index: dict,
-    shard: int,
-    files: ScoreFiles,
-    *,
-    template: str | os.PathLike,
-    name: str,
-    settings: dict,
-    models: dict[str, str],
-    threads: int = 1,
-) -> dict:
-    """Slice shard `shard` from the indexed manifest, probe it, score it (`settings`: with_tuning)."""
+def score_shard(index: dict, shard: int, files: ScoreFiles, **scoring_args) -> dict:
+    """Slice shard `shard` from the indexed manifest, probe it, score it (`scoring_args`: those
+    of `score_probed` but `probe`; `settings` with the tuning knobs, see `with_tuning`)."""
     write_shard(index, shard, files.shard)
-    probe = probe_shard(files.shard, files.probed, files.dropped, threads, settings["header_sizes"])
-    return score_probed(
-        files,
-        template=template,
-        name=name,
-        settings=settings,
-        models=models,
-        threads=threads,
-        probe=probe,
-    )
+    threads = scoring_args.get("threads", 1)
+    header_sizes = scoring_args["settings"]["header_sizes"]
+    probe = probe_shard(files.shard, files.probed, files.dropped, threads, header_sizes)
+    return score_probed(files, probe=probe, **scoring_args)

@@ -68,6 +68,12 @@ class Rule:
     reversed_range: bool = False
     divisor: float = 1.0  # stored aesthetics are on 0-10; data-juicer compares score / divisor
 
+    def shown_bounds(self) -> dict:
+        """The bounds on the stored scale (aesthetics on 0-10, as the config gives them)."""
+        if self.op != "image_aesthetics_filter":
+            return dict(self.bounds)
+        return {key: value * self.divisor for key, value in self.bounds.items()}
+
     def keep_value(self, value: float, low: float | None, high: float | None) -> bool:
         """data-juicer's Filter.get_keep_boolean for one value."""
         keep = True
@@ -166,6 +172,12 @@ def verdict(record: dict, rules: list[Rule]) -> tuple[str | None, str | None]:
     errors = [e for e in stats.get(scoring.SCORE_ERRORS) or [] if e]
     if errors:
         return SCORE_ERROR, f"{SCORE_ERROR}: {errors[0]}"
+    images = record.get("image") or []
+    count = 1 if isinstance(images, str) else len(images)
+    for rule in rules:  # every image scored by every filter, or the record was never scored
+        for key, *_ in CHECKS[rule.op]:
+            if len(stats.get(key) or []) != count:
+                return SCORE_ERROR, f"{SCORE_ERROR}: no {key} for its {count} image(s): not scored"
     for rule in rules:
         reason = rule.failure(stats)
         if reason:
@@ -211,7 +223,7 @@ def select_shard(files: SelectFiles, rules: list[Rule]) -> dict:
         "removed_by_filter": {
             op: removed[op] for op in removed if op != SCORE_ERROR or removed[op]
         },
-        "bounds": {rule.op: rule.bounds for rule in rules},
+        "bounds": {rule.op: rule.shown_bounds() for rule in rules},
         "probe": score_stats.get("probe", {}),
         "scoring": {k: v for k, v in score_stats.items() if k != "probe"},
     }

@@ -17,6 +17,7 @@ import groundset.caption
 import groundset.emu3
 import groundset.filter
 import groundset.score
+import groundset.select
 import groundset.mask
 
 # Schema (defaults filled) and cross-key checks, before any job: one line per problem, each
@@ -43,6 +44,12 @@ config["mask"]["checkpoint"] = launch_path(config["mask"]["checkpoint"])
 config["export"]["emu3"]["tokenizer"] = launch_path(config["export"]["emu3"]["tokenizer"])
 if missing_weights(config):
     raise WorkflowError("invalid configuration:\n" + "\n".join(missing_weights(config)))
+# The recipe template names the filters select applies: a wrong one stops the run before any
+# (expensive) score job.
+try:
+    groundset.select.selection_rules(config["filter"]["template"], config["filter"])
+except (OSError, ValueError) as error:
+    raise WorkflowError(f"invalid configuration:\nfilter.template: {error}") from None
 
 SOURCES = [source["name"] for source in config["sources"]]
 
