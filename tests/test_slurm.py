@@ -233,7 +233,12 @@ def test_a_stale_link_of_a_killed_test_cluster_is_replaced_and_a_real_config_is_
     with subprocess.Popen([str(daemon), "60"]) as proc:
         try:
             (root / "run" / "slurmctld.pid").write_text(f"{proc.pid}\n")
-            assert not _left_by_dead_test_cluster(link)
+            comm = Path(f"/proc/{proc.pid}/comm")
+            deadline = time.monotonic() + 10  # a loaded machine may show the name late
+            while comm.read_text().strip() != "slurmctld" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen = comm.read_text().strip(), Path(f"/proc/{proc.pid}/stat").read_text()
+            assert not _left_by_dead_test_cluster(link), seen
             assert proc.poll() is None  # and it was not touched
         finally:
             proc.kill()
