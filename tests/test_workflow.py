@@ -317,7 +317,7 @@ def test_killed_filter_job_reruns_cleanly(private_sample):
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    work_dir = work / "dj_work" / "laion-high-resolution" / "shard_0"
+    work_dir = work / "scored" / "laion-high-resolution" / "shard_0_work"
     deadline = time.time() + 120
     while not any(work_dir.glob("*/logs")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)  # data-juicer has started on the shard

@@ -99,7 +99,6 @@ def cmd_score(args: argparse.Namespace, config: dict) -> dict:
         recipe=stem + "_recipe.yaml",
         scored=args.output,
         stats=args.stats or stem + "_stats.json",
-        work=stem + "_work",
     )
     settings = config["filter"]
     try:  # a template select cannot apply stops here, before any image is opened
@@ -118,7 +117,6 @@ def cmd_score(args: argparse.Namespace, config: dict) -> dict:
         threads=args.threads,
         probe=probe,
     )
-    Path(files.work).rmdir()
     return stats
 
 

@@ -111,7 +111,12 @@ class ScoreFiles:
     recipe: str  # the scoring recipe
     scored: str  # every probed record with all five stats
     stats: str  # counts and timings of the probe and the scoring
-    work: str  # data-juicer's work folder, left empty at the end
+    work: str = ""  # data-juicer's work folder, removed at the end; default <scored stem>_work
+
+    def __post_init__(self) -> None:
+        """Default the work folder to one beside the scores (never the current directory)."""
+        if not self.work:
+            object.__setattr__(self, "work", self.scored.removesuffix(".jsonl") + "_work")
 
 
 def run_scoring(recipe: dict, files: ScoreFiles, models_home: str | None) -> tuple[int, float]:
@@ -145,7 +150,6 @@ def run_scoring(recipe: dict, files: ScoreFiles, models_home: str | None) -> tup
             f"lost (see the log above); nothing was written as complete"
         )
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)  # a declared output: left empty
     return count, seconds
 
 

@@ -11,11 +11,13 @@ Changing a threshold reruns only this step and what follows.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from tqdm import tqdm
@@ -23,6 +25,9 @@ from tqdm import tqdm
 from . import scoring
 from .filter import AESTHETICS_KEY, OPS, STATS, aesthetics_divisor, fill_template, filter_values
 from .io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
+
+# What a select job's log says (its stats file has the rest).
+SUMMARY_KEYS = ("records_in", "records_out", "removed_by_filter")
 
 # data-juicer 1.6's defaults for the bounds a template leaves out (the ops' __init__ signatures).
 DJ_DEFAULTS = {
@@ -196,14 +201,15 @@ class SelectFiles:
     stats: str  # filtered/<source>/shard_{i}_stats.json
 
 
-def select_shard(files: SelectFiles, rules: list[Rule]) -> dict:
+def select_shard(files: SelectFiles, rules: list[Rule], progress: bool = True) -> dict:
     """Split a scored shard into kept and rejected records; write its counts; return them."""
     removed = Counter({rule.op: 0 for rule in rules})
     records_in = kept_count = 0
+    desc = f"select {Path(files.scored).name}"
     with (
         atomic_write(files.kept) as kept,
         atomic_write(files.rejected) as rejected,
-        tqdm(unit="rec", desc=f"select {Path(files.scored).name}", mininterval=5) as bar,
+        tqdm(unit="rec", desc=desc, mininterval=5, disable=not progress) as bar,
     ):
         for record in iter_jsonl(files.scored):
             records_in += 1
@@ -228,4 +234,19 @@ def select_shard(files: SelectFiles, rules: list[Rule]) -> dict:
         "scoring": {k: v for k, v in score_stats.items() if k != "probe"},
     }
     write_json(files.stats, stats)
+    return stats
+
+
+def select_job(scored: str, output: Any, log: str, template: str, thresholds: dict) -> dict:
+    """Rule select_shard's job (run in the Snakemake process: no bar, its counts to `log`)."""
+    files = SelectFiles(
+        scored=scored,
+        score_stats=scored.removesuffix(".jsonl") + "_stats.json",  # written with the scores
+        kept=output.kept,
+        rejected=output.rejected,
+        stats=output.stats,
+    )
+    stats = select_shard(files, selection_rules(template, thresholds), progress=False)
+    with atomic_write(log) as handle:
+        handle.write(json.dumps({k: stats[k] for k in SUMMARY_KEYS}) + "\n")
     return stats

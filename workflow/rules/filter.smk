@@ -73,9 +73,6 @@ rule score_shard:
         recipe="dj_configs/{source}/shard_{shard}.yaml",
         scored="scored/{source}/shard_{shard}.jsonl",
         stats="scored/{source}/shard_{shard}_stats.json",
-        # data-juicer's work folder: Snakemake clears it before a (re)run, so a killed job's
-        # leftovers never meet the rerun, and removes it after the job
-        work=temp(directory("dj_work/{source}/shard_{shard}")),
     log:
         "logs/score_shard/{source}/{shard}.log",
     benchmark:
@@ -87,15 +84,19 @@ rule score_shard:
         mem_mb=16000,
         runtime=24 * 60,
         gpu=config["filter"]["gpus"],
+        # declared, not the profile's default (an expression evaluated per job while planning)
+        disk_mb=1000,
     params:
         settings=SCORE_SETTINGS,
     script:
         "../scripts/score_shard.py"
 
 
-# One input, no input function: 10,000 shards plan 20,000 filter jobs (bench/bench_dryrun.py).
-# The score job writes its stats beside the scores and depends on the template itself: a new
-# template rescores, and the new scores rerun select.
+# Planned once per shard, so as light as a rule gets (bench/bench_dryrun.py: 10,000 shards plan
+# 20,000 filter jobs): one input, no input function, `run:` (a `script:` is looked up in
+# Snakemake's source cache per job). A local rule: it runs in the Snakemake process, in
+# seconds per shard. The score job depends on the template itself: a new template rescores,
+# and the new scores rerun select.
 rule select_shard:
     input:
         "scored/{source}/shard_{shard}.jsonl",
@@ -105,17 +106,16 @@ rule select_shard:
         stats="filtered/{source}/shard_{shard}_stats.json",
     log:
         "logs/select_shard/{source}/{shard}.log",
-    conda:
-        "../envs/groundset.yaml"
     threads: 1
     resources:
         mem_mb=500,
         runtime=60,
+        disk_mb=100,
     params:
         thresholds=SELECT_SETTINGS,
         template=config["filter"]["template"],
-    script:
-        "../scripts/select_shard.py"
+    run:
+        groundset.select.select_job(input[0], output, log[0], params.template, params.thresholds)
 
 
 rule merge_tiers:
