@@ -486,3 +486,22 @@ def test_sections_fill_nested_defaults_and_name_bad_keys_by_their_path():
         fill_section("mask", {"maks_format": "rle"})
     with pytest.raises(KeyError, match="no section 'captions'"):
         section_defaults("captions")
+
+
+def test_key_order_of_the_config_file_changes_no_params():
+    """The same settings written in another order validate to the same text (Snakemake compares
+    params as text: a reordered file would rerun every job, downloads included)."""
+
+    def reversed_keys(value):
+        if isinstance(value, dict):
+            return {key: reversed_keys(value[key]) for key in reversed(list(value))}
+        if isinstance(value, list):
+            return [reversed_keys(item) for item in value]
+        return value
+
+    user = yaml.safe_load((ROOT / "config" / "sample.yaml").read_text())
+    user["download"] = {"number_sample_per_shard": 8, "processes_count": 2, "extra_args": {}}
+    written = validate_config(copy.deepcopy(user))
+    rewritten = validate_config(reversed_keys(copy.deepcopy(user)))
+    assert json.dumps(rewritten) == json.dumps(written)
+    assert list(written["download"]) == sorted(written["download"])

@@ -111,7 +111,20 @@ def validate_config(
     validator = _with_defaults(Draft202012Validator)(load_schema("config"))
     errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     _raise(source, [line for e in errors for line in _schema_problems(e, [])])
-    return check_config(config, source, weights)
+    return sort_keys(check_config(config, source, weights))
+
+
+def sort_keys(value: Any) -> Any:
+    """`value` with every mapping's keys in sorted order, in place: the jobs' params (parts of
+    the config) then do not depend on the order the keys were written in. Snakemake compares
+    params as text, so a reordered or rewritten config file would otherwise rerun every job."""
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda item: str(item[0]))
+        value.clear()
+        value.update((key, sort_keys(item)) for key, item in items)
+    elif isinstance(value, list):
+        value[:] = [sort_keys(item) for item in value]
+    return value
 
 
 def _schema_problems(error, prefix: list) -> list[str]:
