@@ -507,6 +507,33 @@ def test_another_prompt_or_model_is_asked_again(tmp_path):
         assert answers() == first
 
 
+def test_an_id_given_to_another_image_by_a_re_download_is_asked_again(tmp_path):
+    """img2dataset numbers what it fetched: after a re-download an id can name another image
+    (another URL). Its journaled answer belongs to the old image and is not reused."""
+    images = make_images(tmp_path / "img", [(32, 32)] * 2)
+    records = make_records(tmp_path / "in.jsonl", images)
+    for i, record in enumerate(records):
+        record["url"] = f"http://example.com/{i}.jpg"
+    write_jsonl(tmp_path / "in.jsonl", records)
+    with StandInVLM() as server:
+        settings = settings_for(server)
+        run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
+        first = {
+            r["image_id"]: r["caption_meta"]["request_id"]
+            for r in iter_jsonl(tmp_path / "out.jsonl")
+        }
+        records[1]["url"] = "http://example.com/other.jpg"  # same id, another image
+        write_jsonl(tmp_path / "in.jsonl", records)
+        stats = run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
+        assert len(server.log) == 3 and stats["requested"] == 1 and stats["from_journal"] == 1
+        now = {
+            r["image_id"]: r["caption_meta"]["request_id"]
+            for r in iter_jsonl(tmp_path / "out.jsonl")
+        }
+        assert now[records[0]["image_id"]] == first[records[0]["image_id"]]
+        assert now[records[1]["image_id"]] != first[records[1]["image_id"]]
+
+
 def test_chunks_resume_when_the_layout_changes(tmp_path):
     images = make_images(tmp_path / "img", [(32, 32)] * 7)
     make_records(tmp_path / "in.jsonl", images)

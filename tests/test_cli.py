@@ -200,3 +200,14 @@ def test_score_refuses_a_template_select_cannot_apply_before_opening_an_image(tm
     err = capsys.readouterr().err
     assert "filter.template: recipe template op 'image_text_similarity_filter'" in err
     assert not (tmp_path / "scored_probed.jsonl").exists()  # nothing was probed
+
+
+def test_select_refuses_a_file_without_scores(tmp_path, capsys):
+    """The raw shard (or a probed one) instead of the scored file: an error, not 0 kept."""
+    config = {"sources": [{"name": "s", "url_list": "x"}], **RANDOM_WEIGHTS}
+    cfg = write_config(tmp_path / "c.yaml", config)
+    write_jsonl(tmp_path / "shard.jsonl", [{"image": ["/a.jpg"], "image_id": "a"}])
+    args = ["select", "--config", str(cfg), "--input", str(tmp_path / "shard.jsonl")]
+    assert main([*args, "--output", str(tmp_path / "kept.jsonl")]) == 2
+    assert "holds no scores" in capsys.readouterr().err
+    assert not (tmp_path / "kept.jsonl").exists()

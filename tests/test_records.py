@@ -123,3 +123,12 @@ def test_every_stage_uses_the_one_copy():
     assert grounding.entity_boxes is records.entity_boxes
     assert grounding.record_boxes is records.record_boxes
     assert mask.mask_path("/m", SEED_CAPTIONED).as_posix() == "/m/000000974.npy"
+
+
+def test_same_image_compares_urls_when_both_have_one():
+    from groundset.records import same_image
+
+    assert same_image({"url": "http://a/1.jpg"}, {"url": "http://a/1.jpg"})
+    assert not same_image({"url": "http://a/1.jpg"}, {"url": "http://a/2.jpg"})
+    assert same_image({}, {"url": "http://a/2.jpg"})  # an older journal entry
+    assert same_image({"url": "http://a/1.jpg"}, {})  # a record without a URL

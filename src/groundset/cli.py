@@ -122,6 +122,8 @@ def cmd_score(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_select(args: argparse.Namespace, config: dict) -> dict:
     """Apply the config's thresholds to a scored shard: kept, rejected (with why) and counts."""
+    from . import scoring
+    from .filter import STATS
     from .select import SelectFiles, select_shard, selection_rules
 
     stem = str(Path(args.output).with_suffix(""))
@@ -134,7 +136,19 @@ def cmd_select(args: argparse.Namespace, config: dict) -> dict:
         stats=args.stats or stem + "_stats.json",
     )
     filter_cfg = config["filter"]
-    return select_shard(files, selection_rules(filter_cfg["template"], filter_cfg))
+    try:
+        rules = selection_rules(filter_cfg["template"], filter_cfg)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"filter.template: {error}") from None
+    from .io import iter_jsonl
+
+    first = next(iter_jsonl(args.input), None)
+    if first is not None and not {scoring.NSFW, scoring.SCORE_ERRORS} & set(first.get(STATS) or {}):
+        raise ValueError(
+            f"{args.input} holds no scores (its first record has no {scoring.NSFW}): select "
+            "reads what `groundset score` wrote"
+        )
+    return select_shard(files, rules)
 
 
 def cmd_dj_config(args: argparse.Namespace, config: dict) -> dict:

@@ -49,7 +49,7 @@ from .io import (
     write_json,
 )
 from .journal import Journal
-from .records import RecordError, flatten_record, mask_relpath, record_key
+from .records import RecordError, flatten_record, mask_relpath, record_key, same_image
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +434,8 @@ def mask_chunk(
                 return False
             if entry.get("input") != input_digest(flatten_record(item.record)):
                 return False
+            if not same_image(entry, item.record):
+                return False  # another image under this id (a re-download renumbered them)
             if entry.get("error"):
                 return False  # cheap to try again: the image may be back
             if settings.mask_format == "rle" or not entry.get("mask_file"):
@@ -447,7 +449,8 @@ def mask_chunk(
             for batch in _batches(todo, pool, settings.batch_size):
                 entries = _mask_batch(batch, get_masker, settings, computed_dir, writer, counts)
                 journal.append([
-                    {**entry, "settings": settings.digest, "input": input_digest(item.record)}
+                    {**entry, "settings": settings.digest, "input": input_digest(item.record),
+                     "url": item.record.get("url")}  # fmt: skip
                     for item, entry in zip(batch, entries, strict=True)
                 ])  # fmt: skip
                 bar.update(len(batch))

@@ -33,6 +33,14 @@ def image_path(record: dict) -> str:
     return str(image)
 
 
+def same_image(entry: dict, record: dict) -> bool:
+    """Whether a journal entry was made for this record's image. A re-download can give an id
+    to another image (img2dataset numbers what it fetched), a URL stays; entries without a URL
+    (older journals, records without one) are taken as they are."""
+    journaled, current = entry.get("url"), record.get("url")
+    return journaled is None or current is None or journaled == current
+
+
 def record_key(record: dict) -> str:
     """`source/image_id`; `image_id` without a source; the image path without an image id."""
     image_id = record.get("image_id")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..grounding import parse_answer
 from ..journal import Journal
 from ..pacing import RateLimiter, Stopped, backoff_delay
-from ..records import record_key
+from ..records import record_key, same_image
 from .backends import ApiError, Dropped, Payload, _sent, make_backend, record_payload
 from .settings import CaptionError, Settings, question_id
 
@@ -38,9 +38,11 @@ class Outcome:
 
 
 def request_image(
-    backend, limiter: RateLimiter, settings: Settings, key: str, payload: Payload, sleep=time.sleep
-) -> Outcome:
-    """Ask about one image, retrying throttling and transient errors with jittered back-off."""
+    backend, limiter: RateLimiter, settings: Settings, key: str, payload: Payload,
+    sleep=time.sleep, url: str | None = None,
+) -> Outcome:  # fmt: skip
+    """Ask about one image, retrying throttling and transient errors with jittered back-off
+    (`url`: the image's, journaled with the answer: see records.same_image)."""
     outcome = Outcome()
     attempts = 0
     while True:
@@ -60,7 +62,7 @@ def request_image(
                 ) from None
             failure = {"key": key, "status": "error", "reason": str(err), "http_status": err.status,
                        "code": err.code, "attempts": attempts,
-                       "question": question_id(settings)}  # fmt: skip
+                       "question": question_id(settings), "url": url}  # fmt: skip
             if err.kind == "final":
                 outcome.entry = failure
                 return outcome
@@ -77,6 +79,7 @@ def request_image(
             continue
         outcome.entry = {
             "key": key,
+            "url": url,
             "status": "answered",
             "answer": answer.text,
             "request_id": answer.request_id,
@@ -105,6 +108,13 @@ def stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def journaled_answer(journal: Journal, record: dict, question: str) -> dict | None:
+    """The journal's last answer to `question` about this record's image (one journaled for
+    another image under the same id does not count)."""
+    entry = journal.done_for(record_key(record), question)
+    return entry if entry is not None and same_image(entry, record) else None
 
 
 def _needs_request(
@@ -167,7 +177,10 @@ def request_pending(
             for record in records:
                 key = record_key(record)
                 if not _needs_request(
-                    journal.done_for(key, question), retry_errors, question, settings.expects_json
+                    journaled_answer(journal, record, question),
+                    retry_errors,
+                    question,
+                    settings.expects_json,
                 ):
                     counts["from_journal"] += 1
                     continue
@@ -182,7 +195,9 @@ def request_pending(
                     collect(done)
                     bar.update(len(done))
                 counts["requested"] += 1
-                future = pool.submit(request_image, backend, limiter, settings, key, payload)
+                future = pool.submit(
+                    request_image, backend, limiter, settings, key, payload, url=record.get("url")
+                )
                 in_flight[future] = key
             while in_flight:
                 done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)

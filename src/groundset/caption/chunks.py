@@ -19,9 +19,9 @@ from pathlib import Path
 from ..grounding import parse_answer
 from ..io import atomic_write, concat_chunks, dumps_record, read_json, write_json
 from ..journal import Journal
-from ..records import record_key
+from ..records import record_key, same_image
 from ..split import index_manifest
-from .asking import request_pending
+from .asking import journaled_answer, request_pending
 from .settings import CaptionError, Settings, endpoint_for_run, question_id, uses_stand_in
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,11 @@ def caption_chunk(
                     continue
                 # the answer to this config's question; reparse (no requests) takes the last
                 # answer journaled, whatever it was asked
-                entry = journal.done_for(key, question) or (journal.done(key) if reparse else None)
+                entry = journaled_answer(journal, record, question) or (
+                    journal.done(key) if reparse else None
+                )
+                if entry is not None and not same_image(entry, record):
+                    entry = None  # journaled for another image under this id (re-download)
                 if entry is None or key in gave_up:  # never asked, or this run's asking failed
                     failure = gave_up.get(key) or {"reason": "not requested (reparse)",
                                                    "attempts": 0}  # fmt: skip
