@@ -40,7 +40,14 @@ from .config import fill_section, pick_keys, section_defaults
 from .io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
 from .journal import Journal
 from .mask import publish, resolve_device
-from .records import RecordError, feature_relpath, image_path, record_boxes, record_key
+from .records import (
+    RecordError,
+    feature_relpath,
+    image_path,
+    record_boxes,
+    record_key,
+    same_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +487,7 @@ def export_part(
                         entries.append(
                             {
                                 "key": item.key,
+                                "url": item.record.get("url"),
                                 "digest": digest,
                                 "shape": list(item.shape),
                                 "texts_sha1": _sha1(item.prompt),
@@ -504,7 +512,8 @@ def export_part(
                 return item
             done = journal.done(item.key)
             feature = saved_dir / item.feature
-            if done and done.get("digest") == digest and feature.exists():
+            fresh = done and done.get("digest") == digest and same_image(done, item.record)
+            if fresh and feature.exists():
                 if done.get("texts_sha1") != _sha1(prompt):  # the prompt changed: texts only
                     tokens = load_feature(feature)["images"].numpy()
                     save_feature(feature, item.key, tokens, prompt)
