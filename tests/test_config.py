@@ -373,8 +373,10 @@ def sample_with(tmp_path, patch: dict) -> list[str]:
          f"export.emu3.tokenizer: {ROOT}/nowhere is not a model folder with a config.json"),
         ({"caption": {"chunk_sise": 4}},
          "caption.chunk_sise: unknown key (did you mean caption.chunk_size?)"),
+        ({"filter": {"template": "nowhere/recipe.yaml"}},
+         "filter.template: [Errno 2] No such file or directory"),
     ],
-    ids=["min_score", "checkpoint", "missing_checkpoint", "missing_tokenizer", "typo"],
+    ids=["min_score", "checkpoint", "missing_checkpoint", "missing_tokenizer", "typo", "template"],
 )  # fmt: skip
 def test_snakemake_stops_on_a_bad_config_before_any_job(tmp_path, patch, message):
     done = run_snakemake(sample_with(tmp_path, patch), check=False)

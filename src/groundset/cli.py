@@ -89,7 +89,7 @@ def cmd_score(args: argparse.Namespace, config: dict) -> dict:
     """Probe one shard and score every decodable record (all five filters' stats, none removed)."""
     from .filter import probe_shard
     from .score import ScoreFiles, score_probed
-    from .select import selection_rules
+    from .select import config_rules
 
     stem = str(Path(args.output).with_suffix(""))
     files = ScoreFiles(
@@ -101,10 +101,7 @@ def cmd_score(args: argparse.Namespace, config: dict) -> dict:
         stats=args.stats or stem + "_stats.json",
     )
     settings = config["filter"]
-    try:  # a template select cannot apply stops here, before any image is opened
-        selection_rules(settings["template"], settings)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"filter.template: {error}") from None
+    config_rules(settings)  # a template select cannot apply stops here, before any image is read
     probe = probe_shard(
         files.shard, files.probed, files.dropped, args.threads, settings["header_sizes"]
     )
@@ -124,7 +121,8 @@ def cmd_select(args: argparse.Namespace, config: dict) -> dict:
     """Apply the config's thresholds to a scored shard: kept, rejected (with why) and counts."""
     from . import scoring
     from .filter import STATS
-    from .select import SelectFiles, select_shard, selection_rules
+    from .io import iter_jsonl
+    from .select import SelectFiles, config_rules, select_shard
 
     stem = str(Path(args.output).with_suffix(""))
     in_stem = str(Path(args.input).with_suffix(""))
@@ -135,13 +133,7 @@ def cmd_select(args: argparse.Namespace, config: dict) -> dict:
         rejected=args.rejected or stem + "_rejected.jsonl",
         stats=args.stats or stem + "_stats.json",
     )
-    filter_cfg = config["filter"]
-    try:
-        rules = selection_rules(filter_cfg["template"], filter_cfg)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"filter.template: {error}") from None
-    from .io import iter_jsonl
-
+    rules = config_rules(config["filter"])
     first = next(iter_jsonl(args.input), None)
     if first is not None and not {scoring.NSFW, scoring.SCORE_ERRORS} & set(first.get(STATS) or {}):
         raise ValueError(

@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from . import scoring
+from .config import ConfigError
 from .filter import AESTHETICS_KEY, OPS, STATS, aesthetics_divisor, fill_template, filter_values
 from .io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
 
@@ -155,6 +156,15 @@ def rules_from_recipe(recipe: dict) -> list[Rule]:
                 }
             )
     return rules
+
+
+def config_rules(filter_cfg: dict) -> list[Rule]:
+    """`selection_rules` of a validated `filter:` section; a template it cannot apply is a
+    ConfigError naming `filter.template` (raised before any job or image is touched)."""
+    try:
+        return selection_rules(filter_cfg["template"], filter_cfg)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"filter.template: {error}") from None
 
 
 def selection_rules(template_path: str | os.PathLike, filter_cfg: dict) -> list[Rule]:

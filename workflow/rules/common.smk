@@ -47,9 +47,9 @@ if missing_weights(config):
 # The recipe template names the filters select applies: a wrong one stops the run before any
 # (expensive) score job.
 try:
-    groundset.select.selection_rules(config["filter"]["template"], config["filter"])
-except (OSError, ValueError) as error:
-    raise WorkflowError(f"invalid configuration:\nfilter.template: {error}") from None
+    groundset.select.config_rules(config["filter"])
+except ConfigError as error:
+    raise WorkflowError(f"invalid configuration:\n{error}") from None
 
 SOURCES = [source["name"] for source in config["sources"]]
 
