@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
@@ -161,19 +162,35 @@ def test_every_answer_format_through_the_real_sdk(tmp_path, backend):
     assert read_json(tmp_path / "out_stats.json") == stats
 
 
-def test_qwen25_pixel_boxes_use_the_resized_frame(tmp_path):
+@pytest.mark.parametrize("max_pixels", [None, 1003520, 250000])
+def test_qwen25_pixel_boxes_use_the_frame_of_the_image_as_sent(tmp_path, max_pixels):
+    # Qwen2.5-VL answers pixels of its smart-resized version of the image it RECEIVES: a stand-in
+    # that does the same must come back as the left half whatever the budget shrank the image to
     images = make_images(tmp_path / "img", [(2000, 1000)])
     make_records(tmp_path / "in.jsonl", images)
-    h, w = smart_resize(1000, 2000)
-    answer = json.dumps([{"bbox_2d": [0, 0, w // 2, h], "label": "left half"}])
-    answer = json.dumps({"caption": "Two halves.", "entities": json.loads(answer)})
-    with StandInVLM(lambda *a: Reply(answer=answer)) as server:
-        settings = settings_for(server, model="qwen2.5-vl-72b-instruct")
+    received = []
+
+    def pixel_answer(image: bytes, count: int, protocol: str) -> Reply:
+        with Image.open(io.BytesIO(image)) as sent:
+            received.append((sent.format, sent.size))
+            h, w = smart_resize(sent.height, sent.width)
+        entities = [{"bbox_2d": [0, 0, w // 2, h], "label": "left half"}]
+        return Reply(answer=json.dumps({"caption": "Two halves.", "entities": entities}))
+
+    with StandInVLM(pixel_answer) as server:
+        settings = settings_for(server, model="qwen2.5-vl-72b-instruct", max_pixels=max_pixels)
         assert settings.convention == "pixels"
         run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
     (record,) = iter_jsonl(tmp_path / "out.jsonl")
-    assert record["entities"] == [{"entity": "left half", "bboxes": [[0.0, 0.0, 0.5, 1.0]]}]
+    (box,) = record["entities"][0]["bboxes"]
+    assert box == pytest.approx([0.0, 0.0, 0.5, 1.0], abs=0.002), box
     assert record["caption_meta"]["convention"] == "pixels"
+    ((fmt, size),) = received
+    if max_pixels is None:
+        assert size == (2000, 1000)
+    else:  # shrunk within the budget, aspect kept, as JPEG
+        assert fmt == "JPEG" and size[0] * size[1] <= max_pixels
+        assert size[0] * size[1] > 0.99 * max_pixels and abs(size[0] / size[1] - 2) < 0.01
 
 
 def test_unreadable_images_are_dropped_before_any_request(tmp_path):
@@ -359,12 +376,15 @@ def test_wrong_key_stops_the_job_and_a_dead_endpoint_stops_it_too(tmp_path):
 
 def test_every_caption_key_is_either_an_output_key_or_a_tuning_knob():
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    keys = set(schema["properties"]["caption"]["properties"])
+    properties = schema["properties"]["caption"]["properties"]
+    keys = {f"{k}.{sub}" for k in properties for sub in properties[k].get("properties", {})}
+    keys |= {k for k in properties if "properties" not in properties[k]}
     groups = [set(OUTPUT_KEYS), set(TUNING_KEYS), set(INDEX_KEYS)]
     assert sum(len(g) for g in groups) == len(set().union(*groups))  # no key in two groups
     # a new caption key must be classified: does it change a chunk's outputs (params) or not?
     assert keys == set().union(*groups), keys ^ set().union(*groups)
-    assert set(Settings.__dataclass_fields__) - {"api_key"} <= set(OUTPUT_KEYS) | set(TUNING_KEYS)
+    heads = {key.split(".")[0] for key in (*OUTPUT_KEYS, *TUNING_KEYS)}
+    assert set(Settings.__dataclass_fields__) - {"api_key"} <= heads
     assert set(PREFLIGHT_KEYS) <= set(OUTPUT_KEYS)  # a new check cuts the chunks again
     section = {"model": "m", "prompt": "p", "keep_ungrounded": True, "concurrency": 3,
                "timeout_s": 7, "rate_per_second": 4, "api_jobs": 2, "input": "x"}  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -188,3 +189,46 @@ def test_tuning_knobs_mark_no_chunk_stale_and_output_keys_do(tmp_path):
         done = snakemake(config(**{key: value}), "--cores", "1", TARGET, "-n", key=None)
         plan = planned(done)
         assert plan.get("caption_chunk") == 2 and "caption_preflight" not in plan, (key, plan)
+
+
+def test_servers_started_by_the_workflow_share_the_chunks_and_are_gone_after(tmp_path):
+    images = make_images(tmp_path / "img", [(40 + i, 40) for i in range(8)])
+    make_records(tmp_path / "in.jsonl", images)
+    requests = tmp_path / "requests.jsonl"
+    command = (f"{sys.executable} -m groundset.testing.vlm --port {{port}} --latency 0.3 "
+               f"--request-log {requests}")  # fmt: skip
+    serve = {"command": command, "instances": 2, "gpus": 0, "cpus": 1, "mem_mb": 500,
+             "startup_timeout_s": 60}  # fmt: skip
+    config = caption_config(tmp_path, tmp_path / "in.jsonl", chunk_size=2, serve=serve,
+                            model="stand-in", concurrency=2)  # fmt: skip
+    snakemake(config, "--cores", "2", TARGET, key=None)
+    work = tmp_path / "results"
+    served = [json.loads(line) for line in requests.open()]
+    assert sorted(line["image"] for line in served) == sorted(
+        image_digest(p.read_bytes()) for p in images
+    )  # every image asked once, no quota (rate_per_second 2 would take 4 s) ...
+    logs = sorted((work / "logs" / "caption_chunk").glob("*.server.log"))
+    pids = {int(part.split(",")[0]) for log in logs for part in log.read_text().split("(pid ")[1:]}
+    assert len(logs) == 4 and len(pids) == 4  # ... one server per chunk job, ...
+    assert {line["pid"] for line in served} == pids
+    overlapping = [
+        (a["pid"], b["pid"]) for a in served for b in served
+        if a["pid"] != b["pid"] and a["start"] < b["end"] and b["start"] < a["end"]
+    ]  # fmt: skip
+    assert overlapping, "two servers never answered at the same time (instances: 2)"
+    for pid in pids:  # ... and none outlives its job
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    stats = json.loads((work / "captioned" / "caption_stats.json").read_text())
+    assert stats["captioned"] == 8
+    # the same captions as a plain base_url run against the stand-in
+    (tmp_path / "plain").mkdir()
+    with StandInVLM(api_key="sk-wf") as server:
+        plain = caption_config(tmp_path / "plain", tmp_path / "in.jsonl", chunk_size=2,
+                               base_url=server.openai_url, model="stand-in")  # fmt: skip
+        snakemake(plain, "--cores", "2", TARGET)
+
+    def captions(root):
+        path = root / "results" / "captioned" / "captioned.jsonl"
+        return [(r["image_id"], r["caption"], r["entities"]) for r in map(json.loads, path.open())]
+
+    assert captions(tmp_path) == captions(tmp_path / "plain")

@@ -224,14 +224,38 @@ def _threshold_problems(config: dict) -> list[str]:
 
 
 def _caption_problems(config: dict) -> list[str]:
-    """Back-off bounds in order."""
+    """Back-off bounds in order; a server command that the jobs can start and talk to."""
     caption = config["caption"]
+    problems = []
     if caption["backoff_base_s"] > caption["backoff_cap_s"]:
-        return [
+        problems.append(
             f"caption.backoff_base_s: {caption['backoff_base_s']} is greater than "
             f"caption.backoff_cap_s {caption['backoff_cap_s']}"
-        ]
-    return []
+        )
+    command = caption["serve"]["command"]
+    if command is None:
+        return problems
+    if "{port}" not in command:
+        problems.append(
+            "caption.serve.command: must contain {port} (each caption job starts its server on "
+            f"a free port): {command!r}"
+        )
+    if caption["backend"] != "openai":
+        problems.append(
+            f"caption.backend: {caption['backend']!r}, but the servers caption.serve.command "
+            "starts speak the OpenAI protocol: set caption.backend: openai"
+        )
+    if caption["base_url"]:
+        problems.append(
+            f"caption.base_url: {caption['base_url']!r} must be null with caption.serve.command "
+            "(the jobs talk to the servers they start)"
+        )
+    if caption["stand_in"] is True:
+        problems.append(
+            "caption.stand_in: true starts the in-process stand-in; with caption.serve.command "
+            "set it to false (serve the stand-in with python -m groundset.testing.vlm)"
+        )
+    return problems
 
 
 def _sam2_checkpoint_name(model_config: str) -> str:
@@ -384,7 +408,8 @@ def pick_keys(section: dict, keys: tuple[str, ...], into: dict | None = None) ->
         if head not in section:
             continue
         if sub:
-            picked.setdefault(head, {})[sub] = copy.deepcopy(section[head][sub])
+            if sub in (section[head] or {}):
+                picked.setdefault(head, {})[sub] = copy.deepcopy(section[head][sub])
         else:
             picked[head] = copy.deepcopy(section[head])
     return picked

@@ -60,16 +60,21 @@ rule caption_chunk:
         errors="captioned/chunk_{chunk}_errors.jsonl",
         stats="captioned/chunk_{chunk}_stats.json",
     log:
-        "logs/caption_chunk/{chunk}.log",
+        job="logs/caption_chunk/{chunk}.log",
+        # the output of the VLM server the job starts (caption.serve.command), if any
+        server="logs/caption_chunk/{chunk}.server.log",
     benchmark:
         "benchmarks/caption_chunk/{chunk}.tsv"
     conda:
         "../envs/groundset.yaml"
-    threads: 1
+    threads: SERVE["cpus"] if SERVING else 1
     resources:
-        mem_mb=2000,
+        mem_mb=SERVE["mem_mb"] if SERVING else 2000,
         runtime=24 * 60,
-        vlm_api=1,
+        # a share of the API quota, or one of the servers the run may start (each on its GPUs)
+        vlm_api=0 if SERVING else 1,
+        vlm_server=1 if SERVING else 0,
+        gpu=SERVE["gpus"] if SERVING else 0,
     params:
         settings=caption_settings,
         journal=lambda wildcards: f"captioned/journal/chunk_{wildcards.chunk}.jsonl",

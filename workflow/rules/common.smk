@@ -56,7 +56,12 @@ SOURCES = [source["name"] for source in config["sources"]]
 # The captioning quota holds across the run: at most `vlm_api` captioning jobs at once (from
 # --resources, else caption.api_jobs), each pacing itself at rate_per_second / vlm_api.
 API_JOBS = workflow.global_resources.setdefault("vlm_api", config["caption"]["api_jobs"]).value
-if not uses_stand_in(Settings.from_config(config["caption"])):
+# With caption.serve.command each caption job starts its own server on its own GPUs: at most
+# `vlm_server` of them at once (from --resources, else caption.serve.instances), no quota.
+SERVE = config["caption"]["serve"]
+SERVING = bool(SERVE["command"])
+workflow.global_resources.setdefault("vlm_server", SERVE["instances"])
+if not SERVING and not uses_stand_in(Settings.from_config(config["caption"])):
 
     envvars:
         config["caption"]["api_key_env"],

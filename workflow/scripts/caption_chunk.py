@@ -6,7 +6,7 @@ from groundset.runlog import log_to
 # params: what changes the outputs; the tuning knobs (retry_errors among them) come from the
 # config, so that changing one marks no chunk stale
 section = snakemake.config["caption"]
-with log_to(snakemake.log[0]), stop_on_sigterm():
+with log_to(snakemake.log.job), stop_on_sigterm():
     path, start, end = chunk_range(
         snakemake.input.index, int(snakemake.wildcards.chunk), snakemake.input.records
     )
@@ -20,4 +20,5 @@ with log_to(snakemake.log[0]), stop_on_sigterm():
         start=start,
         end=end,
         retry_errors=section["retry_errors"],
+        server_log=snakemake.log.server,
     )

@@ -21,7 +21,7 @@ from ..grounding import parse_answer
 from ..journal import Journal
 from ..pacing import RateLimiter, Stopped, backoff_delay
 from ..records import record_key, same_image
-from .backends import ApiError, Dropped, Payload, _sent, make_backend, record_payload
+from .backends import ApiError, Dropped, Payload, _sent, fits_budget, make_backend, record_payload
 from .settings import CaptionError, Settings, question_id
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class Outcome:
 
     entry: dict | None = None
     gave_up: dict | None = None
+    dropped: dict | None = None  # the image could not be sent (no request)
     retries: int = 0
     throttled: int = 0
 
@@ -61,7 +62,7 @@ def request_image(
                     f"the endpoint refused the API key ({err}); check ${settings.api_key_env}"
                 ) from None
             failure = {"key": key, "status": "error", "reason": str(err), "http_status": err.status,
-                       "code": err.code, "attempts": attempts,
+                       "code": err.code, "attempts": attempts, "max_pixels": settings.max_pixels,
                        "question": question_id(settings), "url": url}  # fmt: skip
             if err.kind == "final":
                 outcome.entry = failure
@@ -84,8 +85,10 @@ def request_image(
             "answer": answer.text,
             "request_id": answer.request_id,
             "attempts": attempts,
-            "width": payload.width,
+            "width": payload.width,  # as sent: the frame of pixel boxes
             "height": payload.height,
+            "source_size": list(payload.source),
+            "max_pixels": settings.max_pixels,
             "model": settings.model,
             "backend": settings.backend,
             "question": question_id(settings),
@@ -110,11 +113,43 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def journaled_answer(journal: Journal, record: dict, question: str) -> dict | None:
-    """The journal's last answer to `question` about this record's image (one journaled for
-    another image under the same id does not count)."""
+def journaled_answer(
+    journal: Journal, record: dict, question: str, max_pixels: int | None
+) -> dict | None:
+    """The journal's last answer to `question` about this record's image as `max_pixels` sends
+    it (one journaled for another image under the same id, or about the image sent at another
+    size, does not count)."""
     entry = journal.done_for(record_key(record), question)
-    return entry if entry is not None and same_image(entry, record) else None
+    if entry is None or not same_image(entry, record) or not fits_budget(entry, max_pixels):
+        return None
+    return entry
+
+
+def ask_record(backend, limiter: RateLimiter, settings: Settings, record: dict) -> Outcome:
+    """Make a record's payload within the pixel budget (in the caller's thread: decoding and
+    shrinking run beside the requests), then ask about it."""
+    key = record_key(record)
+    try:
+        payload = record_payload(record, settings.max_pixels)
+    except Dropped as drop:
+        return Outcome(dropped={"status": "dropped", "reason": drop.reason, "detail": drop.detail})
+    return request_image(backend, limiter, settings, key, payload, url=record.get("url"))
+
+
+def needs_requests(
+    records: Iterable[dict], settings: Settings, journal: Journal, retry_errors: bool
+) -> bool:
+    """Whether any record calls for a request (else no endpoint or server is needed)."""
+    question = question_id(settings)
+    return any(
+        _needs_request(
+            journaled_answer(journal, record, question, settings.max_pixels),
+            retry_errors,
+            question,
+            settings.expects_json,
+        )  # fmt: skip
+        for record in records
+    )
 
 
 def _needs_request(
@@ -151,6 +186,10 @@ def request_pending(
         for future in done:
             key = in_flight.pop(future)
             outcome = future.result()  # CaptionError (auth) propagates: stop the job
+            if outcome.dropped is not None:
+                dropped[key] = outcome.dropped
+                continue
+            counts["requested"] += 1
             counts["retries"] += outcome.retries
             counts["throttled"] += outcome.throttled
             if outcome.entry is not None:
@@ -177,28 +216,18 @@ def request_pending(
             for record in records:
                 key = record_key(record)
                 if not _needs_request(
-                    journaled_answer(journal, record, question),
+                    journaled_answer(journal, record, question, settings.max_pixels),
                     retry_errors,
                     question,
                     settings.expects_json,
                 ):
                     counts["from_journal"] += 1
                     continue
-                try:
-                    payload = record_payload(record)
-                except Dropped as drop:
-                    dropped[key] = {"status": "dropped", "reason": drop.reason,
-                                    "detail": drop.detail}  # fmt: skip
-                    continue
                 while len(in_flight) >= window:
                     done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
                     collect(done)
                     bar.update(len(done))
-                counts["requested"] += 1
-                future = pool.submit(
-                    request_image, backend, limiter, settings, key, payload, url=record.get("url")
-                )
-                in_flight[future] = key
+                in_flight[pool.submit(ask_record, backend, limiter, settings, record)] = key
             while in_flight:
                 done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
                 collect(done)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -44,17 +45,46 @@ class ApiError(Exception):
 SEND_AS_IS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
+JPEG_QUALITY = 90  # of an image shrunk to the pixel budget
+
+
 @dataclass
 class Payload:
-    """An image ready to send: a data URL and the size of the image it encodes."""
+    """An image ready to send: a data URL, the size of the image it encodes, the file's size."""
 
     data_url: str
     width: int
     height: int
+    source_size: tuple[int, int] | None = None  # (width, height) of the file; None: as sent
+
+    @property
+    def source(self) -> tuple[int, int]:
+        """(width, height) of the image file."""
+        return self.source_size or (self.width, self.height)
 
 
-def load_payload(path: str) -> Payload:
-    """Read an image and make its data URL; RGB JPEG/PNG/WebP go as is, other modes as RGB PNG.
+def sent_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """The size an image of `width` x `height` is sent at: as is within `max_pixels`, else
+    shrunk with its aspect kept to the largest size within the budget."""
+    if not max_pixels or width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+
+
+def fits_budget(entry: dict, max_pixels: int | None) -> bool:
+    """Whether a journaled answer was about the image this budget sends (an answer journaled
+    without the file's size was about the file as is)."""
+    if "width" not in entry or "height" not in entry:  # an error: sent under which budget?
+        return entry.get("max_pixels") == max_pixels
+    sent = (entry["width"], entry["height"])
+    source = tuple(entry.get("source_size") or sent)
+    return sent_size(*source, max_pixels) == sent
+
+
+def load_payload(path: str, max_pixels: int | None = None) -> Payload:
+    """Read an image and make its data URL. Within `max_pixels` RGB JPEG/PNG/WebP go as is,
+    other modes as RGB PNG; a larger image is shrunk (aspect kept) and sent as JPEG.
 
     Raises Dropped when the file is missing or cannot be decoded and converted to RGB.
     """
@@ -64,29 +94,39 @@ def load_payload(path: str) -> Payload:
         raise Dropped("image_missing", f"{path}: {err.strerror or err}") from err
     try:
         with Image.open(io.BytesIO(data)) as image:
+            fmt, mode, source = image.format, image.mode, image.size
+            target = sent_size(*source, max_pixels)
+            if target != source and fmt == "JPEG":
+                image.draft("RGB", target)  # DCT-scaled decode, still at least the target
             image.load()
             rgb = image.convert("RGB")
-            fmt, mode = image.format, image.mode
+            if rgb.size != target:
+                rgb = rgb.resize(target, Image.Resampling.LANCZOS)
     except Exception as err:  # PIL raises many types for broken files
         detail = "not a readable image" if "cannot identify" in str(err) else str(err)
         raise Dropped("rgb_conversion_failed", f"{path}: {type(err).__name__}: {detail}") from err
-    if fmt in SEND_AS_IS and mode in ("RGB", "L"):
+    if target != source:
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        data, mime = buffer.getvalue(), "image/jpeg"
+    elif fmt in SEND_AS_IS and mode in ("RGB", "L"):
         mime = SEND_AS_IS[fmt]
     else:
         buffer = io.BytesIO()
         rgb.save(buffer, format="PNG")
         data, mime = buffer.getvalue(), "image/png"
     encoded = base64.b64encode(data).decode("ascii")
-    return Payload(f"data:{mime};base64,{encoded}", rgb.width, rgb.height)
+    return Payload(f"data:{mime};base64,{encoded}", rgb.width, rgb.height, source)
 
 
-def record_payload(record: dict) -> Payload:
-    """The payload of a record's image; Dropped (`no_image`) when the record names none."""
+def record_payload(record: dict, max_pixels: int | None = None) -> Payload:
+    """The payload of a record's image within `max_pixels`; Dropped (`no_image`) when the record
+    names none."""
     try:
         path = image_path(record)
     except RecordError as err:
         raise Dropped("no_image", "the record names no image") from err
-    return load_payload(path)
+    return load_payload(path, max_pixels)
 
 
 # --- backends -----------------------------------------------------------------------------

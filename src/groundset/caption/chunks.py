@@ -21,7 +21,7 @@ from ..io import atomic_write, concat_chunks, dumps_record, read_json, write_jso
 from ..journal import Journal
 from ..records import record_key, same_image
 from ..split import index_manifest
-from .asking import journaled_answer, request_pending
+from .asking import journaled_answer, needs_requests, request_pending
 from .settings import CaptionError, Settings, endpoint_for_run, question_id, uses_stand_in
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,13 @@ def caption_chunk(
     end: int | None = None,
     retry_errors: bool = False,
     reparse: bool = False,
+    server_log: str | os.PathLike | None = None,
 ) -> dict:
     """Caption the records of one chunk (a byte range of `records_path`); returns the counts.
 
     Images already in the journal are not requested again (unless `retry_errors` and their
     entry is an error); `reparse` makes no request at all and rebuilds outputs from the journal.
+    With `serve.command` the job starts its own server for the requests (output in `server_log`).
     """
     counts: Counter = Counter(dict.fromkeys(COUNTS, 0))
     reasons: Counter = Counter()
@@ -98,8 +100,14 @@ def caption_chunk(
     with Journal(journal_path, variant="question") as journal:  # every question's answers
         if journal.torn_lines:
             counts["journal_torn_lines"] = journal.torn_lines
-        if not reparse:
-            with endpoint_for_run(settings) as run_settings:
+        if not reparse and not needs_requests(
+            iter_range(records_path, start, end), settings, journal, retry_errors
+        ):  # every answer journaled: no endpoint, no server to start
+            counts["from_journal"] = sum(1 for _ in iter_range(records_path, start, end))
+        elif not reparse:
+            log_path = server_log or f"{journal_path}.server.log"
+            with endpoint_for_run(settings, str(log_path)) as run_settings:
+                stand_in = uses_stand_in(run_settings) or run_settings.stand_in is True
                 request_pending(
                     iter_range(records_path, start, end), run_settings, journal, retry_errors,
                     counts, dropped, gave_up,
@@ -118,7 +126,7 @@ def caption_chunk(
                     continue
                 # the answer to this config's question; reparse (no requests) takes the last
                 # answer journaled, whatever it was asked
-                entry = journaled_answer(journal, record, question) or (
+                entry = journaled_answer(journal, record, question, settings.max_pixels) or (
                     journal.done(key) if reparse else None
                 )
                 if entry is not None and not same_image(entry, record):

@@ -55,6 +55,9 @@ OUTPUT_KEYS = (
     "keep_ungrounded",  # whether captions without a valid box stay in the output
     "max_tokens",  # the answer length limit (a short one cuts answers into parse errors)
     "stand_in",  # placeholder answers from the loopback stand-in, or the model's
+    "max_pixels",  # the image each request carries (a journaled answer about an image sent
+    #                otherwise is asked again)
+    "serve.command",  # which server the jobs start (as base_url: who answers what is missing)
 )
 # Tuning knobs: how fast and how stubbornly a job asks, never what its outputs hold. The job
 # reads them from the config at run time, so changing one marks nothing stale.
@@ -71,13 +74,18 @@ TUNING_KEYS = (
     "stand_in_latency_s",  # the stand-in's delay per answer
     "api_key_env",  # the variable that holds the key (the key itself goes nowhere)
     "retry_errors",  # whether one run asks again for journaled errors (with --forcerun)
+    "serve.instances",  # servers at once (the `vlm_server` resource)
+    "serve.gpus",  # a server job's resources ...
+    "serve.cpus",
+    "serve.mem_mb",
+    "serve.startup_timeout_s",  # how long a server may take to come up
 )
 # Keys of the chunk index (its rule's input and params), not of a chunk job's settings.
 INDEX_KEYS = ("input", "chunk_size")
 # What the preflight check depends on (its job's params; all OUTPUT_KEYS): the endpoint, and
 # whether the stand-in answers. A change checks again, and so cuts the chunks again (the index
 # waits for the check); other output keys mark only the chunks stale, which a dry-run lists.
-PREFLIGHT_KEYS = ("backend", "base_url", "stand_in")
+PREFLIGHT_KEYS = ("backend", "base_url", "stand_in", "serve.command")
 
 
 def output_settings(section: dict) -> dict:
@@ -87,12 +95,12 @@ def output_settings(section: dict) -> dict:
 
 def preflight_settings(section: dict) -> dict:
     """The keys of a `caption:` config section that the preflight check depends on (its params)."""
-    return {k: section[k] for k in PREFLIGHT_KEYS if k in section}
+    return pick_keys(section, PREFLIGHT_KEYS)
 
 
 def tuning_knobs(section: dict) -> dict:
     """The tuning knobs of a `caption:` config section (read at run time, never params)."""
-    return {k: section[k] for k in TUNING_KEYS if k in section}
+    return pick_keys(section, TUNING_KEYS)
 
 
 class CaptionError(RuntimeError):
@@ -125,6 +133,8 @@ class Settings:
     stand_in: bool | str
     stand_in_latency_s: float
     keep_ungrounded: bool
+    max_pixels: int | None
+    serve: dict = field(hash=False)  # command, instances, gpus, cpus, mem_mb, startup_timeout_s
     api_key: str | None = field(default=None, repr=False)  # resolved at run time, never logged
 
     @classmethod
@@ -141,12 +151,18 @@ class Settings:
     @classmethod
     def for_job(cls, outputs: dict, section: dict, rate_share: int = 1) -> Settings:
         """A job's settings: its params (`outputs`) with the tuning knobs of the `caption:` section."""
-        return cls.from_config({**tuning_knobs(section), **outputs}, rate_share)
+        return cls.from_config(pick_keys(outputs, OUTPUT_KEYS, tuning_knobs(section)), rate_share)
+
+    @property
+    def serves(self) -> bool:
+        """Whether the job starts its own server (`serve.command`)."""
+        return bool(self.serve.get("command"))
 
     @property
     def paced_rate(self) -> float | None:
-        """Requests/s the job's limiter allows: its share of the quota less the jitter headroom."""
-        if self.rate_per_second is None:
+        """Requests/s the job's limiter allows: its share of the quota less the jitter headroom
+        (none with a server of its own: `concurrency` is the knob)."""
+        if self.rate_per_second is None or self.serves:
             return None
         return self.rate_per_second * (1.0 - self.rate_headroom)
 
@@ -186,7 +202,9 @@ def uses_stand_in(settings: Settings, environ: dict | None = None) -> bool:
     """Whether this run talks to the loopback stand-in (`stand_in: true`, or `auto` without a key)."""
     environ = os.environ if environ is None else environ
     if settings.stand_in == "auto":
-        return not environ.get(settings.api_key_env) and not settings.base_url
+        return (
+            not environ.get(settings.api_key_env) and not settings.base_url and not settings.serves
+        )
     return bool(settings.stand_in)
 
 
@@ -224,13 +242,25 @@ def check_endpoint(settings: Settings, timeout: float = 10.0) -> None:
 def preflight(settings: Settings, environ: dict | None = None) -> dict:
     """Check key and endpoint before any chunk starts; returns what the check saw (no key)."""
     stand_in = uses_stand_in(settings, environ)
-    if not stand_in:
+    if settings.serves:
+        from .serve import command_problem
+
+        problem = command_problem(settings.serve["command"])
+        if problem:
+            raise CaptionError(f"caption.serve.command: {problem}: {settings.serve['command']!r}")
+    elif not stand_in:
         resolve_key(settings, environ)
         check_endpoint(settings)
     return {
         "backend": settings.backend,
         "model": settings.model,
-        "endpoint": "loopback stand-in" if stand_in else settings.endpoint,
+        "endpoint": (
+            "servers the jobs start: " + settings.serve["command"]
+            if settings.serves
+            else "loopback stand-in"
+            if stand_in
+            else settings.endpoint
+        ),
         "stand_in": stand_in,
         "rate_per_second": settings.rate_per_second,
         "convention": settings.convention,
@@ -243,8 +273,25 @@ def question_id(settings: Settings) -> str:
 
 
 @contextlib.contextmanager
-def endpoint_for_run(settings: Settings) -> Iterator[Settings]:
-    """Settings with a key; starts the loopback stand-in server for the block when it is in use."""
+def endpoint_for_run(settings: Settings, server_log: str | None = None) -> Iterator[Settings]:
+    """Settings with a key and the endpoint for the block: the job's own server
+    (`serve.command`, its output in `server_log`), the loopback stand-in, or the configured one."""
+    if settings.serves:
+        from .serve import serving
+
+        template, serve = settings.serve["command"], settings.serve
+        log_path = server_log or "caption_server.log"
+        with serving(template, settings.model, log_path, serve["startup_timeout_s"]) as server:
+            if server.is_stand_in:
+                log.warning(
+                    "caption: the server caption.serve.command started is groundset's LOOPBACK "
+                    "STAND-IN: its captions are PLACEHOLDERS, not model output"
+                )
+            # a self-hosted server needs no key; one started with --api-key gets the variable's
+            key = os.environ.get(settings.api_key_env, "").strip() or "EMPTY"
+            stand_in = server.is_stand_in or settings.stand_in
+            yield replace(settings, base_url=server.base_url, api_key=key, stand_in=stand_in)
+        return
     if not uses_stand_in(settings):
         yield resolve_key(settings)
         return

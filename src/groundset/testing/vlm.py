@@ -12,9 +12,13 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
+import os
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -25,6 +29,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from PIL import Image
+
+from ..caption.serve import STAND_IN_OWNER  # in its model list: the run can tell
 
 DASHSCOPE_PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 OPENAI_PATH = "/v1/chat/completions"
@@ -176,13 +182,17 @@ class StandInVLM:
         self,
         responder: Responder | None = None,
         latency: float = 0.0,
-        api_key: str = STAND_IN_KEY,
+        api_key: str | None = STAND_IN_KEY,
         host: str = "127.0.0.1",
         port: int = 0,
+        served_model_name: str = "stand-in",
+        request_log: str | os.PathLike | None = None,
     ):
         self.responder = responder or default_responder
         self.latency = latency
-        self.api_key = api_key
+        self.api_key = api_key  # None: any key (a vLLM server started without --api-key)
+        self.served_model_name = served_model_name
+        self.request_log = request_log  # a JSONL file: one line per request served
         self.log: list[Logged] = []
         self.counts: Counter = Counter()
         self._lock = threading.Lock()
@@ -224,7 +234,9 @@ class StandInVLM:
 
             def do_GET(self) -> None:
                 if self.path.rstrip("/") == "/v1/models":
-                    body = {"object": "list", "data": [{"id": "stand-in", "object": "model"}]}
+                    model = {"id": server.served_model_name, "object": "model",
+                             "owned_by": STAND_IN_OWNER}  # fmt: skip
+                    body = {"object": "list", "data": [model]}
                     self._send(200, json.dumps(body).encode())
                 else:
                     self._send(404, b'{"code": "NotFound", "message": "no such path"}')
@@ -240,7 +252,10 @@ class StandInVLM:
                     self._send(404, b'{"code": "NotFound", "message": "no such path"}')
                     return
                 request_id = uuid.uuid4().hex
-                if self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                authorized = server.api_key is None or (
+                    self.headers.get("Authorization") == f"Bearer {server.api_key}"
+                )
+                if not authorized:
                     reply = Reply(401, code="InvalidApiKey", message="Invalid API-key provided.")
                     digest, model = "", ""
                 else:
@@ -272,10 +287,13 @@ class StandInVLM:
                     payload = json.dumps(_openai_body(reply, request_id, model)).encode()
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self._send(reply.status, payload)  # may fail if the client gave up
+                entry = Logged(protocol, digest, start, time.monotonic(), reply.status, model)
                 with server._lock:
-                    server.log.append(
-                        Logged(protocol, digest, start, time.monotonic(), reply.status, model)
-                    )
+                    server.log.append(entry)
+                    if server.request_log:
+                        with open(server.request_log, "a", encoding="utf-8") as handle:
+                            line = {**dataclasses.asdict(entry), "pid": os.getpid()}
+                            handle.write(json.dumps(line) + "\n")
 
         return Handler
 
@@ -295,3 +313,39 @@ class StandInVLM:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the stand-in as its own process, as `caption.serve.command` starts a vLLM server:
+    `python -m groundset.testing.vlm --port {port}` (tests, the benchmark; PLACEHOLDER captions)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per answer")
+    parser.add_argument("--served-model-name", default="stand-in")
+    parser.add_argument("--api-key", default=None, help="the key it requires (default: any)")
+    parser.add_argument("--request-log", default=None, help="JSONL file, a line per request")
+    parser.add_argument("--startup-delay", type=float, default=0.0, help="seconds before serving")
+    args = parser.parse_args(argv)
+    print(
+        "groundset stand-in VLM server: PLACEHOLDER captions, not a model "
+        f"(pid {os.getpid()}, port {args.port})",
+        file=sys.stderr,
+        flush=True,
+    )
+    time.sleep(args.startup_delay)
+    server = StandInVLM(
+        latency=args.latency, api_key=args.api_key, host=args.host, port=args.port,
+        served_model_name=args.served_model_name, request_log=args.request_log,
+    )  # fmt: skip
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        server._server.serve_forever()
+    finally:
+        server._server.server_close()
+
+
+if __name__ == "__main__":
+    main()

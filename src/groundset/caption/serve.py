@@ -1,0 +1,212 @@
+"""VLM servers a caption job starts itself: `caption.serve.command` on a free port, health-checked,
+stopped with its whole process group.
+
+A job owns one server for its lifetime. The server runs in its own session (process group), so
+stopping it reaches every process it started (vLLM's engine workers); it also gets SIGTERM from
+the kernel when the job's process dies without cleaning up (PR_SET_PDEATHSIG: SIGKILL, OOM),
+and on SLURM `scancel` ends it with the job's cgroup. The job talks to it on loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from .settings import CaptionError
+
+log = logging.getLogger(__name__)
+
+PORT_FIELD = "{port}"
+STAND_IN_OWNER = "groundset-stand-in"  # `owned_by` of the loopback stand-in's model list
+TAIL_LINES = 20  # of the server's log, in the error when it fails to start
+ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")  # VAR=value before a command
+SHELL_LISTS = {"&&", "||", ";", "|", "&"}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on at this moment (the kernel's pick on loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def render_command(template: str, port: int) -> str:
+    """The server command with its port filled in (only `{port}`: JSON braces stay as written)."""
+    if PORT_FIELD not in template:
+        raise CaptionError(
+            f"caption.serve.command must contain {PORT_FIELD} (each job picks a free port): "
+            f"{template!r}"
+        )
+    return template.replace(PORT_FIELD, str(port))
+
+
+def command_problem(template: str) -> str | None:
+    """Why `template` cannot start a server here (no {port}, program not found), or None."""
+    if PORT_FIELD not in template:
+        return f"must contain {PORT_FIELD} (each job picks a free port)"
+    try:
+        words = shlex.split(template)
+    except ValueError as err:
+        return f"cannot be parsed as a shell command: {err}"
+    program = next((w for w in words if not ASSIGNMENT.match(w)), None)  # after VAR=value
+    if program is None:
+        return "names no program"
+    if shutil.which(program) is None:
+        return f"program {program!r} not found (not on PATH here; install it or give its path)"
+    return None
+
+
+def shell_line(command: str) -> str:
+    """What /bin/sh runs: a simple command replaces the shell (`exec env`, so that the server
+    itself is the process group's leader and gets the parent-death signal); a list as written."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    if SHELL_LISTS & set(words):
+        return command
+    return f"exec env {command}"
+
+
+def _die_with_parent() -> None:
+    """In the server's process before exec: SIGTERM when the job's process dies (Linux)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _tail(path: Path, lines: int = TAIL_LINES) -> str:
+    """The last lines of a log file ('' if none)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Server:
+    """One server process group started from `command` on a free loopback port."""
+
+    def __init__(self, template: str, log_path: str | os.PathLike, startup_timeout_s: float):
+        self.template = template
+        self.port = free_port()
+        self.command = render_command(template, self.port)
+        self.log_path = Path(log_path)
+        self.startup_timeout_s = startup_timeout_s
+        self.process: subprocess.Popen | None = None
+        self.models: list[dict] = []
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible base URL of the server."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def is_stand_in(self) -> bool:
+        """Whether the server is groundset's loopback stand-in (placeholder captions)."""
+        return any(m.get("owned_by") == STAND_IN_OWNER for m in self.models)
+
+    def start(self) -> Server:
+        """Start the command in its own process group, its output appended to the log file."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            out.write(f"$ {self.command}\n".encode())
+            out.flush()
+            self.process = subprocess.Popen(  # noqa: S603 (the user's configured command)
+                ["/bin/sh", "-c", shell_line(self.command)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 (only prctl; no threads touched)
+            )
+        log.info("started server pid %d on port %d: %s", self.process.pid, self.port, self.command)
+        return self
+
+    def _failure(self, what: str) -> CaptionError:
+        """A start-up failure naming the command, with the end of the server's log."""
+        tail = _tail(self.log_path)
+        return CaptionError(
+            f"the caption server {what} (caption.serve.command: {self.command!r}); "
+            f"its log {self.log_path} ends:\n{tail or '(empty)'}"
+        )
+
+    def wait_ready(self, model: str) -> list[dict]:
+        """Poll GET /v1/models until the server answers; fail at once if it exits, or at the
+        start-up timeout; fail if it does not serve `model` (the name requests carry)."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        delay = 0.1
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise self._failure(f"exited with status {code} before answering")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=5) as response:  # noqa: S310
+                    body = json.loads(response.read() or b"{}")
+                break
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise self._failure(
+                    f"did not answer GET /v1/models within {self.startup_timeout_s:g} s "
+                    "(caption.serve.startup_timeout_s)"
+                )
+            time.sleep(delay)
+            delay = min(2.0, delay * 1.5)
+        self.models = [m for m in body.get("data", []) if isinstance(m, dict)]
+        names = [str(m.get("id")) for m in self.models]
+        if model not in names:
+            raise self._failure(
+                f"serves {names} but caption.model is {model!r} (set caption.model to the "
+                "served name, or give the server that name, e.g. vllm --served-model-name)"
+            )
+        log.info("server pid %d ready on port %d, serving %s", self.process.pid, self.port, names)
+        return self.models
+
+    def stop(self, grace_s: float = 30.0) -> int | None:
+        """SIGTERM to the server's process group, SIGKILL after `grace_s`; its exit status."""
+        process = self.process
+        if process is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("server pid %d ignored SIGTERM for %g s: SIGKILL", process.pid, grace_s)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        # children that outlived the leader (same group) go too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        log.info("server pid %d stopped (status %s)", process.pid, process.returncode)
+        return process.returncode
+
+
+@contextlib.contextmanager
+def serving(
+    template: str, model: str, log_path: str | os.PathLike, startup_timeout_s: float
+) -> Iterator[Server]:
+    """A started, ready server for the block; stopped when the block ends, however it ends."""
+    server = Server(template, log_path, startup_timeout_s)
+    try:
+        server.start()
+        server.wait_ready(model)
+        yield server
+    finally:
+        server.stop()

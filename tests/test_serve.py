@@ -1,0 +1,206 @@
+"""Caption jobs that start their own OpenAI-compatible server (caption.serve.command): the
+loopback stand-in served as its own process, exactly as a vLLM server would be started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_images, make_records
+from groundset.caption import CaptionError, Settings, caption_chunk, preflight
+from groundset.caption.serve import Server, command_problem, shell_line
+from groundset.io import iter_jsonl
+from groundset.testing.vlm import StandInVLM
+
+STAND_IN = f"{sys.executable} -m groundset.testing.vlm --port {{port}}"
+
+
+def serve_command(log: Path, *extra: str) -> str:
+    """The stand-in as a server command, logging each request with its server's pid."""
+    return " ".join([STAND_IN, "--request-log", str(log), *extra])
+
+
+def settings(command: str, **overrides) -> Settings:
+    """Settings of a job that starts its own server with `command`."""
+    values = {
+        "backend": "openai",
+        "model": "stand-in",
+        "concurrency": 4,
+        "timeout_s": 10,
+        "serve": {"command": command, "startup_timeout_s": 60},
+        **overrides,
+    }
+    return Settings.from_config(values)
+
+
+def run(tmp: Path, records: Path, s: Settings, name: str = "out") -> dict:
+    """caption_chunk with outputs (and the server's log) under tmp."""
+    return caption_chunk(
+        records, tmp / f"{name}.jsonl", tmp / f"{name}_errors.jsonl", tmp / f"{name}_stats.json",
+        tmp / f"{name}.journal.jsonl", s, server_log=tmp / f"{name}.server.log",
+    )  # fmt: skip
+
+
+def alive(pid: int) -> bool:
+    """Whether a process is running (a zombie waiting for its parent is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def server_pids(log: Path) -> set[int]:
+    """The pids of the servers that answered requests (from the stand-in's request log)."""
+    return {line["pid"] for line in iter_jsonl(log)} if log.exists() else set()
+
+
+def started_pids(server_log: Path) -> list[int]:
+    """The pids the stand-in announced in its own log (one line per start)."""
+    text = server_log.read_text() if server_log.exists() else ""
+    return [int(part.split(",")[0]) for part in text.split("(pid ")[1:]]
+
+
+def test_the_job_starts_its_server_asks_it_and_stops_it(tmp_path):
+    make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(64, 48)] * 5))
+    requests = tmp_path / "requests.jsonl"
+    stats = run(tmp_path, tmp_path / "in.jsonl", settings(serve_command(requests)))
+    assert stats["captioned"] == 5 and stats["requested"] == 5
+    assert stats["stand_in"] is True  # the served stand-in says so; the run says so too
+    (pid,) = server_pids(requests)
+    assert started_pids(tmp_path / "out.server.log") == [pid]
+    assert not alive(pid)
+    # the same captions as a plain base_url run against an in-process stand-in
+    with StandInVLM(api_key=None) as plain:
+        base = Settings.from_config(
+            {"backend": "openai", "model": "stand-in", "base_url": plain.openai_url}
+        )
+        from dataclasses import replace
+
+        run(tmp_path, tmp_path / "in.jsonl", replace(base, api_key="EMPTY"), name="plain")
+
+    def captions(name):
+        return [(r["image_id"], r["caption"], r["entities"]) for r in iter_jsonl(tmp_path / name)]
+
+    assert captions("out.jsonl") == captions("plain.jsonl")
+    # a rerun finds every answer journaled: no server is started at all
+    again = run(tmp_path, tmp_path / "in.jsonl", settings(serve_command(requests)))
+    assert again["from_journal"] == 5 and again["requested"] == 0
+    assert started_pids(tmp_path / "out.server.log") == [pid]
+
+
+def test_a_server_that_exits_at_once_fails_the_job_naming_the_command(tmp_path):
+    make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(64, 48)]))
+    command = f"{sys.executable} -c 'import sys; print(\"no GPU here\"); sys.exit(3)' {{port}}"
+    began = time.monotonic()
+    with pytest.raises(CaptionError) as failed:
+        run(tmp_path, tmp_path / "in.jsonl", settings(command))
+    assert time.monotonic() - began < 30  # not the start-up timeout (60 s)
+    message = str(failed.value)
+    assert "exited with status 3 before answering" in message
+    assert "caption.serve.command" in message and "sys.exit(3)" in message
+    assert "no GPU here" in message  # the end of the server's log
+
+
+def test_a_server_that_never_answers_fails_at_the_startup_timeout(tmp_path):
+    make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(64, 48)]))
+    command = f"{sys.executable} -c 'import time; time.sleep(600)' {{port}}"
+    s = settings(command, serve={"command": command, "startup_timeout_s": 2})
+    with pytest.raises(CaptionError, match="did not answer GET /v1/models within 2 s"):
+        run(tmp_path, tmp_path / "in.jsonl", s)
+    sleepers = subprocess.run(["pgrep", "-f", "time.sleep\\(600\\)"], capture_output=True)
+    assert sleepers.stdout.strip() == b"", "the server outlived its job"
+
+
+def test_a_server_serving_another_model_is_named(tmp_path):
+    make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(64, 48)]))
+    command = serve_command(tmp_path / "r.jsonl", "--served-model-name", "Qwen/Qwen2-VL-7B")
+    with pytest.raises(CaptionError, match=r"serves \['Qwen/Qwen2-VL-7B'\] but caption.model"):
+        run(tmp_path, tmp_path / "in.jsonl", settings(command))
+    assert not any(alive(pid) for pid in started_pids(tmp_path / "out.server.log"))
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_job_leaves_no_server_and_its_rerun_pays_nothing_twice(tmp_path, how):
+    make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(64, 48)] * 12))
+    requests = tmp_path / "requests.jsonl"
+    command = serve_command(requests, "--latency", "0.5")
+    script = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+        "from test_serve import run, settings; from groundset.caption import stop_on_sigterm;\n"
+        "with stop_on_sigterm(): run(Path(sys.argv[2]), Path(sys.argv[2]) / 'in.jsonl', "
+        "settings(sys.argv[3], concurrency=2))"
+    )
+    job = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent),
+                            str(tmp_path), command])  # fmt: skip
+    deadline = time.monotonic() + 60
+    while len(list(iter_jsonl(requests)) if requests.exists() else []) < 3:
+        assert job.poll() is None and time.monotonic() < deadline, "the job never asked"
+        time.sleep(0.05)
+    (pid,) = started_pids(tmp_path / "out.server.log")
+    job.send_signal(how)
+    job.wait(30)
+    deadline = time.monotonic() + 15  # SIGKILL: the kernel's parent-death signal stops it
+    while alive(pid):
+        assert time.monotonic() < deadline, f"server {pid} outlived its job ({how.name})"
+        time.sleep(0.05)
+    paid = {line["image"] for line in iter_jsonl(requests) if line["status"] == 200}
+    journal = list(iter_jsonl(tmp_path / "out.journal.jsonl"))
+    stats = run(tmp_path, tmp_path / "in.jsonl", settings(serve_command(requests)))
+    assert stats["captioned"] == 12
+    assert stats["from_journal"] == len(journal) and stats["requested"] == 12 - len(journal)
+    asked = [line["image"] for line in iter_jsonl(requests) if line["status"] == 200]
+    # images answered and journaled before the kill are never asked again (distinct images)
+    journaled_images = len(journal)
+    assert len(asked) - len(set(asked)) <= len(paid) - journaled_images
+
+
+def test_the_preflight_names_a_missing_server_program():
+    s = settings("vllm-not-installed serve Qwen/Qwen2-VL-7B-Instruct --port {port}")
+    with pytest.raises(CaptionError, match="program 'vllm-not-installed' not found"):
+        preflight(s, environ={})
+    assert command_problem("vllm serve m") .startswith("must contain {port}")
+    assert command_problem(f"CUDA_VISIBLE_DEVICES=0 {STAND_IN}") is None
+    assert preflight(settings(STAND_IN), environ={})["endpoint"].startswith("servers the jobs")
+
+
+def test_simple_commands_replace_the_shell_lists_stay_as_written():
+    assert shell_line("vllm serve m --port 1") == "exec env vllm serve m --port 1"
+    assert shell_line("A=1 vllm serve m") == "exec env A=1 vllm serve m"
+    assert shell_line("cd /x && vllm serve m") == "cd /x && vllm serve m"
+
+
+def test_stop_ends_the_whole_process_group(tmp_path):
+    # a server that starts a worker of its own (as vLLM's engine core): both go
+    command = (
+        f"{sys.executable} -c 'import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(600)\"]); "
+        "time.sleep(600)' {port}"
+    )
+    server = Server(command, tmp_path / "server.log", startup_timeout_s=1).start()
+    time.sleep(1.0)
+    group = [int(p) for p in subprocess.run(["pgrep", "-g", str(server.process.pid)],
+                                            capture_output=True, text=True).stdout.split()]  # fmt: skip
+    assert len(group) == 2, group
+    server.stop(grace_s=5)
+    time.sleep(0.2)
+    assert not any(alive(pid) for pid in group)
+    assert os.getpgid(os.getpid()) != server.process.pid  # the test's own group is untouched
+
+
+def test_stand_in_cli_answers_as_vllm_does(tmp_path):
+    port_log = tmp_path / "requests.jsonl"
+    server = Server(serve_command(port_log), tmp_path / "s.log", 30).start()
+    try:
+        models = server.wait_ready("stand-in")
+        assert models[0]["id"] == "stand-in"
+    finally:
+        server.stop()
+    assert json.loads(json.dumps(models))[0]["owned_by"] == "groundset-stand-in"
