@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.groundset-installed
 SNAKEMAKE := $(BIN)/snakemake
 
-.PHONY: install sample test lint format bench clean-sample
+.PHONY: install sample test lint format bench clean-sample slurm-profile
 
 # Install groundset and everything its rules run into .venv (once; again when pyproject.toml changes).
 # uv resolves and installs the same versions as pip in a third of the time (1 min 28 s with a
@@ -35,6 +35,19 @@ sample: install
 	@echo
 	@echo "== groundset sample: counts per stage (results/sample) =="
 	@$(BIN)/groundset summary --config config/sample.yaml
+
+# Install profiles/slurm as your Snakemake user profile `slurm` (then: snakemake --profile slurm).
+# Never overwrites one you already have; edit the copy (partitions.yaml, account) for your site.
+SNAKEMAKE_PROFILES := $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake
+slurm-profile:
+	@if test -e "$(SNAKEMAKE_PROFILES)/slurm"; then \
+	  echo "$(SNAKEMAKE_PROFILES)/slurm exists: not overwriting it (compare it with profiles/slurm)" >&2; \
+	  exit 1; \
+	fi
+	mkdir -p "$(SNAKEMAKE_PROFILES)"
+	cp -R profiles/slurm "$(SNAKEMAKE_PROFILES)/slurm.tmp"
+	mv "$(SNAKEMAKE_PROFILES)/slurm.tmp" "$(SNAKEMAKE_PROFILES)/slurm"
+	@echo "installed $(SNAKEMAKE_PROFILES)/slurm: edit partitions.yaml and the account there, then run: snakemake --profile slurm"
 
 # Lint and test (what CI runs): two workers; the tests that share the sample run stay on one
 # (xdist groups), the SLURM test runs beside it.

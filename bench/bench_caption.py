@@ -1,15 +1,22 @@
 """Captioning throughput against the loopback stand-in server with a set answer latency.
 
 (a) paced: sustained request rate vs the configured quota (target >= 95 %);
-(b) unpaced (self-hosted server): images/s at high concurrency vs the ideal concurrency/latency.
+(b) unpaced (self-hosted server): images/s at high concurrency vs the ideal concurrency/latency;
+(c) servers the jobs start (caption.serve.command): N caption jobs at once, each starting its own
+    stand-in server as its own process (as a vLLM server is started), images/s against the ideal
+    N x concurrency / latency (target >= 90 %), start-up and shutdown included;
+(d) bytes per request with and without caption.max_pixels on the sample's largest images.
 
     python bench/bench_caption.py [--latency 1.5] [--rate 2] [--paced-images 60]
                                   [--concurrency 64] [--unpaced-images 640]
+                                  [--instances 2] [--serve-concurrency 32] [--serve-images 960]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
+import json
 import sys
 import tempfile
 import time
@@ -19,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from groundset.caption import Settings, caption_chunk
+from groundset.caption import Settings, caption_chunk, load_payload
 from groundset.io import write_jsonl
 from groundset.testing.vlm import STAND_IN_KEY, StandInVLM
 
@@ -59,6 +66,80 @@ def run(folder: Path, records: Path, backend: str, latency: float, **caption) ->
     return {"wall": wall, "starts": starts, "records": stats["records"]}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def serve_job(folder: str, chunk: int, latency: float, concurrency: int) -> dict:
+    """One caption job (its own process) that starts its own stand-in server for its chunk."""
+    command = (f"{sys.executable} -m groundset.testing.vlm --port {{port}} --latency {latency} "
+               f"--request-log {folder}/requests_{chunk}.jsonl")  # fmt: skip
+    settings = Settings.from_config({
+        "backend": "openai", "model": "stand-in", "concurrency": concurrency, "timeout_s": 60,
+        "serve": {"command": command, "startup_timeout_s": 120},
+    })  # fmt: skip
+    base = Path(folder) / f"serve_{chunk}"
+    began = time.perf_counter()
+    stats = caption_chunk(
+        Path(folder) / f"chunk_{chunk}.jsonl", f"{base}.jsonl", f"{base}_errors.jsonl",
+        f"{base}_stats.json", f"{base}.journal.jsonl", settings, server_log=f"{base}.server.log",
+    )  # fmt: skip
+    assert stats["captioned"] == stats["records"], stats
+    with open(f"{folder}/requests_{chunk}.jsonl") as handle:
+        lines = [json.loads(line) for line in handle]
+    return {"wall": time.perf_counter() - began, "records": stats["records"], "requests": lines}
+
+
+def bench_serve(folder: Path, instances: int, concurrency: int, images: int, latency: float):
+    """(c): `instances` jobs at once, each with its own server; images/s vs the ideal."""
+    make_input(folder, images)
+    records = (folder / "in.jsonl").read_text().splitlines(keepends=True)
+    for chunk in range(instances):
+        (folder / f"chunk_{chunk}.jsonl").write_text("".join(records[chunk::instances]))
+    ideal = instances * concurrency / latency
+    print(f"\n(c) {instances} caption jobs, each starting its own stand-in server "
+          f"(caption.serve.command), concurrency {concurrency}, {latency:g} s per answer, "
+          f"{images} images (ideal {ideal:.1f} images/s)")  # fmt: skip
+    began = time.perf_counter()
+    with cf.ProcessPoolExecutor(instances) as pool:
+        jobs = [pool.submit(serve_job, str(folder), c, latency, concurrency)
+                for c in range(instances)]  # fmt: skip
+        results = [job.result() for job in jobs]
+    wall = time.perf_counter() - began
+    starts = sorted(r["start"] for result in results for r in result["requests"])
+    ends = sorted(r["end"] for result in results for r in result["requests"])
+    served = len({r["pid"] for result in results for r in result["requests"]})
+    rate, steady = images / wall, (len(starts) - 1) / (ends[-1] - starts[0])
+    print(f"{'servers':<8} {'images/s':>9} {'% of ideal':>11} {'first to last request':>22} "
+          f"{'% of ideal':>11} {'wall s':>7}")  # fmt: skip
+    print(f"{served:<8} {rate:>9.2f} {100 * rate / ideal:>10.1f}% {steady:>22.2f} "
+          f"{100 * steady / ideal:>10.1f}% {wall:>7.1f}")  # fmt: skip
+
+
+def bench_payload(budget: int = 1003520, count: int = 5) -> None:
+    """(d): request bytes of the sample's largest images, as is and within the pixel budget."""
+    from PIL import Image
+
+    sizes = []
+    for path in (ROOT / "tests" / "data" / "sample" / "www" / "img").iterdir():
+        try:
+            with Image.open(path) as image:
+                sizes.append((image.width * image.height, path))
+        except OSError:  # the sample's broken files
+            continue
+    largest = [path for _, path in sorted(sizes, reverse=True)[:count]]
+    print(f"\n(d) bytes per request (the image's data URL), max_pixels null vs {budget}")
+    print(f"{'image':<34} {'as is':>10} {'budget':>10} {'ratio':>6}  sent size")
+    total = [0, 0]
+    for path in largest:
+        as_is, shrunk = load_payload(str(path), None), load_payload(str(path), budget)
+        a, b = len(as_is.data_url), len(shrunk.data_url)
+        total[0] += a
+        total[1] += b
+        print(f"{path.name:<34} {a:>10,} {b:>10,} {a / b:>6.2f}  "
+              f"{as_is.width}x{as_is.height} -> {shrunk.width}x{shrunk.height}")  # fmt: skip
+    print(f"{'total':<34} {total[0]:>10,} {total[1]:>10,} {total[0] / total[1]:>6.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=float, default=1.5, help="seconds per answer")
@@ -66,7 +147,19 @@ def main() -> int:
     parser.add_argument("--paced-images", type=int, default=60)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--unpaced-images", type=int, default=640)
+    parser.add_argument("--instances", type=int, default=2, help="(c) servers at once")
+    parser.add_argument("--serve-concurrency", type=int, default=32, help="(c) per job")
+    parser.add_argument("--serve-images", type=int, default=960)
+    parser.add_argument("--only", choices=["paced", "unpaced", "serve", "payload"], default=None)
     args = parser.parse_args()
+    if args.only in ("serve", "payload"):
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.only == "serve":
+                bench_serve(Path(tmp), args.instances, args.serve_concurrency,
+                            args.serve_images, args.latency)  # fmt: skip
+            else:
+                bench_payload()
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -100,6 +193,11 @@ def main() -> int:
             print(
                 f"{backend:<10} {rate:>10.2f} {100 * rate / ideal:>10.1f}% {result['wall']:>8.1f}"
             )
+        serve_dir = folder / "serve"
+        serve_dir.mkdir()
+        bench_serve(serve_dir, args.instances, args.serve_concurrency, args.serve_images,
+                    args.latency)  # fmt: skip
+    bench_payload()
     return 0
 
 

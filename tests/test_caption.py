@@ -38,6 +38,7 @@ from groundset.caption import (
     record_key,
     uses_stand_in,
 )
+from groundset.caption.backends import fits_budget, sent_size
 from groundset.config import ConfigError, section_schema
 from groundset.grounding import smart_resize
 from groundset.io import StalePlanError, iter_jsonl, read_json, write_jsonl
@@ -384,7 +385,7 @@ def test_every_caption_key_is_either_an_output_key_or_a_tuning_knob():
     # a new caption key must be classified: does it change a chunk's outputs (params) or not?
     assert keys == set().union(*groups), keys ^ set().union(*groups)
     heads = {key.split(".")[0] for key in (*OUTPUT_KEYS, *TUNING_KEYS)}
-    assert set(Settings.__dataclass_fields__) - {"api_key"} <= heads
+    assert set(Settings.__dataclass_fields__) - {"api_key", "server_gone"} <= heads
     assert set(PREFLIGHT_KEYS) <= set(OUTPUT_KEYS)  # a new check cuts the chunks again
     section = {"model": "m", "prompt": "p", "keep_ungrounded": True, "concurrency": 3,
                "timeout_s": 7, "rate_per_second": 4, "api_jobs": 2, "input": "x"}  # fmt: skip
@@ -715,3 +716,40 @@ def test_cli_caption_fails_cleanly_without_key(tmp_path, monkeypatch):
     )  # fmt: skip
     assert done.returncode == 2 and KEY_ENV in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "img", "in.jsonl"]
+
+
+def test_a_new_pixel_budget_asks_again_only_for_images_it_sends_otherwise(tmp_path):
+    images = make_images(tmp_path / "img", [(64, 48), (2000, 1000), (1200, 800)])
+    make_records(tmp_path / "in.jsonl", images)
+    small, large, medium = (digest(p) for p in images)  # as sent within every budget below
+    with StandInVLM() as server:
+
+        def asked(max_pixels) -> dict:
+            before = len(server.log)
+            stats = run_chunk(
+                tmp_path, tmp_path / "in.jsonl", settings_for(server, max_pixels=max_pixels)
+            )
+            assert stats["captioned"] == 3
+            return {e.image: 1 for e in server.log[before:]}, stats
+
+        first, _ = asked(1003520)  # the large one shrunk, the others as they are
+        assert len(first) == 3 and small in first and medium in first and large not in first
+        again, stats = asked(1003520)
+        assert again == {} and stats["from_journal"] == 3
+        shrunk_more, stats = asked(250000)  # medium and large are sent smaller now
+        assert len(shrunk_more) == 2 and small not in shrunk_more and stats["from_journal"] == 1
+        as_is, _ = asked(None)
+        assert set(as_is) == {large, medium}
+    journal = list(iter_jsonl(tmp_path / "out.journal.jsonl"))
+    sizes = [(e["source_size"], [e["width"], e["height"]], e["max_pixels"]) for e in journal]
+    assert ([2000, 1000], [1416, 708], 1003520) in sizes
+    assert ([2000, 1000], [2000, 1000], None) in sizes
+
+
+def test_answers_journaled_before_budgets_count_as_the_image_as_is():
+    old = {"status": "answered", "width": 800, "height": 600}  # no source_size, no max_pixels
+    assert fits_budget(old, None) and fits_budget(old, 1003520)
+    assert not fits_budget(old, 250000)
+    assert sent_size(2000, 1000, 1003520) == (1416, 708)
+    assert sent_size(2000, 1000, None) == (2000, 1000)
+    assert not fits_budget({"status": "error", "max_pixels": None}, 1003520)  # asked again

@@ -166,7 +166,7 @@ def test_the_preflight_names_a_missing_server_program():
     s = settings("vllm-not-installed serve Qwen/Qwen2-VL-7B-Instruct --port {port}")
     with pytest.raises(CaptionError, match="program 'vllm-not-installed' not found"):
         preflight(s, environ={})
-    assert command_problem("vllm serve m") .startswith("must contain {port}")
+    assert command_problem("vllm serve m").startswith("must contain {port}")
     assert command_problem(f"CUDA_VISIBLE_DEVICES=0 {STAND_IN}") is None
     assert preflight(settings(STAND_IN), environ={})["endpoint"].startswith("servers the jobs")
 
@@ -181,7 +181,7 @@ def test_stop_ends_the_whole_process_group(tmp_path):
     # a server that starts a worker of its own (as vLLM's engine core): both go
     command = (
         f"{sys.executable} -c 'import subprocess, sys, time; "
-        "subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(600)\"]); "
+        'subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]); '
         "time.sleep(600)' {port}"
     )
     server = Server(command, tmp_path / "server.log", startup_timeout_s=1).start()
@@ -204,3 +204,33 @@ def test_stand_in_cli_answers_as_vllm_does(tmp_path):
     finally:
         server.stop()
     assert json.loads(json.dumps(models))[0]["owned_by"] == "groundset-stand-in"
+
+
+def test_a_server_that_dies_mid_run_fails_the_job_with_the_reason_and_the_rerun_resumes(tmp_path):
+    make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(64, 48)] * 30))
+    requests = tmp_path / "requests.jsonl"
+    # the stand-in dies (SIGKILL, as an out-of-memory kill would) after a few answers
+    command = serve_command(requests, "--latency", "0.2")
+    s = settings(command, concurrency=2, max_attempts=50, backoff_base_s=0.5, backoff_cap_s=1)
+
+    def kill_server_after(answers: int) -> None:
+        deadline = time.monotonic() + 60
+        while len(list(iter_jsonl(requests)) if requests.exists() else []) < answers:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        (pid,) = started_pids(tmp_path / "out.server.log")
+        os.kill(pid, signal.SIGKILL)
+
+    import threading
+
+    killer = threading.Thread(target=kill_server_after, args=(4,))
+    killer.start()
+    began = time.monotonic()
+    with pytest.raises(CaptionError, match="exited with status -9 while answering requests"):
+        run(tmp_path, tmp_path / "in.jsonl", s)
+    killer.join()
+    assert time.monotonic() - began < 30  # not 50 attempts of back-off per image
+    journal = list(iter_jsonl(tmp_path / "out.journal.jsonl"))
+    assert 4 <= len(journal) < 30
+    stats = run(tmp_path, tmp_path / "in.jsonl", settings(serve_command(requests)))
+    assert stats["captioned"] == 30 and stats["from_journal"] == len(journal)

@@ -1,4 +1,6 @@
-"""`snakemake --profile profiles/slurm` against a real SLURM on loopback (tests/slurm_cluster.py):
+"""`snakemake --profile slurm` against a real SLURM on loopback (tests/slurm_cluster.py), with the
+profile `make slurm-profile` installs (edited for the test cluster as a site would edit it) and
+the workflow profile profiles/default:
 the sample DAG goes through sbatch (sacct lists the jobs), a killed filter job is finished by
 `--rerun-incomplete` without recomputing any finished shard, and the outputs equal the local
 profile's."""
@@ -16,17 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from slurm_cluster import CLUSTER, SlurmCluster, _left_by_dead_test_cluster
 
 from conftest import ROOT
 
 pytestmark = pytest.mark.workflow
-SLURM = [
-    "--profile",
-    str(ROOT / "profiles" / "slurm"),
-    "--workflow-profile",
-    str(ROOT / "profiles" / "slurm-ci"),
-]
+SLURM = ["--profile", "slurm"]  # as the design card says: the user profile named slurm
 # Outputs compared with the local run (paths inside records are made workdir-relative).
 COMPARED = [
     "merged/merged_output.jsonl",
@@ -44,13 +42,38 @@ def cluster(tmp_path_factory):
     """A one-node SLURM with accounting, stopped (by PID) when the module's tests are done."""
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a killed pytest still stops daemons
     try:
-        with SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=4) as running:
+        # the node offers more memory than this machine has (config_overrides): jobs ask for
+        # what the workflow profile gives them (32 GB for the model jobs), four at once
+        with SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=4, memory_mb=160000) as running:
             print(
                 f"SLURM setup: {running.setup_seconds:.1f} s (install {running.install_seconds:.1f} s)"
             )
             yield running
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture(scope="module")
+def site_profile(tmp_path_factory) -> Path:
+    """XDG_CONFIG_HOME holding the `slurm` profile `make slurm-profile` installs, edited for the
+    test cluster with profiles/slurm-ci (each of its keys replaces the installed one)."""
+    xdg = tmp_path_factory.mktemp("xdg")
+    env = {**os.environ, "XDG_CONFIG_HOME": str(xdg)}
+    make = ["make", "-s", "-C", str(ROOT), "slurm-profile"]
+    subprocess.run(make, env=env, check=True, capture_output=True)
+    installed = xdg / "snakemake" / "slurm"
+    assert (installed / "partitions.yaml").read_text() == (
+        ROOT / "profiles" / "slurm" / "partitions.yaml"
+    ).read_text()
+    config = yaml.safe_load((installed / "config.yaml").read_text())
+    config.update(yaml.safe_load((ROOT / "profiles" / "slurm-ci" / "config.yaml").read_text()))
+    (installed / "config.yaml").write_text(yaml.safe_dump(config))
+    ci = ROOT / "profiles" / "slurm-ci" / "partitions.yaml"
+    (installed / "partitions.yaml").write_text(ci.read_text())
+    again = subprocess.run(make, env=env, capture_output=True, text=True)
+    assert again.returncode != 0 and "not overwriting" in again.stderr  # a site's edits stay
+    assert (installed / "partitions.yaml").read_text() == ci.read_text()
+    return xdg
 
 
 def _interrupt(signum, frame):
@@ -61,11 +84,12 @@ def _interrupt(signum, frame):
 class Run:
     """The real snakemake CLI with the SLURM profiles, in the background; its output in a file."""
 
-    def __init__(self, cluster, args: list[str], log: Path, timeout: int = 900):
+    def __init__(self, cluster, xdg: Path, args: list[str], log: Path, timeout: int = 900):
         # Snakemake ignores SIGTERM while it polls SLURM: `timeout` stops it with SIGINT.
         cmd = ["timeout", "-s", "INT", str(timeout), sys.executable, "-m", "snakemake",
                "--snakefile", str(ROOT / "Snakefile"), *SLURM, *args]  # fmt: skip
-        env = {**cluster.env(), "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+        env = {**cluster.env(), "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
+               "XDG_CONFIG_HOME": str(xdg)}  # fmt: skip
         self.log = log
         with open(log, "w") as out:  # a file, not a pipe: nobody reads it while we watch squeue
             self.proc = subprocess.Popen(
@@ -107,8 +131,9 @@ def normalized(path: Path, workdir: Path) -> list:
     if path.suffix == ".json":
         return [json.loads(text)]
     records = [json.loads(line) for line in text.splitlines()]
-    for record in records:
-        record.get("caption_meta", {}).pop("request_id", None)
+    for record in records:  # the stand-in served by the jobs vs the sample's in-process one
+        for key in ("request_id", "backend", "model"):
+            record.get("caption_meta", {}).pop(key, None)
     return records
 
 
@@ -153,13 +178,34 @@ def kill_step(cluster, job: str) -> list[int]:
 
 @pytest.mark.xdist_group("slurm")
 def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
-    cluster, sample_run_later, tmp_path
+    cluster, site_profile, sample_run_later, tmp_path
 ):
     workdir = tmp_path / "results"
-    args = ["--configfile", "config/sample.yaml", "--config", f"workdir={workdir}",
+    # a CPU-only cluster: the GPU rules ask for none (config keys; outputs do not depend on
+    # them); the caption jobs start their own server (the stand-in, as vLLM would be started)
+    requests = tmp_path / "requests.jsonl"
+    serve = {"command": f"{sys.executable} -m groundset.testing.vlm --port {{port}} "
+                        f"--request-log {requests}",
+             "instances": 2, "gpus": 0, "cpus": 1, "mem_mb": 1000}  # fmt: skip
+    cpu_only = tmp_path / "cpu_only.yaml"
+    cpu_only.write_text(
+        yaml.safe_dump(
+            {
+                "mask": {"gpus": 0},
+                "export": {"emu3": {"gpus": 0}},
+                "caption": {
+                    "backend": "openai",
+                    "model": "stand-in",
+                    "stand_in": False,
+                    "serve": serve,
+                },
+            }
+        )  # fmt: skip
+    )
+    args = ["--configfile", "config/sample.yaml", str(cpu_only), "--config", f"workdir={workdir}",
             "--slurm-logdir", str(tmp_path / "slurm-logs")]  # fmt: skip
     started = time.monotonic()
-    first = Run(cluster, args, tmp_path / "first.log")
+    first = Run(cluster, site_profile, args, tmp_path / "first.log")
     try:
         job, comment = wait_for_running_filter_job(cluster, first)
         assert kill_step(cluster, job)  # the shard's job step dies mid-shard
@@ -169,6 +215,14 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
     first_seconds = time.monotonic() - started
     assert code != 0, output
     assert "Error in rule score_shard" in output
+    # the user profile `slurm` and the workflow profile, which gives the model jobs 32 GB; the
+    # plugin picks the partition from the installed profile's partitions.yaml
+    assert re.search(
+        r"Using profiles? slurm and workflow specific profile \S*profiles/default", output
+    )
+    assert "Auto-selected partition 'debug'" in output
+    memory = cluster.run("sacct", "-X", "-n", "-P", "-o", "Comment,ReqMem").stdout
+    assert re.search(r"rule_score_shard\S*\|32000M", memory), memory
     source, shard = re.fullmatch(r"rule_score_shard_wildcards_(.+)_(\d+)", comment).groups()
     killed = workdir / "filtered" / source / f"shard_{shard}.jsonl"
     assert not killed.exists()
@@ -176,7 +230,7 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
     assert finished, "no other shard finished: keep-going did not carry on"
 
     started = time.monotonic()
-    rerun = Run(cluster, [*args, "--rerun-incomplete"], tmp_path / "rerun.log")
+    rerun = Run(cluster, site_profile, [*args, "--rerun-incomplete"], tmp_path / "rerun.log")
     try:
         code, output = rerun.finish()
     finally:
@@ -203,6 +257,14 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
         assert "COMPLETED" in states.get(rule, []), (rule, accounted)
     assert "FAILED" in states["score_shard"], states["score_shard"]  # the killed one
     assert "stage_counts" not in states  # a local rule: runs in the snakemake process
+
+    # the caption jobs' servers answered every request and none outlived its job
+    served = [json.loads(line) for line in requests.read_text().splitlines()]
+    pids = {line["pid"] for line in served}
+    assert served and len(pids) >= 2, pids  # one server per caption job
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", pid
 
     sample_run = sample_run_later()  # the local run (another xdist worker's, or run now)
     for name in COMPARED:

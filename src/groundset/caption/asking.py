@@ -57,6 +57,9 @@ def request_image(
         except ApiError as err:
             if limiter.stopped:  # the SDK wrapped the transport's Stopped (or a late failure)
                 raise Stopped(f"{key}: not asked, the job is stopping") from None
+            gone = settings.server_gone() if settings.server_gone else None
+            if gone:  # the job's own server died: no retry can succeed; the rerun goes on
+                raise CaptionError(gone) from None
             if err.kind == "auth":
                 raise CaptionError(
                     f"the endpoint refused the API key ({err}); check ${settings.api_key_env}"
@@ -89,6 +92,7 @@ def request_image(
             "height": payload.height,
             "source_size": list(payload.source),
             "max_pixels": settings.max_pixels,
+            "stand_in": settings.stand_in is True,  # a PLACEHOLDER answer (stays one when reused)
             "model": settings.model,
             "backend": settings.backend,
             "question": question_id(settings),

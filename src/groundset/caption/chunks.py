@@ -107,7 +107,7 @@ def caption_chunk(
         elif not reparse:
             log_path = server_log or f"{journal_path}.server.log"
             with endpoint_for_run(settings, str(log_path)) as run_settings:
-                stand_in = uses_stand_in(run_settings) or run_settings.stand_in is True
+                stand_in = run_settings.stand_in is True
                 request_pending(
                     iter_range(records_path, start, end), run_settings, journal, retry_errors,
                     counts, dropped, gave_up,
@@ -171,6 +171,7 @@ def caption_chunk(
                         + "\n"
                     )  # fmt: skip
                     continue
+                stand_in = stand_in or bool(entry.get("stand_in"))  # placeholders, even reused
                 counts["captioned"] += 1
                 counts["entities"] += len(parsed.entities)
                 counts["boxes"] += sum(len(e["bboxes"]) for e in parsed.entities)

@@ -177,6 +177,13 @@ class Server:
         log.info("server pid %d ready on port %d, serving %s", self.process.pid, self.port, names)
         return self.models
 
+    def gone(self) -> str | None:
+        """Why the server is no longer there (it exited, with the end of its log), or None."""
+        code = self.process.poll() if self.process is not None else None
+        if code is None:
+            return None
+        return str(self._failure(f"exited with status {code} while answering requests"))
+
     def stop(self, grace_s: float = 30.0) -> int | None:
         """SIGTERM to the server's process group, SIGKILL after `grace_s`; its exit status."""
         process = self.process

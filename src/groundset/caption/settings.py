@@ -13,7 +13,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 
 from ..config import fill_section, pick_keys
@@ -136,13 +136,15 @@ class Settings:
     max_pixels: int | None
     serve: dict = field(hash=False)  # command, instances, gpus, cpus, mem_mb, startup_timeout_s
     api_key: str | None = field(default=None, repr=False)  # resolved at run time, never logged
+    # the job's own server: why it is gone (None while it runs); set for the run by endpoint_for_run
+    server_gone: Callable[[], str | None] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, section: dict, rate_share: int = 1) -> Settings:
         """Settings from a (partial) `caption:` config dict, checked and filled from the schema
         (ConfigError naming the key); the rate is divided among `rate_share` jobs."""
         values = fill_section("caption", section)
-        known = {f.name for f in fields(cls) if f.name != "api_key"}
+        known = {f.name for f in fields(cls) if f.name not in ("api_key", "server_gone")}
         settings = cls(**{k: v for k, v in values.items() if k in known})
         if settings.rate_per_second is not None and rate_share > 1:
             settings = replace(settings, rate_per_second=settings.rate_per_second / rate_share)
@@ -290,7 +292,10 @@ def endpoint_for_run(settings: Settings, server_log: str | None = None) -> Itera
             # a self-hosted server needs no key; one started with --api-key gets the variable's
             key = os.environ.get(settings.api_key_env, "").strip() or "EMPTY"
             stand_in = server.is_stand_in or settings.stand_in
-            yield replace(settings, base_url=server.base_url, api_key=key, stand_in=stand_in)
+            yield replace(
+                settings, base_url=server.base_url, api_key=key, stand_in=stand_in,
+                server_gone=server.gone,
+            )  # fmt: skip
         return
     if not uses_stand_in(settings):
         yield resolve_key(settings)
@@ -303,4 +308,4 @@ def endpoint_for_run(settings: Settings, server_log: str | None = None) -> Itera
     )
     with StandInVLM(latency=settings.stand_in_latency_s) as server:
         url = server.dashscope_url if settings.backend == "dashscope" else server.openai_url
-        yield replace(settings, base_url=url, api_key=STAND_IN_KEY)
+        yield replace(settings, base_url=url, api_key=STAND_IN_KEY, stand_in=True)
