@@ -161,7 +161,21 @@ KNOBS = {
     "rate_per_second": 7, "rate_headroom": 0.1, "api_jobs": 3, "concurrency": 2, "timeout_s": 9,
     "max_attempts": 2, "backoff_base_s": 0.02, "backoff_cap_s": 0.5, "max_consecutive_failures": 5,
     "stand_in_latency_s": 0.2, "api_key_env": "GROUNDSET_WF_OTHER_KEY", "retry_errors": True,
+    "serve.instances": 3, "serve.gpus": 2, "serve.cpus": 3, "serve.mem_mb": 999,
+    "serve.startup_timeout_s": 5,
 }  # fmt: skip
+
+
+def nested(changes: dict) -> dict:
+    """Caption keys as the config nests them ("serve.gpus" -> {"serve": {"gpus": ...}})."""
+    out: dict = {}
+    for key, value in changes.items():
+        head, _, sub = key.partition(".")
+        if sub:
+            out.setdefault(head, {})[sub] = value
+        else:
+            out[head] = value
+    return out
 
 
 def test_tuning_knobs_mark_no_chunk_stale_and_output_keys_do(tmp_path):
@@ -169,7 +183,7 @@ def test_tuning_knobs_mark_no_chunk_stale_and_output_keys_do(tmp_path):
     base = {"stand_in": True, "chunk_size": 2, "rate_per_second": 4}
 
     def config(**changes) -> Path:
-        return caption_config(tmp_path, tmp_path / "in.jsonl", **{**base, **changes})
+        return caption_config(tmp_path, tmp_path / "in.jsonl", **{**base, **nested(changes)})
 
     # the quota in force reaches the jobs through the config: --resources over caption.api_jobs
     snakemake(config(), "--cores", "2", TARGET, "--resources", "vlm_api=2", key=None)
@@ -185,7 +199,7 @@ def test_tuning_knobs_mark_no_chunk_stale_and_output_keys_do(tmp_path):
                  if planned(snakemake(config(**{key: value}), "-n", TARGET, key=None))]  # fmt: skip
         raise AssertionError(f"{stale} mark jobs stale: {planned(done)}")
     for key, value in {"keep_ungrounded": True, "prompt": "Caption it as JSON.",
-                       "max_tokens": 99}.items():  # fmt: skip
+                       "max_tokens": 99, "max_pixels": 5000}.items():  # fmt: skip
         done = snakemake(config(**{key: value}), "--cores", "1", TARGET, "-n", key=None)
         plan = planned(done)
         assert plan.get("caption_chunk") == 2 and "caption_preflight" not in plan, (key, plan)

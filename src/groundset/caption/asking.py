@@ -10,6 +10,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import logging
+import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -25,6 +27,8 @@ from .backends import ApiError, Dropped, Payload, _sent, fits_budget, make_backe
 from .settings import CaptionError, Settings, question_id
 
 log = logging.getLogger(__name__)
+
+PAYLOAD_THREADS = min(8, os.cpu_count() or 1)  # beyond `concurrency`: making the next payloads
 
 
 @dataclass
@@ -129,15 +133,18 @@ def journaled_answer(
     return entry
 
 
-def ask_record(backend, limiter: RateLimiter, settings: Settings, record: dict) -> Outcome:
-    """Make a record's payload within the pixel budget (in the caller's thread: decoding and
-    shrinking run beside the requests), then ask about it."""
+def ask_record(
+    backend, limiter: RateLimiter, settings: Settings, record: dict, on_the_wire: threading.Semaphore
+) -> Outcome:
+    """Make a record's payload within the pixel budget, then ask about it once one of the job's
+    `concurrency` request slots is free (payloads are made while other requests are out)."""
     key = record_key(record)
     try:
         payload = record_payload(record, settings.max_pixels)
     except Dropped as drop:
         return Outcome(dropped={"status": "dropped", "reason": drop.reason, "detail": drop.detail})
-    return request_image(backend, limiter, settings, key, payload, url=record.get("url"))
+    with on_the_wire:
+        return request_image(backend, limiter, settings, key, payload, url=record.get("url"))
 
 
 def needs_requests(
@@ -179,7 +186,12 @@ def request_pending(
     """Request every record that the journal lacks, journaling answers as they land."""
     limiter = RateLimiter(settings.paced_rate)
     backend = make_backend(settings, limiter)
-    window = max(1, settings.concurrency) * 2
+    # `concurrency` requests on the wire, and a few more threads making the next payloads
+    # (decode, shrink, encode) meanwhile, so that no request slot waits for one
+    concurrency = max(1, settings.concurrency)
+    on_the_wire = threading.BoundedSemaphore(concurrency)
+    threads = concurrency + PAYLOAD_THREADS
+    window = threads * 2
     consecutive = 0
     question = question_id(settings)
     in_flight: dict[cf.Future, str] = {}
@@ -213,7 +225,7 @@ def request_pending(
             )
 
     with (
-        cf.ThreadPoolExecutor(max(1, settings.concurrency), thread_name_prefix="caption") as pool,
+        cf.ThreadPoolExecutor(threads, thread_name_prefix="caption") as pool,
         tqdm(desc="caption", unit="img", mininterval=5) as bar,
     ):
         try:
@@ -231,7 +243,8 @@ def request_pending(
                     done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
                     collect(done)
                     bar.update(len(done))
-                in_flight[pool.submit(ask_record, backend, limiter, settings, record)] = key
+                future = pool.submit(ask_record, backend, limiter, settings, record, on_the_wire)
+                in_flight[future] = key
             while in_flight:
                 done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
                 collect(done)

@@ -98,6 +98,7 @@ def placeholder_answer(data: bytes) -> str:
     """A grounded-caption answer in the default prompt's JSON shape (0-1000 grid boxes), in a fence."""
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
+        image.draft("L", (128, 128))  # a JPEG decodes at reduced scale: the box needs 64 x 64
         main = _salient_box(image)
     shape = "landscape" if width > height else "portrait" if height > width else "square"
     answer = {
