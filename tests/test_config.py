@@ -409,7 +409,7 @@ def _settings_classes() -> list[tuple]:
     }
     return [
         (Settings, lambda: Settings.from_config({}),
-         _named_as_keys(Settings, "caption", {"api_key"}), {"api_key"}),
+         _named_as_keys(Settings, "caption", {"api_key", "server_gone"}), {"api_key", "server_gone"}),
         (PrefilterRules, lambda: PrefilterRules.from_config({}), RULE_KEYS, set()),
         (MaskSettings, lambda: MaskSettings.from_config({}),
          _named_as_keys(MaskSettings, "mask", set()), set()),

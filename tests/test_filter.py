@@ -683,3 +683,13 @@ def test_merge_refuses_duplicate_inputs_and_counts_unscored(tmp_path):
         "aes_6.jsonl": 1,
         "merged_output.jsonl": 2,
     }
+
+
+def test_the_probe_refuses_truncated_images_after_data_juicer_is_imported(tmp_path):
+    import data_juicer  # noqa: F401 (its import sets ImageFile.LOAD_TRUNCATED_IMAGES = True)
+    from PIL import ImageFile
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES
+    folder = bad_files(tmp_path)
+    assert probe_image(str(folder / "truncated.jpg"))[0].startswith("truncated:")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES  # data-juicer's own setting is back afterwards

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,33 @@ def select_settings(section: dict) -> dict:
 # --- probe -------------------------------------------------------------------------------
 
 
+_strict_lock = threading.Lock()
+_strict_users = 0
+_lenient_before = False
+
+
+@contextlib.contextmanager
+def strict_decoding() -> Iterator[None]:
+    """PIL refuses truncated images for the block, whatever the process set: importing
+    data-juicer sets `ImageFile.LOAD_TRUNCATED_IMAGES = True`, which fills a truncated JPEG with
+    grey instead of failing. Thread-safe; the previous setting is back after the last user."""
+    global _strict_users, _lenient_before
+    from PIL import ImageFile
+
+    with _strict_lock:
+        if _strict_users == 0:
+            _lenient_before = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        _strict_users += 1
+    try:
+        yield
+    finally:
+        with _strict_lock:
+            _strict_users -= 1
+            if _strict_users == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _lenient_before
+
+
 def probe_image(path: str) -> tuple[str | None, tuple[int, int] | None]:
     """(why an image cannot be used as "kind: detail" or None, its (width, height) from the header)."""
     from PIL import Image, UnidentifiedImageError
@@ -69,7 +97,7 @@ def probe_image(path: str) -> tuple[str | None, tuple[int, int] | None]:
     try:
         if os.path.getsize(path) == 0:
             return "empty_file: 0 bytes", None
-        with Image.open(path) as img:
+        with strict_decoding(), Image.open(path) as img:
             size = img.size  # the header: what data-juicer's shape/aspect filters measure
             img.draft("RGB", (256, 256))  # JPEG: decode at reduced size; still reads every byte
             img.convert("RGB").load()

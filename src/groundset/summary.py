@@ -101,8 +101,9 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
                 summary,
                 "stand_in_captions",
                 "captions and boxes are PLACEHOLDERS from groundset's "
-                "loopback stand-in server, not a model; set DASHSCOPE_API_KEY (or caption.base_url "
-                "for a vLLM server) for real ones (README: Captioning)",
+                "loopback stand-in server, not a model; set DASHSCOPE_API_KEY, caption.base_url "
+                "(a vLLM server) or caption.serve.command (servers on your GPUs) for real ones "
+                "(README: Captioning)",
             )
     masked = workdir / "masked" / "mask_stats.json"
     if masked.exists():

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -134,33 +134,29 @@ def journaled_answer(
 
 
 def ask_record(
-    backend, limiter: RateLimiter, settings: Settings, record: dict, on_the_wire: threading.Semaphore
+    backend,
+    limiter: RateLimiter,
+    settings: Settings,
+    record: dict,
+    on_the_wire: threading.Semaphore,
+    payload: Payload | None = None,
 ) -> Outcome:
-    """Make a record's payload within the pixel budget, then ask about it once one of the job's
-    `concurrency` request slots is free (payloads are made while other requests are out)."""
+    """Make a record's payload within the pixel budget (unless given), then ask about it once
+    one of the job's `concurrency` request slots is free (payloads are made while other
+    requests are out)."""
     key = record_key(record)
-    try:
-        payload = record_payload(record, settings.max_pixels)
-    except Dropped as drop:
-        return Outcome(dropped={"status": "dropped", "reason": drop.reason, "detail": drop.detail})
+    if payload is None:
+        try:
+            payload = record_payload(record, settings.max_pixels)
+        except Dropped as drop:
+            return Outcome(dropped=_dropped(drop))
     with on_the_wire:
         return request_image(backend, limiter, settings, key, payload, url=record.get("url"))
 
 
-def needs_requests(
-    records: Iterable[dict], settings: Settings, journal: Journal, retry_errors: bool
-) -> bool:
-    """Whether any record calls for a request (else no endpoint or server is needed)."""
-    question = question_id(settings)
-    return any(
-        _needs_request(
-            journaled_answer(journal, record, question, settings.max_pixels),
-            retry_errors,
-            question,
-            settings.expects_json,
-        )  # fmt: skip
-        for record in records
-    )
+def _dropped(drop: Dropped) -> dict:
+    """The error record of an image that is not sent."""
+    return {"status": "dropped", "reason": drop.reason, "detail": drop.detail}
 
 
 def _needs_request(
@@ -182,10 +178,15 @@ def _needs_request(
 def request_pending(
     records: Iterable[dict], settings: Settings, journal: Journal, retry_errors: bool,
     counts: Counter, dropped: dict, gave_up: dict,
+    connect: Callable[[], Settings] | None = None,
 ) -> None:  # fmt: skip
-    """Request every record that the journal lacks, journaling answers as they land."""
+    """Request every record that the journal lacks, journaling answers as they land.
+
+    `connect` opens the endpoint (a server of the job's own, the stand-in, a key) and returns
+    the settings to ask with; it is called when the first image that can be sent is ready, so a
+    chunk whose images are all journaled or unreadable starts no server."""
     limiter = RateLimiter(settings.paced_rate)
-    backend = make_backend(settings, limiter)
+    backend = None if connect else make_backend(settings, limiter)
     # `concurrency` requests on the wire, and a few more threads making the next payloads
     # (decode, shrink, encode) meanwhile, so that no request slot waits for one
     concurrency = max(1, settings.concurrency)
@@ -239,11 +240,22 @@ def request_pending(
                 ):
                     counts["from_journal"] += 1
                     continue
+                payload = None
+                if backend is None:  # the first image to send: make sure it can be, then connect
+                    try:
+                        payload = record_payload(record, settings.max_pixels)
+                    except Dropped as drop:
+                        dropped[key] = _dropped(drop)
+                        continue
+                    settings = connect()
+                    backend = make_backend(settings, limiter)
                 while len(in_flight) >= window:
                     done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
                     collect(done)
                     bar.update(len(done))
-                future = pool.submit(ask_record, backend, limiter, settings, record, on_the_wire)
+                future = pool.submit(
+                    ask_record, backend, limiter, settings, record, on_the_wire, payload
+                )
                 in_flight[future] = key
             while in_flight:
                 done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)

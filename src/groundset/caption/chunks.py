@@ -7,6 +7,7 @@ chunk index keeps the journals in step with the chunk layout (answers move with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from ..io import atomic_write, concat_chunks, dumps_record, read_json, write_jso
 from ..journal import Journal
 from ..records import record_key, same_image
 from ..split import index_manifest
-from .asking import journaled_answer, needs_requests, request_pending
+from .asking import journaled_answer, request_pending
 from .settings import CaptionError, Settings, endpoint_for_run, question_id, uses_stand_in
 
 log = logging.getLogger(__name__)
@@ -100,17 +101,20 @@ def caption_chunk(
     with Journal(journal_path, variant="question") as journal:  # every question's answers
         if journal.torn_lines:
             counts["journal_torn_lines"] = journal.torn_lines
-        if not reparse and not needs_requests(
-            iter_range(records_path, start, end), settings, journal, retry_errors
-        ):  # every answer journaled: no endpoint, no server to start
-            counts["from_journal"] = sum(1 for _ in iter_range(records_path, start, end))
-        elif not reparse:
-            log_path = server_log or f"{journal_path}.server.log"
-            with endpoint_for_run(settings, str(log_path)) as run_settings:
-                stand_in = run_settings.stand_in is True
+        if not reparse:
+            log_path = str(server_log or f"{journal_path}.server.log")
+            with contextlib.ExitStack() as endpoint:
+
+                def connect() -> Settings:
+                    """The endpoint, opened when the first image is ready to be sent."""
+                    nonlocal stand_in
+                    run_settings = endpoint.enter_context(endpoint_for_run(settings, log_path))
+                    stand_in = run_settings.stand_in is True
+                    return run_settings
+
                 request_pending(
-                    iter_range(records_path, start, end), run_settings, journal, retry_errors,
-                    counts, dropped, gave_up,
+                    iter_range(records_path, start, end), settings, journal, retry_errors,
+                    counts, dropped, gave_up, connect,
                 )  # fmt: skip
         with atomic_write(output) as out, atomic_write(errors) as err_out:
             for record in iter_range(records_path, start, end):
@@ -194,12 +198,14 @@ def caption_chunk(
         "backend": settings.backend,
         "model": settings.model,
         "stand_in": stand_in,
-        "rate_per_second": settings.rate_per_second,
+        "rate_per_second": None if settings.serves else settings.rate_per_second,
     }
     write_json(stats, result)
     log.info(
-        "%s: %d records, %d captioned, %d requested, %d errors/drops",
+        "%s bytes %d-%s: %d records, %d captioned, %d requested, %d errors/drops",
         records_path,
+        start,
+        end if end is not None else "end",
         counts["records"],
         counts["captioned"],
         counts["requested"],

@@ -1,10 +1,11 @@
 """VLM servers a caption job starts itself: `caption.serve.command` on a free port, health-checked,
 stopped with its whole process group.
 
-A job owns one server for its lifetime. The server runs in its own session (process group), so
-stopping it reaches every process it started (vLLM's engine workers); it also gets SIGTERM from
-the kernel when the job's process dies without cleaning up (PR_SET_PDEATHSIG: SIGKILL, OOM),
-and on SLURM `scancel` ends it with the job's cgroup. The job talks to it on loopback.
+A job owns one server for its lifetime. The command runs under `groundset.supervise`, the leader
+of a process group of its own: stopping it reaches every process the command started (the shell,
+vLLM and its engine workers), and the supervisor ends that group by itself when the job's
+process dies without cleaning up (SIGKILL, the out-of-memory killer). On SLURM, `scancel` ends
+the job's cgroup with the server in it. The job talks to its server on loopback.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -33,7 +35,6 @@ PORT_FIELD = "{port}"
 STAND_IN_OWNER = "groundset-stand-in"  # `owned_by` of the loopback stand-in's model list
 TAIL_LINES = 20  # of the server's log, in the error when it fails to start
 ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")  # VAR=value before a command
-SHELL_LISTS = {"&&", "||", ";", "|", "&"}
 
 
 def free_port() -> int:
@@ -53,40 +54,71 @@ def render_command(template: str, port: int) -> str:
     return template.replace(PORT_FIELD, str(port))
 
 
+SHELL_WORDS = {"cd", "source", ".", "module", "export", "ml", "conda", "set", "ulimit", "umask"}
+SERVED_NAME_OPTIONS = ("--served-model-name", "--model-path", "--model")
+
+
+def _words(command: str) -> list[str]:
+    """The words of a shell command, operators (`&&`, `;`, `|`) as words of their own."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    return list(lexer)
+
+
+def _simple(words: list[str]) -> bool:
+    """Whether the words are one simple command (no list, pipe or redirection)."""
+    return not any(word and set(word) <= set("&|;<>()") for word in words)
+
+
 def command_problem(template: str) -> str | None:
-    """Why `template` cannot start a server here (no {port}, program not found), or None."""
+    """Why `template` cannot start a server here (no {port}, a program that is not there), or
+    None. Lists (`module load x && vllm serve ...`) and shell builtins are left to the shell."""
     if PORT_FIELD not in template:
         return f"must contain {PORT_FIELD} (each job picks a free port)"
     try:
-        words = shlex.split(template)
+        words = _words(template)
     except ValueError as err:
         return f"cannot be parsed as a shell command: {err}"
+    if not _simple(words):
+        return None
     program = next((w for w in words if not ASSIGNMENT.match(w)), None)  # after VAR=value
     if program is None:
         return "names no program"
-    if shutil.which(program) is None:
-        return f"program {program!r} not found (not on PATH here; install it or give its path)"
+    if program in SHELL_WORDS or shutil.which(program) is not None:
+        return None
+    return (
+        f"program {program!r} not found (not on PATH here; install it or give its absolute "
+        "path: the jobs run in the workdir)"
+    )
+
+
+def served_name(template: str) -> str | None:
+    """The model name a vLLM / SGLang command serves (what requests must carry), if it says:
+    `--served-model-name`, else `vllm serve MODEL` / `--model` / `--model-path`."""
+    try:
+        words = _words(template)
+    except ValueError:
+        return None
+    for option in SERVED_NAME_OPTIONS:
+        for i, word in enumerate(words):
+            if word == option and i + 1 < len(words):
+                return words[i + 1]
+            if word.startswith(option + "="):
+                return word.split("=", 1)[1]
+    for i, word in enumerate(words[:-1]):
+        if word == "serve" and i > 0 and words[i - 1].endswith("vllm"):
+            model = words[i + 1]
+            return None if model.startswith("-") else model
     return None
 
 
-def shell_line(command: str) -> str:
-    """What /bin/sh runs: a simple command replaces the shell (`exec env`, so that the server
-    itself is the process group's leader and gets the parent-death signal); a list as written."""
-    try:
-        words = shlex.split(command)
-    except ValueError:
-        return command
-    if SHELL_LISTS & set(words):
-        return command
-    return f"exec env {command}"
-
-
-def _die_with_parent() -> None:
-    """In the server's process before exec: SIGTERM when the job's process dies (Linux)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _status(code: int) -> str:
+    """An exit status as the shell reports it, with the signal behind 128 + N."""
+    if code > 128:
+        return f"status {code} (killed by signal {code - 128})"
+    if code < 0:
+        return f"status {128 - code} (killed by signal {-code})"
+    return f"status {code}"
 
 
 def _tail(path: Path, lines: int = TAIL_LINES) -> str:
@@ -101,8 +133,15 @@ def _tail(path: Path, lines: int = TAIL_LINES) -> str:
 class Server:
     """One server process group started from `command` on a free loopback port."""
 
-    def __init__(self, template: str, log_path: str | os.PathLike, startup_timeout_s: float):
+    def __init__(
+        self,
+        template: str,
+        log_path: str | os.PathLike,
+        startup_timeout_s: float,
+        api_key: str | None = None,
+    ):
         self.template = template
+        self.api_key = api_key  # sent with the health check (a server started with --api-key)
         self.port = free_port()
         self.command = render_command(template, self.port)
         self.log_path = Path(log_path)
@@ -127,12 +166,11 @@ class Server:
             out.write(f"$ {self.command}\n".encode())
             out.flush()
             self.process = subprocess.Popen(  # noqa: S603 (the user's configured command)
-                ["/bin/sh", "-c", shell_line(self.command)],
+                [sys.executable, "-m", "groundset.supervise", "--", self.command],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 (only prctl; no threads touched)
+                start_new_session=True,  # the supervisor leads a group of its own
             )
         log.info("started server pid %d on port %d: %s", self.process.pid, self.port, self.command)
         return self
@@ -153,11 +191,21 @@ class Server:
         while True:
             code = self.process.poll()
             if code is not None:
-                raise self._failure(f"exited with status {code} before answering")
+                raise self._failure(f"exited with {_status(code)} before answering")
+            request = urllib.request.Request(f"{self.base_url}/models")
+            if self.api_key:
+                request.add_header("Authorization", f"Bearer {self.api_key}")
             try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=5) as response:  # noqa: S310
+                with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
                     body = json.loads(response.read() or b"{}")
                 break
+            except urllib.error.HTTPError as err:
+                if err.code in (401, 403):
+                    raise self._failure(
+                        f"refused the key on GET /v1/models (HTTP {err.code}): export the key the "
+                        "server was started with (--api-key) in the variable caption.api_key_env "
+                        "names"
+                    ) from None
             except (urllib.error.URLError, OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
@@ -182,7 +230,7 @@ class Server:
         code = self.process.poll() if self.process is not None else None
         if code is None:
             return None
-        return str(self._failure(f"exited with status {code} while answering requests"))
+        return str(self._failure(f"exited with {_status(code)} while answering requests"))
 
     def stop(self, grace_s: float = 30.0) -> int | None:
         """SIGTERM to the server's process group, SIGKILL after `grace_s`; its exit status."""
@@ -207,10 +255,14 @@ class Server:
 
 @contextlib.contextmanager
 def serving(
-    template: str, model: str, log_path: str | os.PathLike, startup_timeout_s: float
+    template: str,
+    model: str,
+    log_path: str | os.PathLike,
+    startup_timeout_s: float,
+    api_key: str | None = None,
 ) -> Iterator[Server]:
     """A started, ready server for the block; stopped when the block ends, however it ends."""
-    server = Server(template, log_path, startup_timeout_s)
+    server = Server(template, log_path, startup_timeout_s, api_key)
     try:
         server.start()
         server.wait_ready(model)

@@ -245,11 +245,19 @@ def preflight(settings: Settings, environ: dict | None = None) -> dict:
     """Check key and endpoint before any chunk starts; returns what the check saw (no key)."""
     stand_in = uses_stand_in(settings, environ)
     if settings.serves:
-        from .serve import command_problem
+        from .serve import command_problem, served_name
 
-        problem = command_problem(settings.serve["command"])
+        command = settings.serve["command"]
+        problem = command_problem(command)
         if problem:
-            raise CaptionError(f"caption.serve.command: {problem}: {settings.serve['command']!r}")
+            raise CaptionError(f"caption.serve.command: {problem}: {command!r}")
+        served = served_name(command)
+        if served is not None and served != settings.model:
+            raise CaptionError(
+                f"caption.model: {settings.model!r}, but caption.serve.command serves {served!r} "
+                "(requests must carry the served name: set caption.model to it, or give the "
+                "server that name with --served-model-name)"
+            )
     elif not stand_in:
         resolve_key(settings, environ)
         check_endpoint(settings)
@@ -283,14 +291,14 @@ def endpoint_for_run(settings: Settings, server_log: str | None = None) -> Itera
 
         template, serve = settings.serve["command"], settings.serve
         log_path = server_log or "caption_server.log"
-        with serving(template, settings.model, log_path, serve["startup_timeout_s"]) as server:
+        # a self-hosted server needs no key; one started with --api-key gets the variable's
+        key = os.environ.get(settings.api_key_env, "").strip() or "EMPTY"
+        with serving(template, settings.model, log_path, serve["startup_timeout_s"], key) as server:
             if server.is_stand_in:
                 log.warning(
                     "caption: the server caption.serve.command started is groundset's LOOPBACK "
                     "STAND-IN: its captions are PLACEHOLDERS, not model output"
                 )
-            # a self-hosted server needs no key; one started with --api-key gets the variable's
-            key = os.environ.get(settings.api_key_env, "").strip() or "EMPTY"
             stand_in = server.is_stand_in or settings.stand_in
             yield replace(
                 settings, base_url=server.base_url, api_key=key, stand_in=stand_in,

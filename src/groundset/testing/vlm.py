@@ -234,7 +234,10 @@ class StandInVLM:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:
-                if self.path.rstrip("/") == "/v1/models":
+                key = self.headers.get("Authorization")
+                if server.api_key is not None and key != f"Bearer {server.api_key}":
+                    self._send(401, b'{"error": {"message": "Unauthorized"}}')  # as vLLM
+                elif self.path.rstrip("/") == "/v1/models":
                     model = {"id": server.served_model_name, "object": "model",
                              "owned_by": STAND_IN_OWNER}  # fmt: skip
                     body = {"object": "list", "data": [model]}
