@@ -68,6 +68,26 @@ def started_pids(server_log: Path) -> list[int]:
     return [int(part.split(",")[0]) for part in text.split("(pid ")[1:]]
 
 
+def start_job(tmp: Path, command: str, concurrency: int) -> subprocess.Popen:
+    """A caption job in its own process (stopped by SIGTERM as Snakemake and SLURM stop one)."""
+    script = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+        "from test_serve import run, settings; from groundset.caption import stop_on_sigterm;\n"
+        "with stop_on_sigterm(): run(Path(sys.argv[2]), Path(sys.argv[2]) / 'in.jsonl', "
+        "settings(sys.argv[3], concurrency=int(sys.argv[4])))"
+    )
+    return subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp),
+                             command, str(concurrency)])  # fmt: skip
+
+
+def wait_for_requests(requests: Path, job: subprocess.Popen, count: int) -> None:
+    """Wait until the server has answered `count` requests (the job must still run)."""
+    deadline = time.monotonic() + 60
+    while len(list(iter_jsonl(requests)) if requests.exists() else []) < count:
+        assert job.poll() is None and time.monotonic() < deadline, "the job never asked"
+        time.sleep(0.05)
+
+
 def test_the_job_starts_its_server_asks_it_and_stops_it(tmp_path):
     make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(64, 48)] * 5))
     requests = tmp_path / "requests.jsonl"
@@ -132,18 +152,8 @@ def test_a_killed_job_leaves_no_server_and_its_rerun_pays_nothing_twice(tmp_path
     make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(64, 48)] * 12))
     requests = tmp_path / "requests.jsonl"
     command = serve_command(requests, "--latency", "0.5")
-    script = (
-        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
-        "from test_serve import run, settings; from groundset.caption import stop_on_sigterm;\n"
-        "with stop_on_sigterm(): run(Path(sys.argv[2]), Path(sys.argv[2]) / 'in.jsonl', "
-        "settings(sys.argv[3], concurrency=2))"
-    )
-    job = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent),
-                            str(tmp_path), command])  # fmt: skip
-    deadline = time.monotonic() + 60
-    while len(list(iter_jsonl(requests)) if requests.exists() else []) < 3:
-        assert job.poll() is None and time.monotonic() < deadline, "the job never asked"
-        time.sleep(0.05)
+    job = start_job(tmp_path, command, concurrency=2)
+    wait_for_requests(requests, job, 3)
     (pid,) = started_pids(tmp_path / "out.server.log")
     job.send_signal(how)
     job.wait(30)
@@ -193,18 +203,8 @@ def test_a_shell_list_is_served_and_stopped_whole_also_when_its_job_is_killed(tm
     make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(64, 48)] * 8))
     requests = tmp_path / "requests.jsonl"
     command = f"cd {tmp_path} && echo starting;{serve_command(requests, '--latency', '0.5')}"
-    script = (
-        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
-        "from test_serve import run, settings; from groundset.caption import stop_on_sigterm;\n"
-        "with stop_on_sigterm(): run(Path(sys.argv[2]), Path(sys.argv[2]) / 'in.jsonl', "
-        "settings(sys.argv[3], concurrency=1))"
-    )
-    job = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent),
-                            str(tmp_path), command])  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not requests.exists():
-        assert job.poll() is None and time.monotonic() < deadline, "the job never asked"
-        time.sleep(0.05)
+    job = start_job(tmp_path, command, concurrency=1)
+    wait_for_requests(requests, job, 1)
     (pid,) = started_pids(tmp_path / "out.server.log")
     assert "starting" in (tmp_path / "out.server.log").read_text()
     job.send_signal(how)
