@@ -145,6 +145,17 @@ NONSENSE = [
      "than filter.image_shape (1024 x 1024)"),
     ({"sources": [{"name": "s", "url_list": "x", "download": {"image_size": 256, "resize_mode": "border"}}]},
      "sources[0].download.image_size: 256 with resize_mode border"),
+    ({"caption": {"backend": "openai", "serve": {"command": "vllm serve m --port 8000"}}},
+     "caption.serve.command: must contain {port}"),
+    ({"caption": {"serve": {"command": "vllm serve m --port {port}"}}},
+     "caption.backend: 'dashscope', but the servers caption.serve.command starts speak the OpenAI"),
+    ({"caption": {"backend": "openai", "base_url": "http://h:1/v1",
+                  "serve": {"command": "vllm serve m --port {port}"}}},
+     "caption.base_url: 'http://h:1/v1' must be null with caption.serve.command"),
+    ({"caption": {"backend": "openai", "stand_in": True,
+                  "serve": {"command": "vllm serve m --port {port}"}}},
+     "caption.stand_in: true starts the in-process stand-in"),
+    ({"caption": {"max_pixels": 100}}, "caption.max_pixels: 100 is less than the minimum of 3136"),
 ]  # fmt: skip
 
 

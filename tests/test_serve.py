@@ -176,7 +176,6 @@ def test_the_preflight_names_a_missing_server_program():
     s = settings("vllm-not-installed serve Qwen/Qwen2-VL-7B-Instruct --port {port}")
     with pytest.raises(CaptionError, match="program 'vllm-not-installed' not found"):
         preflight(s, environ={})
-    assert command_problem("vllm serve m").startswith("must contain {port}")
     assert command_problem(f"CUDA_VISIBLE_DEVICES=0 {STAND_IN}") is None
     assert preflight(settings(STAND_IN), environ={})["endpoint"].startswith("servers the jobs")
 
