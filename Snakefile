@@ -44,4 +44,5 @@ rule all:
         VALIDATED,
         EXPORTED,
         EMU3,
+        EXPORTS,
         COUNTS,

@@ -50,15 +50,20 @@ def journaled_keys(work: Path) -> set[str]:
 
 
 def assert_in_step(work: Path) -> dict:
-    """Every stage after the merge follows merged/aes_6.jsonl; returns the caption stats."""
-    tier = keys(work / "merged" / "aes_6.jsonl")
+    """Every stage after the merge follows merged/aes_6.jsonl (less its duplicates); returns
+    the caption stats."""
+    merged = keys(work / "merged" / "aes_6.jsonl")
+    tier = keys(work / "dedup" / "deduped.jsonl")
+    duplicates = keys(work / "dedup" / "dropped.jsonl")
+    assert sorted(tier + duplicates) == sorted(merged)
+    assert tier == [key for key in merged if key in set(tier)]
     captioned = keys(work / "captioned" / "captioned.jsonl")
     errors = keys(work / "captioned" / "errors.jsonl")
     assert sorted(captioned + errors) == sorted(tier)  # nothing lost, nothing twice
     assert captioned == [key for key in tier if key in set(captioned)]  # input order kept
     index = json.loads((work / "captioned" / "chunks.json").read_text())
     assert index["records"] == len(tier)
-    assert Path(index["manifest"]).resolve() == (work / "merged" / "aes_6.jsonl").resolve()
+    assert Path(index["manifest"]).resolve() == (work / "dedup" / "deduped.jsonl").resolve()
     stats = json.loads((work / "captioned" / "caption_stats.json").read_text())
     assert stats["chunks"] == len(index["shards"]) and stats["records"] == len(tier)
     masked = keys(work / "masked" / "masked.jsonl")
@@ -104,11 +109,11 @@ def sample_copy(sample_run, tmp_path) -> Path:
 
 def test_caption_input_grown_shrunk_emptied_and_restored_follows_the_config(sample_copy, tmp_path):
     work = sample_copy
-    before = set(keys(work / "merged" / "aes_6.jsonl"))
+    before = set(keys(work / "dedup" / "deduped.jsonl"))
     chunks_before = len(json.loads((work / "captioned" / "chunks.json").read_text())["shards"])
     # grow: a lower second tier puts more records into aes_6.jsonl (and more chunks)
     run_with_tiers(work, tmp_path, [5, 5.5])
-    grown = keys(work / "merged" / "aes_6.jsonl")
+    grown = keys(work / "dedup" / "deduped.jsonl")
     assert len(grown) > len(before)
     assert len(json.loads((work / "captioned" / "chunks.json").read_text())["shards"]) > (
         chunks_before
@@ -122,7 +127,7 @@ def test_caption_input_grown_shrunk_emptied_and_restored_follows_the_config(samp
     assert 0 < mask_stats(work)["computed"] <= len(set(grown) - before)
     # shrink below the first run's chunk count: no stale chunk job, no IndexError
     run_with_tiers(work, tmp_path, [5, 6.5])
-    shrunk = keys(work / "merged" / "aes_6.jsonl")
+    shrunk = keys(work / "dedup" / "deduped.jsonl")
     assert 0 < len(shrunk) < len(before)
     stats = assert_in_step(work)
     assert stats["requested"] == 0 and stats["chunks"] < chunks_before
@@ -151,3 +156,47 @@ def test_summary_names_the_stand_in_as_the_caption_model(sample_run):
     text = summary(sample_run["workdir"])
     assert re.search(r"model\s+stand-in \(PLACEHOLDER", text), text
     assert "qwen-vl-max via" not in text
+
+
+def run_with(work: Path, tmp_path: Path, name: str, config: dict):
+    """The sample's command on `work` with `config` merged over it (a real run)."""
+    extra = write_config(tmp_path / f"{name}.yaml", config)
+    args = ["--profile", str(ROOT / "profiles" / "local"), "--configfile", "config/sample.yaml",
+            str(extra), "--config", f"workdir={work}", "--cores", "2"]  # fmt: skip
+    return run_snakemake(args)
+
+
+def export_counts(work: Path) -> dict[str, tuple[int, int]]:
+    """The export rows of the run's counts table: {stage: (in, kept)}."""
+    rows = json.loads((work / "export" / "stage_counts.json").read_text())["stages"]
+    return {r["stage"]: (r["in"], r["kept"]) for r in rows if r["stage"].endswith(" export")}
+
+
+def test_dedup_distance_and_export_formats_follow_the_config(sample_copy, tmp_path):
+    work = sample_copy
+    deduped = keys(work / "dedup" / "deduped.jsonl")
+    coco = json.loads((work / "export" / "coco" / "coco.json").read_text())
+    # max_distance 0: the re-encode (2 bits away) is an image of its own and is captioned, the
+    # only new request; only ODVG (and Emu3) exported, as a clean run with this config
+    run_with(work, tmp_path, "d0", {"caption": {"dedup": {"max_distance": 0}},
+                                    "export": {"formats": ["emu3", "odvg"]}})  # fmt: skip
+    grown = keys(work / "dedup" / "deduped.jsonl")
+    assert len(grown) == len(deduped) + 1 and set(deduped) < set(grown)
+    stats = assert_in_step(work)
+    assert stats["requested"] == 1
+    kinds = [r["duplicate_kind"] for r in iter_jsonl(work / "dedup" / "dropped.jsonl")]
+    assert kinds == ["sha256", "sha256"]
+    assert sum(1 for _ in iter_jsonl(work / "export" / "odvg" / "odvg.jsonl")) == len(grown)
+    assert export_counts(work) == {"emu3 export": (6, 6), "odvg export": (6, 6)}
+    report = (work / "validated" / "report.txt").read_text()
+    assert "exports (odvg): images and boxes match" in report
+    hashes = json.loads((work / "dedup" / "dedup_stats.json").read_text())
+    assert hashes["hashed"] == 0 and hashes["hash_cache_hits"] == 8  # hashed once, in the sample
+    # back to the sample's config: its files again, nothing asked twice
+    run_with(work, tmp_path, "back", {})
+    assert keys(work / "dedup" / "deduped.jsonl") == deduped
+    assert assert_in_step(work)["requested"] == 0
+    again = json.loads((work / "export" / "coco" / "coco.json").read_text())
+    assert again == coco
+    assert set(export_counts(work)) == {"emu3 export", "coco export", "odvg export",
+                                        "webdataset export"}  # fmt: skip

@@ -42,12 +42,16 @@ FINAL_JOBS = {
     "draw_sample": 1,
     "emu3_part": 1,
     "gather_emu3": 1,
+    "export_coco": 1,
+    "export_odvg": 1,
+    "export_wds": 1,
     "stage_counts": 1,
     "all": 1,
 }
 # The sample's jobs from the merge on (3 caption chunks, rebuilt from their journals).
 SAMPLE_FROM_MERGE = {
     "merge_tiers": 1,
+    "dedup_records": 1,
     "index_chunks": 1,
     "caption_chunk": 3,
     "gather_captions": 1,
@@ -95,6 +99,7 @@ def test_fresh_dry_run_plans_every_source_in_parallel(tmp_path):
         "build_manifest": 2,
         "index_shards": 2,
         "merge_tiers": 1,
+        "dedup_records": 1,
         "caption_preflight": 1,
         "index_chunks": 1,
         "gather_captions": 1,
@@ -109,7 +114,8 @@ def sample_rows(name: str) -> pd.DataFrame:
 EXPECTED = {
     # source: (rows, prefilter drops, failed downloads, failed decodes, manifest records, shard sizes)
     "laion-high-resolution": (19, {"too_small": 2, "aspect_ratio": 1}, 1, 2, 13, [8, 5]),
-    "laion-aesthetics_v2_4.75": (14, {"too_small": 2}, 1, 1, 10, [8, 2]),
+    # its last 3 rows are duplicates of others (same bytes, same URL, a re-encode)
+    "laion-aesthetics_v2_4.75": (17, {"too_small": 2}, 1, 1, 13, [8, 5]),
 }
 
 
@@ -340,7 +346,7 @@ def test_summary_command_prints_counts(sample_run):
         check=True,
     )
     assert re.search(r"manifest_records\s+13\n", done.stdout) and re.search(
-        r"manifest_records\s+10\n", done.stdout
+        r"manifest_records\s+13\n", done.stdout
     )
     assert "RANDOM stand-in models" in done.stdout and "merged_output.jsonl" in done.stdout
     assert "PLACEHOLDERS from groundset's loopback stand-in server" in done.stdout
@@ -348,9 +354,42 @@ def test_summary_command_prints_counts(sample_run):
     assert "SAM2 with RANDOM weights" in done.stdout and re.search(r"masked\s+5\n", done.stdout)
 
 
+def test_sample_duplicates_are_dropped_before_captioning(sample_run):
+    work = sample_run["workdir"]
+    tier = list(iter_jsonl(work / "merged" / "aes_6.jsonl"))
+    kept = list(iter_jsonl(work / "dedup" / "deduped.jsonl"))
+    dropped = list(iter_jsonl(work / "dedup" / "dropped.jsonl"))
+    url = {f"{r['source']}/{r['image_id']}": r["url"].rsplit("/", 1)[-1] for r in tier}
+    # the sample's three duplicates, each pointing at the image that stays (the same bytes,
+    # the same URL in the other list, a re-encode 2 phash bits away)
+    assert sorted(
+        (url[f"{r['source']}/{r['image_id']}"], url[r["duplicate_of"]], r["duplicate_kind"])
+        for r in dropped
+    ) == [  # fmt: skip
+        ("coffee_copy.jpg", "coffee_1536x1024.jpg", "sha256"),
+        ("gen_animated_1024.gif", "gen_animated_1024.gif", "sha256"),
+        ("gen_cmyk_reencoded.jpg", "gen_cmyk_1200x1024.jpg", "phash"),
+    ]
+    assert all(r["drop_stage"] == "dedup" for r in dropped)
+    assert len(kept) == 5 and len(tier) == 8
+    assert [r["image_id"] for r in kept] == [
+        r["image_id"] for r in tier if f"{r['source']}/{r['image_id']}" not in
+        {f"{d['source']}/{d['image_id']}" for d in dropped}
+    ]  # fmt: skip
+    stats = json.loads((work / "dedup" / "dedup_stats.json").read_text())
+    assert stats["records_in"] == 8 and stats["kept"] == 5 and stats["dropped"] == 3
+    # 3 paid requests saved: one per image, none for a duplicate
+    journaled = [
+        e["key"]
+        for path in (work / "captioned" / "journal").glob("chunk_*.jsonl")
+        for e in iter_jsonl(path)
+    ]
+    assert sorted(journaled) == sorted(f"{r['source']}/{r['image_id']}" for r in kept)
+
+
 def test_sample_captions(sample_run):
     work = sample_run["workdir"]
-    tier = [json.loads(line) for line in (work / "merged" / "aes_6.jsonl").open()]
+    tier = [json.loads(line) for line in (work / "dedup" / "deduped.jsonl").open()]
     records = [json.loads(line) for line in (work / "captioned" / "captioned.jsonl").open()]
     assert [r["image_id"] for r in records] == [r["image_id"] for r in tier] and len(tier) == 5
     for record, before in zip(records, tier, strict=True):
@@ -483,13 +522,18 @@ def test_sample_report_names_every_stage_with_its_counts(sample_run, tmp_path):
         "filter",
         "merge",
         "aes_6 tier",
+        "dedup",
         "caption",
         "mask",
         "emu3 export",
+        "coco export",
+        "odvg export",
+        "webdataset export",
     ]
     assert list(counts) == stages
     assert all(n_in > 0 and kept > 0 and kept <= n_in for n_in, kept in counts.values()), counts
-    assert counts["emu3 export"] == (5, 5) and counts["prefilter"][0] == 33
+    assert counts["emu3 export"] == (5, 5) and counts["prefilter"][0] == 36
+    assert counts["coco export"] == counts["odvg export"] == counts["webdataset export"] == (5, 5)
     assert "RANDOM" in table  # the stand-ins are named in the report too
     summary = json.loads((sample_run["workdir"] / "export" / "stage_counts.json").read_text())
     assert [row["stage"] for row in summary["stages"]] == stages
@@ -545,6 +589,7 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
         "score_shard": 118,  # one job per shard: slice, probe, recipe, data-juicer's scores
         "select_shard": 118,  # the thresholds (local, cheap)
         "merge_tiers": 1,
+        "dedup_records": 1,
         "caption_preflight": 1,
         "index_chunks": 1,
         "gather_captions": 1,

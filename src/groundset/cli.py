@@ -246,6 +246,75 @@ def cmd_export_emu3(args: argparse.Namespace, config: dict) -> dict:
     return export_emu3(args.input, args.outdir, Emu3Settings.from_config(config["export"]["emu3"]))
 
 
+def cmd_export_coco(args: argparse.Namespace, config: dict | None) -> dict:
+    """COCO instances (boxes in pixels, RLE masks, SAM2 scores) with the category mapping beside."""
+    from .exports import export_coco
+
+    return export_coco(args.input, args.output, args.categories)
+
+
+def cmd_export_odvg(args: argparse.Namespace, config: dict | None) -> dict:
+    """ODVG grounding lines (caption, regions with pixel boxes and token spans) for Grounding DINO."""
+    from .exports import export_odvg
+
+    return export_odvg(args.input, args.output)
+
+
+def cmd_export_wds(args: argparse.Namespace, config: dict | None) -> dict:
+    """WebDataset tar shards: each image's original bytes and its JSON (caption, boxes, masks)."""
+    from .exports import export_wds
+
+    shard_size = args.shard_size
+    if shard_size is None:
+        shard_size = config["export"]["webdataset"]["shard_size"] if config else 10000
+    return export_wds(args.input, args.outdir, shard_size)
+
+
+def cmd_dedup(args: argparse.Namespace, config: dict) -> dict:
+    """Keep one record per image: same bytes, same URL or perceptual hashes within max_distance."""
+    from .dedup import dedup_records
+
+    section = config["caption"]["dedup"]
+    output = Path(args.output)
+    stats = args.stats or output.with_name(output.stem + "_stats.json")
+    return dedup_records(
+        args.input,
+        args.output,
+        args.dropped,
+        stats,
+        max_distance=section["max_distance"] if args.max_distance is None else args.max_distance,
+        enabled=section["enabled"],
+        threads=args.threads or section["threads"],
+        cache=args.cache,
+    )
+
+
+def cmd_estimate(args: argparse.Namespace, config: dict) -> dict | None:
+    """Per-stage records, wall time, API requests and cost of a run, before it starts."""
+    from .estimate import estimate, format_estimate
+
+    result = estimate(config, args.from_run)
+    if args.json:
+        return result
+    print(format_estimate(result))
+    return None
+
+
+def cmd_trace(args: argparse.Namespace, config: dict) -> dict | None:
+    """Every stage's verdict on one image (SOURCE/IMAGE_ID); exit 1 when no stage knows it."""
+    from .trace import format_trace, trace
+
+    result = trace(args.workdir or config["workdir"], args.key, config)
+    if result is None:
+        print(f"groundset trace: {args.key} is unknown to every stage of this run", file=sys.stderr)
+        args.exit_code = 1
+        return None
+    if args.json:
+        return result
+    print(format_trace(result))
+    return None
+
+
 def cmd_validate(args: argparse.Namespace, config: dict | None) -> None:
     """Check JSONL files against the record schemas, geometry and files; exit 1 on violations."""
     from .validate import validate_file
@@ -277,7 +346,7 @@ def cmd_summary(args: argparse.Namespace, config: dict) -> dict | None:
     """Print counts per stage of a run from its stats files."""
     from .summary import collect, format_summary
 
-    summary = collect(args.workdir or config["workdir"])
+    summary = collect(args.workdir or config["workdir"], config and config["export"]["formats"])
     if args.json:
         return summary
     print(format_summary(summary))
@@ -390,6 +459,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="override export.emu3.tokenizer (a model folder)")
     p.add_argument("--max-items", type=int, help="override export.emu3.max_items")
 
+    p = add("export-coco", cmd_export_coco, cmd_export_coco.__doc__)
+    p.add_argument("--input", required=True, help="masked JSONL")
+    p.add_argument("--output", required=True, help="COCO JSON to write")
+    p.add_argument(
+        "--categories", help="entity name -> category mapping (default: <output>_categories.json)"
+    )
+
+    p = add("export-odvg", cmd_export_odvg, cmd_export_odvg.__doc__)
+    p.add_argument("--input", required=True, help="masked JSONL")
+    p.add_argument("--output", required=True, help="ODVG JSONL to write")
+
+    p = add("export-wds", cmd_export_wds, cmd_export_wds.__doc__)
+    p.add_argument("--input", required=True, help="masked JSONL")
+    p.add_argument("--outdir", required=True, help="folder for shard-NNNNNN.tar")
+    p.add_argument(
+        "--shard-size", type=int, help="samples per shard (default: export.webdataset.shard_size)"
+    )
+
+    p = add("dedup", cmd_dedup, cmd_dedup.__doc__)
+    p.add_argument("--input", required=True, help="records to dedup (e.g. merged/aes_6.jsonl)")
+    p.add_argument("--output", required=True, help="kept records (one per image) to write")
+    p.add_argument("--dropped", required=True, help="duplicates, each with duplicate_of")
+    p.add_argument("--stats", help="counts JSON (default: <output>_stats.json)")
+    p.add_argument(
+        "--max-distance", type=int, help="phash bits (default: caption.dedup.max_distance)"
+    )
+    p.add_argument("--threads", type=int, help="decoding threads (default: caption.dedup.threads)")
+    p.add_argument("--cache", help="hash cache kept between runs (default: none)")
+
+    p = add("estimate", cmd_estimate, cmd_estimate.__doc__)
+    p.add_argument(
+        "--from-run",
+        help="workdir of an earlier run whose benchmarks/ and stats give measured rates "
+        "(default: the config's workdir, when it has them)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = add("trace", cmd_trace, cmd_trace.__doc__)
+    p.add_argument("key", help="SOURCE/IMAGE_ID, as in the records' source and image_id")
+    p.add_argument("--workdir", help="the run's workdir (default: the config's workdir)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     p = add("validate", cmd_validate, cmd_validate.__doc__)
     p.add_argument("files", nargs="+", help="JSONL files of any stage")
     p.add_argument(
@@ -444,7 +555,11 @@ def main(argv: list[str] | None = None) -> int:
         needs_config = not (
             (args.command == "manifest" and args.source and not args.config)
             or (args.command == "summary" and args.workdir and not args.config)
-            or (args.command in ("validate", "stats", "draw") and not args.config)
+            or (
+                args.command
+                in ("validate", "stats", "draw", "export-coco", "export-odvg", "export-wds")
+                and not args.config
+            )
         )
         config = None
         if needs_config:

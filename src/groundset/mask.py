@@ -307,7 +307,9 @@ def encode_rle(masks: np.ndarray) -> list[dict]:
     """COCO RLE (`{"size": [H, W], "counts": str}`) of each mask of a (N, H, W) bool array."""
     from pycocotools import mask as mask_utils
 
-    encoded = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    # (H, W, N) in Fortran order, as pycocotools wants it: one copy, no uint8 conversion pass
+    fortran = np.ascontiguousarray(masks.astype(bool, copy=False).transpose(0, 2, 1))
+    encoded = mask_utils.encode(fortran.view(np.uint8).transpose(2, 1, 0))
     return [{"size": [int(r["size"][0]), int(r["size"][1])],
              "counts": r["counts"].decode("ascii")} for r in encoded]  # fmt: skip
 

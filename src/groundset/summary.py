@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import os
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 
 from .filter import OPS
@@ -35,8 +36,19 @@ def caption_model(stats: dict) -> str:
     return f"{stats['model']} via {stats['backend']}"
 
 
-def collect(workdir: str | os.PathLike) -> dict[str, dict]:
-    """Per source: rows in the URL list, kept by the prefilter, downloaded, in the manifest, shards."""
+# The other trainers' formats: (export.formats name, summary name, stats file, its count of
+# exported images).
+EXPORT_STATS = (
+    ("coco", "coco export", "export/coco/coco_stats.json", "images"),
+    ("odvg", "odvg export", "export/odvg/odvg_stats.json", "images"),
+    ("webdataset", "webdataset export", "export/wds_stats.json", "samples"),
+)
+
+
+def collect(workdir: str | os.PathLike, formats: Collection[str] | None = None) -> dict[str, dict]:
+    """Counts of every stage from its stats files: per source (URL rows, prefilter, download,
+    manifest, shards, filter), then tiers, dedup, captions, masks and the exports of `formats`
+    (export.formats; None: every export found, also one a config no longer asks for)."""
     workdir = Path(workdir)
     pre = _per_source(workdir / "url_lists", "*_stats.json")
     down = _per_source(workdir / "downloads", "*_stats.json")
@@ -84,6 +96,16 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
     merged = workdir / "merged" / "merge_stats.json"
     if merged.exists():
         summary["merged tiers"] = read_json(merged)["records"]
+    dedup = workdir / "dedup" / "dedup_stats.json"
+    if dedup.exists():
+        stats = read_json(dedup)
+        summary["dedup"] = {
+            "records": stats["records_in"],
+            "kept": stats["kept"],
+            "duplicates": {k: v for k, v in stats["dropped_by_kind"].items() if v},
+            "unhashable": stats["unhashable"],
+            "max_distance": stats["max_distance"] if stats["enabled"] else "off",
+        }
     captioned = workdir / "captioned" / "caption_stats.json"
     if captioned.exists():
         stats = read_json(captioned)
@@ -127,7 +149,7 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
                 "set mask.checkpoint to sam2.1_hiera_large.pt for real masks",
             )
     emu3 = workdir / "export" / "emu3" / "emu3_stats.json"
-    if emu3.exists():
+    if emu3.exists() and (formats is None or "emu3" in formats):
         stats = read_json(emu3)
         summary["emu3 export"] = {
             "records": stats["records"],
@@ -145,6 +167,16 @@ def collect(workdir: str | os.PathLike) -> dict[str, dict]:
                 "(export.emu3.random_weights: true, no tokenizer); "
                 "set export.emu3.tokenizer to BAAI/Emu3-VisionTokenizer for real ones",
             )
+    masked_records = summary.get("masks", {}).get("masked", 0)
+    for fmt, name, path, count in EXPORT_STATS:
+        if (workdir / path).exists() and (formats is None or fmt in formats):
+            stats = read_json(workdir / path)
+            summary[name] = {
+                "records": masked_records,
+                "exported": stats[count],
+                "boxes": stats.get("annotations", stats.get("regions", stats.get("boxes", 0))),
+                "not_exported": stats.get("skipped", {}),
+            }
     return summary
 
 
@@ -207,6 +239,9 @@ def stage_counts(summary: dict[str, dict]) -> list[dict]:
             )
         )
         rows.append(_row("aes_6 tier", low, high, {"below_second_tier": low - high}))
+    if "dedup" in summary:
+        row = summary["dedup"]
+        rows.append(_row("dedup", row["records"], row["kept"], row["duplicates"]))
     if "captioning" in summary:
         row = summary["captioning"]
         rows.append(_row("caption", row["records"], row["captioned"], row["not_captioned"]))
@@ -216,6 +251,10 @@ def stage_counts(summary: dict[str, dict]) -> list[dict]:
     if "emu3 export" in summary:
         row = summary["emu3 export"]
         rows.append(_row("emu3 export", row["records"], row["exported"], row["not_exported"]))
+    for _, name, _, _ in EXPORT_STATS:
+        if name in summary:
+            row = summary[name]
+            rows.append(_row(name, row["records"], row["exported"], row["not_exported"]))
     return rows
 
 
@@ -241,10 +280,11 @@ def stage_table_html(rows: list[dict], warnings: dict | None = None) -> str:
 
 
 def write_stage_counts(
-    workdir: str | os.PathLike, json_path: str | os.PathLike, html_path: str | os.PathLike
-) -> list[dict]:
-    """The counts per stage of a run as JSON and as an HTML table."""
-    summary = collect(workdir)
+    workdir: str | os.PathLike, json_path: str | os.PathLike, html_path: str | os.PathLike,
+    formats: Collection[str] | None = None,
+) -> list[dict]:  # fmt: skip
+    """The counts per stage of a run (the exports of `formats`) as JSON and as an HTML table."""
+    summary = collect(workdir, formats)
     rows = stage_counts(summary)
     write_json(json_path, {"stages": rows, "warnings": summary.get("WARNING", {})})
     with atomic_write(html_path) as handle:

@@ -286,18 +286,33 @@ def validate_file(
 
 
 def validate_outputs(
-    paths: list[str], report_path: str | os.PathLike, schema_only: Collection[str] = ()
-) -> None:
-    """Validate every file (`schema_only` ones without file checks); write reports or raise."""
+    paths: list[str], report_path: str | os.PathLike, schema_only: Collection[str] = (),
+    exports: dict[str, str] | None = None,
+) -> None:  # fmt: skip
+    """Validate every file (`schema_only` ones without file checks) and each export against the
+    masked records (`exports`: masked, and coco / odvg / wds_dir where exported); write the
+    report or raise."""
+    from .exports import check_exports
     from .io import atomic_write
 
     skip_files = {os.fspath(p) for p in schema_only}
     reports = [validate_file(path, check_files=os.fspath(path) not in skip_files) for path in paths]
     bad = [r.path for r in reports if not r.ok]
+    for report in reports:
+        if not report.ok:
+            print(report.text(), file=sys.stderr)
+    lines = [r.text() for r in reports]
+    if exports and len(exports) > 1:
+        problems = check_exports(**exports)
+        for problem in problems:
+            print(f"export: {problem}", file=sys.stderr)
+        if problems:
+            bad.append("the exports (" + "; ".join(problems) + ")")
+        named = ", ".join(
+            sorted({"wds_dir": "webdataset"}.get(k, k) for k in exports if k != "masked")
+        )
+        lines.append(f"exports ({named}): images and boxes match {exports['masked']}")
     if bad:
-        for report in reports:
-            if not report.ok:
-                print(report.text(), file=sys.stderr)
         raise ValueError(f"invalid records in {', '.join(bad)} (see the log for line numbers)")
     with atomic_write(report_path) as handle:
-        handle.write("\n".join(r.text() for r in reports) + "\n")
+        handle.write("\n".join(lines) + "\n")

@@ -1,4 +1,4 @@
-# Grounded captioning (Qwen-VL): preflight, chunks, one paced job per chunk, gather.
+# Grounded captioning (Qwen-VL): duplicates out, preflight, chunks, one paced job per chunk, gather.
 
 # `params: settings` holds only the keys that change a chunk's outputs (caption_settings); the
 # jobs read the tuning knobs (groundset.caption.TUNING_KEYS: pacing, retries, timeouts,
@@ -26,9 +26,38 @@ rule caption_preflight:
         "../scripts/caption_preflight.py"
 
 
-checkpoint index_chunks:
+# One record per image before any paid request (caption.dedup): exact duplicates (same bytes or
+# URL) and near ones (perceptual hashes within max_distance bits); the highest aesthetic score
+# stays. Turned off, it passes every record on. The hashes are kept in a cache beside (resume
+# state, deliberately no output), so a new max_distance or tier hashes only new images.
+rule dedup_records:
     input:
         records=config["caption"]["input"],
+    output:
+        records=DEDUPED,
+        dropped="dedup/dropped.jsonl",
+        stats="dedup/dedup_stats.json",
+    log:
+        "logs/dedup_records.log",
+    benchmark:
+        "benchmarks/dedup_records.tsv"
+    conda:
+        "../envs/groundset.yaml"
+    threads: config["caption"]["dedup"]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=12 * 60,
+    params:
+        enabled=config["caption"]["dedup"]["enabled"],
+        max_distance=config["caption"]["dedup"]["max_distance"],
+        cache="dedup/hash_cache.jsonl",
+    script:
+        "../scripts/dedup_records.py"
+
+
+checkpoint index_chunks:
+    input:
+        records=DEDUPED,
         # checked first thing in a run, long before the first chunk
         preflight="captioned/preflight.json",
     output:
@@ -53,7 +82,7 @@ checkpoint index_chunks:
 
 rule caption_chunk:
     input:
-        records=config["caption"]["input"],
+        records=DEDUPED,
         index=CHUNK_INDEX,
     output:
         records="captioned/chunk_{chunk}.jsonl",

@@ -170,6 +170,9 @@ def caption_settings(wildcards):
 
 
 CHUNK_INDEX = "captioned/chunks.json"
+# What the caption chunks read: caption.input with its duplicates removed (or, with
+# caption.dedup.enabled false, passed on whole).
+DEDUPED = "dedup/deduped.jsonl"
 
 
 def chunk_outputs(pattern):
@@ -223,6 +226,12 @@ EMU3_SETTINGS = groundset.emu3.output_settings(config["export"]["emu3"])
 EMU3_PARTS = EMU3_SETTINGS["parts"]
 # tokenizing needs a GPU (resource gpu); prompts-only export does not
 EMU3_GPUS = config["export"]["emu3"]["gpus"] if EMU3_SETTINGS["tokenize"] else 0
-EMU3 = ["export/emu3/list/train.json"]
+# The training formats of export.formats: each one's files (rule all's, the validator's inputs).
+FORMATS = config["export"]["formats"]
+EMU3 = ["export/emu3/list/train.json"] if "emu3" in FORMATS else []
+COCO = {"coco": "export/coco/coco.json"} if "coco" in FORMATS else {}
+ODVG = {"odvg": "export/odvg/odvg.jsonl"} if "odvg" in FORMATS else {}
+WDS = {"wds": "export/wds"} if "webdataset" in FORMATS else {}
+EXPORTS = [*COCO.values(), *ODVG.values(), *WDS.values()]
 COUNTS = ["export/stage_counts.json"]
 EXPORTED = ["export/stats/stats.json", "export/draw", "export/draw_sam2_mask"]

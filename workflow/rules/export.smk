@@ -1,5 +1,6 @@
-# Export and inspection: Emu3 training data, statistics, drawings, the validator over every
-# stage's output, and the counts per stage for the report.
+# Export and inspection: Emu3, COCO, ODVG and WebDataset training data (export.formats),
+# statistics, drawings, the validator over every stage's output and export, and the counts per
+# stage for the report.
 #
 # A part's features are a declared output folder (export/emu3/feature/part_{k}/<source>/
 # <image_id>.pth, listed in train.json relative to export/emu3/feature), which Snakemake empties
@@ -64,6 +65,70 @@ rule gather_emu3:
         "../scripts/gather_emu3.py"
 
 
+# Other trainers' formats, each streamed from masked/masked.jsonl with its counts beside.
+rule export_coco:
+    input:
+        masked="masked/masked.jsonl",
+    output:
+        coco="export/coco/coco.json",
+        categories="export/coco/coco_categories.json",
+        stats="export/coco/coco_stats.json",
+    log:
+        "logs/export_coco.log",
+    benchmark:
+        "benchmarks/export_coco.tsv"
+    conda:
+        "../envs/groundset.yaml"
+    threads: 2
+    resources:
+        mem_mb=2000,
+        runtime=240,
+    script:
+        "../scripts/export_coco.py"
+
+
+rule export_odvg:
+    input:
+        masked="masked/masked.jsonl",
+    output:
+        odvg="export/odvg/odvg.jsonl",
+        stats="export/odvg/odvg_stats.json",
+    log:
+        "logs/export_odvg.log",
+    benchmark:
+        "benchmarks/export_odvg.tsv"
+    conda:
+        "../envs/groundset.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=240,
+    script:
+        "../scripts/export_odvg.py"
+
+
+rule export_wds:
+    input:
+        masked="masked/masked.jsonl",
+    output:
+        shards=directory("export/wds"),
+        stats="export/wds_stats.json",
+    log:
+        "logs/export_wds.log",
+    benchmark:
+        "benchmarks/export_wds.tsv"
+    conda:
+        "../envs/groundset.yaml"
+    threads: 2
+    resources:
+        mem_mb=2000,
+        runtime=12 * 60,
+    params:
+        shard_size=config["export"]["webdataset"]["shard_size"],
+    script:
+        "../scripts/export_wds.py"
+
+
 rule entity_stats:
     input:
         "masked/masked.jsonl",
@@ -122,10 +187,16 @@ rule draw_sample:
         "../scripts/draw_sample.py"
 
 
+# Every stage's records against their schemas and files; each export (COCO, ODVG, WebDataset)
+# against masked/masked.jsonl: the same images and boxes.
 rule validate_outputs:
     input:
+        **COCO,
+        **ODVG,
+        **WDS,
         manifests=expand("manifest/{source}.jsonl", source=SOURCES),
         merged=MERGED,
+        deduped=DEDUPED,
         captioned=CAPTIONED,
         masked=MASKED,
     output:
@@ -164,5 +235,7 @@ rule stage_counts:
     resources:
         mem_mb=500,
         runtime=10,
+    params:
+        formats=FORMATS,
     script:
         "../scripts/stage_counts.py"

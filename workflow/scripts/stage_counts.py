@@ -4,4 +4,5 @@ from groundset.runlog import log_to
 from groundset.summary import write_stage_counts
 
 with log_to(snakemake.log[0]):
-    write_stage_counts(".", snakemake.output.json, snakemake.output.html)  # the run's workdir
+    # the run's workdir; the exports its config asks for (files of other formats may be stale)
+    write_stage_counts(".", snakemake.output.json, snakemake.output.html, snakemake.params.formats)

@@ -80,8 +80,16 @@ TUNING_KEYS = (
     "serve.mem_mb",
     "serve.startup_timeout_s",  # how long a server may take to come up
 )
-# Keys of the chunk index (its rule's input and params), not of a chunk job's settings.
-INDEX_KEYS = ("input", "chunk_size")
+# Keys of the chunk index and of the dedup before it (their rules' inputs and params; the
+# dedup's threads its job's), and the price `groundset estimate` reads: none is a chunk job's.
+INDEX_KEYS = (
+    "input",
+    "chunk_size",
+    "dedup.enabled",
+    "dedup.max_distance",
+    "dedup.threads",
+    "price_per_image",
+)
 # What the preflight check depends on (its job's params; all OUTPUT_KEYS): the endpoint, and
 # whether the stand-in answers. A change checks again, and so cuts the chunks again (the index
 # waits for the check); other output keys mark only the chunks stale, which a dry-run lists.

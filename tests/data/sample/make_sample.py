@@ -269,6 +269,19 @@ def build_images() -> list[dict]:
     add("empty.jpg", (1200, 1200), "empty file", hr)
     add("missing.jpg", (1600, 1200), "image that was deleted from the server", hr)
     add("@unknown-host", (1200, 1200), "image on a host that does not answer", aes)
+    # Duplicates, which the dedup stage keeps from being captioned twice: the same bytes under
+    # another URL, the same URL in both lists, and a re-encode of a kept image (5% larger, JPEG
+    # quality 60: its perceptual hash is 2 bits from the original's).
+    (WWW / "coffee_copy.jpg").write_bytes((WWW / "coffee_1536x1024.jpg").read_bytes())
+    add("coffee_copy.jpg", (1536, 1024), "latte art coffee cup (the same file again)", aes)
+    add("gen_animated_1024.gif", (1024, 1024), "animated gif (the same URL in both lists)", aes)
+    cmyk = Image.open(WWW / "gen_cmyk_1200x1024.jpg")
+    add(
+        "gen_cmyk_reencoded.jpg",
+        save(cmyk.resize((1260, 1075), Image.LANCZOS), "gen_cmyk_reencoded.jpg", quality=60),
+        "print ready cmyk image (re-encoded)",
+        aes,
+    )
     return rows
 
 

@@ -1,0 +1,402 @@
+"""COCO, ODVG and WebDataset exports: read back by pycocotools and webdataset, masks equal to the
+stored ones (npy files and RLE), skips counted with their reasons, keys unique across sources,
+reproducible shards, and the validator's recount."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from groundset.exports import (
+    ExportError,
+    append_phrase,
+    category_name,
+    check_exports,
+    export_coco,
+    export_odvg,
+    export_wds,
+    find_phrase,
+    pixel_box,
+    read_npy,
+    record_masks,
+    tar_header,
+)
+from groundset.io import iter_jsonl, write_jsonl
+from groundset.mask import decode_rle, encode_rle
+
+W, H = 40, 30
+# pycocotools' decode under numpy 2 (its own code, not the exports')
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def _image(path: Path, fmt: str, seed: int, size: tuple[int, int] = (W, H)) -> str:
+    """A small real image file."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, fmt)
+    return str(path)
+
+
+def _masks(n: int, seed: int, height: int = H, width: int = W) -> np.ndarray:
+    """`n` random non-empty bool masks."""
+    masks = np.random.default_rng(seed).random((n, height, width)) > 0.6
+    masks[:, 0, 0] = True
+    return masks
+
+
+def _npy(path: Path, masks: np.ndarray) -> str:
+    """Save masks as the mask stage does."""
+    np.save(path, masks)
+    return str(path)
+
+
+def _entities(*items: tuple[str, list[float]]) -> list[dict]:
+    """Masked-layout entities."""
+    return [{"entity": name, "bbox": box} for name, box in items]
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> dict:
+    """Masked records of every kind the exports meet, and the masks each should carry."""
+    img = tmp_path / "img"
+    img.mkdir()
+    masks_dir = tmp_path / "masks"
+    masks_dir.mkdir()
+    jpg = _image(img / "a.jpg", "JPEG", 0)
+    png = _image(img / "b.png", "PNG", 1, (50, 20))
+    other = _image(img / "c.jpg", "JPEG", 2)
+    m1 = _masks(3, 1)
+    m2 = _masks(2, 2, 20, 50)
+    m5 = _masks(2, 5)
+    m5[1] = False  # an empty mask: a COCO instance of area 0 is dropped
+    box = [0.1, 0.2, 0.5, 0.9]
+    records = [
+        {  # npy masks, a source name with dots, a phrase used by two boxes
+            "image": jpg, "image_id": "000001", "source": "laion-aesthetics_v2_4.75",
+            "url": "http://x/a.jpg", "caption": "A Dog and a dogs' cat on grass.",
+            "entities": _entities(("dog", box), ("Cat", [0.0, 0.0, 1.2, 0.5]), ("dog", box)),
+            "mask_scores": [0.9, 0.8, 0.7], "mask_file": _npy(masks_dir / "1.npy", m1),
+            "mask_shape": [3, H, W], "meta": {"similarity": 0.3},
+            "__dj__stats__": {"image_width": [W], "image_height": [H]},
+        },
+        {  # RLE masks, the same image_id in another source, a phrase not in the caption
+            "image": png, "image_id": "000001", "source": "laion-high-resolution",
+            "caption": "A tree", "entities": _entities(("  big   Dog ", box), ("tree", box)),
+            "mask_scores": [0.5, 0.6], "mask_rle": encode_rle(m2), "mask_file": None,
+            "mask_format": "rle", "mask_shape": [2, 20, 50],
+        },
+        {  # no entities: an image without boxes
+            "image": other, "image_id": "000003", "source": "laion-high-resolution",
+            "caption": "nothing", "entities": [], "mask_scores": [], "mask_file": None,
+            "width": W, "height": H,
+        },
+        {  # the mask file is gone
+            "image": jpg, "image_id": "000004", "source": "s", "caption": "a dog",
+            "entities": _entities(("dog", box)), "mask_scores": [0.9],
+            "mask_file": str(masks_dir / "gone.npy"),
+        },
+        {  # the mask file is not an array
+            "image": jpg, "image_id": "000005", "source": "s", "caption": "a dog",
+            "entities": _entities(("dog", box)), "mask_scores": [0.9],
+            "mask_file": str(masks_dir / "broken.npy"),
+        },
+        {  # an empty mask among its entities
+            "image": other, "image_id": "000006", "source": "s", "caption": "a cat, a dog",
+            "entities": _entities(("cat", box), ("dog", box)), "mask_scores": [0.9, 0.1],
+            "mask_file": _npy(masks_dir / "6.npy", m5),
+        },
+        {  # the image is gone
+            "image": str(img / "gone.jpg"), "image_id": "000007", "source": "s",
+            "caption": "x", "entities": [], "mask_scores": [],
+        },
+        {  # masks not one per box
+            "image": jpg, "image_id": "000008", "source": "s", "caption": "a dog",
+            "entities": _entities(("dog", box)), "mask_scores": [0.9],
+            "mask_file": _npy(masks_dir / "8.npy", _masks(2, 8)),
+        },
+    ]  # fmt: skip
+    (masks_dir / "broken.npy").write_bytes(b"not a numpy file")
+    path = tmp_path / "masked.jsonl"
+    write_jsonl(path, records)
+    return {"path": path, "records": records, "masks": {0: m1, 1: m2, 5: m5}}
+
+
+EXPORTED = [0, 1, 2, 5]  # the records every export takes, in order
+SKIPPED = {"mask_missing": 1, "mask_unreadable": 1, "image_missing": 1, "masks_not_aligned": 1}
+
+
+def test_coco_reads_back_with_pycocotools(dataset, tmp_path):
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    out = tmp_path / "export" / "coco.json"
+    stats = export_coco(dataset["path"], out)
+    assert stats["skipped"] == SKIPPED
+    assert stats["annotations_skipped"] == {"empty_mask": 1}
+    assert (stats["images"], stats["annotations"], stats["categories"]) == (4, 6, 4)
+    assert stats["images_without_boxes"] == 1
+    coco = COCO(str(out))
+    images = coco.loadImgs(coco.getImgIds())
+    assert [i["file_name"] for i in images] == [dataset["records"][k]["image"] for k in EXPORTED]
+    assert [(i["width"], i["height"]) for i in images] == [(W, H), (50, 20), (W, H), (W, H)]
+    assert images[0]["key"] == "laion-aesthetics_v2_4.75/000001"
+    names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    assert sorted(names.values()) == ["big dog", "cat", "dog", "tree"]
+    for image, k in zip(images, EXPORTED, strict=True):
+        record = dataset["records"][k]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+        stored = dataset["masks"].get(k, np.zeros((0, H, W), dtype=bool))
+        kept = [i for i in range(len(stored)) if stored[i].any()]
+        assert len(anns) == len(kept)
+        for ann, i in zip(anns, kept, strict=True):
+            entity = record["entities"][i]
+            assert np.array_equal(mask_utils.decode(ann["segmentation"]).astype(bool), stored[i])
+            assert np.array_equal(coco.annToMask(ann).astype(bool), stored[i])
+            assert ann["area"] == int(stored[i].sum())
+            assert ann["score"] == record["mask_scores"][i]
+            assert ann["iscrowd"] == 0
+            assert names[ann["category_id"]] == category_name(entity["entity"])
+            x1, y1, x2, y2 = pixel_box(entity["bbox"], image["width"], image["height"])
+            assert ann["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
+    cat_box = coco.loadAnns(coco.getAnnIds(imgIds=[1]))[1]["bbox"]
+    assert cat_box == [0.0, 0.0, W, H * 0.5]  # clipped to the image
+    mapping = json.loads((tmp_path / "export" / "coco_categories.json").read_text())
+    by_name = {c["name"]: c for c in mapping["categories"]}
+    assert by_name["big dog"]["raw_names"] == ["  big   Dog "]
+    assert by_name["cat"]["raw_names"] == ["Cat", "cat"]
+    assert by_name["dog"]["annotations"] == 2
+    assert {c["id"]: c["name"] for c in mapping["categories"]} == names
+    assert sorted(p.name for p in out.parent.iterdir()) == ["coco.json", "coco_categories.json"]
+    assert check_exports(dataset["path"], coco=out) == []
+
+
+def test_coco_empty_input_and_categories_path(tmp_path):
+    from pycocotools.coco import COCO
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    stats = export_coco(empty, tmp_path / "c.json", categories=tmp_path / "cats.json")
+    assert stats["images"] == stats["annotations"] == stats["categories"] == 0
+    coco = COCO(str(tmp_path / "c.json"))
+    assert coco.getImgIds() == [] and coco.getAnnIds() == []
+    assert json.loads((tmp_path / "cats.json").read_text()) == {"categories": []}
+    assert check_exports(empty, coco=tmp_path / "c.json") == []
+
+
+def test_phrase_spans():
+    assert find_phrase("Dogs and a Dog", "dog") == (11, 14)  # a whole word first
+    assert find_phrase("two dogs", "dog") == (4, 7)  # else anywhere
+    assert find_phrase("a cat", "dog") is None
+    assert append_phrase("A cat.", "dog") == ("A cat. dog", (7, 10))
+    assert append_phrase("A cat", "dog") == ("A cat. dog", (7, 10))
+    assert append_phrase("", "dog") == ("dog", (0, 3))
+
+
+def test_odvg_lines(dataset, tmp_path):
+    out = tmp_path / "odvg.jsonl"
+    stats = export_odvg(dataset["path"], out)
+    # ODVG needs no masks: only the missing image is skipped
+    assert stats["skipped"] == {"image_missing": 1}
+    lines = list(iter_jsonl(out))
+    assert len(lines) == stats["images"] == 7
+    assert stats["regions"] == sum(len(line["grounding"]["regions"]) for line in lines) == 10
+    for line in lines:
+        caption = line["grounding"]["caption"]
+        for region in line["grounding"]["regions"]:
+            (start, end), *_ = region["tokens_positive"]
+            assert caption[start:end].lower() == region["phrase"].lower()
+            x1, y1, x2, y2 = region["bbox"]
+            assert 0 <= x1 < x2 <= line["width"] and 0 <= y1 < y2 <= line["height"]
+    first = lines[0]
+    assert first["filename"] == dataset["records"][0]["image"]
+    assert (first["width"], first["height"]) == (W, H)
+    regions = first["grounding"]["regions"]
+    assert regions[0]["tokens_positive"] == regions[2]["tokens_positive"] == [[2, 5]]
+    assert regions[1]["bbox"] == [0.0, 0.0, W, H * 0.5]
+    second = lines[1]["grounding"]
+    assert second["caption"] == "A tree. big   Dog"  # the missing phrase appended once
+    assert [r["tokens_positive"] for r in second["regions"]] == [[[8, 17]], [[2, 6]]]
+    assert (lines[1]["width"], lines[1]["height"]) == (50, 20)
+    assert lines[2]["grounding"]["regions"] == [] and stats["images_without_boxes"] == 1
+    assert stats["phrases_appended"] == 1
+    assert stats["phrases_found"] == 2 + 1 + 1 + 1 + 2 + 1  # distinct phrases per image
+    assert check_exports(dataset["path"], odvg=out) == []
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert export_odvg(empty, tmp_path / "e.jsonl")["images"] == 0
+    assert (tmp_path / "e.jsonl").read_text() == ""
+
+
+def _read_wds(outdir: Path) -> list[dict]:
+    """The samples of a shard folder as webdataset reads them."""
+    import webdataset as wds
+
+    urls = [str(p) for p in sorted(outdir.glob("shard-*.tar"))]
+    return list(wds.WebDataset(urls, shardshuffle=False))
+
+
+def test_wds_reads_back_with_webdataset(dataset, tmp_path):
+    outdir = tmp_path / "wds"
+    outdir.mkdir()
+    (outdir / "shard-000007.tar").write_bytes(b"stale")  # an earlier run's
+    stats = export_wds(dataset["path"], outdir, shard_size=3)
+    assert stats["skipped"] == SKIPPED
+    assert (stats["shards"], stats["samples"], stats["boxes"]) == (2, 4, 7)
+    assert sorted(p.name for p in outdir.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+    assert stats["bytes"] == sum(p.stat().st_size for p in outdir.iterdir())
+    samples = _read_wds(outdir)
+    keys = [s["__key__"] for s in samples]
+    assert keys == [
+        "laion-aesthetics_v2_4_75__000001",
+        "laion-high-resolution__000001",
+        "laion-high-resolution__000003",
+        "s__000006",
+    ]
+    assert [sorted(k for k in s if not k.startswith("__")) for s in samples] == [
+        ["jpg", "json"], ["json", "png"], ["jpg", "json"], ["jpg", "json"]
+    ]  # fmt: skip
+    for sample, k in zip(samples, EXPORTED, strict=True):
+        record = dataset["records"][k]
+        ext = "png" if "png" in sample else "jpg"
+        assert sample[ext] == Path(record["image"]).read_bytes()
+        meta = json.loads(sample["json"])
+        assert meta["key"] == sample["__key__"]
+        assert meta["image_id"] == record["image_id"] and meta["source"] == record["source"]
+        assert meta["caption"] == record["caption"]
+        assert meta["mask_scores"] == record["mask_scores"]
+        assert "mask_file" not in meta and meta["mask_format"] == "rle"
+        assert [e["entity"] for e in meta["entities"]] == [e["entity"] for e in record["entities"]]
+        stored = dataset["masks"].get(k)
+        if stored is None:
+            assert meta["mask_rle"] == []
+        else:  # empty masks too: one RLE per box
+            assert np.array_equal(decode_rle(meta["mask_rle"]), stored)
+        for entity in meta["entities"]:
+            assert entity["bbox_pixels"] == pixel_box(entity["bbox"], meta["width"], meta["height"])
+    first = json.loads(samples[0]["json"])
+    assert first["meta"] == {"similarity": 0.3}
+    assert first["__dj__stats__"] == {"image_width": [W], "image_height": [H]}
+    with tarfile.open(outdir / "shard-000000.tar") as tar:
+        member = tar.getmembers()[0]
+        assert (member.mtime, member.uid, member.gid, member.mode) == (0, 0, 0, 0o444)
+    assert check_exports(dataset["path"], wds_dir=outdir) == []
+    # the same input gives the same bytes; fewer shards leave no stale ones behind
+    before = (outdir / "shard-000000.tar").read_bytes()
+    again = export_wds(dataset["path"], outdir, shard_size=10)
+    assert again["shards"] == 1 and [p.name for p in outdir.iterdir()] == ["shard-000000.tar"]
+    export_wds(dataset["path"], outdir, shard_size=3)
+    assert (outdir / "shard-000000.tar").read_bytes() == before
+
+
+def test_wds_empty_input(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    outdir = tmp_path / "new" / "wds"
+    stats = export_wds(empty, outdir)
+    assert (stats["shards"], stats["samples"], stats["urls"]) == (0, 0, None)
+    assert outdir.is_dir() and list(outdir.iterdir()) == []
+    assert check_exports(empty, wds_dir=outdir) == []
+
+
+def test_wds_key_collision_raises(tmp_path):
+    image = _image(tmp_path / "a.jpg", "JPEG", 0)
+    records = [
+        {"image": image, "image_id": "1", "source": "a.b", "entities": []},
+        {"image": image, "image_id": "2", "source": "a.b", "entities": []},
+        {"image": image, "image_id": "1", "source": "a_b", "entities": []},  # same key as the 1st
+    ]
+    write_jsonl(tmp_path / "in.jsonl", records)
+    with pytest.raises(ExportError, match="a_b__1"):
+        export_wds(tmp_path / "in.jsonl", tmp_path / "wds")
+    assert list((tmp_path / "wds").iterdir()) == []  # no shard, no temp file left
+
+
+def test_check_exports_reports_differences(dataset, tmp_path):
+    coco, odvg, wds_dir = tmp_path / "c.json", tmp_path / "o.jsonl", tmp_path / "w"
+    export_coco(dataset["path"], coco)
+    export_odvg(dataset["path"], odvg)
+    export_wds(dataset["path"], wds_dir, shard_size=2)
+    assert check_exports(dataset["path"], coco, odvg, wds_dir) == []
+    lines = odvg.read_text().splitlines()
+    bad = json.loads(lines[0])
+    bad["grounding"]["regions"][0]["tokens_positive"] = [[0, 1]]
+    odvg.write_text("\n".join([json.dumps(bad), *lines[1:-1]]) + "\n")
+    (wds_dir / "shard-000001.tar").unlink()
+    problems = check_exports(dataset["path"], coco, odvg, wds_dir)
+    assert any("6 images, the masked records give 7" in p for p in problems)
+    assert any("do not span their phrase (first on line 1)" in p for p in problems)
+    assert any("2 samples, the masked records give 4" in p for p in problems)
+    assert not any(p.startswith("coco") for p in problems)
+    assert check_exports(dataset["path"], coco=tmp_path / "none.json") == [
+        f"coco export {tmp_path / 'none.json'} does not exist"
+    ]
+
+
+def test_workers_give_the_same_files(dataset, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    a = export_coco(dataset["path"], one / "coco.json")
+    b = export_coco(dataset["path"], two / "coco.json", workers=2)
+    assert {k: v for k, v in a.items() if k not in ("output", "categories_file")} == {
+        k: v for k, v in b.items() if k not in ("output", "categories_file")
+    }
+    for name in ("coco.json", "coco_categories.json"):
+        assert (one / name).read_bytes() == (two / name).read_bytes()
+    a = export_wds(dataset["path"], one / "wds", shard_size=3)
+    b = export_wds(dataset["path"], two / "wds", shard_size=3, workers=2)
+    assert (a["samples"], a["skipped"]) == (b["samples"], b["skipped"])
+    for shard in ("shard-000000.tar", "shard-000001.tar"):
+        assert (one / "wds" / shard).read_bytes() == (two / "wds" / shard).read_bytes()
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "s__000001.json", "k" * 100, "k" * 150 + ".png"])
+def test_tar_header_is_tarfiles(name):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = 1234, 0, 0o444, 0, 0
+    info.uname = info.gname = ""
+    assert tar_header(name, 1234) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_long_keys_read_back(tmp_path):
+    image = _image(tmp_path / "a.jpg", "JPEG", 0)
+    record = {"image": image, "image_id": "1", "source": "s" * 120, "entities": [],
+              "caption": "x"}  # fmt: skip
+    write_jsonl(tmp_path / "in.jsonl", [record])
+    export_wds(tmp_path / "in.jsonl", tmp_path / "wds")
+    (sample,) = _read_wds(tmp_path / "wds")
+    assert sample["__key__"] == "s" * 120 + "__1"
+    assert sample["jpg"] == Path(image).read_bytes()
+
+
+def test_read_npy(tmp_path):
+    masks = _masks(2, 3)
+    for array in (masks, np.asfortranarray(masks), masks.astype(np.uint8), masks[:0]):
+        np.save(tmp_path / "m.npy", array)
+        got = read_npy(str(tmp_path / "m.npy"))
+        assert got.dtype == array.dtype and np.array_equal(got, array)
+
+
+def test_odvg_looks_phrases_up_in_the_caption_as_captioned(tmp_path):
+    image = _image(tmp_path / "a.jpg", "JPEG", 0)
+    box = [0.1, 0.1, 0.2, 0.2]
+    record = {"image": image, "image_id": "1", "caption": "A scene!  ", "mask_scores": [1, 1, 1],
+              "entities": _entities(("red car", box), ("car", box), ("scene", box))}  # fmt: skip
+    write_jsonl(tmp_path / "in.jsonl", [record])
+    stats = export_odvg(tmp_path / "in.jsonl", tmp_path / "o.jsonl")
+    (line,) = iter_jsonl(tmp_path / "o.jsonl")
+    grounding = line["grounding"]
+    assert grounding["caption"] == "A scene! red car. car"
+    spans = [r["tokens_positive"] for r in grounding["regions"]]
+    assert spans == [[[9, 16]], [[18, 21]], [[2, 7]]]
+    assert (stats["phrases_found"], stats["phrases_appended"]) == (1, 2)
+
+
+def test_uncompressed_rle_is_compressed():
+    masks = np.array([[[1, 0], [0, 0]], [[1, 1], [1, 1]]], dtype=bool)
+    uncompressed = [{"size": [2, 2], "counts": [0, 1, 3]}, {"size": [2, 2], "counts": [0, 4]}]
+    rles, areas, width, height = record_masks({"mask_rle": uncompressed}, 2)
+    assert (areas, width, height) == ([1, 4], 2, 2)
+    assert rles == encode_rle(masks)

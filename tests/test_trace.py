@@ -1,0 +1,522 @@
+"""groundset.trace: one image's verdict at every stage, read from a workdir in the stages' formats.
+
+The workdir is made by the stages' own functions where they are cheap (prefilter, manifest,
+split, select, merge, mask floors) and written in their formats where they need models
+(img2dataset's shard tables, probe, scores, dedup, captions, exports).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+from groundset import trace as trace_module
+from groundset.config import validate_config
+from groundset.exports import export_coco, export_odvg, export_wds
+from groundset.io import write_json, write_jsonl
+from groundset.manifest import build_manifest
+from groundset.mask import MaskGatherFiles, MaskSettings, gather_masks
+from groundset.merge import merge_tiers
+from groundset.prefilter import PrefilterRules, run_prefilter
+from groundset.select import SelectFiles, select_shard, selection_rules
+from groundset.split import split_manifest
+from groundset.trace import format_trace, parse_key, trace
+
+SOURCE = "src"
+# The URL list: (file name, WIDTH, HEIGHT). "small" fails the prefilter; the others are kept
+# and img2dataset numbers them 4 to a shard: 000000-000003, 000010-000013.
+ROWS = [
+    ("a", 2048, 1536),
+    ("small", 800, 600),
+    ("b", 2048, 1024),
+    ("c", 1500, 1500),
+    ("d", 1600, 1200),
+    ("e", 1800, 1200),
+    ("f", 1200, 1200),
+    ("g", 1300, 1300),
+    ("h", 1400, 1400),
+]
+KEPT_URLS = ["a", "b", "c", "d", "e", "f", "g", "h"]
+IDS = ["000000", "000001", "000002", "000003", "000010", "000011", "000012", "000013"]
+FAILED = "000001"  # 404
+UNREADABLE = "000002"  # the probe drops it
+NSFW = "000003"  # the NSFW filter drops it
+BELOW_TIER = "000010"  # aesthetics 5.5: merged_output only
+DUPLICATE = "000011"  # dedup: a duplicate of 000000
+REFUSED = "000012"  # the VLM refused
+NO_MASK = "000013"  # every entity below the mask floors
+AESTHETICS = {"000000": 7.0, "000003": 6.8, "000010": 5.5, "000011": 6.5, "000012": 6.4}
+
+
+def url(name: str) -> str:
+    """The URL of a row of the test's URL list."""
+    return f"http://x/{name}.jpg"
+
+
+def config_for(work: Path, url_list: Path, **extra: object) -> dict:
+    """A validated config of the test's run (tiny shards, img2dataset shards of 4)."""
+    config = {
+        "workdir": str(work),
+        "sources": [{"name": SOURCE, "url_list": str(url_list)}],
+        "shard_size": 4,
+        "download": {"number_sample_per_shard": 4},
+        "filter": {"template": str(ROOT / "config" / "data_juicer_filter.yaml")},
+        "mask": {"random_weights": True, "min_score": 0.5},
+        "export": {"emu3": {"random_weights": True}, "webdataset": {"shard_size": 10}},
+        **extra,
+    }
+    return validate_config(config, weights=())
+
+
+def write_downloads(folder: Path, work: Path) -> dict[str, Path]:
+    """img2dataset's `files` output: per shard a table of every row, sidecars of successes."""
+    images = {}
+    for shard in range(2):
+        rows = []
+        for i in range(4):
+            key = IDS[shard * 4 + i]
+            name = KEPT_URLS[shard * 4 + i]
+            status, error = (
+                ("failed_to_download", "HTTP Error 404") if key == FAILED else ("success", None)
+            )
+            meta = {
+                "caption": f"alt {name}",
+                "url": url(name),
+                "key": key,
+                "status": status,
+                "error_message": error,
+                "width": 1600,
+                "height": 1200,
+                "original_width": 1600,
+                "original_height": 1200,
+            }
+            rows.append(meta)
+            if status == "success":
+                sub = folder / f"{shard:05d}"
+                sub.mkdir(parents=True, exist_ok=True)
+                (sub / f"{key}.jpg").write_bytes(b"\xff\xd8\xff\xd9")
+                (sub / f"{key}.json").write_text(json.dumps(meta))
+                images[key] = (sub / f"{key}.jpg").resolve()
+        pd.DataFrame(rows).to_parquet(folder / f"{shard:05d}.parquet", index=False)
+        write_json(folder / f"{shard:05d}_stats.json", {"count": 4, "successes": 4 - (shard == 0)})
+    write_json(work / "downloads" / f"{SOURCE}_stats.json", {"count": 8, "successes": 7})
+    return images
+
+
+def stats_of(key: str) -> dict:
+    """data-juicer's stats of a record (all five filters)."""
+    return {
+        "aspect_ratios": [1.333],
+        "image_aesthetics_scores": [AESTHETICS.get(key, 6.2)],
+        "image_height": [1200],
+        "image_nsfw_score": [0.01 if key == NSFW else 0.0001],
+        "image_watermark_prob": [0.1],
+        "image_width": [1600],
+    }
+
+
+def masked_record(record: dict, scores: list[float], mask_file: Path) -> dict:
+    """A mask job's record: the seed's layout with one mask (and its quality) per entity."""
+    entities = [{"entity": e["entity"], "bbox": e["bboxes"][0]} for e in record["entities"]]
+    np.save(mask_file, np.ones((len(entities), 4, 4), dtype=bool))
+    return {
+        **record,
+        "image": record["image"][0],
+        "entities": entities,
+        "mask_scores": scores,
+        "mask_inside_fraction": [1.0] * len(scores),
+        "mask_area_ratio": [1.0] * len(scores),
+        "mask_file": str(mask_file),
+        "mask_shape": [len(scores), 4, 4],
+    }
+
+
+def build_run(root: Path) -> tuple[Path, dict]:
+    """A finished run of 9 URL-list rows: every stage's files, each image dropped somewhere."""
+    work = root / "results"
+    url_list = root / "urls" / "part-0.parquet"
+    url_list.parent.mkdir(parents=True)
+    frame = pd.DataFrame(
+        [
+            {"URL": url(n), "TEXT": f"alt {n}", "WIDTH": w, "HEIGHT": h, "similarity": 0.3}
+            for n, w, h in ROWS
+        ]
+    )
+    frame.to_parquet(url_list, index=False)
+    config = config_for(work, url_list.parent)
+    rules = PrefilterRules.from_config(config)
+    run_prefilter(
+        url_list.parent,
+        work / "url_lists" / SOURCE,
+        work / "url_lists" / f"{SOURCE}_stats.json",
+        rules,
+    )
+    images = write_downloads(work / "downloads" / SOURCE, work)
+    manifest = work / "manifest" / f"{SOURCE}.jsonl"
+    build_manifest(work / "downloads" / SOURCE, manifest, SOURCE, [], work / "manifest" / "s.json")
+    index = split_manifest(manifest, work / "shards" / SOURCE, 4)
+    template = config["filter"]["template"]
+    select_rules = selection_rules(template, config["filter"])
+    filtered = []
+    for entry in index["shards"]:
+        i = entry["shard"]
+        records = [json.loads(line) for line in (work / "shards" / SOURCE / entry["file"]).open()]
+        bad = [
+            {**r, "drop_reason": "truncated: image file is truncated"}
+            for r in records
+            if r["image_id"] == UNREADABLE
+        ]
+        good = [r for r in records if r["image_id"] != UNREADABLE]
+        write_jsonl(work / "probed" / SOURCE / f"shard_{i}_dropped.jsonl", bad)
+        write_jsonl(work / "probed" / SOURCE / f"shard_{i}.jsonl", good)
+        scored = work / "scored" / SOURCE / f"shard_{i}.jsonl"
+        write_jsonl(scored, [{**r, "__dj__stats__": stats_of(r["image_id"])} for r in good])
+        files = SelectFiles(
+            str(scored),
+            str(scored).replace(".jsonl", "_stats.json"),
+            str(work / "filtered" / SOURCE / f"shard_{i}.jsonl"),
+            str(work / "rejected" / SOURCE / f"shard_{i}.jsonl"),
+            str(work / "filtered" / SOURCE / f"shard_{i}_stats.json"),
+        )
+        select_shard(files, select_rules, progress=False)
+        filtered.append(files.kept)
+    merged = work / "merged"
+    merge_tiers(
+        filtered,
+        (merged / "merged_output.jsonl", merged / "aes_6.jsonl"),
+        [5, 6],
+        merged / "merge_stats.json",
+    )
+    high = {r["image_id"]: r for r in map(json.loads, (merged / "aes_6.jsonl").open())}
+    assert sorted(high) == ["000000", DUPLICATE, REFUSED, NO_MASK]
+    write_jsonl(work / "dedup" / "deduped.jsonl", [r for k, r in high.items() if k != DUPLICATE])
+    write_jsonl(
+        work / "dedup" / "dropped.jsonl",
+        [
+            {
+                **high[DUPLICATE],
+                "phash": "8f0f0f0f0f0f0f0f",
+                "duplicate_of": f"{SOURCE}/000000",
+                "duplicate_kind": "phash",
+                "phash_distance": 2,
+                "drop_stage": "dedup",
+                "drop_reason": "duplicate",
+            }
+        ],
+    )
+    write_json(work / "dedup" / "dedup_stats.json", {"records_in": 4, "records_out": 3})
+    captioned = {}
+    for key, names in (("000000", ["dog", "cat"]), (NO_MASK, ["tree"])):
+        entities = [{"entity": n, "bboxes": [[0.1, 0.1, 0.5, 0.5]]} for n in names]
+        captioned[key] = {
+            **high[key],
+            "caption": f"A photo of {' and '.join(names)}.",
+            "entities": entities,
+            "caption_meta": {"model": "qwen-vl-max", "backend": "dashscope"},
+        }
+    write_jsonl(work / "captioned" / "captioned.jsonl", captioned.values())
+    error = {
+        "key": f"{SOURCE}/{REFUSED}",
+        "image_id": REFUSED,
+        "source": SOURCE,
+        "image": high[REFUSED]["image"],
+        "stage": "caption",
+        "status": "error",
+        "reason": "refusal",
+        "attempts": 1,
+        "answer": "I'm sorry, but I can't help.",
+    }
+    write_jsonl(work / "captioned" / "errors.jsonl", [error])
+    masks = work / "masks" / "chunk_0" / SOURCE
+    masks.mkdir(parents=True)
+    chunk = [
+        masked_record(captioned["000000"], [0.9, 0.2], masks / "000000.npy"),
+        masked_record(captioned[NO_MASK], [0.1], masks / f"{NO_MASK}.npy"),
+    ]
+    masked = work / "masked"
+    write_jsonl(masked / "chunk_0.jsonl", chunk)
+    write_jsonl(masked / "chunk_0_dropped.jsonl", [])
+    write_json(masked / "chunk_0_stats.json", {"records": 2, "drop_reasons": {}})
+    gather_masks(
+        [str(masked / "chunk_0.jsonl")],
+        [str(masked / "chunk_0_dropped.jsonl")],
+        [str(masked / "chunk_0_stats.json")],
+        MaskGatherFiles(
+            str(masked / "masked.jsonl"),
+            str(masked / "dropped.jsonl"),
+            str(masked / "mask_stats.json"),
+            str(work / "masks" / "floored"),
+        ),
+        MaskSettings.from_config(config["mask"]),
+    )
+    emu3 = work / "export" / "emu3" / "list"
+    path = f"part_0/{SOURCE}/000000.pth"
+    write_jsonl(
+        emu3 / "datalist.jsonl",
+        [
+            {
+                "name": f"{SOURCE}/000000",
+                "image": str(images["000000"]),
+                "image_id": "000000",
+                "source": SOURCE,
+                "path": path,
+                "texts": "A photo",
+                "tokens": [8, 8],
+            }
+        ],
+    )
+    (emu3 / "train.json").write_text(json.dumps({"prefix": str(emu3.parent), "path_list": [path]}))
+    write_jsonl(emu3 / "error.jsonl", [])
+    masked_file = masked / "masked.jsonl"
+    export_coco(masked_file, work / "export" / "coco" / "coco.json")
+    export_odvg(masked_file, work / "export" / "odvg" / "odvg.jsonl")
+    export_wds(masked_file, work / "export" / "wds", shard_size=10)
+    return work, config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, dict]:
+    """The test run's workdir and config (built once)."""
+    return build_run(tmp_path_factory.mktemp("trace"))
+
+
+def verdicts(result: dict) -> dict[str, str]:
+    """Stage -> verdict of a trace."""
+    return {stage["stage"]: stage["verdict"] for stage in result["stages"]}
+
+
+def stage(result: dict, name: str) -> dict:
+    """One stage's entry of a trace."""
+    return next(s for s in result["stages"] if s["stage"] == name)
+
+
+def test_an_image_kept_all_the_way(run):
+    work, config = run
+    result = trace(work, f"{SOURCE}/000000", config)
+    assert result["key"] == f"{SOURCE}/000000"
+    json.dumps(result)  # what `groundset trace --json` prints
+    assert set(verdicts(result).values()) == {"kept"}, verdicts(result)
+    prefilter = stage(result, "prefilter")["details"]
+    assert (prefilter["row"], prefilter["prefiltered_row"], prefilter["url"]) == (0, 0, url("a"))
+    assert stage(result, "score")["details"]["aesthetics"] == 7.0
+    assert stage(result, "tier")["details"]["aes_6.jsonl"] is True
+    assert stage(result, "caption")["details"]["entities"] == ["dog", "cat"]
+    mask = stage(result, "mask")["details"]
+    assert mask["entities"] == ["dog"]
+    assert mask["entities_dropped_by_floors"] == ["cat (score 0.2, inside 1.0)"]
+    assert mask["floors"]["min_score"] == 0.5
+    assert stage(result, "export emu3")["details"]["in_train_json"] is True
+    assert stage(result, "export coco")["details"]["annotations"] == 1
+    assert stage(result, "export odvg")["details"]["phrases"] == ["dog"]
+    wds = stage(result, "export webdataset")["details"]
+    assert (wds["key"], wds["members"]) == (f"{SOURCE}__000000", [".jpg", ".json"])
+    for path in ("manifest/src.jsonl", "rejected/src/shard_0.jsonl"):
+        assert (path in result["found_in"]) == (path == "manifest/src.jsonl")
+    assert "filtered/src/shard_0.jsonl" in result["found_in"]
+
+
+def test_a_row_the_prefilter_dropped_is_traced_by_its_url(run):
+    work, config = run
+    for key in (url("small"), f"{SOURCE}/{url('small')}"):
+        result = trace(work, key, config)
+        prefilter = stage(result, "prefilter")
+        assert prefilter["verdict"] == "dropped"
+        assert prefilter["details"]["reason"] == "too_small: 800 x 600 below 1024 x 1024"
+        assert prefilter["details"]["row"] == 1
+        assert verdicts(result)["download"] == "not reached"
+        listed = Path(config["sources"][0]["url_list"]) / "part-0.parquet"
+        assert result["found_in"] == [f"{listed}: row 1"]
+
+
+def test_a_url_of_a_kept_row_gives_its_image_id(run):
+    work, config = run
+    result = trace(work, url("e"), config)
+    assert result["key"] == f"{SOURCE}/{BELOW_TIER}"
+    assert stage(result, "prefilter")["details"]["row"] == 5
+
+
+def test_a_failed_download(run):
+    work, config = run
+    result = trace(work, f"{SOURCE}/{FAILED}", config)
+    download = stage(result, "download")
+    assert download["verdict"] == "dropped"
+    assert download["details"]["reason"] == "failed_to_download: HTTP Error 404"
+    assert verdicts(result)["manifest"] == "not reached"
+
+
+def test_an_image_the_probe_could_not_read(run):
+    work, config = run
+    probe = stage(trace(work, f"{SOURCE}/{UNREADABLE}", config), "probe")
+    assert probe["verdict"] == "dropped"
+    assert probe["details"]["reason"].startswith("truncated")
+
+
+def test_a_filter_names_itself_and_the_score(run):
+    work, config = run
+    result = trace(work, f"{SOURCE}/{NSFW}", config)
+    select = stage(result, "select")
+    assert select["verdict"] == "dropped"
+    assert select["details"]["filter"] == "image_nsfw_filter"
+    assert select["details"]["reason"] == "image_nsfw_filter: 0.01 > 0.0006"
+    assert select["details"]["nsfw"] == 0.01
+    assert verdicts(result)["tier"] == "not reached"
+
+
+def test_an_image_below_the_captioned_tier(run):
+    work, config = run
+    tier = stage(trace(work, f"{SOURCE}/{BELOW_TIER}", config), "tier")
+    assert tier["verdict"] == "dropped"
+    assert tier["details"]["reason"] == "aesthetics 5.5 < 6 (aes_6.jsonl)"
+    assert tier["details"]["merged_output.jsonl"] is True
+
+
+def test_a_duplicate_names_what_it_duplicates(run):
+    work, config = run
+    dedup = stage(trace(work, f"{SOURCE}/{DUPLICATE}", config), "dedup")
+    assert dedup["verdict"] == "dropped"
+    assert dedup["details"]["duplicate_of"] == f"{SOURCE}/000000"
+    assert dedup["details"]["reason"] == (
+        f"duplicate of {SOURCE}/000000 (perceptual hashes 2 bits apart)"
+    )
+
+
+def test_a_caption_error_and_a_mask_drop(run):
+    work, config = run
+    caption = stage(trace(work, f"{SOURCE}/{REFUSED}", config), "caption")
+    assert (caption["verdict"], caption["details"]["reason"]) == ("dropped", "refusal")
+    assert caption["details"]["attempts"] == 1
+    mask = stage(trace(work, f"{SOURCE}/{NO_MASK}", config), "mask")
+    assert (mask["verdict"], mask["details"]["reason"]) == (
+        "dropped",
+        "all_entities_below_quality_floors",
+    )
+
+
+def test_unknown_keys(run):
+    work, config = run
+    assert trace(work, f"{SOURCE}/000099", config) is None
+    assert trace(work, "nosuch/000000", config) is None
+    assert trace(work, "http://x/nowhere.jpg", config) is None
+    with pytest.raises(ValueError, match="SOURCE/IMAGE_ID"):
+        trace(work, "000000", config)
+    assert parse_key("src/http://x/a.jpg", ["src"]) == ("src", None, "http://x/a.jpg")
+
+
+def test_stages_not_run_yet(run, tmp_path):
+    work, config = run
+    early = tmp_path / "results"
+    for folder in ("url_lists", "downloads", "manifest", "shards", "probed", "scored"):
+        shutil.copytree(work / folder, early / folder)
+    result = trace(early, f"{SOURCE}/000000", {**config, "workdir": str(early)})
+    shown = verdicts(result)
+    assert shown["score"] == "kept"
+    for name in ("select", "tier", "dedup", "caption", "mask", "export emu3", "export coco"):
+        assert shown[name] == "not run yet", name
+    only_list = tmp_path / "only_list"
+    shutil.copytree(work / "url_lists", only_list / "url_lists")
+    result = trace(only_list, f"{SOURCE}/000000", config)
+    assert verdicts(result)["prefilter"] == "kept"
+    assert verdicts(result)["download"] == "not run yet"
+    off = trace(early, f"{SOURCE}/000000", {**config, "caption": {"dedup": {"enabled": False}}})
+    assert verdicts(off)["dedup"] == "off"
+
+
+def test_chunks_stand_in_for_their_gather(run, tmp_path):
+    """Before the gathers ran, the caption and mask chunks answer."""
+    work, config = run
+    copy = tmp_path / "results"
+    shutil.copytree(work, copy)
+    (copy / "captioned" / "captioned.jsonl").rename(copy / "captioned" / "chunk_0.jsonl")
+    (copy / "captioned" / "errors.jsonl").rename(copy / "captioned" / "chunk_0_errors.jsonl")
+    for name in ("masked.jsonl", "dropped.jsonl"):
+        (copy / "masked" / name).unlink()
+    result = trace(copy, f"{SOURCE}/000000", {**config, "workdir": str(copy)})
+    assert stage(result, "caption")["details"]["file"] == "captioned/chunk_0.jsonl"
+    mask = stage(result, "mask")
+    assert mask["verdict"] == "kept"
+    assert mask["details"]["entities"] == ["dog", "cat"]  # the floors are the gather's
+    assert mask["details"]["floors"].startswith("not applied yet")
+    refused = trace(copy, f"{SOURCE}/{REFUSED}", config)
+    assert stage(refused, "caption")["details"]["reason"] == "refusal"
+
+
+def test_without_a_config_the_files_still_tell(run):
+    work, _ = run
+    result = trace(work, f"{SOURCE}/{NSFW}")
+    assert verdicts(result)["prefilter"] == "unknown"
+    assert verdicts(result)["download"] == "kept"
+    assert stage(result, "select")["details"]["filter"] == "image_nsfw_filter"
+
+
+def test_format_trace_is_a_table(run):
+    work, config = run
+    text = format_trace(trace(work, f"{SOURCE}/{NSFW}", config))
+    assert text.splitlines()[0] == f"trace {SOURCE}/{NSFW}"
+    line = next(line for line in text.splitlines() if line.startswith("select"))
+    assert "dropped" in line and "reason: image_nsfw_filter: 0.01 > 0.0006" in line
+
+
+def test_the_manifest_is_bisected(tmp_path, monkeypatch):
+    """A manifest sorted by id is bisected down to a small window (here 64 bytes)."""
+    monkeypatch.setattr(trace_module, "WINDOW", 64)
+    manifest = tmp_path / "manifest.jsonl"
+    write_jsonl(
+        manifest,
+        [{"image_id": f"{i:06d}", "source": "s", "pad": "x" * (i % 7)} for i in range(0, 3000, 3)],
+    )
+    tracer = trace_module._Tracer(tmp_path, None)
+    tracer.source = "s"
+    starts = []
+    real_scan = trace_module._scan
+
+    def scan(path: Path, needle: bytes, start: int = 0, **kwargs: object):
+        """The real scan, noting where it starts."""
+        starts.append(start)
+        return real_scan(path, needle, start, **kwargs)
+
+    monkeypatch.setattr(trace_module, "_scan", scan)
+    data = manifest.read_bytes()
+    for number in (0, 3, 1500, 2997):
+        tracer.image_id = f"{number:06d}"
+        offset, record = tracer.bisect(manifest)
+        assert record["image_id"] == tracer.image_id
+        assert data[offset:].startswith(b'{"image_id": "' + tracer.image_id.encode())
+        assert offset - starts[-1] < 200  # only a small window before it was scanned
+    for number in (1, 2999, 5000):
+        tracer.image_id = f"{number:06d}"
+        assert tracer.bisect(manifest) is None
+
+
+@pytest.mark.workflow
+@pytest.mark.xdist_group("sample")
+def test_trace_of_a_sample_image(sample_run, monkeypatch):
+    """A captioned and masked image of the bundled sample, traced through its finished run."""
+    from groundset.config import load_config
+
+    monkeypatch.chdir(ROOT)  # the sample config's URL lists are relative to the repository
+    config = load_config("config/sample.yaml", weights=())
+    work = sample_run["snapshot"]  # the run as it finished (other tests change the workdir)
+    kept = json.loads((work / "masked" / "masked.jsonl").open().readline())
+    result = trace(work, f"{kept['source']}/{kept['image_id']}", config)
+    shown = verdicts(result)
+    for name in (
+        "prefilter",
+        "download",
+        "manifest",
+        "probe",
+        "score",
+        "select",
+        "tier",
+        "caption",
+        "mask",
+        "export emu3",
+    ):
+        assert shown[name] == "kept", (name, result)
+    assert stage(result, "download")["details"]["url"] == kept["url"]
+    assert stage(result, "prefilter")["details"]["url"] == kept["url"]

@@ -1,0 +1,14 @@
+"""Snakemake script of rule export_wds: see groundset.exports.export_wds."""
+
+from groundset.exports import export_wds
+from groundset.io import write_json
+from groundset.runlog import log_to
+
+with log_to(snakemake.log[0]):
+    stats = export_wds(
+        snakemake.input.masked,
+        snakemake.output.shards,
+        snakemake.params.shard_size,
+        workers=snakemake.threads,  # processes reading .npy masks into RLE
+    )
+    write_json(snakemake.output.stats, stats)
