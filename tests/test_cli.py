@@ -211,3 +211,46 @@ def test_select_refuses_a_file_without_scores(tmp_path, capsys):
     assert main([*args, "--output", str(tmp_path / "kept.jsonl")]) == 2
     assert "holds no scores" in capsys.readouterr().err
     assert not (tmp_path / "kept.jsonl").exists()
+
+
+def test_estimate_of_a_missing_url_list_fails_naming_it(tmp_path, capsys):
+    config = write_config(
+        tmp_path / "c.yaml",
+        {"sources": [{"name": "s", "url_list": str(tmp_path / "nowhere")}], **RANDOM_WEIGHTS},
+    )
+    assert main(["estimate", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"s: URL list {tmp_path / 'nowhere'} does not exist" in err
+
+
+def test_estimate_and_dedup_commands(tmp_path, capsys):
+    from PIL import Image
+
+    rows = [{"URL": f"http://x/{i}.jpg", "TEXT": "t", "WIDTH": 1200, "HEIGHT": 1100}
+            for i in range(5)]  # fmt: skip
+    url_list = write_parquet(tmp_path / "urls.parquet", rows)
+    config = write_config(
+        tmp_path / "c.yaml",
+        {"sources": [{"name": "s", "url_list": str(url_list)}], **RANDOM_WEIGHTS,
+         "caption": {"price_per_image": 0.01}},
+    )  # fmt: skip
+    assert main(["estimate", "--config", str(config), "--json", "--no-measured"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["sources"][0]["rows"] == 5 and result["sources"][0]["to_download"] == 5
+    caption = next(s for s in result["stages"] if s["stage"] == "caption")
+    assert caption["requests"] > 0 and abs(caption["cost"] - caption["requests"] * 0.01) < 1e-9
+    # dedup: the same file twice under two ids, the higher aesthetic score stays
+    image = tmp_path / "a.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
+    records = [{"image": [str(image)], "image_id": f"{i:06d}", "source": "s", "url": f"u{i}",
+                "__dj__stats__": {"image_aesthetics_scores": [5.0 + i]}} for i in range(2)]  # fmt: skip
+    write_jsonl(tmp_path / "in.jsonl", records)
+    args = ["dedup", "--config", str(config), "--input", str(tmp_path / "in.jsonl"),
+            "--output", str(tmp_path / "out.jsonl"), "--dropped", str(tmp_path / "dup.jsonl")]  # fmt: skip
+    assert main(args) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["kept"] == 1 and stats["dropped"] == 1
+    assert [r["image_id"] for r in iter_jsonl(tmp_path / "out.jsonl")] == ["000001"]
+    [dup] = iter_jsonl(tmp_path / "dup.jsonl")
+    assert dup["duplicate_of"] == "s/000001" and dup["duplicate_kind"] == "sha256"
+    assert (tmp_path / "out_stats.json").exists()

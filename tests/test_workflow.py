@@ -385,6 +385,23 @@ def test_sample_duplicates_are_dropped_before_captioning(sample_run):
         for e in iter_jsonl(path)
     ]
     assert sorted(journaled) == sorted(f"{r['source']}/{r['image_id']}" for r in kept)
+    # `groundset trace` says why a duplicate is not in the dataset; an unknown key exits 1
+    copy = next(r for r in dropped if r["url"].endswith("coffee_copy.jpg"))
+    traced = subprocess.run(
+        [os.path.join(BIN, "groundset"), "trace", "--config", "config/sample.yaml",
+         "--workdir", str(sample_run["snapshot"]), f"{copy['source']}/{copy['image_id']}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert traced.returncode == 0, traced.stderr
+    assert re.search(r"^dedup\s+dropped\s+reason: duplicate of " + re.escape(
+        copy["duplicate_of"]), traced.stdout, flags=re.M)  # fmt: skip
+    assert re.search(r"^caption\s+not reached", traced.stdout, flags=re.M)
+    unknown = subprocess.run(
+        [os.path.join(BIN, "groundset"), "trace", "--config", "config/sample.yaml",
+         "--workdir", str(sample_run["snapshot"]), f"{copy['source']}/999999"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert unknown.returncode == 1 and "unknown to every stage" in unknown.stderr
 
 
 def test_sample_captions(sample_run):

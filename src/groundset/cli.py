@@ -293,10 +293,17 @@ def cmd_estimate(args: argparse.Namespace, config: dict) -> dict | None:
     """Per-stage records, wall time, API requests and cost of a run, before it starts."""
     from .estimate import estimate, format_estimate
 
-    result = estimate(config, args.from_run)
+    result = estimate(
+        config, args.from_run, measured=not args.no_measured, jobs=args.jobs, gpus=args.gpus
+    )
+    errors = [f"{s['name']}: {s['error']}" for s in result["sources"] if s.get("error")]
+    if errors:  # an estimate of zero rows would mislead: the table, then a failing exit
+        args.exit_code = 2
     if args.json:
         return result
     print(format_estimate(result))
+    for error in errors:
+        print(f"groundset estimate: error: {error}", file=sys.stderr)
     return None
 
 
@@ -494,6 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="workdir of an earlier run whose benchmarks/ and stats give measured rates "
         "(default: the config's workdir, when it has them)",
     )
+    p.add_argument(
+        "--no-measured", action="store_true", help="assumed rates only (ignore earlier runs)"
+    )
+    p.add_argument(
+        "--jobs", type=int, help="jobs at once (snakemake --jobs; default: every job of a stage)"
+    )
+    p.add_argument("--gpus", type=int, help="GPUs at once (default: one per GPU job)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = add("trace", cmd_trace, cmd_trace.__doc__)

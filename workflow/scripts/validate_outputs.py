@@ -8,19 +8,21 @@ RECORDS = ("manifests", "merged", "deduped", "captioned", "masked")
 EXPORTS = {"coco": "coco", "odvg": "odvg", "wds": "wds_dir"}
 
 
-def paths(value) -> list[str]:
-    """A named input's paths (a single path is a str)."""
+def paths(name: str) -> list[str]:
+    """The paths of a named input (none if the rule names no such input)."""
+    value = getattr(snakemake.input, name, [])
     return [value] if isinstance(value, str) else [str(path) for path in value]
 
 
 with log_to(snakemake.log[0]):
-    inputs = snakemake.input
-    exports = {arg: paths(getattr(inputs, name))[0] for name, arg in EXPORTS.items()
-               if hasattr(inputs, name)}  # fmt: skip
+    # each export is checked against the masked records
+    exports = {arg: paths(name)[0] for name, arg in EXPORTS.items() if paths(name)}
+    if paths("masked"):
+        exports["masked"] = paths("masked")[0]
     # manifests: schema and keys; the probe checked their images and counted its drops
     validate_outputs(
-        [path for name in RECORDS for path in paths(getattr(inputs, name))],
+        [path for name in RECORDS for path in paths(name)],
         snakemake.output[0],
-        schema_only=inputs.manifests,
-        exports={"masked": paths(inputs.masked)[0], **exports},
+        schema_only=paths("manifests"),
+        exports=exports,
     )
