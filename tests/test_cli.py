@@ -224,11 +224,13 @@ def test_estimate_of_a_missing_url_list_fails_naming_it(tmp_path, capsys):
 
 
 def test_estimate_and_dedup_commands(tmp_path, capsys):
+    import pandas as pd
     from PIL import Image
 
-    rows = [{"URL": f"http://x/{i}.jpg", "TEXT": "t", "WIDTH": 1200, "HEIGHT": 1100}
-            for i in range(5)]  # fmt: skip
-    url_list = write_parquet(tmp_path / "urls.parquet", rows)
+    n = 200_000  # enough rows that the assumed pass rates leave records to caption
+    url_list = tmp_path / "urls.parquet"
+    pd.DataFrame({"URL": [f"http://x/{i}.jpg" for i in range(n)], "TEXT": "t",
+                  "WIDTH": [1200, 600] * (n // 2), "HEIGHT": 1100}).to_parquet(url_list)  # fmt: skip
     config = write_config(
         tmp_path / "c.yaml",
         {"sources": [{"name": "s", "url_list": str(url_list)}], **RANDOM_WEIGHTS,
@@ -236,7 +238,7 @@ def test_estimate_and_dedup_commands(tmp_path, capsys):
     )  # fmt: skip
     assert main(["estimate", "--config", str(config), "--json", "--no-measured"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["sources"][0]["rows"] == 5 and result["sources"][0]["to_download"] == 5
+    assert result["sources"][0]["rows"] == n and result["sources"][0]["to_download"] == n // 2
     caption = next(s for s in result["stages"] if s["stage"] == "caption")
     assert caption["requests"] > 0 and abs(caption["cost"] - caption["requests"] * 0.01) < 1e-9
     # dedup: the same file twice under two ids, the higher aesthetic score stays
