@@ -73,6 +73,8 @@ bench: install
 	$(BIN)/python bench/bench_stats.py
 	$(BIN)/python bench/bench_emu3.py
 	$(BIN)/python bench/bench_mask.py
+	$(BIN)/python bench/bench_dedup.py
+	$(BIN)/python bench/bench_export.py
 
 clean-sample:
 	rm -rf results/sample
