@@ -39,6 +39,7 @@ rule all:
     input:
         *ALL_TARGETS,
         MERGED,
+        DEDUP,
         CAPTIONED,
         MASKED,
         VALIDATED,

@@ -181,13 +181,15 @@ def fake_download(root, shards, per_shard, failures=0):
 
 
 def make_images(folder: Path, sizes: list[tuple[int, int]]) -> list[Path]:
-    """Distinct RGB JPEGs (a bright rectangle on noise) of the given (width, height)."""
+    """Distinct RGB JPEGs of the given (width, height): random 6x6 colour blocks under noise, so
+    that their perceptual hashes are far apart too (>= 14 bits; the dedup stage keeps them all)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     paths = []
     for i, (w, h) in enumerate(sizes):
-        pixels = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
-        pixels[h // 4 : h // 2, w // 3 : 2 * w // 3] = 230
+        blocks = rng.integers(0, 200, (6, 6, 3), dtype=np.uint8)
+        pixels = np.asarray(Image.fromarray(blocks).resize((w, h), Image.NEAREST)).copy()
+        pixels += rng.integers(0, 50, (h, w, 3), dtype=np.uint8)
         path = folder / f"{i:03d}.jpg"
         Image.fromarray(pixels).save(path, quality=90)
         paths.append(path)

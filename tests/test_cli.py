@@ -134,6 +134,18 @@ def test_summary_formats_counts_per_stage(tmp_path, capsys):
         and "manifest_records    2" in out
         and "downloaded          2" in out
     )
+    # the filter's counts are those of the shards of the current index: a smaller shard_size
+    # left shard_1's files of an earlier run behind
+    write_json(tmp_path / "shards" / "s" / "index.json", {"shards": [{"shard": 0}]})
+    for shard, kept in ((0, 2), (1, 7)):
+        write_json(
+            tmp_path / "filtered" / "s" / f"shard_{shard}_stats.json",
+            {"probe": {"dropped": {}}, "removed_by_filter": {"image_shape_filter": 1},
+             "records_out": kept},
+        )  # fmt: skip
+    assert main(["summary", "--workdir", str(tmp_path), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["s"]
+    assert row["shards"] == 1 and row["filter_kept"] == 2 and row["filter_removed"] == {"shape": 1}
 
 
 def test_score_once_then_select_with_other_thresholds(tmp_path, capsys):

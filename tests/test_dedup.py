@@ -280,16 +280,20 @@ def test_unreadable_images_are_kept_and_counted(tmp_path: Path, photos: dict[str
         record("m1", str(folder / "gone.jpg"), 5.0, url="https://x/gone.jpg"),
         record("m2", str(folder / "gone2.jpg"), 6.0, url="https://x/gone.jpg"),  # same URL
         record("ok", photos["hubble"], 5.0),  # the complete file: not a byte copy of cut.jpg
+        # the same URL as a readable copy with a lower score: the readable one stays
+        record("lost", str(folder / "gone3.jpg"), 9.0, url="https://x/astro.jpg"),
+        record("astro", photos["astronaut"], 4.0, url="https://x/astro.jpg"),
         {"text": "no image", "image_id": "noimg", "source": "src", "url": "https://x/n.jpg"},
     ]
     kept, dropped, stats = run(tmp_path, records)
-    assert ids(kept) == ["e", "t", "c", "m2", "ok", "noimg"]
-    assert ids(dropped) == ["m1"] and dropped[0]["duplicate_kind"] == "url"
+    assert ids(kept) == ["e", "t", "c", "m2", "ok", "astro", "noimg"]
+    assert ids(dropped) == ["m1", "lost"] and dropped[0]["duplicate_kind"] == "url"
     assert dropped[0]["duplicate_of"] == "src/m2" and dropped[0]["phash_distance"] is None
-    assert stats["unhashable"] == 6
+    assert dropped[1]["duplicate_of"] == "src/astro"
+    assert stats["unhashable"] == 7
     assert stats["unhashable_by_reason"] == {
         "empty_file": 1,
-        "missing_file": 2,
+        "missing_file": 3,
         "no_image": 1,
         "not_an_image": 1,
         "truncated": 1,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,11 @@ def dataset(tmp_path: Path) -> dict:
             "entities": _entities(("dog", box)), "mask_scores": [0.9],
             "mask_file": _npy(masks_dir / "8.npy", _masks(2, 8)),
         },
+        {  # an inverted box: no negative widths, counted
+            "image": jpg, "image_id": "000009", "source": "s", "caption": "a dog",
+            "entities": _entities(("dog", [0.9, 0.9, 0.1, 0.1])), "mask_scores": [0.9],
+            "mask_file": _npy(masks_dir / "9.npy", _masks(1, 9)),
+        },
     ]  # fmt: skip
     (masks_dir / "broken.npy").write_bytes(b"not a numpy file")
     path = tmp_path / "masked.jsonl"
@@ -126,7 +132,8 @@ def dataset(tmp_path: Path) -> dict:
 
 
 EXPORTED = [0, 1, 2, 5]  # the records every export takes, in order
-SKIPPED = {"mask_missing": 1, "mask_unreadable": 1, "image_missing": 1, "masks_not_aligned": 1}
+SKIPPED = {"mask_missing": 1, "mask_unreadable": 1, "image_missing": 1, "masks_not_aligned": 1,
+           "bad_box": 1}  # fmt: skip
 
 
 def test_coco_reads_back_with_pycocotools(dataset, tmp_path):
@@ -170,7 +177,20 @@ def test_coco_reads_back_with_pycocotools(dataset, tmp_path):
     assert by_name["cat"]["raw_names"] == ["Cat", "cat"]
     assert by_name["dog"]["annotations"] == 2
     assert {c["id"]: c["name"] for c in mapping["categories"]} == names
-    assert sorted(p.name for p in out.parent.iterdir()) == ["coco.json", "coco_categories.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "coco.json", "coco_categories.json", "coco_skipped.jsonl"
+    ]  # fmt: skip
+    # each left-out record in the side file, with its reason
+    lines = list(iter_jsonl(out.parent / "coco_skipped.jsonl"))
+    assert Counter(line["drop_reason"] for line in lines) == SKIPPED
+    assert {line["image_id"] for line in lines} == {
+        "000004",
+        "000005",
+        "000007",
+        "000008",
+        "000009",
+    }
+    assert all(line["drop_stage"] == "export_coco" and line["key"] for line in lines)
     assert check_exports(dataset["path"], coco=out) == []
 
 
@@ -199,8 +219,12 @@ def test_phrase_spans():
 def test_odvg_lines(dataset, tmp_path):
     out = tmp_path / "odvg.jsonl"
     stats = export_odvg(dataset["path"], out)
-    # ODVG needs no masks: only the missing image is skipped
-    assert stats["skipped"] == {"image_missing": 1}
+    # ODVG needs no masks: only the missing image and the inverted box are skipped
+    assert stats["skipped"] == {"image_missing": 1, "bad_box": 1}
+    left_out = list(iter_jsonl(tmp_path / "odvg_skipped.jsonl"))
+    assert sorted((r["image_id"], r["drop_reason"]) for r in left_out) == [
+        ("000007", "image_missing"), ("000009", "bad_box")
+    ]  # fmt: skip
     lines = list(iter_jsonl(out))
     assert len(lines) == stats["images"] == 7
     assert stats["regions"] == sum(len(line["grounding"]["regions"]) for line in lines) == 10
@@ -340,14 +364,16 @@ def test_workers_give_the_same_files(dataset, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     a = export_coco(dataset["path"], one / "coco.json")
     b = export_coco(dataset["path"], two / "coco.json", workers=2)
-    assert {k: v for k, v in a.items() if k not in ("output", "categories_file")} == {
-        k: v for k, v in b.items() if k not in ("output", "categories_file")
+    paths = ("output", "categories_file", "skipped_file")
+    assert {k: v for k, v in a.items() if k not in paths} == {
+        k: v for k, v in b.items() if k not in paths
     }
-    for name in ("coco.json", "coco_categories.json"):
+    for name in ("coco.json", "coco_categories.json", "coco_skipped.jsonl"):
         assert (one / name).read_bytes() == (two / name).read_bytes()
     a = export_wds(dataset["path"], one / "wds", shard_size=3)
     b = export_wds(dataset["path"], two / "wds", shard_size=3, workers=2)
     assert (a["samples"], a["skipped"]) == (b["samples"], b["skipped"])
+    assert (one / "wds_skipped.jsonl").read_bytes() == (two / "wds_skipped.jsonl").read_bytes()
     for shard in ("shard-000000.tar", "shard-000001.tar"):
         assert (one / "wds" / shard).read_bytes() == (two / "wds" / shard).read_bytes()
 

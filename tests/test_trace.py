@@ -520,3 +520,31 @@ def test_trace_of_a_sample_image(sample_run, monkeypatch):
         assert shown[name] == "kept", (name, result)
     assert stage(result, "download")["details"]["url"] == kept["url"]
     assert stage(result, "prefilter")["details"]["url"] == kept["url"]
+
+
+def test_each_export_is_judged_on_its_own_with_its_reason(tmp_path):
+    """An image one export leaves out (its mask file is gone) is still in another's, and the
+    export that left it out says why (its side file of skipped records)."""
+    from PIL import Image
+
+    work = tmp_path / "results"
+    image = tmp_path / "000007.jpg"  # ODVG lines name the image by its file only
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(image)
+    record = {"image": str(image), "image_id": "000007", "source": SOURCE, "caption": "a dog",
+              "entities": [{"entity": "dog", "bbox": [0.1, 0.1, 0.5, 0.5]}],
+              "mask_scores": [0.9], "mask_file": str(tmp_path / "gone.npy")}  # fmt: skip
+    write_jsonl(work / "masked" / "masked.jsonl", [record])
+    export_coco(work / "masked" / "masked.jsonl", work / "export" / "coco" / "coco.json")
+    export_odvg(work / "masked" / "masked.jsonl", work / "export" / "odvg" / "odvg.jsonl")
+    sources = [{"name": SOURCE, "url_list": str(tmp_path)}]
+    result = trace(work, f"{SOURCE}/000007", {"sources": sources})
+    assert stage(result, "export coco")["verdict"] == "dropped"
+    assert stage(result, "export coco")["details"]["reason"] == "mask_missing"
+    assert stage(result, "export odvg")["verdict"] == "kept"
+    # an export the config no longer asks for: off, and its old file named as stale
+    config = {"sources": sources, "export": {"formats": ["odvg"]}}
+    off = stage(trace(work, f"{SOURCE}/000007", config), "export coco")
+    assert (
+        off["verdict"] == "off"
+        and "export/coco/coco.json left from an earlier run" in (off["details"]["note"])
+    )

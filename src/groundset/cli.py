@@ -21,6 +21,21 @@ def _source(config: dict, name: str | None) -> dict:
     return find_source(config, name)
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def existing_dir(path: str | None, what: str) -> str | None:
+    """`path` if it is a folder (or None); else a ValueError naming the option."""
+    if path is not None and not Path(path).is_dir():
+        raise ValueError(f"{what} {path}: no such folder")
+    return path
+
+
 def cmd_prefilter(args: argparse.Namespace, config: dict) -> dict:
     """Drop URL-list rows whose metadata fails a later filter."""
     from .prefilter import PrefilterRules, run_prefilter
@@ -294,7 +309,11 @@ def cmd_estimate(args: argparse.Namespace, config: dict) -> dict | None:
     from .estimate import estimate, format_estimate
 
     result = estimate(
-        config, args.from_run, measured=not args.no_measured, jobs=args.jobs, gpus=args.gpus
+        config,
+        existing_dir(args.from_run, "--from-run"),
+        measured=not args.no_measured,
+        jobs=args.jobs,
+        gpus=args.gpus,
     )
     errors = [f"{s['name']}: {s['error']}" for s in result["sources"] if s.get("error")]
     if errors:  # an estimate of zero rows would mislead: the table, then a failing exit
@@ -311,7 +330,8 @@ def cmd_trace(args: argparse.Namespace, config: dict) -> dict | None:
     """Every stage's verdict on one image (SOURCE/IMAGE_ID); exit 1 when no stage knows it."""
     from .trace import format_trace, trace
 
-    result = trace(args.workdir or config["workdir"], args.key, config)
+    workdir = existing_dir(args.workdir or config["workdir"], "the run's workdir")
+    result = trace(workdir, args.key, config)
     if result is None:
         print(f"groundset trace: {args.key} is unknown to every stage of this run", file=sys.stderr)
         args.exit_code = 1
@@ -368,7 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", default=None, help="config YAML (default: config/config.yaml)")
+        p.add_argument(
+            "--config",
+            action="append",
+            help="config YAML (default: config/config.yaml); give it again to merge another "
+            "over it, as snakemake --configfile A B does",
+        )
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         p.set_defaults(func=func)
         return p
@@ -481,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="masked JSONL")
     p.add_argument("--outdir", required=True, help="folder for shard-NNNNNN.tar")
     p.add_argument(
-        "--shard-size", type=int, help="samples per shard (default: export.webdataset.shard_size)"
+        "--shard-size",
+        type=positive,
+        help="samples per shard (default: export.webdataset.shard_size)",
     )
 
     p = add("dedup", cmd_dedup, cmd_dedup.__doc__)
@@ -492,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-distance", type=int, help="phash bits (default: caption.dedup.max_distance)"
     )
-    p.add_argument("--threads", type=int, help="decoding threads (default: caption.dedup.threads)")
+    p.add_argument(
+        "--threads", type=positive, help="decoding threads (default: caption.dedup.threads)"
+    )
     p.add_argument("--cache", help="hash cache kept between runs (default: none)")
 
     p = add("estimate", cmd_estimate, cmd_estimate.__doc__)
@@ -505,9 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-measured", action="store_true", help="assumed rates only (ignore earlier runs)"
     )
     p.add_argument(
-        "--jobs", type=int, help="jobs at once (snakemake --jobs; default: every job of a stage)"
+        "--jobs",
+        type=positive,
+        help="jobs at once (snakemake --jobs; default: every job of a stage)",
     )
-    p.add_argument("--gpus", type=int, help="GPUs at once (default: one per GPU job)")
+    p.add_argument("--gpus", type=positive, help="GPUs at once (default: one per GPU job)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = add("trace", cmd_trace, cmd_trace.__doc__)

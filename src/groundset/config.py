@@ -8,7 +8,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -322,19 +322,32 @@ def _deep_update(base: dict, changes: dict) -> dict:
 
 
 def load_config(
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     overrides: dict | None = None,
     weights: Collection[str] = MODELS,
 ) -> dict:
-    """Read a YAML config (default `config/config.yaml`), apply `overrides` (command-line
-    options) and validate it; `weights` as in validate_config."""
-    path = Path(path) if path else DEFAULT_CONFIG
-    with open(path, encoding="utf-8") as handle:
-        config = yaml.safe_load(handle) or {}
+    """Read a YAML config (default `config/config.yaml`; several files are merged in order, as
+    snakemake's --configfile merges them: mappings key by key, lists replaced), apply
+    `overrides` (command-line options) and validate it; `weights` as in validate_config."""
+    paths = [Path(p) for p in ([path] if isinstance(path, (str, os.PathLike)) else path or [])]
+    config: dict = {}
+    for one in paths or [DEFAULT_CONFIG]:
+        _deep_update(config, read_yaml(one))
+    _deep_update(config, overrides or {})
+    source = " + ".join(str(p) for p in paths or [DEFAULT_CONFIG])
+    return validate_config(config, source=source, weights=weights)
+
+
+def read_yaml(path: Path) -> dict:
+    """One config file as a mapping (ConfigError naming the file if it is not one)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    _deep_update(config, overrides or {})
-    return validate_config(config, source=str(path), weights=weights)
+    return config
 
 
 def download_options(config: dict, source: dict) -> dict[str, Any]:

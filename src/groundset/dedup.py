@@ -1,6 +1,7 @@
 """Dedup stage: one record per group of exact or near duplicate images, before any paid request.
 
-Rule (deterministic): records are visited by descending aesthetic score (ties: input order); a
+Rule (deterministic): records are visited by descending aesthetic score (ties: input order;
+records whose image cannot be read after all others, so they never displace a readable copy); a
 record is dropped when it matches a record kept before it — the same sha256 (the record's own,
 top level or in `meta`, else that of the file's bytes), the same URL (exact string, surrounding
 whitespace ignored) or a perceptual hash (`imagehash.phash`, 64 bits) within `max_distance`
@@ -610,7 +611,12 @@ def _group(cols: _Columns, max_distance: int) -> tuple[_Hashes, Clusters, int]:
     phash_id = np.full(n, -1, dtype=np.int32)
     phash_id[has_phash] = inverse.ravel()
     score = np.frombuffer(cols.score, dtype=np.float64)
-    groups = cluster(score, sha_id, url_id, phash_id, phashes, max_distance)
+    # a record whose image cannot be read ranks after every readable one: it never stays in
+    # place of a readable copy (same URL or bytes), which would lose the image for captioning
+    order = np.lexsort((np.arange(n), -np.nan_to_num(score, nan=-np.inf), ~has_phash))
+    rank = np.empty(n, dtype=np.float64)
+    rank[order] = -np.arange(n, dtype=np.float64)  # cluster visits by descending rank
+    groups = cluster(rank, sha_id, url_id, phash_id, phashes, max_distance)
     return _Hashes(sha, has_sha, phash, reason), groups, len(phashes)
 
 

@@ -3,8 +3,8 @@
 All three stream the input record by record (memory flat in the input size) and write
 atomically (`io.atomic_write`). A record one of them cannot export is never dropped silently:
 it is counted under `skipped` {reason: n} of the returned stats. Reasons: `no_image` (the
-record names none), `bad_box` (a box that is not four finite numbers), `image_missing`,
-`image_unreadable` (its size or format cannot be read), `mask_missing` (entities but no
+record names none), `bad_box` (not four finite numbers, or inverted or empty once clipped to
+[0, 1]), `image_missing`, `image_unreadable` (its size or format cannot be read), `mask_missing` (entities but no
 mask file or RLE, or the file is gone), `mask_unreadable`, `masks_not_aligned` (masks or
 `mask_scores` not one per box, or sizes disagreeing with `mask_shape` or each other) and
 `bad_name` (WebDataset: an id or source that cannot name a sample).
@@ -104,9 +104,48 @@ class _Skip(Exception):
     """A record an export cannot take, with the reason it is counted under."""
 
     def __init__(self, reason: str) -> None:
-        """Remember the reason."""
+        """Remember the reason (the record it is about is named by `about`)."""
         super().__init__(reason)
         self.reason = reason
+        self.record: dict = {}
+
+    def about(self, record: dict) -> _Skip:
+        """This skip, naming the record (key, source, image_id, image, url) for the side file."""
+        try:
+            key: str | None = record_key(record)
+        except RecordError:
+            key = None
+        try:
+            image: str | None = image_path(record)
+        except RecordError:
+            image = None
+        self.record = {"key": key, "source": record.get("source"),
+                       "image_id": record.get("image_id"), "image": image,
+                       "url": record.get("url")}  # fmt: skip
+        return self
+
+
+class _SkipLog:
+    """The side file of the records an export left out, one line each with `drop_reason`, and
+    their counts by reason."""
+
+    def __init__(self, handle: IO[str] | None, stage: str) -> None:
+        """Lines go to `handle` (None: counted only), tagged with `drop_stage` `stage`."""
+        self.handle, self.stage = handle, stage
+        self.counts: Counter = Counter()
+
+    def add(self, skip: _Skip) -> None:
+        """Count a skipped record and write its line."""
+        self.counts[skip.reason] += 1
+        if self.handle is not None:
+            line = {**skip.record, "drop_stage": self.stage, "drop_reason": skip.reason}
+            self.handle.write(dumps_record(line) + "\n")
+
+
+def skipped_path(output: PathLike) -> Path:
+    """The default side file of an export's skipped records: `<output stem>_skipped.jsonl`."""
+    output = Path(output)
+    return output.with_name(f"{output.stem if output.suffix else output.name}_skipped.jsonl")
 
 
 @dataclass
@@ -303,13 +342,17 @@ def record_masks(record: dict, count: int) -> tuple[list[dict], list[int], int, 
 
 
 def _valid_box(box: Any) -> bool:
-    """Whether `box` is four finite numbers."""
-    return (
+    """Whether `box` is four finite numbers that, clipped to [0, 1], still have x1 < x2 and
+    y1 < y2 (an inverted or empty box would give a negative or zero pixel size)."""
+    if not (
         type(box) in (list, tuple)
         and len(box) == 4
         and all(type(v) in (int, float) for v in box)
         and math.isfinite(sum(box))
-    )
+    ):
+        return False
+    x1, y1, x2, y2 = (min(max(float(v), 0.0), 1.0) for v in box)
+    return x1 < x2 and y1 < y2
 
 
 def prepare(record: dict, masks: bool) -> _Item:
@@ -413,20 +456,22 @@ def _coco_work(record: dict) -> _Item | _Skip:
     try:
         return prepare(record, masks=True)
     except _Skip as skip:
-        return skip
+        return skip.about(record)
 
 
 def export_coco(
-    input: PathLike, output: PathLike, categories: PathLike | None = None, workers: int = 1
-) -> dict:
-    """A COCO instances JSON of a masked JSONL and its category mapping; returns the counts."""
+    input: PathLike, output: PathLike, categories: PathLike | None = None, workers: int = 1,
+    skipped: PathLike | None = None,
+) -> dict:  # fmt: skip
+    """A COCO instances JSON of a masked JSONL, its category mapping and the records it left
+    out (`skipped`, default `<stem>_skipped.jsonl`, with `drop_reason`); returns the counts."""
     output = Path(output)
     mapping_path = Path(categories) if categories is not None else categories_path(output)
     table: dict[str, dict] = {}  # category name -> {id, raw_names, annotations}
     counts: Counter = Counter()
-    skipped: Counter = Counter()
     dropped: Counter = Counter()
     with (
+        atomic_write(skipped or skipped_path(output)) as skip_file,
         atomic_write(output) as out,
         tempfile.TemporaryFile(
             "w+", encoding="utf-8", dir=output.parent, prefix=f".{output.name}.", suffix=".spool"
@@ -434,9 +479,10 @@ def export_coco(
     ):
         info = {"description": "groundset COCO instances export", "version": "1.0"}
         out.write('{"info": ' + dumps_record(info) + ', "licenses": [], "images": [\n')
+        skips = _SkipLog(skip_file, "export_coco")
         for item in run_records(_coco_work, input, workers, "export coco"):
             if isinstance(item, _Skip):
-                skipped[item.reason] += 1
+                skips.add(item)
                 continue
             counts["images"] += 1
             image_id = counts["images"]
@@ -485,7 +531,8 @@ def export_coco(
         "annotations": counts["annotations"],
         "categories": len(table),
         "images_without_boxes": counts["images_without_boxes"],
-        "skipped": dict(skipped),
+        "skipped": dict(skips.counts),
+        "skipped_file": str(skipped or skipped_path(output)),
         "annotations_skipped": dict(dropped),
         "output": str(output),
         "categories_file": str(mapping_path),
@@ -550,16 +597,17 @@ def ground(item: _Item, caption: str) -> tuple[str, list[dict], Counter]:
     return caption, regions, counts
 
 
-def export_odvg(input: PathLike, output: PathLike) -> dict:
-    """An ODVG grounding JSONL (one line per image) of a masked JSONL; returns the counts."""
+def export_odvg(input: PathLike, output: PathLike, skipped: PathLike | None = None) -> dict:
+    """An ODVG grounding JSONL (one line per image) of a masked JSONL and the records it left out
+    (`skipped`, default `<stem>_skipped.jsonl`, with `drop_reason`); returns the counts."""
     counts: Counter = Counter()
-    skipped: Counter = Counter()
-    with atomic_write(output) as out:
+    with atomic_write(skipped or skipped_path(output)) as skip_file, atomic_write(output) as out:
+        skips = _SkipLog(skip_file, "export_odvg")
         for record in _progress(iter_jsonl(input), "export odvg"):
             try:
                 item = prepare(record, masks=False)
             except _Skip as skip:
-                skipped[skip.reason] += 1
+                skips.add(skip.about(record))
                 continue
             caption, regions, found = ground(item, str(record.get("caption") or ""))
             counts.update(found)
@@ -576,7 +624,8 @@ def export_odvg(input: PathLike, output: PathLike) -> dict:
     stats = {
         **{k: counts[k] for k in ("images", "regions", "phrases_found", "phrases_appended")},
         "images_without_boxes": counts["images_without_boxes"],
-        "skipped": dict(skipped),
+        "skipped": dict(skips.counts),
+        "skipped_file": str(skipped or skipped_path(output)),
         "regions_skipped": {k: counts[k] for k in ("empty_phrase",) if counts[k]},
         "output": str(output),
     }
@@ -779,27 +828,32 @@ def _wds_work(record: dict) -> tuple[str, str, bytes, bytes, int] | _Skip:
         key = wds_key(record)
         data, ext = read_image(item.image)
     except _Skip as skip:
-        return skip
+        return skip.about(record)
     text = dumps_record(wds_json(item, key)).encode("utf-8")
     return key, ext, data, text, len(item.boxes)
 
 
 def export_wds(
-    input: PathLike, outdir: PathLike, shard_size: int = 10000, workers: int = 1
-) -> dict:
-    """WebDataset tar shards (image bytes and a json per sample) of a masked JSONL; the counts."""
+    input: PathLike, outdir: PathLike, shard_size: int = 10000, workers: int = 1,
+    skipped: PathLike | None = None,
+) -> dict:  # fmt: skip
+    """WebDataset tar shards (image bytes and a json per sample) of a masked JSONL and the records
+    it left out (`skipped`, default `<outdir>_skipped.jsonl` beside the folder, with
+    `drop_reason`); the counts."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, not {shard_size}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
+    skipped = skipped or skipped_path(outdir)
     writer = _ShardWriter(outdir, shard_size)
-    skipped: Counter = Counter()
     counts: Counter = Counter()
     seen: set[int] = set()  # hashes of the keys written (an exact check on a hit)
+    skip_writer = atomic_write(skipped)
+    skips = _SkipLog(skip_writer.__enter__(), "export_wds")
     try:
         for index, sample in enumerate(run_records(_wds_work, input, workers, "export wds")):
             if isinstance(sample, _Skip):
-                skipped[sample.reason] += 1
+                skips.add(sample)
                 continue
             key, ext, data, text, boxes = sample
             digest = hash(key)
@@ -816,7 +870,9 @@ def export_wds(
         writer.close()
     except BaseException as err:
         writer.abort(err)
+        skip_writer.__exit__(type(err), err, err.__traceback__)
         raise
+    skip_writer.__exit__(None, None, None)
     for stale in shard_files(outdir)[writer.shards :]:
         stale.unlink()
     last = writer.shards - 1
@@ -826,7 +882,8 @@ def export_wds(
         "boxes": counts["boxes"],
         "images_without_boxes": counts["images_without_boxes"],
         "bytes": writer.bytes,
-        "skipped": dict(skipped),
+        "skipped": dict(skips.counts),
+        "skipped_file": str(skipped),
         "shard_size": shard_size,
         "outdir": str(outdir),
         # the shards as a WebDataset brace pattern (None for an empty export)

@@ -43,6 +43,24 @@ def _disk_full_error(path: Path, err: OSError) -> NoSpaceLeftError:
     return NoSpaceLeftError(errno.ENOSPC, f"no space left on device writing {path}")
 
 
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temps(path: Path) -> int:
+    """Remove the temp files an earlier, killed writer of `path` left beside it (a SIGKILL
+    leaves no time to clean up); returns how many. One job writes an output at a time, so
+    any such file is stale."""
+    removed = 0
+    prefix = f".{path.name}."
+    with contextlib.suppress(FileNotFoundError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            if entry.name.startswith(prefix) and _TEMP_NAME.match(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
 def _create_temp(path: Path) -> tuple[int, Path]:
     """Create a fresh temp file beside `path` with the mode a plain open() gives (0o666 & ~umask).
 
@@ -75,11 +93,14 @@ def plain_mode_tree(folder: str | os.PathLike) -> None:
 def atomic_write(path: str | os.PathLike, mode: str = "w", fsync: bool = True) -> Iterator[IO]:
     """Open a temp file beside `path`; rename it over `path` only if the block succeeds.
 
+    Temp files a killed earlier writer of `path` left are removed first.
+
     The file gets the mode a plain open() gives under the umask (the dataset lives on a shared
     filesystem); a full disk while flushing, syncing or closing raises NoSpaceLeftError.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     fd, tmp = _create_temp(path)
     encoding = None if "b" in mode else "utf-8"
     try:
@@ -146,15 +167,19 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    """Stream records of a JSON Lines file; blank lines are skipped, bad lines raise with the line number."""
+    """Stream the records (JSON objects) of a JSON Lines file; blank lines are skipped, a line that
+    is not an object raises ValueError with its line number."""
     with open(path, encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON: {err}") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: not a JSON object (a record): {line[:80]!r}")
+            yield record
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:

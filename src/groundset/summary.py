@@ -67,12 +67,20 @@ def collect(workdir: str | os.PathLike, formats: Collection[str] | None = None) 
         if source in man:
             row["manifest_records"] = man[source]["records"]
         index = workdir / "shards" / source / "index.json"
+        folder = workdir / "filtered" / source
         if index.exists():
-            row["shards"] = len(read_json(index)["shards"])
+            # the shards of the current index: a smaller shard_size leaves older shards' files
+            shards = [entry["shard"] for entry in read_json(index)["shards"]]
+            row["shards"] = len(shards)
+            selected = [folder / f"shard_{shard}_stats.json" for shard in shards]
+        else:
+            selected = sorted(folder.glob("shard_*_stats.json"))
         probe_drops: Counter = Counter()
         removed: Counter = Counter()
         filtered = 0
-        for path in sorted((workdir / "filtered" / source).glob("shard_*_stats.json")):
+        for path in selected:
+            if not path.exists():
+                continue  # not selected yet
             stats = read_json(path)
             probe_drops.update(stats["probe"].get("dropped", {}))
             removed.update(stats["removed_by_filter"])

@@ -211,10 +211,11 @@ class _Tracer:
     # --- bookkeeping ---------------------------------------------------------------------
 
     def add(self, stage: str, verdict: str, **details: object) -> None:
-        """Record one stage's verdict (the first drop ends the trace's reach)."""
+        """Record one stage's verdict (the first drop before the exports ends the trace's reach:
+        the exports are side by side, one leaving an image out says nothing of the others)."""
         clean = {k: v for k, v in details.items() if v is not None}
         self.stages.append({"stage": stage, "verdict": verdict, "details": clean})
-        if verdict == DROPPED and self.dropped_at is None:
+        if verdict == DROPPED and self.dropped_at is None and not stage.startswith("export "):
             self.dropped_at = stage
 
     def rel(self, path: Path) -> str:
@@ -789,6 +790,8 @@ class _Tracer:
             return self.add("mask", NOT_FOUND, reason="not masked yet (its chunk has not run)")
         record = hit[1]
         self.masked_line = record.get("_line")
+        if not self.image and isinstance(record.get("image"), str):
+            self.image = record["image"]  # the exports name images by their path
         names = [e.get("entity") for e in record.get("entities") or []]
         details = {
             "entities": names,
@@ -814,6 +817,27 @@ class _Tracer:
                 details["floors"] = read_json(stats).get("floors")
         self.add("mask", KEPT, **details)
 
+    def export_skipped(self, stage: str, path: Path, fallback: str) -> None:
+        """The export's verdict on an image it does not hold: the reason its side file of
+        skipped records gives, else `fallback`."""
+        if path.exists():
+            for _, _, line in _scan(path, self.image_id.encode()):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if self.ours(record):
+                    self.found(path)
+                    reason = record.get("drop_reason")
+                    return self.add(stage, DROPPED, reason=reason, file=self.rel(path))
+        self.add(stage, DROPPED, reason=fallback)
+
+    def export_off(self, stage: str, *paths: Path) -> None:
+        """An export the config does not ask for; files an earlier run left are named."""
+        left = [self.rel(p) for p in paths if p.exists()]
+        note = f"{', '.join(left)} left from an earlier run (not updated)" if left else None
+        self.add(stage, OFF, note=note)
+
     def formats(self) -> list[str] | None:
         """The configured export formats (None without a config)."""
         if self.config is None:
@@ -823,7 +847,7 @@ class _Tracer:
     def export_emu3(self) -> None:
         """The Emu3 datalist line and whether train.json lists it, or the export error."""
         if self.formats() is not None and "emu3" not in self.formats():
-            return self.add("export emu3", OFF)
+            return self.export_off("export emu3", self.work / "export" / "emu3" / "list")
         folder = self.work / "export" / "emu3" / "list"
         datalist, errors, train = (
             folder / "datalist.jsonl",
@@ -866,7 +890,7 @@ class _Tracer:
     def export_coco(self) -> None:
         """The COCO image entry and its annotations (export/coco/coco.json)."""
         if self.formats() is not None and "coco" not in self.formats():
-            return self.add("export coco", OFF)
+            return self.export_off("export coco", self.work / "export" / "coco" / "coco.json")
         files = [p for p in [self.work / "export" / "coco" / "coco.json"] if p.exists()]
         if not files:
             return self.add("export coco", NOT_RUN)
@@ -895,12 +919,16 @@ class _Tracer:
                         coco_id=image.get("id"),
                         annotations=len(anns),
                     )
-        self.add("export coco", DROPPED, reason=f"not in {', '.join(self.rel(p) for p in files)}")
+        self.export_skipped(
+            "export coco",
+            self.work / "export" / "coco" / "coco_skipped.jsonl",
+            f"not in {', '.join(self.rel(p) for p in files)}",
+        )
 
     def export_odvg(self) -> None:
         """The ODVG line of the image and its grounded regions (export/odvg/odvg.jsonl)."""
         if self.formats() is not None and "odvg" not in self.formats():
-            return self.add("export odvg", OFF)
+            return self.export_off("export odvg", self.work / "export" / "odvg" / "odvg.jsonl")
         files = [p for p in [self.work / "export" / "odvg" / "odvg.jsonl"] if p.exists()]
         if not files:
             return self.add("export odvg", NOT_RUN)
@@ -926,7 +954,11 @@ class _Tracer:
                         regions=len(regions or []),
                         phrases=phrases or None,
                     )
-        self.add("export odvg", DROPPED, reason=f"not in {', '.join(self.rel(p) for p in files)}")
+        self.export_skipped(
+            "export odvg",
+            self.work / "export" / "odvg" / "odvg_skipped.jsonl",
+            f"not in {', '.join(self.rel(p) for p in files)}",
+        )
 
     def tar_order(self, tars: list[Path]) -> list[Path]:
         """The tars nearest first to the one the record's line in masked.jsonl points at (the
@@ -940,7 +972,7 @@ class _Tracer:
     def export_webdataset(self) -> None:
         """The WebDataset tar and the members that hold the image (export/wds/*.tar)."""
         if self.formats() is not None and "webdataset" not in self.formats():
-            return self.add("export webdataset", OFF)
+            return self.export_off("export webdataset", self.work / "export" / "wds")
         tars = sorted((self.work / "export" / "wds").glob("*.tar"))
         if not tars:
             return self.add("export webdataset", NOT_RUN)
@@ -970,10 +1002,15 @@ class _Tracer:
                     return self.add(
                         "export webdataset", KEPT, file=self.rel(path), key=stem, members=extensions
                     )
-        self.add("export webdataset", DROPPED, reason=f"in none of the {len(tars)} tars")
+        self.export_skipped(
+            "export webdataset",
+            self.work / "export" / "wds_skipped.jsonl",
+            f"in none of the {len(tars)} tars",
+        )
 
     def run(self) -> None:
-        """Every stage in order; after the first drop the rest are not reached."""
+        """Every stage in order; after the first drop (before the exports) the rest are not
+        reached."""
         steps = [
             self.prefilter,
             self.download,

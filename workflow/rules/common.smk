@@ -173,6 +173,8 @@ CHUNK_INDEX = "captioned/chunks.json"
 # What the caption chunks read: caption.input with its duplicates removed (or, with
 # caption.dedup.enabled false, passed on whole).
 DEDUPED = "dedup/deduped.jsonl"
+# rule all asks for all three: a killed or deleted dedup output is made again (with its stats)
+DEDUP = [DEDUPED, "dedup/dropped.jsonl", "dedup/dedup_stats.json"]
 
 
 def chunk_outputs(pattern):

@@ -65,13 +65,15 @@ rule gather_emu3:
         "../scripts/gather_emu3.py"
 
 
-# Other trainers' formats, each streamed from masked/masked.jsonl with its counts beside.
+# Other trainers' formats, each streamed from masked/masked.jsonl with its counts and the
+# records it could not take (with drop_reason) beside.
 rule export_coco:
     input:
         masked="masked/masked.jsonl",
     output:
         coco="export/coco/coco.json",
         categories="export/coco/coco_categories.json",
+        skipped="export/coco/coco_skipped.jsonl",
         stats="export/coco/coco_stats.json",
     log:
         "logs/export_coco.log",
@@ -92,6 +94,7 @@ rule export_odvg:
         masked="masked/masked.jsonl",
     output:
         odvg="export/odvg/odvg.jsonl",
+        skipped="export/odvg/odvg_skipped.jsonl",
         stats="export/odvg/odvg_stats.json",
     log:
         "logs/export_odvg.log",
@@ -112,6 +115,7 @@ rule export_wds:
         masked="masked/masked.jsonl",
     output:
         shards=directory("export/wds"),
+        skipped="export/wds_skipped.jsonl",
         stats="export/wds_stats.json",
     log:
         "logs/export_wds.log",

@@ -5,4 +5,7 @@ from groundset.io import write_json
 from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]):
-    write_json(snakemake.output.stats, export_odvg(snakemake.input.masked, snakemake.output.odvg))
+    stats = export_odvg(
+        snakemake.input.masked, snakemake.output.odvg, skipped=snakemake.output.skipped
+    )
+    write_json(snakemake.output.stats, stats)

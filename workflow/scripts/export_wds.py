@@ -10,5 +10,6 @@ with log_to(snakemake.log[0]):
         snakemake.output.shards,
         snakemake.params.shard_size,
         workers=snakemake.threads,  # processes reading .npy masks into RLE
+        skipped=snakemake.output.skipped,
     )
     write_json(snakemake.output.stats, stats)
