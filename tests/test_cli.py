@@ -268,3 +268,19 @@ def test_estimate_and_dedup_commands(tmp_path, capsys):
     [dup] = iter_jsonl(tmp_path / "dup.jsonl")
     assert dup["duplicate_of"] == "s/000001" and dup["duplicate_kind"] == "sha256"
     assert (tmp_path / "out_stats.json").exists()
+
+
+def test_config_files_merge_in_order_and_bad_yaml_is_one_line(tmp_path, capsys):
+    over = write_config(tmp_path / "over.yaml", {"caption": {"dedup": {"max_distance": 9}}})
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("caption: [unclosed\n")
+    out = tmp_path / "out.jsonl"
+    write_jsonl(tmp_path / "in.jsonl", [])
+    args = ["dedup", "--config", str(ROOT / "config" / "sample.yaml"), "--config", str(over),
+            "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+            "--dropped", str(tmp_path / "dup.jsonl")]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["max_distance"] == 9  # the second file's
+    assert main(["estimate", "--config", str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{broken}: not valid YAML" in err

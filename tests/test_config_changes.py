@@ -200,3 +200,10 @@ def test_dedup_distance_and_export_formats_follow_the_config(sample_copy, tmp_pa
     assert again == coco
     assert set(export_counts(work)) == {"emu3 export", "coco export", "odvg export",
                                         "webdataset export"}  # fmt: skip
+    # a lost dedup output (a killed job, a deleted file) is made again by the next run
+    (work / "dedup" / "dropped.jsonl").unlink()
+    extra = write_config(tmp_path / "same.yaml", {})
+    planned = run_snakemake(["--profile", str(ROOT / "profiles" / "local"), "--configfile",
+                             "config/sample.yaml", str(extra), "--config", f"workdir={work}",
+                             "-n"])  # fmt: skip
+    assert re.search(r"^dedup_records\s+1$", planned.stdout, flags=re.M), planned.stdout

@@ -37,6 +37,25 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
     assert target.read_text() == "new"
 
 
+def test_atomic_write_removes_what_a_killed_writer_left(tmp_path):
+    target = tmp_path / "out.jsonl"
+    # a SIGKILL leaves the temp file of the write it cut short
+    left = [tmp_path / ".out.jsonl.0badf00d.tmp", tmp_path / ".out.jsonl.12345678.tmp"]
+    others = [tmp_path / ".other.jsonl.0badf00d.tmp", tmp_path / ".out.jsonl.note.tmp"]
+    for path in left + others:
+        path.write_text("partial")
+    with atomic_write(target) as handle:
+        handle.write("{}\n")
+    assert sorted(tmp_path.iterdir()) == sorted([target, *others])  # only its own, stale ones
+
+
+def test_iter_jsonl_refuses_a_line_that_is_not_a_record(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n[1, 2, 3]\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:2: not a JSON object"):
+        list(iter_jsonl(path))
+
+
 def test_clean_json_value_maps_nan_to_none():
     assert clean_json_value({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"}) == {
         "a": None,
