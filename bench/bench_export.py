@@ -4,8 +4,9 @@ WebDataset writer against `tar -cf` over the same image files.
 The exports stream (memory flat in the input size: compare the peak at each size). Records have
 3 entities over a few hundred small JPEG files, half with masks as RLE in the record and half
 naming one of a few hundred `.npy` files (--mask-format changes that). The tar baseline archives
-each record's image file once per record (`tar --hard-dereference -P -cf OUT -T LIST`, names
-repeated, every copy stored in full), then `sync OUT`, as the export fsyncs each shard before
+each record's files once per record (its image, and its `.npy` masks when it names them:
+the files its sample is made from; `tar --hard-dereference -P -cf OUT -T LIST`, names repeated,
+every copy stored in full), then `sync OUT`, as the export fsyncs each shard before
 renaming it; the WebDataset export writes that and a json per record (target: at most 2x
 tar's time). The peak RSS is the whole child interpreter's (numpy, PIL,
 pycocotools loaded), worker processes not included.
@@ -58,7 +59,8 @@ def make_inputs(tmp: Path, images: int, side: int) -> list[dict]:
 
 
 def make_file(path: Path, count: int, inputs: list[dict], mask_format: str) -> Path:
-    """`count` masked records over the inputs; returns the list of their image files (for tar)."""
+    """`count` masked records over the inputs; returns the list of the files each record's sample
+    is made from (its image, and its .npy masks if it names them), for tar."""
     rng = random.Random(0)
     listing = path.with_suffix(".list")
     with open(path, "w") as out, open(listing, "w") as files:
@@ -79,6 +81,7 @@ def make_file(path: Path, count: int, inputs: list[dict], mask_format: str) -> P
                 record.update(mask_file=None, mask_rle=made["rle"], mask_format="rle")
             else:
                 record["mask_file"] = made["npy"]
+                files.write(made["npy"] + "\n")  # the sample's masks come from this file
             out.write(json.dumps(record) + "\n")
             files.write(made["image"] + "\n")
     return listing

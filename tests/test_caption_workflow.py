@@ -209,12 +209,14 @@ def test_servers_started_by_the_workflow_share_the_chunks_and_are_gone_after(tmp
     images = make_images(tmp_path / "img", [(40 + i, 40) for i in range(8)])
     make_records(tmp_path / "in.jsonl", images)
     requests = tmp_path / "requests.jsonl"
-    command = (f"{sys.executable} -m groundset.testing.vlm --port {{port}} --latency 0.3 "
+    # each job answers for ~3 s (2 images one after the other, 1.5 s each): long enough that
+    # the two jobs at once overlap whatever their servers' start-up times
+    command = (f"{sys.executable} -m groundset.testing.vlm --port {{port}} --latency 1.5 "
                f"--request-log {requests}")  # fmt: skip
     serve = {"command": command, "instances": 2, "gpus": 0, "cpus": 1, "mem_mb": 500,
              "startup_timeout_s": 60}  # fmt: skip
     config = caption_config(tmp_path, tmp_path / "in.jsonl", chunk_size=2, serve=serve,
-                            model="stand-in", concurrency=2)  # fmt: skip
+                            model="stand-in", concurrency=1)  # fmt: skip
     snakemake(config, "--cores", "2", TARGET, key=None)
     work = tmp_path / "results"
     served = [json.loads(line) for line in requests.open()]

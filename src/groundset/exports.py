@@ -389,10 +389,21 @@ def _apply(func: Callable[[dict], Any], batch: list[dict]) -> list[Any]:
     return [func(record) for record in batch]
 
 
+def _masks_in_records(input: PathLike) -> bool:
+    """Whether the input's first record carries its masks as RLE (nothing to read or encode)."""
+    for record in iter_jsonl(input):
+        return bool(record.get("mask_rle")) and not record.get("mask_file")
+    return False
+
+
 def run_records(
     func: Callable[[dict], Any], input: PathLike, workers: int, desc: str
 ) -> Iterator[Any]:
-    """`func(record)` for each input record in order; in `workers` forked processes when > 1."""
+    """`func(record)` for each input record in order; in `workers` forked processes when > 1
+    and the masks are files to read and encode (with RLE in the records, one process is
+    faster: passing the images between processes costs more than it saves)."""
+    if workers > 1 and _masks_in_records(input):
+        workers = 1
     if workers <= 1:
         for record in _progress(iter_jsonl(input), desc):
             yield func(record)

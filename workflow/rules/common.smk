@@ -173,7 +173,7 @@ CHUNK_INDEX = "captioned/chunks.json"
 # What the caption chunks read: caption.input with its duplicates removed (or, with
 # caption.dedup.enabled false, passed on whole).
 DEDUPED = "dedup/deduped.jsonl"
-# rule all asks for all three: a killed or deleted dedup output is made again (with its stats)
+# All three are targets of `all`, so a killed or deleted dedup output is made again (stats too)
 DEDUP = [DEDUPED, "dedup/dropped.jsonl", "dedup/dedup_stats.json"]
 
 
