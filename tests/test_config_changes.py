@@ -141,6 +141,14 @@ def test_caption_input_grown_shrunk_emptied_and_restored_follows_the_config(samp
     train = json.loads((work / "export" / "emu3" / "list" / "train.json").read_text())
     assert train["path_list"] == []
     assert json.loads((work / "export" / "stats" / "stats.json").read_text())["records"] == 0
+    # dedup and the exports take zero records too: empty files, rows of zeros
+    assert (work / "dedup" / "deduped.jsonl").read_text() == ""
+    assert json.loads((work / "export" / "coco" / "coco.json").read_text())["images"] == []
+    assert (work / "export" / "odvg" / "odvg.jsonl").read_text() == ""
+    assert list((work / "export" / "wds").iterdir()) == []
+    assert export_counts(work) == dict.fromkeys(
+        ["emu3 export", "coco export", "odvg export", "webdataset export"], (0, 0)
+    )
     text = summary(work)
     assert re.search(r"captioning:\n(  .*\n)*  records\s+0\n", text), text
     assert "no record reached captioning" in text

@@ -23,7 +23,6 @@ from groundset.exports import (
     export_wds,
     find_phrase,
     pixel_box,
-    read_npy,
     record_masks,
     tar_header,
 )
@@ -324,6 +323,12 @@ def test_wds_empty_input(tmp_path):
     assert (stats["shards"], stats["samples"], stats["urls"]) == (0, 0, None)
     assert outdir.is_dir() and list(outdir.iterdir()) == []
     assert check_exports(empty, wds_dir=outdir) == []
+    # and the other two: valid empty files, nothing skipped
+    odvg = export_odvg(empty, tmp_path / "odvg.jsonl")
+    assert (odvg["images"], odvg["skipped"]) == (0, {})
+    assert (tmp_path / "odvg.jsonl").read_text() == ""
+    assert (tmp_path / "odvg_skipped.jsonl").read_text() == ""
+    assert check_exports(empty, odvg=tmp_path / "odvg.jsonl", wds_dir=outdir) == []
 
 
 def test_wds_key_collision_raises(tmp_path):
@@ -395,14 +400,6 @@ def test_long_keys_read_back(tmp_path):
     (sample,) = _read_wds(tmp_path / "wds")
     assert sample["__key__"] == "s" * 120 + "__1"
     assert sample["jpg"] == Path(image).read_bytes()
-
-
-def test_read_npy(tmp_path):
-    masks = _masks(2, 3)
-    for array in (masks, np.asfortranarray(masks), masks.astype(np.uint8), masks[:0]):
-        np.save(tmp_path / "m.npy", array)
-        got = read_npy(str(tmp_path / "m.npy"))
-        assert got.dtype == array.dtype and np.array_equal(got, array)
 
 
 def test_odvg_looks_phrases_up_in_the_caption_as_captioned(tmp_path):

@@ -89,6 +89,7 @@ from tqdm import tqdm
 from .io import atomic_write, dumps_record, iter_jsonl, write_json
 from .mask import encode_rle
 from .records import RecordError, image_path, record_boxes, record_key, record_relpath
+from .validate import image_header_size
 
 log = logging.getLogger(__name__)
 
@@ -230,13 +231,12 @@ def image_size(record: dict, image: str) -> tuple[int, int]:
         height = _positive_int(stats.get("image_height"))
         if width and height:
             return width, height
-    try:
-        with Image.open(image) as img:  # reads the header, decodes nothing
-            return int(img.width), int(img.height)
-    except FileNotFoundError:
-        raise _Skip("image_missing") from None
-    except Exception:  # noqa: BLE001 (PIL raises many types for broken files)
-        raise _Skip("image_unreadable") from None
+    if not os.path.isfile(image):
+        raise _Skip("image_missing")
+    size = image_header_size(image)  # the header only, also of an image PIL calls a bomb
+    if size is None:
+        raise _Skip("image_unreadable")
+    return size
 
 
 def _plain_rle(rle: Any) -> bool:
@@ -279,27 +279,6 @@ def _compressed(rle: Any) -> dict:
     return {"size": [height, width], "counts": counts}
 
 
-_NPY_HEADER = re.compile(
-    rb"\{'descr': '\|b1', 'fortran_order': False, 'shape': \((\d+), (\d+), (\d+)\), \}\s*"
-)
-
-
-def read_npy(path: str) -> np.ndarray:
-    """An .npy array; the mask stage's C-order bool (N, H, W) without numpy's slow header parser."""
-    with open(path, "rb") as handle:
-        data = handle.read()
-    if data[:8] == b"\x93NUMPY\x01\x00" and len(data) >= 10:
-        end = 10 + int.from_bytes(data[8:10], "little")
-        match = _NPY_HEADER.fullmatch(data, 10, end)
-        if match:
-            shape = tuple(int(v) for v in match.groups())
-            if len(data) - end == shape[0] * shape[1] * shape[2]:
-                return np.frombuffer(data, dtype=bool, offset=end).reshape(shape)
-    import io
-
-    return np.load(io.BytesIO(data))
-
-
 def record_masks(record: dict, count: int) -> tuple[list[dict], list[int], int, int]:
     """(COCO RLE per box, pixels per mask, width, height) of a record's masks; _Skip if unusable."""
     from pycocotools import mask as mask_utils
@@ -317,7 +296,7 @@ def record_masks(record: dict, count: int) -> tuple[list[dict], list[int], int, 
         if not path:
             raise _Skip("mask_missing")
         try:
-            masks = read_npy(path)
+            masks = np.load(path)
         except FileNotFoundError:
             raise _Skip("mask_missing") from None
         except Exception:  # noqa: BLE001 (numpy raises many types for broken files)
@@ -859,31 +838,29 @@ def export_wds(
     writer = _ShardWriter(outdir, shard_size)
     counts: Counter = Counter()
     seen: set[int] = set()  # hashes of the keys written (an exact check on a hit)
-    skip_writer = atomic_write(skipped)
-    skips = _SkipLog(skip_writer.__enter__(), "export_wds")
-    try:
-        for index, sample in enumerate(run_records(_wds_work, input, workers, "export wds")):
-            if isinstance(sample, _Skip):
-                skips.add(sample)
-                continue
-            key, ext, data, text, boxes = sample
-            digest = hash(key)
-            if digest in seen and _duplicate(input, key, index):
-                raise ExportError(
-                    f"{input}: record {index + 1}: WebDataset key {key!r} is also an earlier "
-                    "record's: records need unique source/image_id pairs (and sources that stay "
-                    "distinct with every character outside [A-Za-z0-9_-] replaced by '_')"
-                )
-            seen.add(digest)
-            writer.add(key, [(ext, data), ("json", text)])
-            counts["boxes"] += boxes
-            counts["images_without_boxes"] += not boxes
-        writer.close()
-    except BaseException as err:
-        writer.abort(err)
-        skip_writer.__exit__(type(err), err, err.__traceback__)
-        raise
-    skip_writer.__exit__(None, None, None)
+    with atomic_write(skipped) as skip_file:
+        skips = _SkipLog(skip_file, "export_wds")
+        try:
+            for index, sample in enumerate(run_records(_wds_work, input, workers, "export wds")):
+                if isinstance(sample, _Skip):
+                    skips.add(sample)
+                    continue
+                key, ext, data, text, boxes = sample
+                digest = hash(key)
+                if digest in seen and _duplicate(input, key, index):
+                    raise ExportError(
+                        f"{input}: record {index + 1}: WebDataset key {key!r} is also an earlier "
+                        "record's: records need unique source/image_id pairs (and sources that stay "
+                        "distinct with every character outside [A-Za-z0-9_-] replaced by '_')"
+                    )
+                seen.add(digest)
+                writer.add(key, [(ext, data), ("json", text)])
+                counts["boxes"] += boxes
+                counts["images_without_boxes"] += not boxes
+            writer.close()
+        except BaseException as err:
+            writer.abort(err)
+            raise
     for stale in shard_files(outdir)[writer.shards :]:
         stale.unlink()
     last = writer.shards - 1

@@ -60,7 +60,7 @@ def _validators() -> dict[str, Draft202012Validator]:
     return {stage: Draft202012Validator({**schema, "$ref": f"#/$defs/{stage}"}) for stage in STAGES}
 
 
-def _image_size(path: str) -> tuple[int, int] | None:
+def image_header_size(path: str) -> tuple[int, int] | None:
     """(width, height) from the image header (any size), or None if unreadable."""
     from PIL import Image
 
@@ -135,7 +135,7 @@ def check_geometry(record: dict, stage: str, check_files: bool = True) -> list[s
         if not Path(image).is_file():
             problems.append(f"image {image} does not exist")
         else:
-            size = _image_size(image)
+            size = image_header_size(image)
             if size is None:
                 problems.append(f"image {image} cannot be read")
             else:
