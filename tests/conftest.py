@@ -212,6 +212,24 @@ def make_records(path: Path, images: list[Path], source: str = "src") -> list[di
     return records
 
 
+def fake_vllm(folder: Path) -> Path:
+    """A `vllm` program in `folder` whose `vllm serve MODEL --port P ...` starts the loopback
+    OpenAI-compatible stand-in serving MODEL on P (put `folder` first on PATH)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    program = folder / "vllm"
+    program.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        "args = sys.argv[1:]\n"
+        "assert args[0] == 'serve', args\n"
+        "port = args[args.index('--port') + 1]\n"
+        f"os.execv({sys.executable!r}, [{sys.executable!r}, '-m', 'groundset.testing.vlm',\n"
+        "         '--port', port, '--served-model-name', args[1]])\n"
+    )
+    program.chmod(0o755)
+    return program
+
+
 def _shared_root(tmp_path_factory) -> Path:
     """A folder all pytest-xdist workers of this session share (the basetemp without xdist)."""
     base = tmp_path_factory.getbasetemp()

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import RANDOM_WEIGHTS, ROOT, make_images, make_records
+from conftest import RANDOM_WEIGHTS, ROOT, fake_vllm, make_images, make_records
 from groundset.caption import (
     INDEX_KEYS,
     OUTPUT_KEYS,
@@ -432,6 +432,59 @@ def test_preflight_needs_a_key_and_a_reachable_endpoint(tmp_path, monkeypatch):
     assert uses_stand_in(Settings.from_config({"stand_in": True}), {KEY_ENV: "sk"})
 
 
+class _Recorded(Settings):
+    """Settings that note every field the code reads (not dataclasses.replace's copying)."""
+
+    def __getattribute__(self, name):
+        caller = sys._getframe(1).f_code.co_filename
+        if name in Settings.__dataclass_fields__ and not caller.endswith("dataclasses.py"):
+            object.__getattribute__(self, "__class__").reads.add(name)
+        return super().__getattribute__(name)
+
+
+def test_preflight_keys_are_exactly_the_output_keys_the_check_reads(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-x")
+    _Recorded.reads = set()
+    serve = {"command": "python -c pass --port {port}"}
+    with StandInVLM() as server:
+        branches = [
+            {"backend": "openai", "serve": serve},  # a server of the job's own
+            {"stand_in": True},  # the stand-in
+            {"stand_in": "auto", "api_key_env": "GROUNDSET_UNSET_KEY"},  # no key: the stand-in
+            {"backend": "openai", "base_url": server.openai_url},  # a remote endpoint ...
+            {"backend": "dashscope", "base_url": server.dashscope_url},
+        ]
+        for section in branches:
+            values = {"api_key_env": KEY_ENV, **section}
+            plain = Settings.from_config(values)
+            preflight(_Recorded(**{f: getattr(plain, f) for f in Settings.__dataclass_fields__}))
+    read = {"serve.command" if name == "serve" else name for name in _Recorded.reads}
+    assert read - set(TUNING_KEYS) - {"api_key", "server_gone"} == set(PREFLIGHT_KEYS)
+    assert set(PREFLIGHT_KEYS) <= set(OUTPUT_KEYS)
+
+
+def test_preflight_accepts_the_served_model_name_of_the_config(tmp_path, monkeypatch):
+    monkeypatch.setenv(
+        "PATH", f"{fake_vllm(tmp_path / 'bin').parent}{os.pathsep}{os.environ['PATH']}"
+    )
+    command = "vllm serve Qwen/Qwen2.5-VL-7B-Instruct --port {port}"
+    served = {"backend": "openai", "serve": {"command": command}}
+    model = {"model": "Qwen/Qwen2.5-VL-7B-Instruct"}
+    job = Settings.for_job(output_settings({**served, **model}), {})
+    assert preflight(job)["model"] == model["model"]
+    # the rule's params carry the model: a changed model is checked again
+    assert caption_preflight_params({**served, **model}) != caption_preflight_params(served)
+    with pytest.raises(CaptionError, match=r"caption\.model: 'qwen-vl-max'"):
+        preflight(Settings.for_job(caption_preflight_params(served), {}))
+
+
+def caption_preflight_params(section: dict) -> dict:
+    """What rule caption_preflight's params hold for a `caption:` section."""
+    from groundset.caption import preflight_settings
+
+    return preflight_settings(section)
+
+
 def test_refusals_and_prose_are_errors_and_boxless_captions_leave_the_grounded_output(tmp_path):
     images = make_images(tmp_path / "img", [(64, 64)] * 4)
     records = make_records(tmp_path / "in.jsonl", images)
@@ -737,8 +790,12 @@ def test_a_new_pixel_budget_asks_again_only_for_images_it_sends_otherwise(tmp_pa
         assert again == {} and stats["from_journal"] == 3
         shrunk_more, stats = asked(250000)  # medium and large are sent smaller now
         assert len(shrunk_more) == 2 and small not in shrunk_more and stats["from_journal"] == 1
-        as_is, _ = asked(None)
-        assert set(as_is) == {large, medium}
+        as_is, stats = asked(None)  # medium went as is under the first budget: its answer fits
+        assert set(as_is) == {large} and stats["from_journal"] == 2
+        # A -> B -> A: every budget asked before is answered from the journal, not only the last
+        for max_pixels in (1003520, 250000, None):
+            back, stats = asked(max_pixels)
+            assert back == {} and stats["from_journal"] == 3, max_pixels
     journal = list(iter_jsonl(tmp_path / "out.journal.jsonl"))
     sizes = [(e["source_size"], [e["width"], e["height"]], e["max_pixels"]) for e in journal]
     assert ([2000, 1000], [1416, 708], 1003520) in sizes

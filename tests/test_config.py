@@ -17,6 +17,7 @@ from groundset.config import (
     section_defaults,
     validate_config,
 )
+from groundset.roles import OUTPUT, TUNING, declared_roles, role_of
 
 SOURCES = {"sources": [{"name": "s", "url_list": "x.parquet"}]}
 
@@ -313,6 +314,23 @@ def _schema_keys(schema: dict, prefix: str = "") -> set[str]:
         if sub.get("type") == "array" and isinstance(sub.get("items"), dict):
             keys |= _schema_keys(sub["items"], path + "[].")
     return keys
+
+
+def test_every_config_leaf_is_an_output_key_or_a_tuning_knob():
+    """One role per key: a rule's params (output) or read at run time (tuning), never neither."""
+    keys = _schema_keys(load_schema("config"))
+    leaves = {k for k in keys if not any(other.startswith(k + ".") for other in keys)}
+    roles = declared_roles()
+    unnamed = sorted(k for k in leaves if not role_of(k.replace("[]", ""), roles))
+    assert unnamed == [], "give these keys a role (a stage's OUTPUT_KEYS or TUNING_KEYS)"
+    both = sorted(k for k in leaves if len(role_of(k.replace("[]", ""), roles)) > 1)
+    assert both == [], "keys declared both output and tuning"
+    stale = sorted(k for k in roles if k not in keys)
+    assert stale == [], "roles of keys the schema does not have"
+    # the download stage has its knobs too (they were img2dataset params of download_images)
+    for knob in ("processes_count", "thread_count", "enable_wandb", "prefilter.batch_rows"):
+        assert role_of(f"download.{knob}", roles) == {TUNING}, knob
+    assert role_of("download.image_size", roles) == {OUTPUT}
 
 
 def test_config_readme_documents_every_schema_key():

@@ -13,6 +13,7 @@ from groundset.download import (
     download_source,
     img2dataset_command,
     img2dataset_kwargs,
+    options_digest,
     prepare_output,
     url_list_fingerprint,
 )
@@ -88,6 +89,24 @@ def test_prepare_output_resumes_same_list_and_clears_another(tmp_path):
     assert prepare_output(out, "abc") is True and (out / "00000_stats.json").exists()
     assert prepare_output(out, "def") is False and not (out / "00000_stats.json").exists()
     assert (out / FINGERPRINT_FILE).read_text().strip() == "def"
+
+
+def test_a_folder_made_with_other_output_options_is_downloaded_again_not_for_a_knob(tmp_path):
+    out, columns = tmp_path / "dl", ["punsafe"]
+    made = options_digest(OPTS, columns)
+    assert prepare_output(out, "abc", made) is False
+    (out / "00000_stats.json").write_text("{}")
+    faster = {**OPTS, "processes_count": 8, "thread_count": 256, "enable_wandb": True}
+    assert options_digest(faster, columns) == made  # speed: the folder resumes
+    assert prepare_output(out, "abc", options_digest(faster, columns)) is True
+    assert (out / "00000_stats.json").exists()
+    for changed in ({**OPTS, "image_size": 512}, {**OPTS, "timeout": 30}):
+        assert options_digest(changed, columns) != made
+    assert options_digest(OPTS, [*columns, "pwatermark"]) != made
+    assert prepare_output(out, "abc", options_digest({**OPTS, "image_size": 512}, columns)) is False
+    assert not (out / "00000_stats.json").exists()  # images of another size: fetched again
+    (out / FINGERPRINT_FILE).write_text("abc\n")  # marked before options were recorded
+    assert prepare_output(out, "abc", made) is True
 
 
 def test_fingerprint_changes_with_content(tmp_path, laion_rows):

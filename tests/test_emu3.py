@@ -147,7 +147,7 @@ def test_prompt_is_the_seeds_layout_on_a_0_1000_grid():
     assert format_prompt(captioned, header=" | ", entity="{name}@{x1},{y1},{x2},{y2};") == (
         "Two cats. | cat@0,0,500,500;cat@500,500,1000,1000;"
     )
-    with pytest.raises(Emu3Error, match="not a valid template"):
+    with pytest.raises(Emu3Error, match=r"export\.emu3\.prompt: use only \{name\}"):
         Emu3Settings.from_config({"prompt": {"entity": "{label} {x1}"}})
 
 

@@ -30,6 +30,7 @@ from groundset.filter import (
 )
 from groundset.io import iter_jsonl, write_jsonl
 from groundset.merge import merge_tiers
+from groundset.reproduce import differences, scores_agree
 from groundset.score import ScoreFiles
 from groundset.select import SelectFiles, rules_from_recipe, select_shard, selection_rules, verdict
 from groundset.split import index_manifest
@@ -401,14 +402,16 @@ def test_exact_scores_and_selection_equal_stock_data_juicer(tmp_path, stand_ins)
         s = record["__dj__stats__"]
         assert sorted(s) == sorted(scoring.STATS_KEYS)
         assert (s["image_width"], s["image_height"]) == ([sizes[i][0]], [sizes[i][1]])
-        assert s["image_nsfw_score"][0] == pytest.approx(ref["nsfw"][i], abs=1e-5)
-        assert s["image_watermark_prob"][0] == pytest.approx(ref["watermark"][i], abs=1e-5)
-        assert s["image_aesthetics_scores"][0] == pytest.approx(ref["aesthetics"][i], abs=1e-5)
+        # the models' scores within the README's bound (another batch, another reduction order)
+        for key, name in (("image_nsfw_score", "nsfw"), ("image_watermark_prob", "watermark"),
+                          ("image_aesthetics_scores", "aesthetics")):  # fmt: skip
+            assert scores_agree(key, s[key][0], ref[name][i]), (key, s[key][0], ref[name][i])
     stock_stats = {r["image_id"]: r["__dj__stats__"] for r in stock_kept}
     for record in scored:
         if record["image_id"] in stock_stats:  # stock's kept records, scores on 0-10 both
-            for key, value in stock_stats[record["image_id"]].items():
-                assert record["__dj__stats__"][key] == pytest.approx(value, abs=1e-5), key
+            stock_scores = stock_stats[record["image_id"]]
+            ours = {key: record["__dj__stats__"][key] for key in stock_scores}
+            assert not differences(ours, stock_scores, "__dj__stats__")
 
     stats = select_shard(
         select_files(out), selection_rules(ROOT / "config" / "data_juicer_filter.yaml", fcfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from groundset import draw, emu3, grounding, mask, records, stats
+from groundset import draw, emu3, grounding, mask, prompts, records, stats
 from groundset.records import (
     RecordError,
     entity_boxes,
@@ -117,7 +117,7 @@ def test_every_stage_uses_the_one_copy():
     assert mask.record_key is emu3.record_key is records.record_key
     assert mask.flatten_record is records.flatten_record
     assert emu3.image_path is draw.image_path is records.image_path
-    assert emu3.record_boxes is draw.record_boxes is records.record_boxes
+    assert prompts.record_boxes is draw.record_boxes is records.record_boxes
     assert stats.entity_boxes is records.entity_boxes
     # grounding keeps re-exporting the helpers it used to define
     assert grounding.entity_boxes is records.entity_boxes

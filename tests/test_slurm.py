@@ -22,6 +22,7 @@ import yaml
 from slurm_cluster import CLUSTER, SlurmCluster, _left_by_dead_test_cluster
 
 from conftest import ROOT
+from groundset.reproduce import differences
 
 pytestmark = pytest.mark.workflow
 SLURM = ["--profile", "slurm"]  # as the design card says: the user profile named slurm
@@ -267,9 +268,11 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
         assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", pid
 
     sample_run = sample_run_later()  # the local run (another xdist worker's, or run now)
-    for name in COMPARED:
+    for name in COMPARED:  # SLURM gives score jobs 1 thread, the local run 2: the guarantee
         ours, local = workdir / name, sample_run["snapshot"] / name
-        assert normalized(ours, workdir) == normalized(local, sample_run["workdir"]), name
+        assert not differences(
+            normalized(ours, workdir), normalized(local, sample_run["workdir"]), name
+        )
     print(
         f"SLURM sample: first run {first_seconds:.0f} s (one job killed), rerun {rerun_seconds:.0f} s"
     )

@@ -263,6 +263,25 @@ def test_sample_manifest_records_match_the_url_list(sample_run, source):
     assert shards == (work / "manifest" / f"{source}.jsonl").read_bytes()
 
 
+def test_download_speed_knobs_rerun_nothing_and_output_keys_redo_the_downloads(
+    sample_run, tmp_path
+):
+    def planned(download: dict) -> dict:
+        """The jobs a dry-run of the finished sample plans with these `download:` changes."""
+        override = write_config(tmp_path / "download.yaml", {"download": download})
+        args = list(sample_run["args"])
+        args.insert(args.index("config/sample.yaml") + 1, str(override))
+        done = run_snakemake([*args, "-n"])
+        return {} if "Nothing to be done" in done.stdout else job_counts(done.stdout)
+
+    knobs = {"processes_count": 3, "thread_count": 7, "enable_wandb": True,
+             "prefilter": {"batch_rows": 100}}  # fmt: skip
+    assert planned(knobs) == {}
+    redone = planned({"image_size": 512})
+    assert redone.get("download_images") == 2 and "prefilter_urls" not in redone, redone
+    assert planned({"prefilter": {"max_punsafe": 0.5}}).get("prefilter_urls") == 2
+
+
 def test_rerun_after_completion_does_nothing(sample_run):
     done = run_snakemake([*sample_run["args"], "-n"])
     assert "Nothing to be done" in done.stdout + done.stderr

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator, validators
 
+from .prompts import template_problem
+
 # The schemas ship inside the package (package data; in the repository `schemas` is a link to
 # workflow/schemas, the one copy), so an installed groundset validates configs too.
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
@@ -151,6 +153,7 @@ def check_config(config: dict, source: str = "config", weights: Collection[str] 
         + _threshold_problems(config)
         + _caption_problems(config)
         + _weight_problems(config, weights)
+        + _prompt_problems(config)
     )
     _raise(source, problems)
     return config
@@ -256,6 +259,15 @@ def _caption_problems(config: dict) -> list[str]:
             "set it to false (serve the stand-in with python -m groundset.testing.vlm)"
         )
     return problems
+
+
+def _prompt_problems(config: dict) -> list[str]:
+    """An Emu3 prompt template that cannot be written and read back (checked before any job)."""
+    if "emu3" not in config["export"].get("formats", ["emu3"]):
+        return []
+    prompt = config["export"]["emu3"]["prompt"]
+    problem = template_problem(prompt["header"], prompt["entity"])
+    return [f"export.emu3.prompt: {problem}"] if problem else []
 
 
 def _sam2_checkpoint_name(model_config: str) -> str:

@@ -22,6 +22,32 @@ log = logging.getLogger(__name__)
 FINGERPRINT_FILE = "groundset_url_list.sha256"
 # Keys of the `download` config that are groundset's own, not img2dataset arguments.
 NOT_IMG2DATASET = {"prefilter", "extra_args"}
+# `download:` keys that change what img2dataset writes (which URLs succeed, the bytes, the
+# layout and ids): the params of download_images.
+OUTPUT_KEYS = (
+    "input_format", "url_col", "caption_col", "output_format", "image_size",
+    "resize_only_if_bigger", "resize_mode", "skip_reencode", "encode_format",
+    "number_sample_per_shard",  # the folders, and so the image ids
+    "timeout", "retries",  # which URLs succeed
+    "extra_args",  # any other img2dataset keyword (may change anything)
+)  # fmt: skip
+# Tuning knobs: how fast img2dataset downloads (and where it reports), never what: the job
+# reads them from the config at run time, so changing one marks nothing stale.
+TUNING_KEYS = ("processes_count", "thread_count", "enable_wandb")
+# The pre-download filter's: its thresholds are the prefilter_urls job's params, batch_rows
+# (rows per parquet batch, a memory bound) a knob.
+PREFILTER_OUTPUT_KEYS = ("prefilter.enabled", "prefilter.max_punsafe", "prefilter.max_pwatermark")
+PREFILTER_TUNING_KEYS = ("prefilter.batch_rows",)
+
+
+def output_options(options: dict) -> dict:
+    """The img2dataset keys of a source's effective `download` settings that change its files."""
+    return {k: v for k, v in options.items() if k in OUTPUT_KEYS}
+
+
+def tuning_options(options: dict) -> dict:
+    """The img2dataset tuning knobs of a source's effective `download` settings."""
+    return {k: v for k, v in options.items() if k in TUNING_KEYS}
 
 
 def img2dataset_kwargs(
@@ -82,19 +108,30 @@ def url_list_fingerprint(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def prepare_output(output_folder: Path, fingerprint: str) -> bool:
-    """Keep a resumable download folder if it was made from the same URL list, else clear it."""
+def options_digest(opts: dict, save_columns: list[str]) -> str:
+    """Identity of what img2dataset is asked to write (OUTPUT_KEYS and the saved columns; the
+    tuning knobs left out): a folder made under other options is downloaded again."""
+    wanted = {"options": output_options(opts), "columns": list(save_columns)}
+    return hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_output(output_folder: Path, fingerprint: str, options: str | None = None) -> bool:
+    """Keep a resumable download folder if it was made from the same URL list and the same
+    output options (a folder marked before options were recorded counts as made with these),
+    else clear it."""
     marker = output_folder / FINGERPRINT_FILE
     if output_folder.exists():
-        previous = marker.read_text().strip() if marker.exists() else None
-        if previous == fingerprint:
+        lines = marker.read_text().split() if marker.exists() else []
+        same_list = lines[:1] == [fingerprint]
+        if same_list and (len(lines) < 2 or options is None or lines[1] == options):
             log.info("resuming download in %s (img2dataset skips finished shards)", output_folder)
             return True
-        log.warning("%s was made from another URL list: removing it", output_folder)
+        why = "another URL list" if not same_list else "other img2dataset options"
+        log.warning("%s was made from %s: removing it", output_folder, why)
         shutil.rmtree(output_folder)
     output_folder.mkdir(parents=True)
     with atomic_write(marker) as handle:
-        handle.write(fingerprint + "\n")
+        handle.write(fingerprint + "\n" + (options + "\n" if options else ""))
     return False
 
 
@@ -147,7 +184,7 @@ def download_source(
     output_folder = Path(output_folder).resolve()
     files = list_parquet_files(url_list)
     expected = url_list_rows(files, opts, save_columns)
-    prepare_output(output_folder, url_list_fingerprint(files))
+    prepare_output(output_folder, url_list_fingerprint(files), options_digest(opts, save_columns))
     if expected:
         kwargs = img2dataset_kwargs(
             opts, str(Path(url_list).resolve()), str(output_folder), save_columns

@@ -36,15 +36,17 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from . import prompts
 from .config import fill_section, pick_keys, section_defaults
 from .io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
 from .journal import Journal
 from .mask import publish, resolve_device
+from .prompts import grid as grid
+from .prompts import parse_prompt
 from .records import (
     RecordError,
     feature_relpath,
     image_path,
-    record_boxes,
     record_key,
     same_image,
 )
@@ -149,13 +151,9 @@ class Emu3Settings:
             header=values["prompt"]["header"],
             entity=values["prompt"]["entity"],
         )
-        try:  # what the schema cannot express: the template's fields
-            settings.entity.format(name="x", x1=0, y1=0, x2=1, y2=1)
-        except (KeyError, IndexError, ValueError) as err:
-            raise Emu3Error(
-                f"export.emu3.prompt.entity {settings.entity!r} is not a valid template: "
-                f"use only {{name}}, {{x1}}, {{y1}}, {{x2}}, {{y2}} ({err})"
-            ) from err
+        problem = prompts.template_problem(settings.header, settings.entity)
+        if problem:  # what the schema cannot express (validate_config checks it before any job)
+            raise Emu3Error(f"export.emu3.prompt: {problem}")
         return settings
 
     @property
@@ -174,23 +172,19 @@ def part_of(key: str, parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % parts
 
 
-def grid(value: float) -> int:
-    """A normalized coordinate on the 0-1000 integer grid."""
-    return min(1000, max(0, round(float(value) * 1000)))
-
-
 def format_prompt(record: dict, header: str | None = None, entity: str | None = None) -> str:
-    """The caption, the header, then one entity line per box (coordinates on a 0-1000 grid);
-    header and entity default to the schema's `export.emu3.prompt` (the seed's layout)."""
-    if header is None or entity is None:
-        prompt = section_defaults("export.emu3")["prompt"]
-        header = prompt["header"] if header is None else header
-        entity = prompt["entity"] if entity is None else entity
-    lines = [
-        entity.format(name=name, x1=grid(x1), y1=grid(y1), x2=grid(x2), y2=grid(y2))
-        for name, (x1, y1, x2, y2) in record_boxes(record)
-    ]
-    return str(record.get("caption") or "") + header + "".join(lines)
+    """A record's Emu3 prompt (`prompts.format_prompt`); header and entity default to the
+    schema's `export.emu3.prompt` (the seed's layout)."""
+    return prompts.format_prompt(record, *template(header, entity))
+
+
+def template(header: str | None = None, entity: str | None = None) -> tuple[str, str]:
+    """Header and entity line, the schema's `export.emu3.prompt` where not given (the seed's)."""
+    prompt = section_defaults("export.emu3")["prompt"]
+    return (
+        prompt["header"] if header is None else header,
+        prompt["entity"] if entity is None else entity,
+    )
 
 
 def resized_size(width: int, height: int, area: int, factor: int) -> tuple[int, int]:
@@ -507,6 +501,7 @@ def export_part(
             if problem:
                 return _Item(str(record.get("image_id")), record, problem=(problem, ""))
             prompt = format_prompt(record, settings.header, settings.entity)
+            writer.counts["texts_cleaned"] += prompts.texts_cleaned(record, settings.header)
             item = _Item(record_key(record), record, prompt, feature_relpath(record))
             if not settings.tokenize:
                 return item
@@ -547,6 +542,7 @@ def export_part(
                 "tokenized",
                 "reused",
                 "texts_rewritten",
+                "texts_cleaned",
                 "feature_copies",
             )
         },
@@ -615,6 +611,7 @@ def gather_emu3(
                 "tokenized",
                 "reused",
                 "texts_rewritten",
+                "texts_cleaned",
                 "beyond_max_items",
                 "feature_copies",
             ):
@@ -643,6 +640,7 @@ def gather_emu3(
         prompts.write("]\n")
     result = {
         **{k: counts[k] for k in ("records", "exported", "tokenized", "reused", "texts_rewritten")},
+        "texts_cleaned": counts["texts_cleaned"],
         "train_items": listed,
         "not_listed_max_items": counts["not_listed_max_items"],
         "beyond_max_items": counts["beyond_max_items"],
@@ -657,6 +655,42 @@ def gather_emu3(
     write_json(files.stats, result)
     log.info("emu3 export: %s", result)
     return result
+
+
+def _named(stream: Iterator[dict], name: str) -> dict | None:
+    """The next record of `stream` whose key is `name` (those before it are not exported)."""
+    for record in stream:
+        with contextlib.suppress(RecordError):
+            if record_key(record) == name:
+                return record
+    return None
+
+
+def prompt_problems(
+    datalist: str | os.PathLike, masked: str | os.PathLike, settings: Emu3Settings
+) -> list[str]:
+    """Lines of `datalist` whose prompt does not parse back to exactly its masked record's
+    caption, entities and boxes (each part's lines follow the input's order: one pass per part)."""
+    streams: dict[int, Iterator[dict]] = {}
+    problems: list[str] = []
+    for number, line in enumerate(iter_jsonl(datalist), 1):
+        name = str(line.get("name"))
+        part = part_of(name, settings.parts) if settings.parts > 1 else 0
+        stream = streams.setdefault(part, _records_of_part(masked, part, settings.parts))
+        record = _named(stream, name)
+        parsed = parse_prompt(str(line.get("texts", line.get("text"))), *template(
+            settings.header, settings.entity))  # fmt: skip
+        if record is None:
+            problems.append(f"{datalist}:{number}: {name} is not a masked record (or out of order)")
+            streams[part] = iter(())
+        elif parsed is None:
+            problems.append(f"{datalist}:{number}: {name}: the prompt does not parse back")
+        elif parsed != prompts.prompt_parts(record, settings.header):
+            problems.append(
+                f"{datalist}:{number}: {name}: the prompt parses to other entities or boxes "
+                "than its record's"
+            )
+    return problems
 
 
 def outdir_files(outdir: str | os.PathLike) -> tuple[Emu3PartFiles, Emu3ListFiles]:

@@ -88,7 +88,15 @@ from tqdm import tqdm
 
 from .io import atomic_write, dumps_record, iter_jsonl, write_json
 from .mask import encode_rle
-from .records import RecordError, image_path, record_boxes, record_key, record_relpath
+from .records import (
+    RecordError,
+    clean_caption,
+    clean_name,
+    image_path,
+    record_boxes,
+    record_key,
+    record_relpath,
+)
 from .validate import image_header_size
 
 log = logging.getLogger(__name__)
@@ -151,16 +159,24 @@ def skipped_path(output: PathLike) -> Path:
 
 @dataclass
 class _Item:
-    """A record as the exporters see it: image, boxes, size, and masks when asked for."""
+    """A record as the exporters see it: image, cleaned caption and boxes (records.clean_name,
+    clean_caption), size, and masks when asked for."""
 
     record: dict
     image: str
-    boxes: list[tuple[str, list[float]]]
+    boxes: list[tuple[str, list[float]]]  # (cleaned entity name, normalized box)
     scores: list[float] | None
     width: int
     height: int
     rles: list[dict] = field(default_factory=list)  # compressed COCO RLE per box (str counts)
     areas: list[int] = field(default_factory=list)  # pixels per mask
+    caption: str = ""  # cleaned
+    cleaned: int = 0  # texts (caption, names) the cleaning changed
+
+    @property
+    def raw_names(self) -> list[str]:
+        """The entity name of each box as the record has it."""
+        return [name for name, _ in record_boxes(self.record)]
 
 
 # --- records, sizes and masks (shared by every export and the check) ------------------------
@@ -351,11 +367,21 @@ def prepare(record: dict, masks: bool) -> _Item:
     scores = record.get("mask_scores")
     if scores is not None and (not isinstance(scores, list) or len(scores) != len(boxes)):
         raise _Skip("masks_not_aligned")
+    texts = _cleaned_texts(record, boxes)
     if masks and boxes:
         rles, areas, width, height = record_masks(record, len(boxes))
-        return _Item(record, image, boxes, scores, width, height, rles, areas)
+        return _Item(record, image, texts[0], scores, width, height, rles, areas, *texts[1:])
     width, height = image_size(record, image)
-    return _Item(record, image, boxes, scores, width, height)
+    return _Item(record, image, texts[0], scores, width, height, [], [], *texts[1:])
+
+
+def _cleaned_texts(record: dict, boxes: list) -> tuple[list, str, int]:
+    """The boxes with cleaned names, the cleaned caption, and how many texts changed."""
+    raw_caption = str(record.get("caption") or "")
+    caption = clean_caption(raw_caption)
+    cleaned = [(clean_name(name), box) for name, box in boxes]
+    changed = sum(a != b for (a, _), (b, _) in zip(boxes, cleaned, strict=True))
+    return cleaned, caption, changed + (caption != raw_caption)
 
 
 def _progress(records: Iterator[dict], desc: str) -> Iterator[dict]:
@@ -437,7 +463,7 @@ def _coco_image(item: _Item, image_id: int) -> dict:
         "key": record_key(record),
         "source": record.get("source"),
         "url": record.get("url"),
-        "caption": record.get("caption"),
+        "caption": item.caption,
     }
 
 
@@ -478,11 +504,12 @@ def export_coco(
             image_id = counts["images"]
             out.write(("" if image_id == 1 else ",\n") + dumps_record(_coco_image(item, image_id)))
             counts["images_without_boxes"] += not item.boxes
+            counts["texts_cleaned"] += item.cleaned
             kept, reasons = coco_kept(item)
             dropped.update(reasons)
             for i in kept:
-                raw, box = item.boxes[i]
-                name = category_name(raw)
+                raw, (name, box) = item.raw_names[i], item.boxes[i]
+                name = category_name(name)
                 category = table.get(name)
                 if category is None:
                     category = {"id": len(table) + 1, "raw_names": set(), "annotations": 0}
@@ -521,6 +548,7 @@ def export_coco(
         "annotations": counts["annotations"],
         "categories": len(table),
         "images_without_boxes": counts["images_without_boxes"],
+        "texts_cleaned": counts["texts_cleaned"],
         "skipped": dict(skips.counts),
         "skipped_file": str(skipped or skipped_path(output)),
         "annotations_skipped": dict(dropped),
@@ -599,8 +627,9 @@ def export_odvg(input: PathLike, output: PathLike, skipped: PathLike | None = No
             except _Skip as skip:
                 skips.add(skip.about(record))
                 continue
-            caption, regions, found = ground(item, str(record.get("caption") or ""))
+            caption, regions, found = ground(item, item.caption)
             counts.update(found)
+            counts["texts_cleaned"] += item.cleaned
             counts["images"] += 1
             counts["regions"] += len(regions)
             counts["images_without_boxes"] += not item.boxes
@@ -614,6 +643,7 @@ def export_odvg(input: PathLike, output: PathLike, skipped: PathLike | None = No
     stats = {
         **{k: counts[k] for k in ("images", "regions", "phrases_found", "phrases_appended")},
         "images_without_boxes": counts["images_without_boxes"],
+        "texts_cleaned": counts["texts_cleaned"],
         "skipped": dict(skips.counts),
         "skipped_file": str(skipped or skipped_path(output)),
         "regions_skipped": {k: counts[k] for k in ("empty_phrase",) if counts[k]},
@@ -694,6 +724,7 @@ def wds_json(item: _Item, key: str) -> dict:
     ]  # fmt: skip
     return {
         **record,
+        "caption": item.caption,
         "key": key,
         "image": item.image,
         "width": item.width,
@@ -811,8 +842,9 @@ def _duplicate(input: PathLike, key: str, before: int) -> bool:
     return False
 
 
-def _wds_work(record: dict) -> tuple[str, str, bytes, bytes, int] | _Skip:
-    """(key, image extension, image bytes, json bytes, boxes) of a record's sample, or a _Skip."""
+def _wds_work(record: dict) -> tuple[str, str, bytes, bytes, int, int] | _Skip:
+    """(key, image extension, image bytes, json bytes, boxes, texts cleaned) of a record's
+    sample, or a _Skip."""
     try:
         item = prepare(record, masks=True)
         key = wds_key(record)
@@ -820,7 +852,7 @@ def _wds_work(record: dict) -> tuple[str, str, bytes, bytes, int] | _Skip:
     except _Skip as skip:
         return skip.about(record)
     text = dumps_record(wds_json(item, key)).encode("utf-8")
-    return key, ext, data, text, len(item.boxes)
+    return key, ext, data, text, len(item.boxes), item.cleaned
 
 
 def export_wds(
@@ -845,7 +877,8 @@ def export_wds(
                 if isinstance(sample, _Skip):
                     skips.add(sample)
                     continue
-                key, ext, data, text, boxes = sample
+                key, ext, data, text, boxes, cleaned = sample
+                counts["texts_cleaned"] += cleaned
                 digest = hash(key)
                 if digest in seen and _duplicate(input, key, index):
                     raise ExportError(
@@ -869,6 +902,7 @@ def export_wds(
         "samples": writer.samples,
         "boxes": counts["boxes"],
         "images_without_boxes": counts["images_without_boxes"],
+        "texts_cleaned": counts["texts_cleaned"],
         "bytes": writer.bytes,
         "skipped": dict(skips.counts),
         "skipped_file": str(skipped),

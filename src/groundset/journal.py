@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 class Journal:
     """Append-only JSONL of finished requests keyed by `key` (the last entry of a key wins).
 
-    With `variant` (a field name, e.g. the question asked), the last entry of each key and
-    variant is kept too (`done_for`): switching back to an earlier question finds its answer.
+    With `variant` (a field name, e.g. the question asked), every entry of each key and variant
+    is kept too (`all_for`, newest first): switching back to an earlier question, or to an
+    earlier form of the same question, finds its answer.
     A line cut short by a kill is ignored (and counted) when the journal is read back.
     """
 
@@ -24,7 +25,7 @@ class Journal:
         self.path = Path(path)
         self.variant = variant
         self.entries: dict[str, dict] = {}
-        self.variants: dict[tuple[str, object], dict] = {}
+        self.variants: dict[tuple[str, object], list[dict]] = {}
         self.torn_lines = 0
         if self.path.exists():
             self._load()
@@ -53,11 +54,11 @@ class Journal:
                 handle.write(b"\n")
 
     def _keep(self, entry: dict) -> None:
-        """Index one entry (a later entry of the same key, and variant, replaces the earlier)."""
+        """Index one entry (a later entry of the same key replaces the earlier in `done`)."""
         key = str(entry["key"])
         self.entries[key] = entry
         if self.variant is not None:
-            self.variants[key, entry.get(self.variant)] = entry
+            self.variants.setdefault((key, entry.get(self.variant)), []).append(entry)
 
     def __contains__(self, key: str) -> bool:
         return str(key) in self.entries
@@ -67,8 +68,13 @@ class Journal:
         return self.entries.get(str(key))
 
     def done_for(self, key: str, variant: object) -> dict | None:
-        """The journaled entry of a key for one value of the journal's variant field, if any."""
-        return self.variants.get((str(key), variant))
+        """The last journaled entry of a key for one value of the journal's variant field, if any."""
+        entries = self.variants.get((str(key), variant))
+        return entries[-1] if entries else None
+
+    def all_for(self, key: str, variant: object) -> list[dict]:
+        """Every journaled entry of a key for one value of the variant field, newest first."""
+        return self.variants.get((str(key), variant), [])[::-1]
 
     def append(self, entries: list[dict]) -> None:
         """Append a batch of entries (each with `key`), flushed and fsynced before returning."""

@@ -11,7 +11,17 @@ files: `<source>/<image_id><suffix>`, or `<image_id><suffix>` without a source (
 
 from __future__ import annotations
 
+import re
 from pathlib import PurePosixPath
+
+# What a model says reaches every export through clean_name / clean_caption (one rule for all):
+# one line each, and none of the characters that delimit Emu3's location-control lines
+# (`Entity: [name]; box: [x1, y1, x2, y2].`) inside a name or a caption.
+_SPACES = re.compile(r"\s+")
+_NAME_DELIMITERS = str.maketrans({"[": "(", "]": ")", ";": ","})
+_CAPTION_BRACKETS = str.maketrans({"[": "(", "]": ")"})
+# the seed's location-control header inside a caption (the model echoing its training format)
+_HEADER_TEXT = re.compile(r"(precise\s+location\s+control)\s*:", re.IGNORECASE)
 
 
 class RecordError(ValueError):
@@ -106,3 +116,21 @@ def flatten_record(record: dict) -> dict:
         {"entity": name, "bbox": [float(v) for v in box]} for name, box in record_boxes(record)
     ]
     return {**record, "image": image, "entities": entities}
+
+
+def clean_name(name: object) -> str:
+    """An entity name as every export writes it: whitespace runs (newlines too) as one space,
+    stripped, and the location syntax's delimiters `[`, `]`, `;` as `(`, `)`, `,`."""
+    return _SPACES.sub(" ", str(name).translate(_NAME_DELIMITERS)).strip()
+
+
+def clean_caption(caption: object, header: str | None = None) -> str:
+    """A caption as every export writes it: one line (whitespace runs as one space), brackets as
+    parentheses (no `Entity: [..]; box: [..]` text inside), the seed's location-control header
+    in it without its colon, and a one-line `header` of the user's removed from it."""
+    text = _SPACES.sub(" ", str(caption or "").translate(_CAPTION_BRACKETS)).strip()
+    text = _HEADER_TEXT.sub(r"\1", text)
+    words = header.strip() if header and "\n" not in header else ""
+    if words and words in text:  # a header a caption can hold (one line): never inside one
+        text = _SPACES.sub(" ", text.replace(words, " ")).strip()
+    return text

@@ -287,10 +287,11 @@ def validate_file(
 
 def validate_outputs(
     paths: list[str], report_path: str | os.PathLike, schema_only: Collection[str] = (),
-    exports: dict[str, str] | None = None,
+    exports: dict[str, str] | None = None, emu3: tuple[str, dict] | None = None,
 ) -> None:  # fmt: skip
     """Validate every file (`schema_only` ones without file checks) and each export against the
-    masked records (`exports`: masked, and coco / odvg / wds_dir where exported); write the
+    masked records (`exports`: masked, and coco / odvg / wds_dir where exported; `emu3`: the
+    Emu3 datalist and the `export.emu3` config section, every prompt parsed back); write the
     report or raise."""
     from .exports import check_exports
     from .io import atomic_write
@@ -312,6 +313,17 @@ def validate_outputs(
             sorted({"wds_dir": "webdataset"}.get(k, k) for k in exports if k != "masked")
         )
         lines.append(f"exports ({named}): images and boxes match {exports['masked']}")
+    if emu3 and exports and "masked" in exports:
+        from .emu3 import Emu3Settings, prompt_problems
+
+        problems = prompt_problems(emu3[0], exports["masked"], Emu3Settings.from_config(emu3[1]))
+        for problem in problems[:20]:
+            print(f"emu3: {problem}", file=sys.stderr)
+        if problems:
+            bad.append(f"the Emu3 prompts ({len(problems)} do not parse back to their records)")
+        lines.append(
+            f"emu3 prompts: each parses back to its record's entities and boxes ({emu3[0]})"
+        )
     if bad:
         raise ValueError(f"invalid records in {', '.join(bad)} (see the log for line numbers)")
     with atomic_write(report_path) as handle:

@@ -14,6 +14,7 @@ from groundset.config import (
 from groundset.prefilter import PrefilterRules
 from groundset.split import read_index
 import groundset.caption
+import groundset.download
 import groundset.emu3
 import groundset.filter
 import groundset.score
@@ -96,8 +97,9 @@ def source_download(wildcards):
 
 
 def img2dataset_options(wildcards):
-    """The img2dataset part of a source's download settings (the prefilter's are not its business)."""
-    return {k: v for k, v in source_download(wildcards).items() if k != "prefilter"}
+    """The img2dataset keys of a source that change its downloads (groundset.download's
+    OUTPUT_KEYS; the job reads the tuning knobs, processes and threads, from the config)."""
+    return groundset.download.output_options(source_download(wildcards))
 
 
 def prefilter_rules(wildcards):
@@ -231,6 +233,7 @@ EMU3_GPUS = config["export"]["emu3"]["gpus"] if EMU3_SETTINGS["tokenize"] else 0
 # The training formats of export.formats: each one's files (rule all's, the validator's inputs).
 FORMATS = config["export"]["formats"]
 EMU3 = ["export/emu3/list/train.json"] if "emu3" in FORMATS else []
+EMU3_DATALIST = {"emu3": "export/emu3/list/datalist.jsonl"} if "emu3" in FORMATS else {}
 COCO = {"coco": "export/coco/coco.json"} if "coco" in FORMATS else {}
 ODVG = {"odvg": "export/odvg/odvg.jsonl"} if "odvg" in FORMATS else {}
 WDS = {"wds": "export/wds"} if "webdataset" in FORMATS else {}

@@ -16,7 +16,6 @@ rule prefilter_urls:
         runtime=60,
     params:
         rules=prefilter_rules,
-        batch_rows=lambda wildcards: source_download(wildcards)["prefilter"]["batch_rows"],
         columns=lambda wildcards: source_config(wildcards)["save_additional_columns"],
     script:
         "../scripts/prefilter_urls.py"

@@ -195,6 +195,7 @@ rule draw_sample:
 # against masked/masked.jsonl: the same images and boxes.
 rule validate_outputs:
     input:
+        **EMU3_DATALIST,
         **COCO,
         **ODVG,
         **WDS,

@@ -1,14 +1,19 @@
 """Snakemake script of rule download_images: see groundset.download."""
 
-from groundset.download import download_source
+from groundset.config import download_options, find_source
+from groundset.download import download_source, tuning_options
 from groundset.runlog import log_to
 
 with log_to(snakemake.log[0]) as log:
+    # params: what changes the downloads; the tuning knobs (threads, wandb) from the config, the
+    # processes as many as the job's threads
+    source = find_source(snakemake.config, snakemake.wildcards.source)
+    knobs = tuning_options(download_options(snakemake.config, source))
     download_source(
         snakemake.input.urls,
         snakemake.params.folder,
         snakemake.output.stats,
-        {**snakemake.params.download, "processes_count": snakemake.threads},
+        {**snakemake.params.download, **knobs, "processes_count": snakemake.threads},
         snakemake.params.columns,
         serve_dir=snakemake.params.serve_dir,
         stdout=log,

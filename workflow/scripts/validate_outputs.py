@@ -20,9 +20,12 @@ with log_to(snakemake.log[0]):
     if paths("masked"):
         exports["masked"] = paths("masked")[0]
     # manifests: schema and keys; the probe checked their images and counted its drops
+    # every Emu3 prompt is parsed back and compared with its masked record
+    emu3 = (paths("emu3")[0], snakemake.config["export"]["emu3"]) if paths("emu3") else None
     validate_outputs(
         [path for name in RECORDS for path in paths(name)],
         snakemake.output[0],
         schema_only=paths("manifests"),
         exports=exports,
+        emu3=emu3,
     )

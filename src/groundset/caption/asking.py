@@ -124,13 +124,13 @@ def stop_on_sigterm() -> Iterator[None]:
 def journaled_answer(
     journal: Journal, record: dict, question: str, max_pixels: int | None
 ) -> dict | None:
-    """The journal's last answer to `question` about this record's image as `max_pixels` sends
-    it (one journaled for another image under the same id, or about the image sent at another
-    size, does not count)."""
-    entry = journal.done_for(record_key(record), question)
-    if entry is None or not same_image(entry, record) or not fits_budget(entry, max_pixels):
-        return None
-    return entry
+    """The journal's newest answer to `question` about this record's image as `max_pixels`
+    sends it, among all it holds (one journaled for another image under the same id, or about
+    the image sent at another size, does not count)."""
+    for entry in journal.all_for(record_key(record), question):
+        if same_image(entry, record) and fits_budget(entry, max_pixels):
+            return entry
+    return None
 
 
 def ask_record(

@@ -90,10 +90,12 @@ INDEX_KEYS = (
     "dedup.threads",
     "price_per_image",
 )
-# What the preflight check depends on (its job's params; all OUTPUT_KEYS): the endpoint, and
-# whether the stand-in answers. A change checks again, and so cuts the chunks again (the index
-# waits for the check); other output keys mark only the chunks stale, which a dry-run lists.
-PREFLIGHT_KEYS = ("backend", "base_url", "stand_in", "serve.command")
+# What the preflight check reads of the settings (its job's params: all OUTPUT_KEYS; the tuning
+# knobs it reads, api_key_env and rate_per_second, are read at run time). Exactly the fields
+# `preflight` touches: tests/test_caption.py records them over every branch of the check and
+# fails on any difference. A change checks again, and so cuts the chunks again (the index waits
+# for the check); other output keys mark only the chunks stale, which a dry-run lists.
+PREFLIGHT_KEYS = ("backend", "base_url", "model", "box_convention", "stand_in", "serve.command")
 
 
 def output_settings(section: dict) -> dict:
