@@ -11,8 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import RANDOM_WEIGHTS, ROOT, make_images, make_records, run_snakemake, write_config
+from conftest import (
+    RANDOM_WEIGHTS,
+    ROOT,
+    fake_vllm,
+    make_images,
+    make_records,
+    run_snakemake,
+    write_config,
+)
 from groundset.caption import TUNING_KEYS
 from groundset.testing.vlm import Reply, StandInVLM, image_digest
 
@@ -203,6 +212,39 @@ def test_tuning_knobs_mark_no_chunk_stale_and_output_keys_do(tmp_path):
         done = snakemake(config(**{key: value}), "--cores", "1", TARGET, "-n", key=None)
         plan = planned(done)
         assert plan.get("caption_chunk") == 2 and "caption_preflight" not in plan, (key, plan)
+
+
+def readme_own_gpu_caption() -> dict:
+    """The `caption:` section of the README's "Captioning on your own GPUs" config."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Captioning on your own GPUs", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    return yaml.safe_load(block)["caption"]
+
+
+def test_the_readmes_own_gpu_config_starts_and_captions(tmp_path, monkeypatch):
+    # `vllm` on PATH starts the loopback OpenAI-compatible stand-in under the served name
+    bin_dir = fake_vllm(tmp_path / "bin").parent
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    images = make_images(tmp_path / "img", [(1200, 900), (900, 1200)])
+    make_records(tmp_path / "in.jsonl", images)
+    readme = readme_own_gpu_caption()
+    assert readme["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert readme["serve"]["command"].startswith(f"vllm serve {readme['model']} --port {{port}}")
+    # what this machine cannot give is scaled down; model, command and backend are the README's
+    serve = {**readme["serve"], "instances": 1, "cpus": 1, "mem_mb": 500, "startup_timeout_s": 60}
+    caption = {**readme, "chunk_size": 1, "concurrency": 2, "serve": serve, "stand_in": False}
+    config = caption_config(tmp_path, tmp_path / "in.jsonl", **caption)
+    snakemake(config, "--cores", "2", TARGET, key=None)
+    work = tmp_path / "results" / "captioned"
+    preflight = json.loads((work / "preflight.json").read_text())
+    assert preflight["model"] == readme["model"] and preflight["stand_in"] is False
+    assert preflight["convention"] == "pixels"  # Qwen2.5-VL's boxes, read from the name
+    stats = json.loads((work / "caption_stats.json").read_text())
+    assert stats["requested"] == stats["captioned"] == 2, stats
+    assert stats["stand_in"] is True  # the stand-in's placeholder answers say so
+    logs = sorted((tmp_path / "results" / "logs" / "caption_chunk").glob("*.server.log"))
+    assert len(logs) == 2  # one server per chunk job, started by `vllm serve`
 
 
 def test_servers_started_by_the_workflow_share_the_chunks_and_are_gone_after(tmp_path):

@@ -122,11 +122,12 @@ def reference_greedy(score, sha, url, phash, max_distance):
     order = sorted(range(len(score)), key=lambda i: (-score[i], i))
     kept: list[int] = []
     verdict = {}
+    owner: dict[tuple[int, int], int] = {}  # (kind, key) -> the kept record it leads to
     for i in order:
         match = None
         for kind, key in ((1, sha), (2, url)):
-            if match is None and key[i] is not None:
-                match = next(((kind, k) for k in kept if key[k] == key[i]), None)
+            if match is None and key[i] is not None and (kind, key[i]) in owner:
+                match = (kind, owner[kind, key[i]])
         if match is None and phash[i] is not None:
             near = [
                 (hamming(phash[i], phash[k]), rank, k)
@@ -139,6 +140,9 @@ def reference_greedy(score, sha, url, phash, max_distance):
             kept.append(i)
         else:
             verdict[i] = match
+        for kind, key in ((1, sha), (2, url)):  # seen bytes and URLs lead to the kept record
+            if key[i] is not None:
+                owner.setdefault((kind, key[i]), i if match is None else match[1])
     return verdict
 
 
@@ -224,6 +228,28 @@ def test_exact_url_and_near_duplicates(tmp_path: Path, photos: dict[str, str]):
     assert stats["dropped_by_kind"] == {"sha256": 1, "url": 1, "phash": 1}
     assert stats["unhashable"] == 0 and stats["hashed"] == len(records)
     assert stats["enabled"] is True and stats["max_distance"] == 4
+
+
+def test_a_url_listed_again_is_a_url_duplicate_when_its_first_copy_was_dropped(
+    tmp_path: Path, photos: dict[str, str]
+):
+    smaller = reencode(photos["hubble"], tmp_path / "img" / "hubble_small.jpg")
+    again = tmp_path / "img" / "hubble_small_again.jpg"
+    shutil.copyfile(smaller, again)
+    records = [
+        record("h0", photos["hubble"], 7.0),  # kept
+        record("h1", smaller, 6.0, url="https://x/small.jpg"),  # near h0: phash
+        record("h2", str(again), 5.0, url="https://x/small.jpg"),  # h1's URL (and bytes)
+        record("h3", photos["chelsea"], 4.0, url="https://x/small.jpg"),  # h1's URL only
+    ]
+    kept, dropped, stats = run(tmp_path, records, max_distance=4)
+    assert ids(kept) == ["h0"]
+    by_id = {rec["image_id"]: rec for rec in dropped}
+    assert by_id["h1"]["duplicate_kind"] == "phash"
+    assert by_id["h2"]["duplicate_kind"] == "sha256"  # the same bytes as h1
+    assert by_id["h3"]["duplicate_kind"] == "url"  # the same URL as h1
+    assert {rec["duplicate_of"] for rec in dropped} == {"src/h0"}  # the kept one, never a dropped
+    assert stats["dropped_by_kind"] == {"sha256": 1, "url": 1, "phash": 1}
 
 
 def test_reencode_not_merged_at_distance_zero(tmp_path: Path, photos: dict[str, str]):

@@ -1,5 +1,7 @@
 """Parsing of Qwen-VL grounded-caption answers (pure functions)."""
 
+from collections import Counter
+
 import pytest
 
 from groundset.grounding import extract_json, normalize_box, parse_answer, smart_resize
@@ -82,6 +84,26 @@ def test_qwen25_pixel_boxes_in_the_resized_frame():
     assert with_caption.error is None and with_caption.entities[0]["bboxes"] == [
         [0.0, 0.0, 0.5, 1.0]
     ]
+
+
+def test_repaired_boxes_are_counted_by_kind():
+    repaired = Counter()
+    assert normalize_box([835, 1000, 0, 268], "grid1000", repaired=repaired) == [
+        0.0,
+        0.268,
+        0.835,
+        1.0,
+    ]
+    assert repaired == {"inverted": 1}
+    normalize_box([-50, -10, 1200, 500], "grid1000", repaired=repaired)
+    normalize_box([100, 100, 100, 500], "grid1000", repaired=repaired)  # dropped: not repaired
+    normalize_box([100, 200, 300, 400], "grid1000", repaired=repaired)  # as it came
+    assert repaired == {"inverted": 1, "clipped": 1}
+    parsed = parse_answer('{"caption": "A dog.", "entities": [{"entity": "dog", '
+                          '"bboxes": [[600, 500, 100, 200], [0, 0, 1100, 900]]}]}')  # fmt: skip
+    assert (
+        parsed.repaired == {"inverted": 1, "clipped": 1} and len(parsed.entities[0]["bboxes"]) == 2
+    )
 
 
 @pytest.mark.parametrize(

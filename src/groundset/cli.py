@@ -29,6 +29,16 @@ def positive(text: str) -> int:
     return value
 
 
+def resource(text: str) -> tuple[str, int | None]:
+    """An argparse type: NAME=N, a global resource and its amount ('none': unlimited)."""
+    name, _, amount = text.partition("=")
+    if not name or not amount:
+        raise argparse.ArgumentTypeError(f"expected NAME=N, not {text!r}")
+    if amount.lower() == "none":
+        return name, None
+    return name, positive(amount)
+
+
 def existing_dir(path: str | None, what: str) -> str | None:
     """`path` if it is a folder (or None); else a ValueError naming the option."""
     if path is not None and not Path(path).is_dir():
@@ -314,6 +324,8 @@ def cmd_estimate(args: argparse.Namespace, config: dict) -> dict | None:
         measured=not args.no_measured,
         jobs=args.jobs,
         gpus=args.gpus,
+        cores=args.cores,
+        resources=dict(args.resources or []),
     )
     errors = [f"{s['name']}: {s['error']}" for s in result["sources"] if s.get("error")]
     if errors:  # an estimate of zero rows would mislead: the table, then a failing exit
@@ -534,11 +546,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-measured", action="store_true", help="assumed rates only (ignore earlier runs)"
     )
     p.add_argument(
-        "--jobs",
+        "--cores",
         type=positive,
-        help="jobs at once (snakemake --jobs; default: every job of a stage)",
+        help="cores of the simulated run (snakemake --cores; default: this machine's, "
+        "as the local profile gives)",
     )
-    p.add_argument("--gpus", type=positive, help="GPUs at once (default: one per GPU job)")
+    p.add_argument(
+        "--jobs", type=positive, help="jobs at once (snakemake --jobs; default: no limit)"
+    )
+    p.add_argument(
+        "--gpus", type=positive, help="the gpu resource (default: the local profile's, 1)"
+    )
+    p.add_argument(
+        "--resources",
+        nargs="+",
+        type=resource,
+        metavar="NAME=N",
+        help="global resources (snakemake --resources: mem_mb, gpu, vlm_api, vlm_server; "
+        "N 'none' for unlimited; default: the local profile's and the config's)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = add("trace", cmd_trace, cmd_trace.__doc__)

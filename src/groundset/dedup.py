@@ -444,7 +444,8 @@ def cluster(
     max_distance: int,
 ) -> Clusters:
     """The greedy rule over compact arrays: visit by descending score (ties: input order), drop
-    a record matching a kept one (same sha id, same URL id, phash within `max_distance`)."""
+    a record matching a kept one (same sha id, same URL id, phash within `max_distance`) or
+    sharing bytes or URL with a dropped one (then the duplicate of that one's kept record)."""
     n = len(score)
     order = np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable").astype(np.int32)
     a, b, dist, compared = near_pairs(phashes, max_distance)
@@ -489,12 +490,16 @@ def cluster(
             if best is not None:
                 dr[i], kd[i] = best[1], 3
             else:
-                if si >= 0:
-                    ks[si] = rank
-                if ui >= 0:
-                    ku[ui] = rank
+                dr[i] = -1
                 if hi >= 0:
                     kh[hi] = rank
+        # its bytes and URL now lead to its group's kept record (a dropped record's too: the
+        # same URL listed again is a `url` duplicate, whichever copy was dropped first)
+        target = rank if dr[i] < 0 else dr[i]
+        if si >= 0 and ks[si] < 0:
+            ks[si] = target
+        if ui >= 0 and ku[ui] < 0:
+            ku[ui] = target
     duplicate_of = np.where(dup_rank >= 0, order[np.maximum(dup_rank, 0)], -1).astype(np.int32)
     distance = np.full(n, -1, dtype=np.int16)
     both = (duplicate_of >= 0) & (phash_id >= 0)

@@ -11,12 +11,14 @@ figure carries its `basis` (metadata, config, measured or assumed) and where it 
 
 from __future__ import annotations
 
+import base64
 import copy
 import csv
 import heapq
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +180,34 @@ ASSUMED: dict[str, dict] = {
         "unit": "images/s (image bytes copied into tars)",
         "source": "assumed: ~1 MB per image at ~200 MB/s of disk",
     },
+    "select_job_s": {
+        "value": 3.0,
+        "unit": "s per select_shard job (start-up)",
+        "source": "measured for this module: a `run:` job is a Snakemake subprocess that reads "
+        "the workflow again, 2.6-3.8 s per job in the sample's .snakemake/metadata (2-core EPYC)",
+    },
+    "stand_in_models_s": {
+        "value": 5.0,
+        "unit": "s for build_stand_in_models",
+        "source": "measured for this module: 4.8-5.0 s in the sample's .snakemake/metadata",
+    },
+    "bookkeeping_job_s": {
+        "value": 0.5,
+        "unit": "s per index, gather, validation, statistics or drawing job",
+        "source": "measured for this module: 0.2-2.6 s each in the sample's .snakemake/metadata "
+        "(they read what the stages wrote: longer on big runs)",
+    },
+    "snakemake_plan_s": {
+        "value": 2.5,
+        "unit": "s of Snakemake's own start and planning, plus snakemake_plan_s_per_job",
+        "source": "README 'Planning speed' (bench/bench_dryrun.py): 248 jobs 3.1 s, 20,012 "
+        "jobs 50 s on a 2-core machine; the sample's jobs start 2.7-3.1 s after `snakemake`",
+    },
+    "snakemake_plan_s_per_job": {
+        "value": 0.0024,
+        "unit": "s of Snakemake's planning per job",
+        "source": "README 'Planning speed': (50 - 3.1) s / (20,012 - 248) jobs",
+    },
 }
 SAMPLE_ROWS = 1_000_000  # URL-list rows read (two columns) for the prefilter's pass rate
 BATCH_ROWS = 65_536
@@ -295,19 +325,24 @@ def url_lists(config: dict, budget: int = SAMPLE_ROWS) -> list[dict]:
 
 
 def read_benchmark(path: Path) -> dict | None:
-    """Seconds and peak RSS (MB) of one Snakemake benchmark file (the mean of its rows)."""
+    """Seconds, peak RSS (MB) and CPU seconds of one Snakemake benchmark file (its rows' mean)."""
     try:
         with open(path, encoding="utf-8", newline="") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
     except OSError:
         return None
-    values = [(float(r["s"]), float(r.get("max_rss") or 0)) for r in rows if r.get("s")]
-    values = [(s, rss) for s, rss in values if math.isfinite(s)]
+    values = [
+        (float(r["s"]), float(r.get("max_rss") or 0), float(r.get("cpu_time") or 0))
+        for r in rows
+        if r.get("s")
+    ]
+    values = [v for v in values if math.isfinite(v[0])]
     if not values:
         return None
     return {
-        "s": sum(s for s, _ in values) / len(values),
-        "max_rss": max(rss for _, rss in values),
+        "s": sum(v[0] for v in values) / len(values),
+        "max_rss": max(v[1] for v in values),
+        "cpu_time": sum(v[2] for v in values) / len(values),
     }
 
 
@@ -355,12 +390,13 @@ def _total(run: Path, pattern: str, *path: str) -> float:
     return sum(_value(read_json(p), *path) for p in sorted(run.glob(pattern)))
 
 
-def _job_records(run: Path, stage: str) -> tuple[list[tuple[float, float]], float]:
-    """(records, seconds) of each benchmarked job of a stage, and the peak RSS (MB)."""
+def _job_records(run: Path, stage: str) -> tuple[list[tuple[float, float]], float, float]:
+    """(records, seconds) of each benchmarked job of a stage, the peak RSS (MB) and the CPU
+    seconds of those jobs."""
     rule, pattern, keys = JOB_RECORDS[stage]
     folder = run / "benchmarks"
     paths = sorted((folder / rule).rglob("*.tsv")) or sorted(folder.glob(f"{rule}.tsv"))
-    jobs, peak = [], 0.0
+    jobs, peak, cpu = [], 0.0, 0.0
     for path in paths:
         timing = read_benchmark(path)
         stats_path = run / pattern.format(job=path.stem, group=path.parent.name)
@@ -369,7 +405,8 @@ def _job_records(run: Path, stage: str) -> tuple[list[tuple[float, float]], floa
         if timing is not None and records:
             jobs.append((float(records), timing["s"]))
             peak = max(peak, timing["max_rss"])
-    return jobs, peak
+            cpu += timing["cpu_time"]
+    return jobs, peak, cpu
 
 
 def _pass_counts(run: Path) -> dict[str, tuple[float, float]]:
@@ -441,7 +478,8 @@ def _stand_ins(run: Path) -> dict[str, bool]:
 
 def measure_run(run: str | os.PathLike) -> dict[str, dict]:
     """Per stage of an earlier run: start-up and seconds per record fitted to its benchmarked
-    jobs, peak RSS, pass rate (out/in of its stats files), and whether stand-ins made them."""
+    jobs, their mean size, time and CPU load (CPU s / s), peak RSS, pass rate (out/in of its
+    stats files), and whether stand-ins made them."""
     run = Path(run)
     counts = _pass_counts(run)
     stand_ins = _stand_ins(run)
@@ -451,11 +489,15 @@ def measure_run(run: str | os.PathLike) -> dict[str, dict]:
     for stage in dict.fromkeys([*JOB_RECORDS, *counts]):
         entry: dict = {"stand_in": stand_ins.get(stage, False)}
         if stage in JOB_RECORDS:
-            jobs, peak = _job_records(run, stage)
+            jobs, peak, cpu = _job_records(run, stage)
             fit = _fit(jobs)
             if fit is not None:
+                seconds = sum(s for _, s in jobs)
                 entry.update(jobs=len(jobs), max_rss_mb=round(peak, 1) or None)
-                entry.update(start_s=fit[0], per_record_s=fit[1])
+                entry.update(start_s=fit[0], per_record_s=fit[1], cpu_load=cpu / seconds)
+                entry.update(
+                    mean_s=seconds / len(jobs), mean_records=sum(n for n, _ in jobs) / len(jobs)
+                )
         records_in, records_out = counts.get(stage, (0, 0))
         if records_in > 0:
             entry["pass"] = records_out / records_in
@@ -472,25 +514,290 @@ def default_run_dir(config: dict) -> Path | None:
     return workdir if (workdir / "benchmarks").is_dir() else None
 
 
-# --- scheduling ------------------------------------------------------------------------
+def recorded_jobs(run: Path) -> list[dict]:
+    """Each job Snakemake recorded in a run's `.snakemake/metadata`: its rule, start and end
+    (epoch s), and `ready`, when the last of its inputs was written (None: none recorded)."""
+    folder = run / ".snakemake" / "metadata"
+    paths = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    jobs: dict[tuple, dict] = {}
+    ends: dict[str, float] = {}
+    for path in paths:
+        name = "".join(part.lstrip("@") for part in path.relative_to(folder).parts)
+        try:
+            meta = read_json(path)
+            output = base64.urlsafe_b64decode(name).decode()
+            start, end = float(meta["starttime"]), float(meta["endtime"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        ends[output] = end
+        job = jobs.setdefault(
+            (meta.get("rule"), meta.get("job_hash")),
+            {"rule": meta.get("rule"), "start": start, "end": end, "input": meta.get("input")},
+        )
+        job["start"], job["end"] = min(job["start"], start), max(job["end"], end)
+    for job in jobs.values():
+        before = [ends[p] for p in job.pop("input") or [] if p in ends]
+        job["ready"] = max(before) if before else None
+    return sorted(jobs.values(), key=lambda job: job["start"])
 
 
-def wall_time(durations: list[float], slots: int | None) -> float:
-    """Seconds until all jobs end, longest first onto the first free slot (None: all at once)."""
-    if not durations:
-        return 0.0
-    if slots is None or slots >= len(durations):
-        return max(durations)
-    free = [0.0] * max(1, slots)
-    for seconds in sorted(durations, reverse=True):
-        heapq.heappush(free, heapq.heappop(free) + seconds)
-    return max(free)
+def rule_seconds(jobs: list[dict]) -> dict[str, float]:
+    """Seconds per job of each rule of recorded jobs: the mean of their records; for jobs
+    recorded as ending where they began (a `run:` job's record starts in its subprocess),
+    the shortest time from a job's last input to its end."""
+    recorded: dict[str, list[float]] = {}
+    implied: dict[str, list[float]] = {}
+    for job in jobs:
+        took = job["end"] - job["start"]
+        if took >= 0.05:
+            recorded.setdefault(job["rule"], []).append(took)
+        elif job["ready"] is not None:
+            implied.setdefault(job["rule"], []).append(max(0.0, job["end"] - job["ready"]))
+    found = {rule: min(values) for rule, values in implied.items()}
+    found.update({rule: sum(values) / len(values) for rule, values in recorded.items()})
+    return found
 
 
-def _cap(*limits: int | None) -> int | None:
-    """The smallest of the limits that are set (None: unlimited)."""
-    given = [limit for limit in limits if limit is not None]
-    return max(1, min(given)) if given else None
+def recorded_wall(jobs: list[dict]) -> float | None:
+    """Seconds from the first recorded job's start to the last one's end (None: no jobs)."""
+    if not jobs:
+        return None
+    return max(job["end"] for job in jobs) - min(job["start"] for job in jobs)
+
+
+# --- Snakemake's scheduling ------------------------------------------------------------
+
+# The global resources of profiles/local/config.yaml (`resources:`); vlm_api and vlm_server come
+# from the config as common.smk sets them, the cores from --cores (the local profile: all).
+LOCAL_RESOURCES: dict[str, int | None] = {"mem_mb": 16000, "gpu": 1}
+# mem_mb of the light rules (workflow/rules/*.smk; one thread each) and what the workflow
+# profile (profiles/default: set-resources) asks of the heavy ones.
+LIGHT_MEM_MB = {
+    "build_stand_in_models": 2000,
+    "caption_preflight": 500,
+    "prefilter_urls": 2000,
+    "build_manifest": 1000,
+    "index_shards": 500,
+    "select_shard": 500,
+    "merge_tiers": 1000,
+    "index_chunks": 500,
+    "gather_captions": 500,
+    "gather_masks": 500,
+    "gather_emu3": 500,
+    "export_odvg": 1000,
+    "entity_stats": 1000,
+    "draw_sample": 2000,
+    "validate_outputs": 1000,
+    "stage_counts": 500,
+}
+PROFILE_MEM_MB = {"score_shard": 32000, "mask_chunk": 32000, "emu3_part": 32000}
+# What each rule's jobs wait for (their inputs in workflow/rules/*.smk): (rule, n) waits for
+# that rule's jobs whose key is the first n parts of its own ((source,), (source, shard),
+# (chunk,)), n = 0 for all of them. In the order the scheduler prefers ready jobs: the DAG's,
+# but the rules without inputs last (Snakemake prefers jobs with bigger inputs).
+AFTER: dict[str, tuple[tuple[str, int], ...]] = {
+    "prefilter_urls": (),
+    "download_images": (("prefilter_urls", 1),),
+    "build_manifest": (("download_images", 1),),
+    "index_shards": (("build_manifest", 1),),
+    "score_shard": (("index_shards", 1), ("build_stand_in_models", 0)),
+    "select_shard": (("score_shard", 2),),
+    "merge_tiers": (("select_shard", 0),),
+    "dedup_records": (("merge_tiers", 0),),
+    "index_chunks": (("dedup_records", 0), ("caption_preflight", 0)),
+    "caption_chunk": (("index_chunks", 0),),
+    "mask_chunk": (("caption_chunk", 1),),
+    "gather_captions": (("caption_chunk", 0), ("index_chunks", 0)),
+    "gather_masks": (("mask_chunk", 0), ("index_chunks", 0)),
+    "emu3_part": (("gather_masks", 0),),
+    "gather_emu3": (("emu3_part", 0),),
+    "export_coco": (("gather_masks", 0),),
+    "export_odvg": (("gather_masks", 0),),
+    "export_wds": (("gather_masks", 0),),
+    "entity_stats": (("gather_masks", 0),),
+    "draw_sample": (("gather_masks", 0),),
+    "validate_outputs": tuple(
+        (rule, 0)
+        for rule in (
+            "build_manifest",
+            "merge_tiers",
+            "dedup_records",
+            "gather_captions",
+            "gather_masks",
+            "gather_emu3",
+            "export_coco",
+            "export_odvg",
+            "export_wds",
+        )
+    ),
+    "stage_counts": (("validate_outputs", 0), ("gather_emu3", 0), ("entity_stats", 0)),
+    "build_stand_in_models": (),
+    "caption_preflight": (),
+}
+# The bookkeeping rules between the stages: no stage row of their own, one job each (or one per
+# job of the rule named), the ASSUMED figure for their time where no run measured it.
+OTHER_RULES: dict[str, tuple[str | None, str]] = {
+    "build_stand_in_models": (None, "stand_in_models_s"),
+    "caption_preflight": (None, "bookkeeping_job_s"),
+    "index_shards": ("build_manifest", "bookkeeping_job_s"),
+    "index_chunks": (None, "bookkeeping_job_s"),
+    "gather_captions": (None, "bookkeeping_job_s"),
+    "gather_masks": (None, "bookkeeping_job_s"),
+    "gather_emu3": ("emu3_part", "bookkeeping_job_s"),
+    "entity_stats": (None, "bookkeeping_job_s"),
+    "draw_sample": (None, "bookkeeping_job_s"),
+    "validate_outputs": (None, "bookkeeping_job_s"),
+    "stage_counts": (None, "bookkeeping_job_s"),
+}
+
+
+def rule_needs(config: dict) -> dict[str, tuple[int, dict[str, int]]]:
+    """Threads and resources of each rule's jobs for this config, as workflow/rules/*.smk and
+    the workflow profile (profiles/default) declare them."""
+    filt, caption, mask = config["filter"], config["caption"], config["mask"]
+    serve, emu3 = caption["serve"], config["export"]["emu3"]
+    needs = {rule: (1, {"mem_mb": mem}) for rule, mem in LIGHT_MEM_MB.items()}
+    needs["download_images"] = (1, {"mem_mb": 8000})  # threads: each source's processes_count
+    needs["score_shard"] = (filt["np"], {"mem_mb": 16000, "gpu": filt["gpus"]})
+    needs["dedup_records"] = ((caption.get("dedup") or {}).get("threads", 1), {"mem_mb": 4000})
+    if serve.get("command"):
+        served = {"mem_mb": serve["mem_mb"], "vlm_server": 1, "gpu": serve["gpus"]}
+        needs["caption_chunk"] = (serve["cpus"], served)
+    else:
+        needs["caption_chunk"] = (1, {"mem_mb": 2000, "vlm_api": 1})
+    needs["mask_chunk"] = (mask["decode_workers"], {"mem_mb": 16000, "gpu": mask["gpus"]})
+    gpus = emu3["gpus"] if emu3["tokenize"] else 0
+    needs["emu3_part"] = (emu3["decode_workers"], {"mem_mb": 16000, "gpu": gpus})
+    needs["export_coco"] = needs["export_wds"] = (2, {"mem_mb": 2000})
+    for rule, mem in PROFILE_MEM_MB.items():
+        needs[rule][1]["mem_mb"] = mem
+    return needs
+
+
+@dataclass
+class Job:
+    """One job of a simulated run: its rule, start-up and work seconds, what it holds, and the
+    jobs (their indices) it waits for."""
+
+    rule: str
+    start_s: float
+    work_s: float = 0.0
+    threads: int = 1
+    resources: dict[str, int] = field(default_factory=dict)
+    after: tuple[int, ...] = ()
+    parallel: float = 1.0  # cores its work keeps busy with all its threads
+
+    def seconds(self, threads: int) -> float:
+        """Its run time with `threads` threads granted: fewer than its work uses slow it down."""
+        busy = min(self.parallel, self.threads)
+        return self.start_s + self.work_s * max(1.0, busy / max(1, threads))
+
+
+def holds(job: Job, cores: int, limits: dict[str, int | None]) -> tuple:
+    """(threads, resources) a job holds while it runs: threads scaled down to the cores and
+    resources capped at what is there, as Snakemake does; unlimited resources are not held."""
+    held = tuple(
+        sorted(
+            (name, min(amount, limit))
+            for name, amount in job.resources.items()
+            if amount > 0 and (limit := limits.get(name)) is not None
+        )
+    )
+    return min(max(1, job.threads), cores), held
+
+
+class _Scheduler:
+    """Snakemake's local scheduling, simulated: a job starts as soon as the jobs it waits for
+    have ended and its threads and resources are free, the earliest planned first."""
+
+    def __init__(
+        self, jobs: list[Job], cores: int, limits: dict[str, int | None], max_jobs: int | None
+    ) -> None:
+        """Jobs, the cores and resources there are, and the most jobs at once (None: any)."""
+        self.jobs, self.cores, self.limits, self.max_jobs = jobs, cores, limits, max_jobs
+        self.free = {"cores": cores, **{k: v for k, v in limits.items() if v is not None}}
+        self.children: list[list[int]] = [[] for _ in jobs]
+        self.waiting = [len(set(job.after)) for job in jobs]
+        for index, job in enumerate(jobs):
+            for parent in set(job.after):
+                self.children[parent].append(index)
+        self.ready: dict[tuple, list[int]] = {}  # by what the jobs hold: their indices, a heap
+        self.running: list[tuple[float, int]] = []
+        self.spans = [(0.0, 0.0)] * len(jobs)
+        self.now = 0.0
+        for index, waits in enumerate(self.waiting):
+            if not waits:
+                self._ready(index)
+
+    def _ready(self, index: int) -> None:
+        """Queue a job whose inputs are there."""
+        key = holds(self.jobs[index], self.cores, self.limits)
+        heapq.heappush(self.ready.setdefault(key, []), index)
+
+    def _fits(self, key: tuple) -> bool:
+        """Whether a job holding `key` can start now."""
+        threads, held = key
+        if self.max_jobs is not None and len(self.running) >= self.max_jobs:
+            return False
+        return threads <= self.free["cores"] and all(self.free[n] >= a for n, a in held)
+
+    def _start_ready(self) -> None:
+        """Start queued jobs, the earliest planned that fits first, until none fits."""
+        while True:
+            for key in sorted(self.ready, key=lambda k: self.ready[k][0]):
+                if self._fits(key):
+                    break
+            else:
+                return
+            index = heapq.heappop(self.ready[key])
+            if not self.ready[key]:
+                del self.ready[key]
+            self._take(key, -1)
+            end = self.now + self.jobs[index].seconds(key[0])
+            self.spans[index] = (self.now, end)
+            heapq.heappush(self.running, (end, index))
+
+    def _take(self, key: tuple, sign: int) -> None:
+        """Take (-1) or give back (+1) what a job holds."""
+        threads, held = key
+        self.free["cores"] += sign * threads
+        for name, amount in held:
+            self.free[name] += sign * amount
+
+    def run(self) -> list[tuple[float, float]]:
+        """(start, end) of every job."""
+        while self.ready or self.running:
+            self._start_ready()
+            if not self.running:
+                raise ValueError("jobs wait for each other or need more than there is")
+            self.now, index = heapq.heappop(self.running)
+            self._take(holds(self.jobs[index], self.cores, self.limits), +1)
+            for child in self.children[index]:
+                self.waiting[child] -= 1
+                if not self.waiting[child]:
+                    self._ready(child)
+        return self.spans
+
+
+def schedule(
+    jobs: list[Job],
+    cores: int,
+    limits: dict[str, int | None] | None = None,
+    max_jobs: int | None = None,
+) -> list[tuple[float, float]]:
+    """(start, end) of each job when Snakemake runs them on `cores` with the global resources
+    `limits` (None: unlimited) and at most `max_jobs` at once (--jobs; None: no limit)."""
+    return _Scheduler(jobs, max(1, cores), limits or {}, max_jobs).run()
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The most of these (start, end) spans that overlap at one time."""
+    events = sorted([(end, -1) for _, end in spans] + [(start, 1) for start, _ in spans])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return max(most, 1) if spans else 0
 
 
 def _split(records: int, size: int) -> list[int]:
@@ -502,18 +809,19 @@ def _split(records: int, size: int) -> list[int]:
 
 
 class _Plan:
-    """The rows of an estimate as they are worked out, with an earlier run's figures."""
+    """The rows and jobs of an estimate as they are worked out, with an earlier run's figures."""
 
     def __init__(
-        self, measured: dict[str, dict], run: Path | None, jobs: int | None, gpus: int | None
+        self, config: dict, measured: dict[str, dict], run: Path | None, rule_s: dict[str, float]
     ) -> None:
-        """Start an empty plan."""
+        """Start an empty plan (`rule_s`: seconds per job of each rule the run recorded)."""
         self.measured = measured
         self.run = run
-        self.jobs = jobs
-        self.gpus = gpus
+        self.rule_s = rule_s
+        self.needs = rule_needs(config)
         self.stages: list[dict] = []
         self.used: set[str] = set()
+        self.planned: list[tuple[Job, tuple, dict | None]] = []  # job, key, its stage's row
 
     def figure(self, stage: str, default: str) -> dict:
         """A stage's pass rate measured by an earlier run, else the assumption `default`."""
@@ -531,8 +839,10 @@ class _Plan:
         start: str | None,
         name: str,
         use_measured: bool = True,
+        threads: int = 1,
     ) -> dict:
-        """Start-up and seconds per record of a job: measured, else from the assumed rate."""
+        """Start-up and seconds per record of a job: measured, else from the assumed rate (of
+        `threads` threads: fewer granted slow it down)."""
         entry = self.measured.get(stage) or {}
         if "per_record_s" in entry and use_measured:
             note = " (stand-ins: not representative)" if entry.get("stand_in") else ""
@@ -543,6 +853,7 @@ class _Plan:
                 "basis": "measured",
                 "source": f"{self.run}/benchmarks: {entry['jobs']} {stage} job(s){note}",
                 "max_rss_mb": entry.get("max_rss_mb"),
+                "parallel": entry.get("cpu_load") or 1.0,
             }
         self.used.add(name)
         start_s = 0.0
@@ -555,7 +866,15 @@ class _Plan:
             "records_per_s": per_second,
             "basis": "assumed",
             "source": f"{name}: {ASSUMED[name]['source']}",
+            "parallel": float(threads),
         }
+
+    def job_seconds(self, rule: str, name: str) -> float:
+        """Seconds of one job of `rule`: the run's Snakemake records, else ASSUMED[name]."""
+        if rule in self.rule_s:
+            return self.rule_s[rule]
+        self.used.add(name)
+        return ASSUMED[name]["value"]
 
     def add(
         self,
@@ -564,30 +883,31 @@ class _Plan:
         passed: dict,
         sizes: list[int],
         timing: dict,
-        slots: int | None,
-        gpus_per_job: int = 0,
+        rule: str,
+        keys: list[tuple] | None = None,
         durations: list[float] | None = None,
+        threads: list[int] | None = None,
         **extra: object,
     ) -> dict:
-        """One stage's row: jobs of `sizes` records each (or of `durations`), `slots` at once."""
+        """One stage's row and its jobs of `rule`, of `sizes` records each (or of `durations`),
+        one per key of `keys` (default: their number), `threads` each (default: the rule's)."""
         if durations is None:
             durations = [timing["start_s"] + n * timing["per_record_s"] for n in sizes]
-        sizes = sizes or [0] * len(durations)
-        at_once = _cap(slots, self.jobs, len(sizes) or 1)
-        if gpus_per_job and self.gpus is not None:
-            at_once = _cap(at_once, self.gpus // gpus_per_job)
-        wall = wall_time(durations, at_once)
+        keys = [(i,) for i in range(len(durations))] if keys is None else keys
+        declared, resources = self.needs[rule]
+        threads = threads or [declared] * len(durations)
         row = {
             "stage": stage,
             "records_in": int(records_in),
             "records_out": int(round(records_in * passed["value"])),
             "pass_rate": passed,
-            "jobs": len(sizes),
-            "at_once": min(at_once or len(sizes), len(sizes)),
+            "jobs": len(durations),
+            "at_once": 0,
+            "threads": max(threads, default=declared),
             "rate": {k: v for k, v in timing.items() if k != "max_rss_mb"},
-            "wall_s": wall,
-            "job_hours": sum(durations) / 3600,
-            "gpu_hours": sum(durations) * gpus_per_job / 3600 if gpus_per_job else None,
+            "wall_s": 0.0,
+            "job_hours": 0.0,
+            "gpu_hours": None,
             "max_rss_mb": timing.get("max_rss_mb"),
             "requests": None,
             "cost": None,
@@ -595,16 +915,95 @@ class _Plan:
         }
         row.update(extra)
         self.stages.append(row)
+        start, parallel = timing["start_s"], timing.get("parallel", 1.0)
+        for key, seconds, n in zip(keys, durations, threads, strict=True):
+            work = max(0.0, seconds - start)
+            job = Job(rule, seconds - work, work, n, dict(resources), parallel=parallel)
+            self.planned.append((job, key, row))
         return row
 
+    def _add_other(self, config: dict) -> None:
+        """The bookkeeping jobs (OTHER_RULES): one each, or one per job of the rule named."""
+        keys_of: dict[str, list[tuple]] = {}
+        for job, key, _ in self.planned:
+            keys_of.setdefault(job.rule, []).append(key)
+        for rule, (per, name) in OTHER_RULES.items():
+            if rule == "build_stand_in_models" and not config["filter"]["stand_in_models"]:
+                continue
+            keys = keys_of.get(per, []) if per else [()]
+            threads, resources = self.needs[rule]
+            for key in keys:
+                job = Job(rule, self.job_seconds(rule, name), 0.0, threads, dict(resources))
+                self.planned.append((job, key, None))
 
-def _by_source(total: int, shares: list[int], size: int) -> list[int]:
-    """Records per job when `total` records, split between sources as `shares`, are cut into
-    jobs of `size` per source (shards are per source)."""
+    def _link(self) -> list[Job]:
+        """The jobs in the DAG's order, each waiting for the jobs its rule's inputs come from."""
+        order = {rule: i for i, rule in enumerate(AFTER)}
+        self.planned.sort(key=lambda planned: order[planned[0].rule])
+        by_prefix: dict[tuple[str, tuple], list[int]] = {}
+        for index, (job, key, _) in enumerate(self.planned):
+            for depth in range(len(key) + 1):
+                by_prefix.setdefault((job.rule, key[:depth]), []).append(index)
+        for job, key, _ in self.planned:
+            job.after = tuple(
+                index
+                for rule, depth in AFTER[job.rule]
+                for index in by_prefix.get((rule, key[:depth]), [])
+            )
+        return [job for job, _, _ in self.planned]
+
+    def finish(
+        self, config: dict, cores: int, limits: dict[str, int | None], max_jobs: int | None
+    ) -> dict:
+        """Simulate the run: each row's wall time (its first job's start to its last's end),
+        jobs at once, job and GPU hours; the whole schedule's summary."""
+        self._add_other(config)
+        jobs = self._link()
+        spans = schedule(jobs, cores, limits, max_jobs)
+        for row in self.stages:
+            mine = [i for i, (_, _, owner) in enumerate(self.planned) if owner is row]
+            _fill(row, [jobs[i] for i in mine], [spans[i] for i in mine])
+        other = [
+            (job, span) for job, span in zip(jobs, spans, strict=True) if job.rule in OTHER_RULES
+        ]
+        return {
+            "cores": cores,
+            "resources": limits,
+            "max_jobs": max_jobs,
+            "jobs": len(jobs),
+            "makespan_s": max((end for _, end in spans), default=0.0),
+            "other_jobs": dict(Counter(job.rule for job, _ in other)),
+            "other_job_s": sum(end - start for _, (start, end) in other),
+        }
+
+
+def _fill(row: dict, jobs: list[Job], spans: list[tuple[float, float]]) -> None:
+    """A stage row's first start and last end in the simulated run, its wall time (their
+    difference), jobs at once, job and GPU hours, from its jobs' spans."""
+    if not spans:
+        return
+    took = [end - start for start, end in spans]
+    row["start_s"] = min(start for start, _ in spans)
+    row["end_s"] = max(end for _, end in spans)
+    row["wall_s"] = row["end_s"] - row["start_s"]
+    row["at_once"] = most_at_once(spans)
+    row["job_hours"] = sum(took) / 3600
+    gpus = [job.resources.get("gpu", 0) for job in jobs]
+    if any(gpus):
+        row["gpu_hours"] = sum(t * g for t, g in zip(took, gpus, strict=True)) / 3600
+
+
+def _shards(total: int, shares: list[int], size: int) -> list[tuple[tuple[int, int], int]]:
+    """((source, shard), records) of each job when `total` records, split between sources as
+    `shares`, are cut into jobs of `size` per source (shards are per source)."""
     whole = sum(shares)
     if not whole:
         return []
-    return [n for share in shares for n in _split(round(total * share / whole), size)]
+    return [
+        ((source, shard), n)
+        for source, share in enumerate(shares)
+        for shard, n in enumerate(_split(round(total * share / whole), size))
+    ]
 
 
 def estimate(
@@ -614,21 +1013,29 @@ def estimate(
     measured: bool = True,
     jobs: int | None = None,
     gpus: int | None = None,
+    cores: int | None = None,
+    resources: dict[str, int | None] | None = None,
     sample_rows: int = SAMPLE_ROWS,
 ) -> dict:
     """Per stage: records in, expected out, jobs, wall time, API requests and cost, then totals.
 
-    `run_dir`: an earlier run whose benchmarks and stats give measured rates (default: the
-    config's workdir if it has benchmarks; `measured=False` uses none). `jobs`: jobs at once
-    per stage (snakemake --jobs; None: every job of a stage at once), `gpus`: GPUs at once
-    (None: as many as the jobs ask). Caption requests are one per deduplicated record: retries
-    are not counted.
+    `run_dir`: an earlier run whose benchmarks, stats and Snakemake records give measured rates
+    and job times (default: the config's workdir if it has benchmarks; `measured=False` uses
+    none). The run is simulated as Snakemake's local scheduler runs it: on `cores` (default:
+    all of this machine's, as the local profile gives) with the global resources of the local
+    profile, updated by `resources` (snakemake --resources; None: unlimited) and `gpus` (the
+    `gpu` resource), at most `jobs` at once (snakemake --jobs; None: no limit). Caption
+    requests are one per deduplicated record: retries are not counted.
     """
     config = validate_config(copy.deepcopy(config), weights=())
     run = Path(run_dir) if run_dir is not None else default_run_dir(config)
-    run = run if measured else None
-    figures = measure_run(run) if run is not None and run.is_dir() else {}
-    plan = _Plan(figures, run, jobs, gpus)
+    run = run if measured and run is not None and run.is_dir() else None
+    figures = measure_run(run) if run is not None else {}
+    recorded = recorded_jobs(run) if run is not None else []
+    limits = global_resources(config, gpus, resources)
+    if limits["vlm_api"] is not None:  # as common.smk does: the jobs share the quota
+        config["caption"]["api_jobs"] = limits["vlm_api"]
+    plan = _Plan(config, figures, run, rule_seconds(recorded))
     sources = url_lists(config, sample_rows)
     filt, caption, mask, export = (
         config["filter"],
@@ -650,30 +1057,37 @@ def estimate(
     timing = plan.timing(
         "prefilter", ASSUMED["prefilter_rows_per_s"]["value"], None, "prefilter_rows_per_s"
     )
-    plan.add("prefilter", rows, passed, [s["rows"] for s in sources if s["rows"]], timing, None)
+    listed = [i for i, s in enumerate(sources) if s["rows"]]
+    sizes = [sources[i]["rows"] for i in listed]
+    plan.add("prefilter", rows, passed, sizes, timing, "prefilter_urls", [(i,) for i in listed])
 
     # download: one img2dataset job per source, processes_count processes each
     success = plan.figure("download", "download_success")
     per_process = ASSUMED["download_rows_per_s_per_process"]["value"]
     timings = [
         plan.timing(
-            "download", per_process * s["processes"], None, "download_rows_per_s_per_process"
+            "download",
+            per_process * s["processes"],
+            None,
+            "download_rows_per_s_per_process",
+            threads=s["processes"],
         )
         for s in sources
     ]
-    durations = [
-        t["start_s"] + s["to_download"] * t["per_record_s"]
-        for s, t in zip(sources, timings, strict=True)
-        if s["to_download"]
-    ]
+    listed = [i for i, s in enumerate(sources) if s["to_download"]]
     row = plan.add(
         "download",
         to_download,
         success,
         [],
         timings[0] if timings else {},
-        None,
-        durations=durations,
+        "download_images",
+        [(i,) for i in listed],
+        [
+            timings[i]["start_s"] + sources[i]["to_download"] * timings[i]["per_record_s"]
+            for i in listed
+        ],
+        [sources[i]["processes"] for i in listed],
     )
     row["notes"] += [
         f"{s['name']}: {s['to_download']:,} rows, {s['processes']} processes" for s in sources
@@ -690,7 +1104,8 @@ def estimate(
         plan.figure("manifest", "manifest_pass"),
         [n for n in shares if n],
         timing,
-        None,
+        "build_manifest",
+        [(i,) for i, n in enumerate(shares) if n],
     )["records_out"]
 
     # score: one job per shard (probe + data-juicer scores), filter.np threads, filter.gpus GPUs
@@ -699,17 +1114,18 @@ def estimate(
         if filt["gpus"] > 0
         else "score_images_per_s_per_cpu_thread"
     )
-    timing = plan.timing("score", ASSUMED[name]["value"] * filt["np"], "score_job_start_s", name)
-    sizes = _by_source(records, shares, config["shard_size"])
+    timing = plan.timing(
+        "score", ASSUMED[name]["value"] * filt["np"], "score_job_start_s", name, threads=filt["np"]
+    )
+    shards = _shards(records, shares, config["shard_size"])
     score = plan.add(
         "score",
         records,
         plan.figure("score", "probe_pass"),
-        sizes,
+        [n for _, n in shards],
         timing,
-        None,
-        filt["gpus"],
-        threads=filt["np"],
+        "score_shard",
+        [key for key, _ in shards],
     )
 
     # select: the thresholds, one local job per shard
@@ -729,8 +1145,12 @@ def estimate(
     timing = plan.timing(
         "select", ASSUMED["select_records_per_s"]["value"], None, "select_records_per_s"
     )
-    sizes = _by_source(score["records_out"], shares, config["shard_size"])
-    kept = plan.add("select", score["records_out"], filter_pass, sizes, timing, None)
+    timing["start_s"] = plan.job_seconds("select_shard", "select_job_s")
+    shards = _shards(score["records_out"], shares, config["shard_size"])
+    sizes, keys = [n for _, n in shards], [key for key, _ in shards]
+    kept = plan.add(
+        "select", score["records_out"], filter_pass, sizes, timing, "select_shard", keys
+    )
 
     # merge: the tiers; the caption input is one of them
     low, high = filt["aesthetics_tiers"]
@@ -756,7 +1176,7 @@ def estimate(
         tier_pass,
         [count] if count else [],
         timing,
-        None,
+        "merge_tiers",
         caption_input=caption["input"],
     )["records_out"]
 
@@ -767,16 +1187,16 @@ def estimate(
         if dedup_pass["basis"] == "assumed":  # the assumption is the share dropped
             dedup_pass = {**dedup_pass, "value": 1 - dedup_pass["value"]}
         per_thread = ASSUMED["dedup_images_per_s_per_thread"]["value"]
+        threads = dedup.get("threads", 1)
         timing = plan.timing(
-            "dedup", per_thread * dedup.get("threads", 1), None, "dedup_images_per_s_per_thread"
+            "dedup", per_thread * threads, None, "dedup_images_per_s_per_thread", threads=threads
         )
     else:
         dedup_pass = _figure(1.0, "config", "caption.dedup.enabled: false")
         timing = _figure(None, "config", "caption.dedup.enabled: false")
         timing.update(start_s=0.0, per_record_s=0.0, records_per_s=None)
-    deduped = plan.add("dedup", tiered, dedup_pass, [tiered] if tiered else [], timing, None)[
-        "records_out"
-    ]
+    sizes = [tiered] if tiered else []
+    deduped = plan.add("dedup", tiered, dedup_pass, sizes, timing, "dedup_records")["records_out"]
 
     # caption: one request per deduplicated record, chunk_size records per job
     chunks = _split(deduped, caption["chunk_size"])
@@ -797,24 +1217,25 @@ def estimate(
             caption_pass,
             chunks,
             timing,
-            serve["instances"],
-            serve["gpus"],
+            "caption_chunk",
             mode=f"{serve['instances']} server(s) of {serve['gpus']} "
             f"GPU(s) serving {caption['model']}",
         )
     else:
+        # each of the api_jobs jobs at once paces itself at the quota / api_jobs
+        timing = api_timing(caption, plan)
+        per_job = timing["per_record_s"] * caption["api_jobs"]
+        timing["start_s"] = _api_start(figures.get("caption") or {}, per_job)
         row = plan.add(
             "caption",
             deduped,
             caption_pass,
-            [],
-            api_timing(caption, plan),
-            None,
-            durations=[deduped * api_timing(caption, plan)["per_record_s"]] if deduped else [],
+            chunks,
+            {**timing, "per_record_s": per_job},
+            "caption_chunk",
             mode=f"API ({caption['backend']}, {caption['model']})",
         )
-        row["jobs"] = len(chunks)
-        row["at_once"] = min(caption["api_jobs"], len(chunks))
+        row["rate"] = timing
     price = caption.get("price_per_image")
     row["requests"] = deduped
     row["cost"] = None if price is None else deduped * price
@@ -824,21 +1245,22 @@ def estimate(
     # mask: one job per caption chunk, mask.gpus GPUs each
     if mask["gpus"] > 0:
         per_second = ASSUMED["mask_images_per_s_per_gpu"]["value"] * mask["gpus"]
-        name = "mask_images_per_s_per_gpu"
+        name, threads = "mask_images_per_s_per_gpu", 1
     else:
-        per_second = ASSUMED["mask_images_per_s_per_cpu_thread"]["value"] * mask["decode_workers"]
+        threads = mask["decode_workers"]
+        per_second = ASSUMED["mask_images_per_s_per_cpu_thread"]["value"] * threads
         name = "mask_images_per_s_per_cpu_thread"
-    timing = plan.timing("mask", per_second, None, name)
+    timing = plan.timing("mask", per_second, None, name, threads=threads)
     share = captioned / deduped if deduped else 0.0
-    sizes = [m for m in (round(n * share) for n in chunks) if m]
+    sized = [(chunk, m) for chunk, m in enumerate(round(n * share) for n in chunks) if m]
     row = plan.add(
         "mask",
         captioned,
         plan.figure("mask", "mask_pass"),
-        sizes,
+        [m for _, m in sized],
         timing,
-        None,
-        mask["gpus"],
+        "mask_chunk",
+        [(chunk,) for chunk, _ in sized],
         model=mask["model_config"],
     )
     if "hiera_l" not in mask["model_config"] and timing["basis"] == "assumed":
@@ -858,45 +1280,84 @@ def estimate(
             plan.figure("export emu3", "") if measured_pass else every,
             _split(masked, math.ceil(masked / emu3["parts"]) or 1),
             timing,
-            None,
-            emu3["gpus"] if emu3["tokenize"] else 0,
+            "emu3_part",
         )
-    for fmt, key in (
-        ("coco", "export_records_per_s"),
-        ("odvg", "export_records_per_s"),
-        ("webdataset", "webdataset_images_per_s"),
+    for fmt, key, rule in (
+        ("coco", "export_records_per_s", "export_coco"),
+        ("odvg", "export_records_per_s", "export_odvg"),
+        ("webdataset", "webdataset_images_per_s", "export_wds"),
     ):
         if fmt in export["formats"]:
             name = f"export {fmt}"
             timing = plan.timing(name, ASSUMED[key]["value"], None, key)
             passed = plan.figure(name, "") if "pass" in figures.get(name, {}) else every
-            plan.add(name, masked, passed, [masked] if masked else [], timing, None)
+            plan.add(name, masked, passed, [masked] if masked else [], timing, rule)
 
+    cores = cores or os.cpu_count() or 1
+    summary = plan.finish(config, cores, limits, jobs)
+    result = _totals(plan, summary, masked, notes)
+    if caption.get("price_per_image") is None:
+        notes.append("cost: caption.price_per_image is not set")
+    return {
+        "sources": sources,
+        "stages": plan.stages,
+        **result,
+        "run_dir": str(run) if run is not None else None,
+        "run_wall_s": recorded_wall(recorded),
+        "parallel": {"jobs": jobs, "gpus": limits["gpu"], "cores": cores},
+        "assumptions": {name: ASSUMED[name] for name in sorted(plan.used)},
+        "notes": notes,
+    }
+
+
+def global_resources(
+    config: dict, gpus: int | None, resources: dict[str, int | None] | None
+) -> dict[str, int | None]:
+    """The global resources of a local run: the local profile's, vlm_api and vlm_server as
+    common.smk sets them from the config, then `resources` and `gpus` (the `gpu` resource)."""
+    serve = config["caption"]["serve"]
+    limits = {
+        **LOCAL_RESOURCES,
+        "vlm_api": config["caption"]["api_jobs"],
+        "vlm_server": serve["instances"],
+        **(resources or {}),
+    }
+    if gpus is not None:
+        limits["gpu"] = gpus
+    return limits
+
+
+def _totals(plan: _Plan, summary: dict, masked: int, notes: list[str]) -> dict:
+    """The estimate's totals and schedule: the simulated run plus Snakemake's own planning."""
+    plan.used.update({"snakemake_plan_s", "snakemake_plan_s_per_job"})
+    planning = (
+        ASSUMED["snakemake_plan_s"]["value"]
+        + ASSUMED["snakemake_plan_s_per_job"]["value"] * summary["jobs"]
+    )
     stages = plan.stages
     costs = [s["cost"] for s in stages if s["cost"] is not None]
     total = {
-        "wall_s": sum(s["wall_s"] for s in stages),
-        "job_hours": sum(s["job_hours"] for s in stages),
+        "wall_s": summary["makespan_s"] + planning,
+        "job_hours": sum(s["job_hours"] for s in stages) + summary["other_job_s"] / 3600,
         "gpu_hours": sum(s["gpu_hours"] or 0.0 for s in stages),
         "requests": sum(s["requests"] or 0 for s in stages),
         "cost": sum(costs) if costs else None,
         "records_out": masked,
     }
     notes.append(
-        "total wall time: the stages one after another (an upper bound: Snakemake "
-        "overlaps shards and chunks of different stages)"
+        "wall: a stage's first job's start to its last job's end in a simulation of Snakemake's "
+        "local scheduler (threads, resources, what each job waits for; stages overlap); total: "
+        f"the simulated run plus Snakemake's planning ({duration(planning)})"
     )
-    if caption.get("price_per_image") is None:
-        notes.append("cost: caption.price_per_image is not set")
-    return {
-        "sources": sources,
-        "stages": stages,
-        "total": total,
-        "run_dir": str(run) if run is not None else None,
-        "parallel": {"jobs": jobs, "gpus": gpus},
-        "assumptions": {name: ASSUMED[name] for name in sorted(plan.used)},
-        "notes": notes,
-    }
+    return {"total": total, "schedule": {**summary, "planning_s": planning}}
+
+
+def _api_start(entry: dict, per_job: float) -> float:
+    """Start-up of an API caption job: what a run's measured jobs took beyond their requests
+    at `per_job` seconds each (0 without a run, or one that served its own model)."""
+    if "mean_s" not in entry or entry.get("served"):
+        return 0.0
+    return max(0.0, entry["mean_s"] - entry["mean_records"] * per_job)
 
 
 def api_timing(caption: dict, plan: _Plan) -> dict:
@@ -955,6 +1416,27 @@ def _basis(figure: dict | None) -> str:
     return "-" if not figure else str(figure.get("basis"))
 
 
+def _schedule_lines(result: dict) -> list[str]:
+    """What the simulated run had, its job time, and the earlier run it measured."""
+    total, schedule = result["total"], result["schedule"]
+    given = ", ".join(
+        f"{name}={'unlimited' if limit is None else limit}"
+        for name, limit in schedule["resources"].items()
+    )
+    other = sum(schedule["other_jobs"].values())
+    earlier = result["run_dir"] or "no earlier run"
+    if result.get("run_wall_s") is not None:
+        earlier += f" (its jobs ran {duration(result['run_wall_s'])}, first start to last end)"
+    return [
+        f"simulated on {schedule['cores']} cores, {given}, jobs at once "
+        f"{schedule['max_jobs'] or 'any'}: {schedule['jobs']} jobs ({other} bookkeeping, "
+        f"{duration(schedule['other_job_s'])}), Snakemake's planning "
+        f"{duration(schedule['planning_s'])}",
+        f"job time {total['job_hours']:,.1f} h, GPU time {total['gpu_hours']:,.1f} h; "
+        f"measured from: {earlier}",
+    ]
+
+
 def format_estimate(result: dict) -> str:
     """A readable table of `estimate`'s result: sources, stages, totals, what was assumed."""
     lines = []
@@ -991,12 +1473,7 @@ def format_estimate(result: dict) -> str:
         f"{'total':<18} {'':>13} {total['records_out']:>13,} {'':>6} {'':<9} {'':>6} {'':>7} "
         f"{duration(total['wall_s']):>9} {'':<22} {total['requests']:>10,} {cost:>10}"
     )
-    lines.append(
-        f"job time {total['job_hours']:,.1f} h, GPU time {total['gpu_hours']:,.1f} h; "
-        f"parallel: jobs {result['parallel']['jobs'] or 'all'}, "
-        f"GPUs {result['parallel']['gpus'] or 'as asked'}; measured from: "
-        f"{result['run_dir'] or 'no earlier run'}"
-    )
+    lines += _schedule_lines(result)
     for stage in result["stages"]:
         for note in [stage.get("mode"), *(stage.get("notes") or [])]:
             if note:

@@ -58,6 +58,7 @@ class Parsed:
     entities: list[dict] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
     error: str | None = None
+    repaired: Counter = field(default_factory=Counter)  # boxes kept after a fix, by kind
 
 
 def smart_resize(
@@ -81,10 +82,13 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def normalize_box(box, convention: str, frame: tuple[int, int] | None = None) -> list[float] | None:
+def normalize_box(
+    box, convention: str, frame: tuple[int, int] | None = None, repaired: Counter | None = None
+) -> list[float] | None:
     """A box as [x1, y1, x2, y2] in [0, 1] (ordered, clipped, rounded), or None if degenerate/invalid.
 
-    `frame` is the (width, height) that `pixels` coordinates refer to.
+    `frame` is the (width, height) that `pixels` coordinates refer to. A box kept after a fix is
+    counted in `repaired`: `inverted` (corners swapped into order), `clipped` (beyond the image).
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown box convention {convention!r} (one of {CONVENTIONS})")
@@ -102,12 +106,19 @@ def normalize_box(box, convention: str, frame: tuple[int, int] | None = None) ->
         sx, sy = float(frame[0]), float(frame[1])
     else:
         sx = sy = 1.0
+    fixes = []
+    if x1 > x2 or y1 > y2:
+        fixes.append("inverted")
     x1, x2 = sorted((x1 / sx, x2 / sx))
     y1, y2 = sorted((y1 / sy, y2 / sy))
+    if min(x1, y1) < 0.0 or max(x2, y2) > 1.0:
+        fixes.append("clipped")
     x1, y1, x2, y2 = (min(1.0, max(0.0, v)) for v in (x1, y1, x2, y2))
     x1, y1, x2, y2 = (round(v, 4) for v in (x1, y1, x2, y2))
     if x2 <= x1 or y2 <= y1:
         return None
+    if repaired is not None:
+        repaired.update(fixes)
     return [x1, y1, x2, y2]
 
 
@@ -219,7 +230,9 @@ def parse_answer(
             continue
         kept = []
         for raw in boxes:
-            box = normalize_box(raw, convention, frame) if raw is not None else None
+            box = (
+                normalize_box(raw, convention, frame, parsed.repaired) if raw is not None else None
+            )
             if box is None:
                 parsed.dropped["box_invalid_or_degenerate"] += 1
             elif box not in kept and box not in merged.get(name, []):

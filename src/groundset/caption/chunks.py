@@ -93,6 +93,7 @@ def caption_chunk(
     counts: Counter = Counter(dict.fromkeys(COUNTS, 0))
     reasons: Counter = Counter()
     boxes_dropped: Counter = Counter()
+    boxes_repaired: Counter = Counter()
     dropped: dict[str, dict] = {}
     gave_up: dict[str, dict] = {}
     began = time.monotonic()
@@ -176,6 +177,7 @@ def caption_chunk(
                     )  # fmt: skip
                     continue
                 stand_in = stand_in or bool(entry.get("stand_in"))  # placeholders, even reused
+                boxes_repaired.update(parsed.repaired)  # of the captions kept
                 counts["captioned"] += 1
                 counts["entities"] += len(parsed.entities)
                 counts["boxes"] += sum(len(e["bboxes"]) for e in parsed.entities)
@@ -187,6 +189,7 @@ def caption_chunk(
                     "request_id": entry.get("request_id"),
                     "convention": settings.convention,
                     "boxes_dropped": sum(parsed.dropped.values()),
+                    "boxes_repaired": sum(parsed.repaired.values()),
                 }
                 out.write(dumps_record(out_record) + "\n")
     counts["seconds"] = round(time.monotonic() - began, 3)
@@ -195,6 +198,7 @@ def caption_chunk(
         "range": [start, end],
         "error_reasons": dict(reasons),
         "boxes_dropped": dict(boxes_dropped),
+        "boxes_repaired": dict(boxes_repaired),
         "backend": settings.backend,
         "model": settings.model,
         "stand_in": stand_in,
@@ -328,11 +332,13 @@ def gather_chunks(
     totals: Counter = Counter(dict.fromkeys(COUNTS, 0))
     reasons: Counter = Counter()
     boxes: Counter = Counter()
+    repaired: Counter = Counter()
     meta: dict = {}
     for chunk_stats in concat_chunks([chunks, errors], [output, errors_out], stats, index):
         chunk_stats.pop("range", None)
         reasons.update(chunk_stats.pop("error_reasons", {}))
         boxes.update(chunk_stats.pop("boxes_dropped", {}))
+        repaired.update(chunk_stats.pop("boxes_repaired", {}))
         stand_in = bool(chunk_stats.pop("stand_in", False))
         meta["stand_in"] = meta.get("stand_in", False) or stand_in
         for key in ("backend", "model", "rate_per_second"):
@@ -345,6 +351,7 @@ def gather_chunks(
         **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in totals.items()},
         "error_reasons": dict(reasons),
         "boxes_dropped": dict(boxes),
+        "boxes_repaired": dict(repaired),
     }
     write_json(stats_out, result)
     return result
