@@ -7,6 +7,7 @@ split, select, merge, mask floors) and written in their formats where they need 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -460,6 +461,34 @@ def test_format_trace_is_a_table(run):
     assert text.splitlines()[0] == f"trace {SOURCE}/{NSFW}"
     line = next(line for line in text.splitlines() if line.startswith("select"))
     assert "dropped" in line and "reason: image_nsfw_filter: 0.01 > 0.0006" in line
+
+
+def test_a_multi_line_error_stays_on_its_stage_row():
+    error = "api error: Traceback (most recent call last):\n  File 'x.py'\n\tValueError: bad"
+    result = {"key": "s/1", "found_in": [], "stages": [
+        {"stage": "caption", "verdict": "dropped", "details": {"reason": error, "answer": "a\nb"}},
+        {"stage": "mask", "verdict": "not reached", "details": {}},
+    ]}  # fmt: skip
+    lines = format_trace(result).splitlines()
+    assert lines[-2].startswith("caption") and lines[-1].startswith("mask")
+    assert (
+        "reason: api error: Traceback (most recent call last): File 'x.py' ValueError: bad"
+        in (lines[-2])
+    )
+    assert "answer=a b" in lines[-2]
+
+
+def test_a_url_two_sources_list_is_traced_in_both(run, tmp_path):
+    work, config = run
+    both = copy.deepcopy(config)
+    both["sources"].append({**config["sources"][0], "name": "again"})
+    result = trace(work, url("a"), both)
+    assert result["key"] == f"{SOURCE}/000000"
+    (other,) = result["also_in"]
+    assert other["key"].startswith("again/") and other["url"] == url("a")
+    assert stage(other, "prefilter")["details"]["row"] == 0
+    text = format_trace(result)
+    assert f"trace {SOURCE}/000000" in text and f"trace {other['key']}" in text
 
 
 def test_the_manifest_is_bisected(tmp_path, monkeypatch):

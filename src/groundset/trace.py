@@ -1065,23 +1065,35 @@ def trace(workdir: str | os.PathLike, key: str, config: dict | None = None) -> d
     """Every stage's verdict on one image (`SOURCE/IMAGE_ID`, or its URL); None when the key is
     nowhere (unknown source, or no stage file and no URL-list row holds it).
 
-    Returns {"key", "found_in": [files], "stages": [{"stage", "verdict", "details"}]}; verdicts
+    Returns {"key", "found_in": [files], "stages": [{"stage", "verdict", "details"}]} (for a URL
+    that several sources list, the first source's, with `also_in`: the others' traces); verdicts
     are kept, dropped (details["reason"] says why), not run yet, not reached (after a drop),
     not found (the stage ran but its files lack the image) or off (disabled in the config).
     """
     workdir = Path(workdir)
     if config is not None:
         config = validate_config(copy.deepcopy(config), weights=())
-    tracer = _Tracer(workdir, config)
     sources = known_sources(workdir, config)
     source, image_id, url = parse_key(key, sources)
-    if url is not None:
-        if not tracer.find_url(url, [source] if source else sources):
+    if url is None:
+        if source not in sources:
             return None
-    elif source not in sources:
-        return None
-    else:
+        tracer = _Tracer(workdir, config)
         tracer.source, tracer.image_id = source, image_id
+        return _traced(tracer, url)
+    results = []  # a URL may be listed by several sources: each one's trace
+    for name in [source] if source else sources:
+        tracer = _Tracer(workdir, config)
+        if tracer.find_url(url, [name]):
+            result = _traced(tracer, url)
+            results += [result] if result else []
+    if not results:
+        return None
+    return {**results[0], "also_in": results[1:]} if len(results) > 1 else results[0]
+
+
+def _traced(tracer: _Tracer, url: str | None) -> dict | None:
+    """Run a tracer set on its image; its result, or None when no file knows the image."""
     tracer.run()
     if not tracer.found_in:
         return None
@@ -1103,7 +1115,7 @@ def _cell(value: object) -> str:
         return f"[{shown}{', …' if len(value) > 6 else ''}]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_cell(v)}" for k, v in value.items()) + "}"
-    return str(_short(str(value), 90))
+    return str(_short(" ".join(str(value).split()), 90))  # one line: a table row per stage
 
 
 def format_trace(result: dict) -> str:
@@ -1118,7 +1130,11 @@ def format_trace(result: dict) -> str:
     lines.append(f"{'stage':<{width}}  {'verdict':<12} details")
     for stage in result["stages"]:
         details = dict(stage["details"])
-        parts = [f"reason: {details.pop('reason')}"] if "reason" in details else []
+        # every value on one line (a library's multi-line error too): one table row per stage
+        reason = " ".join(str(details.pop("reason")).split()) if "reason" in details else None
+        parts = [f"reason: {reason}"] if reason is not None else []
         parts += [f"{k}={_cell(v)}" for k, v in details.items()]
         lines.append(f"{stage['stage']:<{width}}  {stage['verdict']:<12} {'; '.join(parts)}")
+    for other in result.get("also_in") or []:  # the same URL in another source
+        lines += ["", format_trace(other)]
     return "\n".join(lines)
