@@ -13,7 +13,12 @@ data-juicer's, and how many keep/drop decisions flip with thresholds at the scor
     python bench/bench_filter.py [--models tiny|real-size] [--np 2] [--device cpu|cuda]
                                  [--images 120] [--precision auto] [--decode draft]
 
-Ends with the line `speedup: N.NN` (groundset images/s ÷ the seed's).
+First it says which machine it runs on (machines of one kind differ: AMX or not): the CPU, and
+its bf16 and fp32 GEMM throughput (`torch.nn.functional.linear`, 2048² by 2048², on `--np`
+threads) with their ratio, `ceiling: N.NN`, the most a bf16 path can gain over the seed's fp32.
+After the table: each path's start-up (job seconds outside the scoring itself: imports, model
+loads) and `steady_speedup: N.NN`, the speed-up once both are running. Ends with the line
+`speedup: N.NN` (groundset images/s ÷ the seed's, whole jobs).
 """
 
 from __future__ import annotations
@@ -122,6 +127,36 @@ def deviation(stock: dict, fast: dict) -> dict[str, dict]:
     return report
 
 
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AMX (bf16 tiles) or only AVX512-BF16."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), "unknown CPU")  # fmt: skip
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                      if line.startswith("flags")), []))  # fmt: skip
+    bf16 = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no bf16"
+    return f"{name} ({bf16})"
+
+
+def gemm_gflops(dtype_name: str, threads: int, size: int = 2048, seconds: float = 2.0) -> float:
+    """GFLOP/s of F.linear on this CPU in one dtype (warm, the best of a few timed rounds)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    x = torch.randn(size, size).to(dtype)
+    w = torch.randn(size, size).to(dtype)
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)
+        best, deadline = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", choices=["tiny", "real-size"], default="tiny")
@@ -159,6 +194,12 @@ def main() -> None:
             f"weights (built in {built:.0f} s), device {args.device}, np {args.np}, "
             f"{os.cpu_count()} cores"
         )
+        bf16, fp32 = gemm_gflops("bfloat16", args.np), gemm_gflops("float32", args.np)
+        print(f"cpu: {cpu_name()}, load {os.getloadavg()[0]:.2f}")
+        print(
+            f"gemm: bf16 {bf16:.0f} GFLOP/s, fp32 {fp32:.0f} GFLOP/s (F.linear, {args.np} threads)"
+        )
+        print(f"ceiling: {bf16 / fp32:.2f}")
 
         # (a) the seed's way: its recipe (thresholds open), stock data-juicer
         seed_cfg = write_config(tmp / "seed.yaml", args, models, header_sizes=False)
@@ -202,6 +243,12 @@ def main() -> None:
                 f"    {key:<24} max |d| {row['max_abs']:.2e}  mean |d| {row['mean_abs']:.2e}  "
                 f"(spread {row['spread']:.2e})  decisions flipped {100 * row['flipped']:.2f} %"
             )
+        seed_scoring = sum(seed_ops.values())
+        seed_start, ours_start = seed_s - seed_scoring, ours_s - score_stats["seconds"]
+        print(
+            f"startup: seed {seed_start:.1f} s, groundset {ours_start:.1f} s (job s outside scoring)"
+        )
+        print(f"steady_speedup: {seed_scoring / score_stats['seconds']:.2f}")
         print(f"speedup: {ours_rate / seed_rate:.2f}")
 
 
