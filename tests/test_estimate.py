@@ -3,27 +3,42 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from groundset.config import validate_config
 from groundset.estimate import (
+    AFTER,
     ASSUMED,
+    LIGHT_MEM_MB,
+    LOCAL_RESOURCES,
+    PROFILE_MEM_MB,
+    Job,
     estimate,
     format_estimate,
     measure_run,
+    most_at_once,
     prefilter_pass,
     read_benchmark,
-    wall_time,
+    recorded_jobs,
+    recorded_wall,
+    rule_needs,
+    rule_seconds,
+    schedule,
 )
 from groundset.io import write_json
 from groundset.prefilter import PrefilterRules
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BENCH_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 
@@ -108,7 +123,7 @@ def test_a_sample_of_row_groups_stands_for_a_big_list(tmp_path):
 
 def test_assumed_rates_say_so(lists, tmp_path):
     config = config_for(lists, tmp_path / "w", download={"processes_count": 4})
-    result = estimate(config, measured=False)
+    result = estimate(config, measured=False, cores=4)
     download = stage(result, "download")
     success = ASSUMED["download_success"]["value"]
     assert download["records_out"] == round(5 * success)
@@ -125,21 +140,22 @@ def test_assumed_rates_say_so(lists, tmp_path):
 def test_score_jobs_follow_shard_size_and_gpus(tmp_path):
     folder = url_list(tmp_path / "urls", [(2048, 1536)] * 1000, files=1)
     config = config_for(folder, tmp_path / "w", shard_size=100, filter={"gpus": 1, "np": 4})
-    result = estimate(config, measured=False, gpus=2)
+    result = estimate(config, measured=False, gpus=2, cores=16, resources={"mem_mb": None})
     score = stage(result, "score")
     records = stage(result, "manifest")["records_out"]
-    assert score["jobs"] == math.ceil(records / 100)
+    full, rest = divmod(records, 100)
+    assert score["jobs"] == full + bool(rest)
     assert score["at_once"] == 2  # two GPUs, one per job
     rate = 4 * ASSUMED["score_images_per_s_per_decode_thread_gpu"]["value"]
-    one = ASSUMED["score_job_start_s"]["value"] + 100 / rate
-    assert score["wall_s"] == pytest.approx(
-        wall_time(
-            [one] * (records // 100)
-            + [ASSUMED["score_job_start_s"]["value"] + records % 100 / rate] * bool(records % 100),
-            2,
-        )
-    )
+    start = ASSUMED["score_job_start_s"]["value"]
+    one, last = start + 100 / rate, start + rest / rate
+    # two at once, in order: the short last job goes where the full ones end first
+    assert score["wall_s"] == pytest.approx(max(math.ceil(full / 2) * one, full // 2 * one + last))
     assert score["gpu_hours"] == pytest.approx(score["job_hours"])
+    # the local profile's one GPU and 16 GB: one score job (32 GB asked, capped) at a time
+    local = stage(estimate(config, measured=False, cores=16), "score")
+    assert local["at_once"] == 1
+    assert local["wall_s"] == pytest.approx(full * one + last)
 
 
 def write_bench(path: Path, seconds: float, rss: float = 100.0) -> None:
@@ -236,7 +252,7 @@ def caption_config(tmp_path: Path, **caption: object) -> dict:
 
 def test_a_dashscope_quota_sets_the_captioning_time(tmp_path):
     config = caption_config(tmp_path, rate_per_second=2, api_jobs=2, concurrency=8)
-    caption = stage(estimate(config), "caption")
+    caption = stage(estimate(config, cores=4), "caption")
     assert caption["records_in"] == 2000
     assert caption["requests"] == 2000
     assert (caption["jobs"], caption["at_once"]) == (4, 2)
@@ -248,7 +264,7 @@ def test_a_dashscope_quota_sets_the_captioning_time(tmp_path):
 
 def test_a_quota_the_jobs_cannot_fill(tmp_path):
     config = caption_config(tmp_path, rate_per_second=100, api_jobs=1, concurrency=3)
-    caption = stage(estimate(config), "caption")
+    caption = stage(estimate(config, cores=4), "caption")
     latency = ASSUMED["caption_answer_latency_s"]["value"]
     assert caption["rate"]["basis"] == "assumed"
     assert caption["wall_s"] == pytest.approx(2000 * latency / 3)
@@ -257,7 +273,7 @@ def test_a_quota_the_jobs_cannot_fill(tmp_path):
 def test_servers_of_our_own_set_the_captioning_time(tmp_path):
     serve = {"command": "vllm serve M --port {port}", "instances": 2, "gpus": 2}
     config = caption_config(tmp_path, backend="openai", model="M", serve=serve)
-    caption = stage(estimate(config), "caption")
+    caption = stage(estimate(config, cores=64, gpus=4, resources={"mem_mb": None}), "caption")
     per_chunk = ASSUMED["serve_start_s"]["value"] + 500 / ASSUMED["serve_images_per_s"]["value"]
     assert (caption["jobs"], caption["at_once"]) == (4, 2)
     assert caption["wall_s"] == pytest.approx(2 * per_chunk)
@@ -291,11 +307,157 @@ def test_every_figure_has_a_basis(lists, tmp_path):
     json.dumps(result)  # the CLI's --json
 
 
-def test_wall_time_and_benchmarks(tmp_path):
-    assert wall_time([], 2) == 0.0
-    assert wall_time([5, 3, 3, 1], None) == 5
-    assert wall_time([5, 3, 3, 1], 2) == 6
-    assert wall_time([5, 3, 3, 1], 1) == 12
+def test_benchmarks_give_seconds_memory_and_cpu(tmp_path):
     write_bench(tmp_path / "b.tsv", 12.5, rss=300.0)
-    assert read_benchmark(tmp_path / "b.tsv") == {"s": 12.5, "max_rss": 300.0}
+    assert read_benchmark(tmp_path / "b.tsv") == {"s": 12.5, "max_rss": 300.0, "cpu_time": 0.0}
     assert read_benchmark(tmp_path / "missing.tsv") is None
+
+
+# --- the scheduling: Snakemake's local scheduler on small hand-made DAGs -----------------
+
+
+def test_jobs_under_one_gpu_run_one_at_a_time():
+    masks = [Job("mask_chunk", 5.0, resources={"gpu": 1}) for _ in range(3)]
+    spans = schedule(masks, cores=8, limits={"gpu": 1})
+    assert spans == [(0.0, 5.0), (5.0, 10.0), (10.0, 15.0)]
+    assert most_at_once(spans) == 1
+    assert schedule(masks, cores=8, limits={"gpu": None}) == [(0.0, 5.0)] * 3  # unlimited
+    assert schedule(masks, cores=8, limits={"gpu": 2})[2] == (5.0, 10.0)
+
+
+def test_one_thread_jobs_share_the_cores_and_a_two_thread_job_holds_both():
+    assert schedule([Job("a", 5.0), Job("b", 5.0)], cores=2) == [(0.0, 5.0), (0.0, 5.0)]
+    wide = [Job("w", 4.0, threads=2), Job("a", 3.0), Job("b", 3.0)]
+    assert schedule(wide, cores=2) == [(0.0, 4.0), (4.0, 7.0), (4.0, 7.0)]
+    # a one-thread job fills the third core beside it
+    assert schedule(wide, cores=3) == [(0.0, 4.0), (0.0, 3.0), (3.0, 6.0)]
+
+
+def test_one_core_runs_everything_in_turn_and_slows_threaded_work():
+    jobs = [Job("a", 1.0, 4.0, threads=2, parallel=2.0), Job("b", 2.0), Job("c", 2.0)]
+    # a: 1 s start-up, then 4 s of work that kept 2 cores busy, now on one
+    assert schedule(jobs, cores=1) == [(0.0, 9.0), (9.0, 11.0), (11.0, 13.0)]
+    assert schedule(jobs, cores=2) == [(0.0, 5.0), (5.0, 7.0), (5.0, 7.0)]
+    # work that kept one core busy is no slower on one
+    assert schedule([Job("a", 1.0, 4.0, threads=2)], cores=1) == [(0.0, 5.0)]
+
+
+def test_jobs_wait_for_their_inputs_and_shards_overlap_across_stages():
+    # two score shards, each shard's select after its score, a merge after both selects
+    jobs = [
+        Job("score_shard", 2.0),
+        Job("score_shard", 4.0),
+        Job("select_shard", 1.0, after=(0,)),
+        Job("select_shard", 1.0, after=(1,)),
+        Job("merge_tiers", 1.0, after=(2, 3)),
+    ]
+    spans = schedule(jobs, cores=2)
+    assert spans[2] == (2.0, 3.0)  # shard 0's select while shard 1 still scores
+    assert spans[3:] == [(4.0, 5.0), (5.0, 6.0)]
+    assert schedule(jobs, cores=1) == [(0.0, 2.0), (2.0, 6.0), (6.0, 7.0), (7.0, 8.0), (8.0, 9.0)]
+
+
+def test_resources_above_what_there_is_are_capped_and_jobs_at_once_limited():
+    big = [Job("score_shard", 3.0, resources={"mem_mb": 32000}) for _ in range(2)]
+    assert schedule(big, cores=4, limits={"mem_mb": 16000}) == [(0.0, 3.0), (3.0, 6.0)]
+    assert schedule(big, cores=4, limits={"mem_mb": 64000}) == [(0.0, 3.0)] * 2
+    one = [Job("x", 1.0) for _ in range(3)]
+    assert schedule(one, cores=4, max_jobs=2) == [(0.0, 1.0), (0.0, 1.0), (1.0, 2.0)]
+
+
+def test_the_estimate_overlaps_shards_of_different_stages(tmp_path):
+    folder = url_list(tmp_path / "urls", [(2048, 1536)] * 1000, files=1)
+    config = config_for(folder, tmp_path / "w", shard_size=100, filter={"np": 2})
+    result = estimate(config, measured=False, cores=3, resources={"mem_mb": None})
+    score, select = stage(result, "score"), stage(result, "select")
+    assert score["jobs"] > 2 and score["at_once"] == 1  # 2 threads each of 3 cores
+    first = ASSUMED["score_job_start_s"]["value"] + 100 / (2 * 0.42)
+    # shard 0's select starts when its score ends, on the core the score jobs leave free
+    assert select["start_s"] == pytest.approx(score["start_s"] + first)
+    assert select["start_s"] < score["end_s"]
+    assert result["total"]["wall_s"] < sum(row["wall_s"] for row in result["stages"]) + 60
+    assert stage(estimate(config, measured=False, cores=1), "score")["at_once"] == 1
+    one = estimate(config, measured=False, cores=1)["total"]["wall_s"]
+    assert one > result["total"]["wall_s"]  # threaded work on one core: longer
+    assert "upper bound" not in format_estimate(result).split("assumed figures")[0]
+
+
+def test_the_rule_table_matches_the_rules_and_profiles():
+    """Threads and mem_mb of rule_needs against workflow/rules/*.smk and the profiles."""
+    declared = {}
+    for path in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        blocks = re.split(r"^(?:rule|checkpoint) (\w+):", path.read_text(), flags=re.M)
+        for name, body in zip(blocks[1::2], blocks[2::2], strict=True):
+            threads = re.search(r"^\s+threads: (\d+)$", body, flags=re.M)
+            mem = re.search(r"^\s+mem_mb=(\d+),$", body, flags=re.M)
+            declared[name] = (threads and int(threads[1]), mem and int(mem[1]))
+    assert set(declared) - {"all"} == set(AFTER)
+    needs = rule_needs(validate_config({"sources": [{"name": "s", "url_list": "x"}]}, weights=()))
+    for rule, (threads, mem) in declared.items():
+        if rule in LIGHT_MEM_MB:
+            assert (threads, mem) == (1, LIGHT_MEM_MB[rule]), rule
+        if rule in needs and threads is not None:
+            assert needs[rule][0] == threads, rule
+        if rule in needs and mem is not None:
+            assert needs[rule][1]["mem_mb"] == PROFILE_MEM_MB.get(rule, mem), rule
+    local = yaml.safe_load((ROOT / "profiles" / "local" / "config.yaml").read_text())
+    given = dict(item.split("=") for item in local["resources"])
+    assert {k: int(v) for k, v in given.items()} == LOCAL_RESOURCES
+    profile = yaml.safe_load((ROOT / "profiles" / "default" / "config.yaml").read_text())
+    profile = profile["set-resources"]
+    assert {r: v["mem_mb"] for r, v in profile.items() if "mem_mb" in v} == PROFILE_MEM_MB
+
+
+# --- Snakemake's records of a run --------------------------------------------------------
+
+
+def write_record(
+    run: Path, output: str, rule: str, start: float, end: float, inputs=(), job: int = 0
+) -> None:
+    """One output's record in a run's .snakemake/metadata, as Snakemake writes it."""
+    name = base64.urlsafe_b64encode(output.encode()).decode()
+    record = {"rule": rule, "input": list(inputs), "starttime": start, "endtime": end}
+    write_json(run / ".snakemake" / "metadata" / name, {**record, "job_hash": job})
+
+
+def test_snakemake_records_give_every_rules_job_time(lists, tmp_path):
+    run = tmp_path / "run"
+    (run / "benchmarks").mkdir(parents=True)
+    scored = "scored/src/shard_0.jsonl"
+    write_record(run, scored, "score_shard", 100.0, 108.0, job=1)
+    write_record(run, "scored/src/shard_0_stats.json", "score_shard", 100.0, 108.0, job=1)
+    # a `run:` job: its record starts in its own subprocess, at its end
+    write_record(run, "filtered/src/shard_0.jsonl", "select_shard", 111.5, 111.5, [scored], 2)
+    write_record(run, "shards/src/index.json", "index_shards", 99.0, 99.4, job=3)
+    jobs = recorded_jobs(run)
+    assert [job["rule"] for job in jobs] == ["index_shards", "score_shard", "select_shard"]
+    seconds = rule_seconds(jobs)
+    assert seconds == pytest.approx({"index_shards": 0.4, "score_shard": 8.0, "select_shard": 3.5})
+    assert recorded_wall(jobs) == pytest.approx(12.5)
+    result = estimate(config_for(lists, tmp_path / "w"), run, cores=2)
+    assert stage(result, "select")["rate"]["start_s"] == pytest.approx(3.5)
+    assert result["run_wall_s"] == pytest.approx(12.5)
+    assert "index_shards" in result["schedule"]["other_jobs"]
+    assert "select_job_s" not in result["assumptions"]
+    assert "its jobs ran 12s" in format_estimate(result)
+
+
+@pytest.mark.workflow
+@pytest.mark.xdist_group("sample")
+def test_the_sample_estimate_matches_its_own_run(sample_run, monkeypatch):
+    """The sample estimated from its own run's benchmarks and records: within 30 % of the
+    time its jobs took (Snakemake's records, first start to last end), at 2 cores and 1."""
+    from groundset.config import load_config
+
+    monkeypatch.chdir(ROOT)  # the sample config's URL lists are relative to the repository
+    config = load_config("config/sample.yaml", weights=())
+    run = sample_run["snapshot"]
+    took = recorded_wall(recorded_jobs(run))
+    assert took is not None and took > 0
+    two = estimate(config, run, cores=2)
+    one = estimate(config, run, cores=1)
+    for result in (two, one):
+        assert 0.7 * took <= result["schedule"]["makespan_s"] <= 1.3 * took
+        assert result["run_wall_s"] == pytest.approx(took)
+    assert one["schedule"]["makespan_s"] >= two["schedule"]["makespan_s"]
+    assert stage(two, "mask")["at_once"] == 1  # gpu=1: the mask jobs one at a time

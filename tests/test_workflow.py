@@ -25,7 +25,10 @@ from conftest import (
     write_config,
     write_parquet,
 )
+from groundset.emu3 import template
 from groundset.io import iter_jsonl
+from groundset.prompts import parse_prompt, prompt_parts
+from groundset.records import clean_caption
 from groundset.split import index_manifest, write_index
 
 # One xdist worker: these tests share (and some change) the sample run's workdir.
@@ -503,8 +506,10 @@ def test_sample_emu3_export(sample_run):
     assert train["path_list"] == [f"part_0/{r['source']}/{r['image_id']}.pth" for r in masked]
     for name, record in zip(train["path_list"], masked, strict=True):
         data = torch.load(os.path.join(train["prefix"], name))  # as Emu3FeatureDataset does
-        assert data["texts"].startswith(record["caption"] + "\nPrecise location control:\n\n")
+        caption = clean_caption(record["caption"])  # the stand-in's "[placeholder …]" too
+        assert data["texts"].startswith(caption + "\nPrecise location control:\n\n")
         assert data["texts"].count("Entity: [") == len(record["entities"])
+        assert parse_prompt(data["texts"], *template()) == prompt_parts(record, template()[0])
         width, height = (
             record["__dj__stats__"]["image_width"][0],
             record["__dj__stats__"]["image_height"][0],

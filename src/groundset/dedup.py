@@ -78,6 +78,17 @@ def popcount(values: np.ndarray) -> np.ndarray:
     return np.bitwise_count(values.astype(np.uint64, copy=False)).astype(np.int16)
 
 
+# Scores are ranked at this many decimals (0-10 scale): closer ones tie and input order decides,
+# so the last digits, which differ across thread counts and batches (README: Reproducibility),
+# never decide which copy of an image stays.
+RANK_DECIMALS = 3
+
+
+def rank_score(score: float | None) -> float:
+    """A record's rank key: its aesthetic score at RANK_DECIMALS, unscored ones last."""
+    return -math.inf if score is None else round(score, RANK_DECIMALS)
+
+
 def aesthetic_score(record: dict) -> float | None:
     """The aesthetic score (data-juicer's, as merge tiers it; else `meta.AESTHETIC_SCORE`)."""
     for score in (stats_aesthetic_score(record), (record.get("meta") or {}).get("AESTHETIC_SCORE")):
@@ -570,8 +581,7 @@ def _hash_pass(
             except RecordError:
                 path = None
             url = record_url(record)
-            score = aesthetic_score(record)
-            cols.score.append(-math.inf if score is None else score)
+            cols.score.append(rank_score(aesthetic_score(record)))
             cols.url += _digest(url, 16) if url is not None else bytes(16)
             cols.has_url.append(url is not None)
             jobs.append((path, url))

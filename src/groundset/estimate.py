@@ -3,10 +3,13 @@
 Counts come from the URL lists themselves: rows from the parquet footers (no data read), the
 pre-download filter's pass rate from the WIDTH/HEIGHT (and punsafe/pwatermark) columns of a
 sample of row groups spread over the files, run through the prefilter's own rules. Everything
-later is a pass rate times what reached the stage, and a time per job from the config's jobs
-and resources and a rate: measured where an earlier run left Snakemake benchmarks
-(`benchmarks/**/*.tsv`) and stats files, else the documented assumption of ASSUMED. Every
-figure carries its `basis` (metadata, config, measured or assumed) and where it comes from.
+later is a pass rate times what reached the stage, and a time per job from a rate: measured
+where an earlier run left Snakemake benchmarks (`benchmarks/**/*.tsv`), stats files and
+Snakemake's records of its jobs (`.snakemake/metadata`), else the documented assumption of
+ASSUMED. The wall time simulates Snakemake's local scheduler over every job of the DAG, with
+the threads and resources their rules declare, on the cores and global resources of the local
+profile. Every figure carries its `basis` (metadata, config, measured or assumed) and where it
+comes from.
 """
 
 from __future__ import annotations
@@ -1200,47 +1203,7 @@ def estimate(
 
     # caption: one request per deduplicated record, chunk_size records per job
     chunks = _split(deduped, caption["chunk_size"])
-    caption_pass = plan.figure("caption", "caption_pass")
-    serve = caption["serve"]
-    if serve.get("command"):
-        served = figures.get("caption", {}).get("served", False)
-        timing = plan.timing(
-            "caption",
-            ASSUMED["serve_images_per_s"]["value"],
-            "serve_start_s",
-            "serve_images_per_s",
-            use_measured=served,
-        )
-        row = plan.add(
-            "caption",
-            deduped,
-            caption_pass,
-            chunks,
-            timing,
-            "caption_chunk",
-            mode=f"{serve['instances']} server(s) of {serve['gpus']} "
-            f"GPU(s) serving {caption['model']}",
-        )
-    else:
-        # each of the api_jobs jobs at once paces itself at the quota / api_jobs
-        timing = api_timing(caption, plan)
-        per_job = timing["per_record_s"] * caption["api_jobs"]
-        timing["start_s"] = _api_start(figures.get("caption") or {}, per_job)
-        row = plan.add(
-            "caption",
-            deduped,
-            caption_pass,
-            chunks,
-            {**timing, "per_record_s": per_job},
-            "caption_chunk",
-            mode=f"API ({caption['backend']}, {caption['model']})",
-        )
-        row["rate"] = timing
-    price = caption.get("price_per_image")
-    row["requests"] = deduped
-    row["cost"] = None if price is None else deduped * price
-    row["notes"].append("requests: one per deduplicated record; retries are not counted")
-    captioned = row["records_out"]
+    captioned = _add_caption(plan, caption, deduped, chunks)["records_out"]
 
     # mask: one job per caption chunk, mask.gpus GPUs each
     if mask["gpus"] > 0:
@@ -1268,30 +1231,7 @@ def estimate(
     masked = row["records_out"]
 
     # exports of the masked records
-    every = _figure(1.0, "config", "every masked record")
-    if "emu3" in export["formats"]:
-        emu3 = export["emu3"]
-        key = "emu3_images_per_s_per_gpu" if emu3["tokenize"] else "emu3_prompts_per_s"
-        timing = plan.timing("export emu3", ASSUMED[key]["value"], None, key)
-        measured_pass = "pass" in figures.get("export emu3", {})
-        plan.add(
-            "export emu3",
-            masked,
-            plan.figure("export emu3", "") if measured_pass else every,
-            _split(masked, math.ceil(masked / emu3["parts"]) or 1),
-            timing,
-            "emu3_part",
-        )
-    for fmt, key, rule in (
-        ("coco", "export_records_per_s", "export_coco"),
-        ("odvg", "export_records_per_s", "export_odvg"),
-        ("webdataset", "webdataset_images_per_s", "export_wds"),
-    ):
-        if fmt in export["formats"]:
-            name = f"export {fmt}"
-            timing = plan.timing(name, ASSUMED[key]["value"], None, key)
-            passed = plan.figure(name, "") if "pass" in figures.get(name, {}) else every
-            plan.add(name, masked, passed, [masked] if masked else [], timing, rule)
+    _add_exports(plan, export, masked)
 
     cores = cores or os.cpu_count() or 1
     summary = plan.finish(config, cores, limits, jobs)
@@ -1308,6 +1248,80 @@ def estimate(
         "assumptions": {name: ASSUMED[name] for name in sorted(plan.used)},
         "notes": notes,
     }
+
+
+def _add_caption(plan: _Plan, caption: dict, deduped: int, chunks: list[int]) -> dict:
+    """The caption row and jobs: on servers of our own (a start-up each) or against an API
+    (the quota shared by the api_jobs jobs at once), one request per deduplicated record."""
+    caption_pass = plan.figure("caption", "caption_pass")
+    serve = caption["serve"]
+    if serve.get("command"):
+        served = plan.measured.get("caption", {}).get("served", False)
+        timing = plan.timing(
+            "caption",
+            ASSUMED["serve_images_per_s"]["value"],
+            "serve_start_s",
+            "serve_images_per_s",
+            use_measured=served,
+        )
+        row = plan.add(
+            "caption",
+            deduped,
+            caption_pass,
+            chunks,
+            timing,
+            "caption_chunk",
+            mode=f"{serve['instances']} server(s) of {serve['gpus']} "
+            f"GPU(s) serving {caption['model']}",
+        )
+    else:
+        # each of the api_jobs jobs at once paces itself at the quota / api_jobs
+        timing = api_timing(caption, plan)
+        per_job = timing["per_record_s"] * caption["api_jobs"]
+        timing["start_s"] = _api_start(plan.measured.get("caption") or {}, per_job)
+        row = plan.add(
+            "caption",
+            deduped,
+            caption_pass,
+            chunks,
+            {**timing, "per_record_s": per_job},
+            "caption_chunk",
+            mode=f"API ({caption['backend']}, {caption['model']})",
+        )
+        row["rate"] = timing
+    price = caption.get("price_per_image")
+    row["requests"] = deduped
+    row["cost"] = None if price is None else deduped * price
+    row["notes"].append("requests: one per deduplicated record; retries are not counted")
+    return row
+
+
+def _add_exports(plan: _Plan, export: dict, masked: int) -> None:
+    """The export rows and jobs of the masked records, one per format of export.formats."""
+    every = _figure(1.0, "config", "every masked record")
+    if "emu3" in export["formats"]:
+        emu3 = export["emu3"]
+        key = "emu3_images_per_s_per_gpu" if emu3["tokenize"] else "emu3_prompts_per_s"
+        timing = plan.timing("export emu3", ASSUMED[key]["value"], None, key)
+        measured_pass = "pass" in plan.measured.get("export emu3", {})
+        plan.add(
+            "export emu3",
+            masked,
+            plan.figure("export emu3", "") if measured_pass else every,
+            _split(masked, math.ceil(masked / emu3["parts"]) or 1),
+            timing,
+            "emu3_part",
+        )
+    for fmt, key, rule in (
+        ("coco", "export_records_per_s", "export_coco"),
+        ("odvg", "export_records_per_s", "export_odvg"),
+        ("webdataset", "webdataset_images_per_s", "export_wds"),
+    ):
+        if fmt in export["formats"]:
+            name = f"export {fmt}"
+            timing = plan.timing(name, ASSUMED[key]["value"], None, key)
+            passed = plan.figure(name, "") if "pass" in plan.measured.get(name, {}) else every
+            plan.add(name, masked, passed, [masked] if masked else [], timing, rule)
 
 
 def global_resources(

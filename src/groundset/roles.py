@@ -8,7 +8,8 @@ clean run's with the new config); `tuning`: read by the jobs at run time or by a
 
 from __future__ import annotations
 
-from . import caption, download, emu3, filter, mask, score
+from . import caption, download, emu3, mask, score
+from . import filter as select
 
 OUTPUT, TUNING = "output", "tuning"
 
@@ -23,7 +24,7 @@ def declared_roles() -> dict[str, set[str]]:
     output = [
         "workdir", "sources", "shard_size",
         *_under("download", [*download.OUTPUT_KEYS, *download.PREFILTER_OUTPUT_KEYS]),
-        *_under("filter", [*score.SCORE_KEYS, *filter.SELECT_KEYS, "template", "aesthetics_tiers"]),
+        *_under("filter", [*score.SCORE_KEYS, *select.SELECT_KEYS, "template", "aesthetics_tiers"]),
         *_under("caption", caption.OUTPUT_KEYS),
         *_under("caption", ["input", "chunk_size", "dedup.enabled", "dedup.max_distance"]),
         *_under("mask", [*mask.OUTPUT_KEYS, *mask.FLOOR_KEYS]),
