@@ -140,10 +140,12 @@ def ask_record(
     record: dict,
     on_the_wire: threading.Semaphore,
     payload: Payload | None = None,
+    keep: Callable[[dict], None] | None = None,
 ) -> Outcome:
     """Make a record's payload within the pixel budget (unless given), then ask about it once
     one of the job's `concurrency` request slots is free (payloads are made while other
-    requests are out)."""
+    requests are out). `keep` journals the answer before the slot frees, so a killed job has
+    at most `concurrency` paid answers it did not journal."""
     key = record_key(record)
     if payload is None:
         try:
@@ -151,7 +153,10 @@ def ask_record(
         except Dropped as drop:
             return Outcome(dropped=_dropped(drop))
     with on_the_wire:
-        return request_image(backend, limiter, settings, key, payload, url=record.get("url"))
+        outcome = request_image(backend, limiter, settings, key, payload, url=record.get("url"))
+        if keep is not None and outcome.entry is not None:
+            keep(outcome.entry)
+        return outcome
 
 
 def _dropped(drop: Dropped) -> dict:
@@ -196,10 +201,15 @@ def request_pending(
     consecutive = 0
     question = question_id(settings)
     in_flight: dict[cf.Future, str] = {}
+    journal_lock = threading.Lock()
+
+    def keep(entry: dict) -> None:
+        """Journal one answer (flushed and fsynced) in its request thread, slot still held."""
+        with journal_lock:
+            journal.append([entry])
 
     def collect(done) -> None:
         nonlocal consecutive
-        batch = []
         for future in done:
             key = in_flight.pop(future)
             outcome = future.result()  # CaptionError (auth) propagates: stop the job
@@ -209,15 +219,13 @@ def request_pending(
             counts["requested"] += 1
             counts["retries"] += outcome.retries
             counts["throttled"] += outcome.throttled
-            if outcome.entry is not None:
-                batch.append(outcome.entry)
+            if outcome.entry is not None:  # journaled by its thread already
                 counts["attempts"] += outcome.entry["attempts"]
                 consecutive = 0 if outcome.entry["status"] == "answered" else consecutive
             else:
                 gave_up[key] = outcome.gave_up
                 counts["attempts"] += outcome.gave_up["attempts"]
                 consecutive += 1
-        journal.append(batch)  # flushed and fsynced before anything else is written
         if consecutive >= settings.max_consecutive_failures:
             raise CaptionError(
                 f"{consecutive} images in a row failed after retries (last: "
@@ -254,7 +262,7 @@ def request_pending(
                     collect(done)
                     bar.update(len(done))
                 future = pool.submit(
-                    ask_record, backend, limiter, settings, record, on_the_wire, payload
+                    ask_record, backend, limiter, settings, record, on_the_wire, payload, keep
                 )
                 in_flight[future] = key
             while in_flight:
@@ -263,13 +271,10 @@ def request_pending(
                 bar.update(len(done))
         except BaseException:
             # keep what was paid for: no new request starts (threads waiting for a slot give
-            # up), the ones on the wire land and are journaled, then stop
+            # up), the ones on the wire land and their threads journal them, then stop
             limiter.stop()
             for future in in_flight:
                 future.cancel()
             running = [f for f in in_flight if not f.cancelled()]
             cf.wait(running, timeout=settings.timeout_s)
-            landed = [f.result().entry for f in running if f.done() and f.exception() is None]
-            with contextlib.suppress(Exception):
-                journal.append([entry for entry in landed if entry is not None])
             raise
