@@ -90,8 +90,7 @@ from .io import atomic_write, dumps_record, iter_jsonl, write_json
 from .mask import encode_rle
 from .records import (
     RecordError,
-    clean_caption,
-    clean_name,
+    cleaned_texts,
     image_path,
     record_boxes,
     record_key,
@@ -367,21 +366,14 @@ def prepare(record: dict, masks: bool) -> _Item:
     scores = record.get("mask_scores")
     if scores is not None and (not isinstance(scores, list) or len(scores) != len(boxes)):
         raise _Skip("masks_not_aligned")
-    texts = _cleaned_texts(record, boxes)
+    caption, names, cleaned = cleaned_texts(record)
+    boxes = [(name, box) for name, (_, box) in zip(names, boxes, strict=True)]
+    texts = {"caption": caption, "cleaned": cleaned}
     if masks and boxes:
         rles, areas, width, height = record_masks(record, len(boxes))
-        return _Item(record, image, texts[0], scores, width, height, rles, areas, *texts[1:])
+        return _Item(record, image, boxes, scores, width, height, rles, areas, **texts)
     width, height = image_size(record, image)
-    return _Item(record, image, texts[0], scores, width, height, [], [], *texts[1:])
-
-
-def _cleaned_texts(record: dict, boxes: list) -> tuple[list, str, int]:
-    """The boxes with cleaned names, the cleaned caption, and how many texts changed."""
-    raw_caption = str(record.get("caption") or "")
-    caption = clean_caption(raw_caption)
-    cleaned = [(clean_name(name), box) for name, box in boxes]
-    changed = sum(a != b for (a, _), (b, _) in zip(boxes, cleaned, strict=True))
-    return cleaned, caption, changed + (caption != raw_caption)
+    return _Item(record, image, boxes, scores, width, height, **texts)
 
 
 def _progress(records: Iterator[dict], desc: str) -> Iterator[dict]:
@@ -507,8 +499,9 @@ def export_coco(
             counts["texts_cleaned"] += item.cleaned
             kept, reasons = coco_kept(item)
             dropped.update(reasons)
+            raw_names = item.raw_names
             for i in kept:
-                raw, (name, box) = item.raw_names[i], item.boxes[i]
+                raw, (name, box) = raw_names[i], item.boxes[i]
                 name = category_name(name)
                 category = table.get(name)
                 if category is None:

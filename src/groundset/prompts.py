@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import string
 
-from .records import clean_caption, clean_name, record_boxes
+from .records import clean_caption, clean_name, cleaned_texts, record_boxes
 
 COORDINATES = ("x1", "y1", "x2", "y2")
 
@@ -30,10 +30,7 @@ def prompt_parts(record: dict, header: str) -> tuple[str, list[tuple]]:
 
 def texts_cleaned(record: dict, header: str) -> int:
     """How many of a record's texts (caption, entity names per box) the cleaning changes."""
-    caption, boxes = prompt_parts(record, header)
-    raw = [str(name) for name, _ in record_boxes(record)]
-    changed = sum(a != b[0] for a, b in zip(raw, boxes, strict=True))
-    return changed + (caption != str(record.get("caption") or ""))
+    return cleaned_texts(record, header)[2]
 
 
 def format_prompt(record: dict, header: str, entity: str) -> str:

@@ -124,6 +124,16 @@ def clean_name(name: object) -> str:
     return _SPACES.sub(" ", str(name).translate(_NAME_DELIMITERS)).strip()
 
 
+def cleaned_texts(record: dict, header: str | None = None) -> tuple[str, list[str], int]:
+    """A record's cleaned caption, cleaned entity name per box, and how many of those texts the
+    cleaning changed (what every export counts as `texts_cleaned`)."""
+    raw_caption = str(record.get("caption") or "")
+    raw_names = [str(name) for name, _ in record_boxes(record)]
+    caption, names = clean_caption(raw_caption, header), [clean_name(n) for n in raw_names]
+    changed = sum(a != b for a, b in zip(raw_names, names, strict=True))
+    return caption, names, changed + (caption != raw_caption)
+
+
 def clean_caption(caption: object, header: str | None = None) -> str:
     """A caption as every export writes it: one line (whitespace runs as one space), brackets as
     parentheses (no `Entity: [..]; box: [..]` text inside), the seed's location-control header
