@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from groundset.caption import Settings, caption_chunk, load_payload
-from groundset.io import write_jsonl
+from groundset.core.io import write_jsonl
+from groundset.stages.caption import Settings, caption_chunk, load_payload
 from groundset.testing.vlm import STAND_IN_KEY, StandInVLM
 
 

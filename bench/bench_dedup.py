@@ -122,7 +122,7 @@ def dedup_in_child(folder: Path, manifest: Path, threads: int, cache: Path | Non
     """One dedup job in a fresh interpreter: its stats, wall seconds and peak RSS (MiB)."""
     stats, peak = folder / "stats.json", folder / "peak.txt"
     code = (
-        "from groundset.dedup import dedup_records; "
+        "from groundset.stages.dedup import dedup_records; "
         f"dedup_records({str(manifest)!r}, {str(folder / 'out.jsonl')!r}, "
         f"{str(folder / 'dropped.jsonl')!r}, {str(stats)!r}, max_distance=4, threads={threads}, "
         f"cache={str(cache) if cache else None!r}); " + peak_code(peak)
@@ -145,10 +145,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
         peak = tmp / "peak.txt"
-        baseline = in_child("import groundset.dedup; " + peak_code(peak))
+        baseline = in_child("import groundset.stages.dedup; " + peak_code(peak))
         baseline["peak_rss_mb"] = float(peak.read_text())
         print(
-            f"python start + import groundset.dedup: {baseline['seconds']:.2f} s, "
+            f"python start + import groundset.stages.dedup: {baseline['seconds']:.2f} s, "
             f"{baseline['peak_rss_mb']:.0f} MiB peak"
         )
 
@@ -203,7 +203,7 @@ def main() -> None:
         print(f"{'hashes':>10}{'seconds':>9}{'hashes/s':>11}{'compared':>14}")
         for count in args.near:
             code = (
-                "import numpy as np, time; from groundset.dedup import near_pairs; "
+                "import numpy as np, time; from groundset.stages.dedup import near_pairs; "
                 f"h = np.unique(np.random.default_rng(0).integers(0, 2**64 - 1, {count}, "
                 "np.uint64)); t = time.perf_counter(); r = near_pairs(h, 4); "
                 f"open({str(peak)!r}, 'w').write(f'{{len(h)}} {{time.perf_counter() - t}} {{r[3]}}')"

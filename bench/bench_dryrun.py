@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from groundset.split import index_manifest, write_index
+from groundset.stages.split import index_manifest, write_index
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {118: 5, 10_000: 60}  # seconds, every run

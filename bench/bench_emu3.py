@@ -57,7 +57,7 @@ def main() -> int:
             path = tmp / f"{count}.jsonl"
             make_file(path, count, images)
             code = (
-                "from groundset.emu3 import Emu3Settings, export_emu3; "
+                "from groundset.exports.emu3 import Emu3Settings, export_emu3; "
                 f"export_emu3({str(path)!r}, {str(tmp / 'prompts')!r}, "
                 "Emu3Settings.from_config({'tokenize': False}))"
             )
@@ -69,7 +69,7 @@ def main() -> int:
         make_file(path, args.images, images)
         tokenizer = repr(args.tokenizer)
         code = (
-            "from groundset.emu3 import Emu3Settings, export_emu3, load_tokenizer; "
+            "from groundset.exports.emu3 import Emu3Settings, export_emu3, load_tokenizer; "
             f"s = Emu3Settings.from_config({{'tokenizer': {tokenizer}, 'image_area': {args.area}, "
             "'batch_size': 8}); "
             "tok = load_tokenizer(s); "

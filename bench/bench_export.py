@@ -37,7 +37,7 @@ NAMES = ["dog", "cat", "tree", "big red car", "person", "mountain", "sky", "hous
 
 def make_inputs(tmp: Path, images: int, side: int) -> list[dict]:
     """`images` JPEG files (longest side `side`) with 3 masks each, as an .npy file and as RLE."""
-    from groundset.mask import encode_rle
+    from groundset.stages.mask import encode_rle
 
     rng = np.random.default_rng(0)
     (tmp / "img").mkdir()
@@ -96,7 +96,7 @@ def run_export(kind: str, source: Path, target: Path, workers: int) -> dict:
         "wds": f"e.export_wds({str(source)!r}, {str(target)!r}, workers={workers})",
     }[kind]
     code = (
-        "import json, time, logging; import groundset.exports as e; "
+        "import json, time, logging; import groundset.exports.common as e; "
         "logging.disable(logging.INFO); t = time.perf_counter(); "
         f"s = {call}; "
         f"json.dump({{'seconds': time.perf_counter() - t, 'stats': s}}, open({str(report)!r}, 'w'))"

@@ -69,12 +69,12 @@ def main() -> None:
         timed_shell(cat_cmd)  # warm the cache
         cat = best_of(3, lambda: timed_shell(cat_cmd))
         code = (
-            "from groundset.manifest import build_manifest; "
+            "from groundset.stages.manifest import build_manifest; "
             f"build_manifest({str(root)!r}, {str(Path(tmp) / 'm.jsonl')!r}, 'laion-high-resolution', "
             "['similarity', 'hash', 'punsafe', 'pwatermark', 'LANGUAGE'])"
         )
         result = best_of(3, lambda: in_child(code))
-        base = in_child("import groundset.manifest")
+        base = in_child("import groundset.stages.manifest")
         print(
             f"tree: {args.images:,} images in {-(-args.images // 10_000)} shard folders "
             f"(3 files each; warm cache; best of 3)"
@@ -86,7 +86,7 @@ def main() -> None:
             f"{result['seconds'] / cat:8.2f}{result['peak_rss_mb']:10.0f}"
         )
         print(
-            f"import groundset.manifest alone: {base['seconds']:.3f} s, {base['peak_rss_mb']:.0f} MiB peak"
+            f"import groundset.stages.manifest alone: {base['seconds']:.3f} s, {base['peak_rss_mb']:.0f} MiB peak"
         )
 
 

@@ -2,7 +2,7 @@
 
 (a) seed: per image, decode, `set_image`, one `predict(box=(N,4), multimask_output=False)`,
     fp32, `np.save` of the masks;
-(b) groundset: `groundset.mask.mask_chunk` (decode thread pool, batched encoder on the
+(b) groundset: `groundset.stages.mask.mask_chunk` (decode thread pool, batched encoder on the
     device, bf16 autocast on CUDA, one prompt batch per image, atomic .npy writes, journal).
 Random weights (no checkpoint): timing does not depend on them.
 
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from groundset.io import write_jsonl
-from groundset.mask import MaskChunkFiles, Masker, MaskSettings, load_model, mask_chunk
+from groundset.core.io import write_jsonl
+from groundset.stages.mask import MaskChunkFiles, Masker, MaskSettings, load_model, mask_chunk
 
 CONFIGS = {
     "tiny": "configs/sam2.1/sam2.1_hiera_t.yaml",

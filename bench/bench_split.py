@@ -83,7 +83,7 @@ def main() -> None:
             out = tmp / f"shards_{shard_size}"
             fresh(out)
             return in_child(
-                f"from groundset.split import split_manifest; "
+                f"from groundset.stages.split import split_manifest; "
                 f"split_manifest({str(manifest)!r}, {str(out)!r}, {shard_size}, fsync={fsync})"
             )
 
@@ -111,14 +111,12 @@ def main() -> None:
                 result = best_of(3, lambda s=shard_size, f=fsync: split_run(s, f))
                 label = f"split {shard_size:,}/shard" + ("" if fsync else " (no fsync)")
                 row(label, result["seconds"], result["peak_rss_mb"])
-        code = (
-            f"from groundset.split import index_manifest; index_manifest({str(manifest)!r}, 500000)"
-        )
+        code = f"from groundset.stages.split import index_manifest; index_manifest({str(manifest)!r}, 500000)"
         result = best_of(3, lambda: in_child(code))
         row("index only (the checkpoint)", result["seconds"], result["peak_rss_mb"])
-        baseline = in_child("import groundset.split")
+        baseline = in_child("import groundset.stages.split")
         print(
-            f"python start + import groundset.split: {baseline['seconds']:.3f} s, "
+            f"python start + import groundset.stages.split: {baseline['seconds']:.3f} s, "
             f"{baseline['peak_rss_mb']:.0f} MiB peak"
         )
 

@@ -51,8 +51,8 @@ def main() -> int:
             path = Path(tmp) / f"{count}.jsonl"
             make_file(path, count)
             steps = {
-                "stats": f"from groundset.stats import collect_stats; collect_stats({str(path)!r})",
-                "draw sample": f"from groundset.draw import sample_records; sample_records({str(path)!r}, 50)",
+                "stats": f"from groundset.tools.stats import collect_stats; collect_stats({str(path)!r})",
+                "draw sample": f"from groundset.tools.draw import sample_records; sample_records({str(path)!r}, 50)",
             }
             for step, code in steps.items():
                 r = in_child(code)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from groundset.io import write_jsonl
+from groundset.core.io import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data" / "sample"

@@ -18,7 +18,9 @@ import yaml
 from PIL import Image
 
 from conftest import RANDOM_WEIGHTS, ROOT, fake_vllm, make_images, make_records
-from groundset.caption import (
+from groundset.core.config import ConfigError, section_schema
+from groundset.core.io import StalePlanError, iter_jsonl, read_json, write_jsonl
+from groundset.stages.caption import (
     INDEX_KEYS,
     OUTPUT_KEYS,
     PREFLIGHT_KEYS,
@@ -38,10 +40,8 @@ from groundset.caption import (
     record_key,
     uses_stand_in,
 )
-from groundset.caption.backends import fits_budget, sent_size
-from groundset.config import ConfigError, section_schema
-from groundset.grounding import smart_resize
-from groundset.io import StalePlanError, iter_jsonl, read_json, write_jsonl
+from groundset.stages.caption.backends import fits_budget, sent_size
+from groundset.stages.caption.grounding import smart_resize
 from groundset.testing.vlm import STAND_IN_KEY, Reply, StandInVLM, image_digest
 
 KEY_ENV = "GROUNDSET_TEST_KEY"
@@ -227,7 +227,7 @@ def test_records_without_an_image_are_counted_drops_and_keys_are_the_shared_ones
     records = make_records(tmp_path / "in.jsonl", images)
     records += [{**records[0], "image_id": "no-list", "image": []},
                 {**records[0], "image_id": "no-field", "image": None}]  # fmt: skip
-    del records[1]["image_id"]  # keyed by its image path (groundset.records.record_key)
+    del records[1]["image_id"]  # keyed by its image path (groundset.core.records.record_key)
     write_jsonl(tmp_path / "in.jsonl", records)
     with StandInVLM() as server:
         stats = run_chunk(tmp_path, tmp_path / "in.jsonl", settings_for(server))
@@ -480,7 +480,7 @@ def test_preflight_accepts_the_served_model_name_of_the_config(tmp_path, monkeyp
 
 def caption_preflight_params(section: dict) -> dict:
     """What rule caption_preflight's params hold for a `caption:` section."""
-    from groundset.caption import preflight_settings
+    from groundset.stages.caption import preflight_settings
 
     return preflight_settings(section)
 

@@ -22,7 +22,7 @@ from conftest import (
     run_snakemake,
     write_config,
 )
-from groundset.caption import TUNING_KEYS
+from groundset.stages.caption import TUNING_KEYS
 from groundset.testing.vlm import Reply, StandInVLM, image_digest
 
 pytestmark = pytest.mark.workflow
@@ -165,7 +165,7 @@ def planned(done) -> dict[str, int]:
     return {rule: int(n) for rule, n in counts.items() if rule != "total"}
 
 
-# A new value for each tuning knob (groundset.caption.TUNING_KEYS)
+# A new value for each tuning knob (groundset.stages.caption.TUNING_KEYS)
 KNOBS = {
     "rate_per_second": 7, "rate_headroom": 0.1, "api_jobs": 3, "concurrency": 2, "timeout_s": 9,
     "max_attempts": 2, "backoff_base_s": 0.02, "backoff_cap_s": 0.5, "max_consecutive_failures": 5,

@@ -9,7 +9,7 @@ import yaml
 
 from conftest import RANDOM_WEIGHTS, ROOT, fake_download, write_config, write_parquet
 from groundset.cli import main
-from groundset.io import iter_jsonl, write_jsonl
+from groundset.core.io import iter_jsonl, write_jsonl
 
 GROUNDSET = os.path.join(os.path.dirname(sys.executable), "groundset")
 
@@ -116,7 +116,7 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
 
 
 def test_summary_formats_counts_per_stage(tmp_path, capsys):
-    from groundset.io import write_json
+    from groundset.core.io import write_json
 
     write_json(
         tmp_path / "url_lists" / "s_stats.json",

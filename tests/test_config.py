@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import RANDOM_WEIGHTS, ROOT, run_snakemake, write_config
-from groundset.config import (
+from groundset.core.config import (
     SCHEMA_DIR,
     ConfigError,
     download_options,
@@ -17,7 +17,7 @@ from groundset.config import (
     section_defaults,
     validate_config,
 )
-from groundset.roles import OUTPUT, TUNING, declared_roles, role_of
+from groundset.core.roles import OUTPUT, TUNING, declared_roles, role_of
 
 SOURCES = {"sources": [{"name": "s", "url_list": "x.parquet"}]}
 
@@ -359,7 +359,7 @@ def test_sample_config_is_valid_over_the_default():
 
 
 def test_config_readme_table_is_generated_from_the_schema():
-    from groundset.config import config_table
+    from groundset.core.config import config_table
 
     assert config_table() in (ROOT / "config" / "README.md").read_text()
 
@@ -426,10 +426,10 @@ def _named_as_keys(cls: type, section: str, runtime: set[str]) -> dict[str, str]
 def _settings_classes() -> list[tuple]:
     """Every class built from config sections: (class, build from an empty config, the config
     key of each field, its runtime-only fields: not config keys, so free to have defaults)."""
-    from groundset.caption import Settings
-    from groundset.emu3 import Emu3Settings
-    from groundset.mask import MaskSettings
-    from groundset.prefilter import RULE_KEYS, PrefilterRules
+    from groundset.exports.emu3 import Emu3Settings
+    from groundset.stages.caption import Settings
+    from groundset.stages.mask import MaskSettings
+    from groundset.stages.prefilter import RULE_KEYS, PrefilterRules
 
     emu3_keys = {
         **_named_as_keys(Emu3Settings, "export.emu3", {"header", "entity"}),
@@ -471,9 +471,9 @@ def test_settings_classes_take_every_default_from_the_schema(cls, build, keys, r
 
 
 def test_a_default_changed_in_the_schema_reaches_the_settings(monkeypatch):
-    from groundset import config as config_module
-    from groundset.caption import Settings
-    from groundset.prefilter import PrefilterRules
+    from groundset.core import config as config_module
+    from groundset.stages.caption import Settings
+    from groundset.stages.prefilter import PrefilterRules
 
     schema = load_schema("config")
     props = schema["properties"]

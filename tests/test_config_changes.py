@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_snakemake, write_config
-from groundset.io import iter_jsonl
+from groundset.core.io import iter_jsonl
 
 pytestmark = [pytest.mark.workflow, pytest.mark.xdist_group("config_changes")]
 BIN = os.path.dirname(sys.executable)

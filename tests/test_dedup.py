@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groundset.dedup import (
+from groundset.core.io import iter_jsonl, read_json, write_jsonl
+from groundset.stages.dedup import (
     KINDS,
     aesthetic_score,
     bands,
@@ -23,7 +24,6 @@ from groundset.dedup import (
     near_pairs,
     phash_bytes,
 )
-from groundset.io import iter_jsonl, read_json, write_jsonl
 
 SAMPLE_IMG = Path(__file__).resolve().parent / "data" / "sample" / "www" / "img"
 PHOTOS = ("astronaut", "chelsea", "coffee", "hubble", "rocket", "retina", "ihc")

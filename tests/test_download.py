@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from conftest import write_parquet
-from groundset.config import ConfigError, fill_section, load_schema
-from groundset.download import (
+from groundset.core.config import ConfigError, fill_section, load_schema
+from groundset.stages.download import (
     FINGERPRINT_FILE,
     collect_stats,
     download_source,
@@ -189,7 +189,7 @@ def test_columns_img2dataset_reads_are_checked_before_it_runs(tmp_path, monkeypa
     def no_img2dataset(*_args, **_kwargs):
         raise AssertionError("img2dataset ran")
 
-    monkeypatch.setattr("groundset.download.run_img2dataset", no_img2dataset)
+    monkeypatch.setattr("groundset.stages.download.run_img2dataset", no_img2dataset)
     out = tmp_path / "dl"
     prepare_output(out, "an earlier list")
     src = write_parquet(tmp_path / "urls" / "foo.parquet", [{"URL": "u", "caption": "c"}])
@@ -217,7 +217,7 @@ def test_options_left_out_are_the_schemas_never_img2datasets(tmp_path, monkeypat
         ran.append(kwargs)
         raise Ran
 
-    monkeypatch.setattr("groundset.download.run_img2dataset", record)
+    monkeypatch.setattr("groundset.stages.download.run_img2dataset", record)
     src = write_parquet(tmp_path / "urls" / "u.parquet", [{"URL": "u", "TEXT": "t"}])
     with pytest.raises(Ran):
         download_source(src.parent, tmp_path / "dl", tmp_path / "s.json", {"thread_count": 3}, [])

@@ -14,8 +14,9 @@ from PIL import Image
 
 from conftest import RANDOM_WEIGHTS
 from groundset.cli import main
-from groundset.config import validate_config
-from groundset.emu3 import (
+from groundset.core.config import validate_config
+from groundset.core.io import iter_jsonl
+from groundset.exports.emu3 import (
     OUTPUT_KEYS,
     TUNING_KEYS,
     Emu3Error,
@@ -31,7 +32,6 @@ from groundset.emu3 import (
     resized_size,
     token_shape,
 )
-from groundset.io import iter_jsonl
 
 VISUAL_TOKEN = "<|visual token {token_id:0>6d}|>"  # Emu3's DataArguments.visual_token_pattern
 # A tiny Emu3VQVAE with 4x spatial downsampling (three resolution levels), random weights.

@@ -1,4 +1,4 @@
-"""groundset.estimate: counts from the URL lists' metadata, times from the config and rates
+"""groundset.tools.estimate: counts from the URL lists' metadata, times from the config and rates
 (assumed, or measured by an earlier run's benchmarks and stats), requests and cost."""
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from groundset.config import validate_config
-from groundset.estimate import (
+from groundset.core.config import validate_config
+from groundset.core.io import write_json
+from groundset.stages.prefilter import PrefilterRules
+from groundset.tools.estimate import (
     AFTER,
     ASSUMED,
     LIGHT_MEM_MB,
@@ -35,8 +37,6 @@ from groundset.estimate import (
     rule_seconds,
     schedule,
 )
-from groundset.io import write_json
-from groundset.prefilter import PrefilterRules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -447,7 +447,7 @@ def test_snakemake_records_give_every_rules_job_time(lists, tmp_path):
 def test_the_sample_estimate_matches_its_own_run(sample_run, monkeypatch):
     """The sample estimated from its own run's benchmarks and records: within 30 % of the
     time its jobs took (Snakemake's records, first start to last end), at 2 cores and 1."""
-    from groundset.config import load_config
+    from groundset.core.config import load_config
 
     monkeypatch.chdir(ROOT)  # the sample config's URL lists are relative to the repository
     config = load_config("config/sample.yaml", weights=())

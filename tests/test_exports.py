@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groundset.exports import (
+from groundset.core.io import iter_jsonl, write_jsonl
+from groundset.core.records import clean_name
+from groundset.exports.common import (
     ExportError,
     append_phrase,
     category_name,
@@ -26,9 +28,7 @@ from groundset.exports import (
     record_masks,
     tar_header,
 )
-from groundset.io import iter_jsonl, write_jsonl
-from groundset.mask import decode_rle, encode_rle
-from groundset.records import clean_name
+from groundset.stages.mask import decode_rle, encode_rle
 
 W, H = 40, 30
 # pycocotools' decode under numpy 2 (its own code, not the exports')

@@ -13,9 +13,19 @@ import yaml
 from PIL import Image
 
 from conftest import RANDOM_WEIGHTS, ROOT, SAMPLE
-from groundset import score, scoring
-from groundset.config import validate_config
-from groundset.filter import (
+from groundset.core.config import validate_config
+from groundset.core.io import iter_jsonl, write_jsonl
+from groundset.core.reproduce import differences, scores_agree
+from groundset.stages.filter import score, scoring
+from groundset.stages.filter.score import ScoreFiles
+from groundset.stages.filter.select import (
+    SelectFiles,
+    rules_from_recipe,
+    select_shard,
+    selection_rules,
+    verdict,
+)
+from groundset.stages.filter.shard import (
     OPS,
     SELECT_KEYS,
     aesthetics_divisor,
@@ -28,12 +38,8 @@ from groundset.filter import (
     resolve_models,
     select_settings,
 )
-from groundset.io import iter_jsonl, write_jsonl
-from groundset.merge import merge_tiers
-from groundset.reproduce import differences, scores_agree
-from groundset.score import ScoreFiles
-from groundset.select import SelectFiles, rules_from_recipe, select_shard, selection_rules, verdict
-from groundset.split import index_manifest
+from groundset.stages.merge import merge_tiers
+from groundset.stages.split import index_manifest
 
 PHOTOS = SAMPLE / "www" / "img"
 

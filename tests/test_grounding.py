@@ -4,7 +4,12 @@ from collections import Counter
 
 import pytest
 
-from groundset.grounding import extract_json, normalize_box, parse_answer, smart_resize
+from groundset.stages.caption.grounding import (
+    extract_json,
+    normalize_box,
+    parse_answer,
+    smart_resize,
+)
 
 SEED = (
     '{"caption": "A sunset over a city with mountains.", "entities": ['

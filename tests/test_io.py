@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from groundset.io import (
+from groundset.core.io import (
     NoSpaceLeftError,
     atomic_save,
     atomic_write,
@@ -190,7 +190,7 @@ def test_atomic_save_keeps_other_errors(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 def test_save_npy_turns_numpy_short_write_into_no_space_left(tmp_path, monkeypatch):
-    from groundset import mask
+    from groundset.stages import mask
 
     masks = np.zeros((3, 1024, 1024), dtype=bool)
     real_save = np.save
@@ -218,8 +218,8 @@ def test_job_files_come_from_the_rules_outputs_then_params_then_defaults():
 
     from snakemake.iocontainers import Namedlist
 
-    from groundset.mask import MaskChunkFiles
-    from groundset.runlog import job_files
+    from groundset.core.runlog import job_files
+    from groundset.stages.mask import MaskChunkFiles
 
     outputs = {"records": "r.jsonl", "dropped": "d.jsonl", "stats": "s.json", "masks": "m"}
     job = SimpleNamespace(

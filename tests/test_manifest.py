@@ -3,8 +3,8 @@ import json
 import pytest
 
 from conftest import fake_download
-from groundset.io import iter_jsonl
-from groundset.manifest import build_manifest, make_record
+from groundset.core.io import iter_jsonl
+from groundset.stages.manifest import build_manifest, make_record
 
 
 def test_manifest_records_follow_the_design_format(tmp_path):

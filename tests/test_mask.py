@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import RANDOM_WEIGHTS, make_images
-from groundset.config import ConfigError, validate_config
-from groundset.io import iter_jsonl, read_json, write_jsonl
-from groundset.mask import (
+from groundset.core.config import ConfigError, validate_config
+from groundset.core.io import iter_jsonl, read_json, write_jsonl
+from groundset.stages.mask import (
     FLOOR_KEYS,
     OUTPUT_KEYS,
     TUNING_KEYS,
@@ -388,8 +388,8 @@ def test_masks_follow_their_records_into_new_chunks(tmp_path):
     """The caption input changed (a tier or chunk_size changed): index_chunks moves the mask
     journals' entries with their records, and the new chunks compute nothing already computed
     (one store for all chunks)."""
-    from groundset.caption import index_chunks
-    from groundset.caption.chunks import iter_range
+    from groundset.stages.caption import index_chunks
+    from groundset.stages.caption.chunks import iter_range
 
     source = captioned(tmp_path, [KNOWN] * 4)
     journals = {"caption": tmp_path / "cj", "mask": tmp_path / "mj"}

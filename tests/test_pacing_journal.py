@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from groundset.journal import Journal
-from groundset.pacing import RateLimiter, backoff_delay
+from groundset.core.journal import Journal
+from groundset.core.pacing import RateLimiter, backoff_delay
 
 
 class FakeClock:

@@ -4,8 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import RANDOM_WEIGHTS, write_parquet
-from groundset.config import ConfigError, download_options, validate_config
-from groundset.prefilter import (
+from groundset.core.config import ConfigError, download_options, validate_config
+from groundset.stages.prefilter import (
     PrefilterRules,
     list_parquet_files,
     prefilter_url_list,

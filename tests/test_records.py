@@ -1,11 +1,11 @@
-"""groundset.records: one rule for a record's key, image, boxes, masked layout and file names."""
+"""groundset.core.records: one rule for a record's key, image, boxes, masked layout and file names."""
 
 from __future__ import annotations
 
 import pytest
 
-from groundset import draw, emu3, grounding, mask, prompts, records, stats
-from groundset.records import (
+from groundset.core import prompts, records
+from groundset.core.records import (
     RecordError,
     entity_boxes,
     feature_relpath,
@@ -16,6 +16,10 @@ from groundset.records import (
     record_key,
     record_relpath,
 )
+from groundset.exports import emu3
+from groundset.stages import mask
+from groundset.stages.caption import grounding
+from groundset.tools import draw, stats
 
 SEED_CAPTIONED = {  # the seed's captioned line (README 2.6): no source, image a list of one
     "caption": "A sunset over a city with mountains.",
@@ -42,7 +46,7 @@ def test_key_is_source_and_id_or_the_id_or_the_image():
 
 
 def test_key_is_the_key_existing_caption_journals_hold():
-    # journals written before groundset.records keyed answers `source/image_id` (image ids
+    # journals written before groundset.core.records keyed answers `source/image_id` (image ids
     # restart in every source) and `image_id` alone without a source: keys must not change
     assert record_key({**SEED_CAPTIONED, "source": "laion-hr"}) == "laion-hr/000000974"
     assert record_key(SEED_CAPTIONED) == "000000974"
@@ -126,7 +130,7 @@ def test_every_stage_uses_the_one_copy():
 
 
 def test_same_image_compares_urls_when_both_have_one():
-    from groundset.records import same_image
+    from groundset.core.records import same_image
 
     assert same_image({"url": "http://a/1.jpg"}, {"url": "http://a/1.jpg"})
     assert not same_image({"url": "http://a/1.jpg"}, {"url": "http://a/2.jpg"})

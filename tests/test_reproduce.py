@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from groundset.reproduce import ROUNDED_ATOL, SCORE_RTOL, differences, load_output
+from groundset.core.reproduce import ROUNDED_ATOL, SCORE_RTOL, differences, load_output
 
 
 def record(**stats) -> dict:

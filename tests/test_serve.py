@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import make_images, make_records
-from groundset.caption import CaptionError, Settings, caption_chunk, preflight
-from groundset.caption.serve import Server, command_problem, served_name
-from groundset.io import iter_jsonl
+from groundset.core.io import iter_jsonl
+from groundset.stages.caption import CaptionError, Settings, caption_chunk, preflight
+from groundset.stages.caption.serve import Server, command_problem, served_name
 from groundset.testing.vlm import StandInVLM
 
 STAND_IN = f"{sys.executable} -m groundset.testing.vlm --port {{port}}"
@@ -72,7 +72,7 @@ def start_job(tmp: Path, command: str, concurrency: int) -> subprocess.Popen:
     """A caption job in its own process (stopped by SIGTERM as Snakemake and SLURM stop one)."""
     script = (
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
-        "from test_serve import run, settings; from groundset.caption import stop_on_sigterm;\n"
+        "from test_serve import run, settings; from groundset.stages.caption import stop_on_sigterm;\n"
         "with stop_on_sigterm(): run(Path(sys.argv[2]), Path(sys.argv[2]) / 'in.jsonl', "
         "settings(sys.argv[3], concurrency=int(sys.argv[4])))"
     )

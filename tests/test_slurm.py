@@ -22,7 +22,7 @@ import yaml
 from slurm_cluster import CLUSTER, SlurmCluster, _left_by_dead_test_cluster
 
 from conftest import ROOT
-from groundset.reproduce import differences
+from groundset.core.reproduce import differences
 
 pytestmark = pytest.mark.workflow
 SLURM = ["--profile", "slurm"]  # as the design card says: the user profile named slurm

@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from groundset.io import iter_jsonl
-from groundset.split import (
+from groundset.core.io import iter_jsonl
+from groundset.stages.split import (
     count_records,
     index_manifest,
     read_index,
@@ -106,7 +106,7 @@ def test_summarize_counts_checks_the_index(tmp_path):
 
 @pytest.mark.parametrize("block", [7, 61, 4096])
 def test_one_pass_split_equals_per_shard_writes(tmp_path, block):
-    from groundset.split import ShardSink
+    from groundset.stages.split import ShardSink
 
     path = manifest(tmp_path / "m.jsonl", 137, newline_at_end=False)
     index = index_manifest(path, 11, block=block, sink=ShardSink(tmp_path / "one"))

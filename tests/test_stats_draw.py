@@ -6,10 +6,10 @@ import numpy as np
 from PIL import Image
 
 from conftest import make_images
-from groundset.draw import draw_sample, sample_records
-from groundset.io import read_json, write_jsonl
-from groundset.mask import encode_rle
-from groundset.stats import write_stats
+from groundset.core.io import read_json, write_jsonl
+from groundset.stages.mask import encode_rle
+from groundset.tools.draw import draw_sample, sample_records
+from groundset.tools.stats import write_stats
 
 
 def drawn(out):

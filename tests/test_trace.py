@@ -1,4 +1,4 @@
-"""groundset.trace: one image's verdict at every stage, read from a workdir in the stages' formats.
+"""groundset.tools.trace: one image's verdict at every stage, read from a workdir in the stages' formats.
 
 The workdir is made by the stages' own functions where they are cheap (prefilter, manifest,
 split, select, merge, mask floors) and written in their formats where they need models
@@ -17,17 +17,17 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from groundset import trace as trace_module
-from groundset.config import validate_config
-from groundset.exports import export_coco, export_odvg, export_wds
-from groundset.io import write_json, write_jsonl
-from groundset.manifest import build_manifest
-from groundset.mask import MaskGatherFiles, MaskSettings, gather_masks
-from groundset.merge import merge_tiers
-from groundset.prefilter import PrefilterRules, run_prefilter
-from groundset.select import SelectFiles, select_shard, selection_rules
-from groundset.split import split_manifest
-from groundset.trace import format_trace, parse_key, trace
+from groundset.core.config import validate_config
+from groundset.core.io import write_json, write_jsonl
+from groundset.exports.common import export_coco, export_odvg, export_wds
+from groundset.stages.filter.select import SelectFiles, select_shard, selection_rules
+from groundset.stages.manifest import build_manifest
+from groundset.stages.mask import MaskGatherFiles, MaskSettings, gather_masks
+from groundset.stages.merge import merge_tiers
+from groundset.stages.prefilter import PrefilterRules, run_prefilter
+from groundset.stages.split import split_manifest
+from groundset.tools import trace as trace_module
+from groundset.tools.trace import format_trace, parse_key, trace
 
 SOURCE = "src"
 # The URL list: (file name, WIDTH, HEIGHT). "small" fails the prefilter; the others are kept
@@ -526,7 +526,7 @@ def test_the_manifest_is_bisected(tmp_path, monkeypatch):
 @pytest.mark.xdist_group("sample")
 def test_trace_of_a_sample_image(sample_run, monkeypatch):
     """A captioned and masked image of the bundled sample, traced through its finished run."""
-    from groundset.config import load_config
+    from groundset.core.config import load_config
 
     monkeypatch.chdir(ROOT)  # the sample config's URL lists are relative to the repository
     config = load_config("config/sample.yaml", weights=())

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, make_images
-from groundset.filter import probe_shard
-from groundset.io import write_jsonl
-from groundset.validate import detect_stage, validate_file
+from groundset.core.io import write_jsonl
+from groundset.stages.filter.shard import probe_shard
+from groundset.tools.validate import detect_stage, validate_file
 
 
 def _masked(path, image, boxes, n_masks=None, shape=None, scores=None):

@@ -25,11 +25,11 @@ from conftest import (
     write_config,
     write_parquet,
 )
-from groundset.emu3 import template
-from groundset.io import iter_jsonl
-from groundset.prompts import parse_prompt, prompt_parts
-from groundset.records import clean_caption
-from groundset.split import index_manifest, write_index
+from groundset.core.io import iter_jsonl
+from groundset.core.prompts import parse_prompt, prompt_parts
+from groundset.core.records import clean_caption
+from groundset.exports.emu3 import template
+from groundset.stages.split import index_manifest, write_index
 
 # One xdist worker: these tests share (and some change) the sample run's workdir.
 pytestmark = [pytest.mark.workflow, pytest.mark.xdist_group("sample")]

@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
-from .config import ConfigError, download_options, find_source, load_config
+from groundset import __version__
+from groundset.core.config import ConfigError, download_options, find_source, load_config
 
 
 def _source(config: dict, name: str | None) -> dict:
@@ -48,7 +48,7 @@ def existing_dir(path: str | None, what: str) -> str | None:
 
 def cmd_prefilter(args: argparse.Namespace, config: dict) -> dict:
     """Drop URL-list rows whose metadata fails a later filter."""
-    from .prefilter import PrefilterRules, run_prefilter
+    from groundset.stages.prefilter import PrefilterRules, run_prefilter
 
     source = _source(config, args.source)
     opts = download_options(config, source)
@@ -64,7 +64,7 @@ def cmd_prefilter(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_download(args: argparse.Namespace, config: dict) -> dict:
     """Download a (prefiltered) URL list with img2dataset."""
-    from .download import download_source
+    from groundset.stages.download import download_source
 
     source = _source(config, args.source)
     return download_source(
@@ -79,7 +79,7 @@ def cmd_download(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_manifest(args: argparse.Namespace, config: dict) -> dict:
     """Walk img2dataset output into a manifest JSONL."""
-    from .manifest import build_manifest
+    from groundset.stages.manifest import build_manifest
 
     columns = None
     name = args.source
@@ -93,7 +93,7 @@ def cmd_manifest(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_split(args: argparse.Namespace, config: dict) -> dict:
     """Split a manifest into shards."""
-    from .split import split_manifest
+    from groundset.stages.split import split_manifest
 
     shard_size = args.shard_size or config["shard_size"]
     index = split_manifest(args.input, args.outdir, shard_size)
@@ -102,8 +102,8 @@ def cmd_split(args: argparse.Namespace, config: dict) -> dict:
 
 def _models(config: dict, models_dir: str) -> dict[str, str]:
     """The filter models of a config (the stand-ins, built under `models_dir`, when configured)."""
-    from .filter import resolve_models
-    from .testing.models import build_stand_in_models
+    from groundset.stages.filter.shard import resolve_models
+    from groundset.testing.models import build_stand_in_models
 
     filter_cfg = config["filter"]
     stand_in = build_stand_in_models(models_dir) if filter_cfg["stand_in_models"] else None
@@ -112,9 +112,9 @@ def _models(config: dict, models_dir: str) -> dict[str, str]:
 
 def cmd_score(args: argparse.Namespace, config: dict) -> dict:
     """Probe one shard and score every decodable record (all five filters' stats, none removed)."""
-    from .filter import probe_shard
-    from .score import ScoreFiles, score_probed
-    from .select import config_rules
+    from groundset.stages.filter.score import ScoreFiles, score_probed
+    from groundset.stages.filter.select import config_rules
+    from groundset.stages.filter.shard import probe_shard
 
     stem = str(Path(args.output).with_suffix(""))
     files = ScoreFiles(
@@ -144,10 +144,10 @@ def cmd_score(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_select(args: argparse.Namespace, config: dict) -> dict:
     """Apply the config's thresholds to a scored shard: kept, rejected (with why) and counts."""
-    from . import scoring
-    from .filter import STATS
-    from .io import iter_jsonl
-    from .select import SelectFiles, config_rules, select_shard
+    from groundset.core.io import iter_jsonl
+    from groundset.stages.filter import scoring
+    from groundset.stages.filter.select import SelectFiles, config_rules, select_shard
+    from groundset.stages.filter.shard import STATS
 
     stem = str(Path(args.output).with_suffix(""))
     in_stem = str(Path(args.input).with_suffix(""))
@@ -170,7 +170,7 @@ def cmd_select(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_dj_config(args: argparse.Namespace, config: dict) -> dict:
     """The seed's way: write stock data-juicer's recipe (template + thresholds) for one shard."""
-    from .filter import make_dj_config
+    from groundset.stages.filter.shard import make_dj_config
 
     filter_cfg = config["filter"]
     work_dir = args.work_dir or str(Path(args.output).with_suffix("")) + "_work"
@@ -189,7 +189,7 @@ def cmd_dj_config(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_filter(args: argparse.Namespace, config: dict) -> dict:
     """The seed's way: run stock data-juicer on a `dj-config` recipe (kept records, counts)."""
-    from .filter import filter_shard
+    from groundset.stages.filter.shard import filter_shard
 
     stats = args.stats or str(Path(args.output).with_suffix("")) + "_stats.json"
     return filter_shard(
@@ -199,7 +199,7 @@ def cmd_filter(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_merge(args: argparse.Namespace, config: dict) -> dict:
     """Merge filtered shards into the aesthetic tiers."""
-    from .merge import TIER_FILES, merge_tiers
+    from groundset.stages.merge import TIER_FILES, merge_tiers
 
     outdir = Path(args.outdir)
     return merge_tiers(
@@ -212,7 +212,7 @@ def cmd_merge(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_caption(args: argparse.Namespace, config: dict) -> dict:
     """Grounded captions (caption + entity boxes) for a JSONL file, resumable via its journal."""
-    from .caption import Settings, caption_chunk, preflight, stop_on_sigterm
+    from groundset.stages.caption import Settings, caption_chunk, preflight, stop_on_sigterm
 
     output = Path(args.output)
     stem = str(output).removesuffix(".jsonl")
@@ -234,7 +234,7 @@ def cmd_caption(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_mask(args: argparse.Namespace, config: dict) -> dict:
     """SAM2 masks for the entity boxes of a captioned JSONL (quality floors applied), resumable."""
-    from .mask import (
+    from groundset.stages.mask import (
         MaskChunkFiles,
         Masker,
         MaskGatherFiles,
@@ -266,28 +266,28 @@ def cmd_mask(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_export_emu3(args: argparse.Namespace, config: dict) -> dict:
     """Emu3 training data: prompts, visual tokens (feature/*.pth), list/datalist.jsonl and train.json."""
-    from .emu3 import Emu3Settings, export_emu3
+    from groundset.exports.emu3 import Emu3Settings, export_emu3
 
     return export_emu3(args.input, args.outdir, Emu3Settings.from_config(config["export"]["emu3"]))
 
 
 def cmd_export_coco(args: argparse.Namespace, config: dict | None) -> dict:
     """COCO instances (boxes in pixels, RLE masks, SAM2 scores) with the category mapping beside."""
-    from .exports import export_coco
+    from groundset.exports.common import export_coco
 
     return export_coco(args.input, args.output, args.categories)
 
 
 def cmd_export_odvg(args: argparse.Namespace, config: dict | None) -> dict:
     """ODVG grounding lines (caption, regions with pixel boxes and token spans) for Grounding DINO."""
-    from .exports import export_odvg
+    from groundset.exports.common import export_odvg
 
     return export_odvg(args.input, args.output)
 
 
 def cmd_export_wds(args: argparse.Namespace, config: dict | None) -> dict:
     """WebDataset tar shards: each image's original bytes and its JSON (caption, boxes, masks)."""
-    from .exports import export_wds
+    from groundset.exports.common import export_wds
 
     shard_size = args.shard_size
     if shard_size is None:
@@ -297,7 +297,7 @@ def cmd_export_wds(args: argparse.Namespace, config: dict | None) -> dict:
 
 def cmd_dedup(args: argparse.Namespace, config: dict) -> dict:
     """Keep one record per image: same bytes, same URL or perceptual hashes within max_distance."""
-    from .dedup import dedup_records
+    from groundset.stages.dedup import dedup_records
 
     section = config["caption"]["dedup"]
     output = Path(args.output)
@@ -316,7 +316,7 @@ def cmd_dedup(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_estimate(args: argparse.Namespace, config: dict) -> dict | None:
     """Per-stage records, wall time, API requests and cost of a run, before it starts."""
-    from .estimate import estimate, format_estimate
+    from groundset.tools.estimate import estimate, format_estimate
 
     result = estimate(
         config,
@@ -340,7 +340,7 @@ def cmd_estimate(args: argparse.Namespace, config: dict) -> dict | None:
 
 def cmd_trace(args: argparse.Namespace, config: dict) -> dict | None:
     """Every stage's verdict on one image (SOURCE/IMAGE_ID); exit 1 when no stage knows it."""
-    from .trace import format_trace, trace
+    from groundset.tools.trace import format_trace, trace
 
     workdir = existing_dir(args.workdir or config["workdir"], "the run's workdir")
     result = trace(workdir, args.key, config)
@@ -356,7 +356,7 @@ def cmd_trace(args: argparse.Namespace, config: dict) -> dict | None:
 
 def cmd_validate(args: argparse.Namespace, config: dict | None) -> None:
     """Check JSONL files against the record schemas, geometry and files; exit 1 on violations."""
-    from .validate import validate_file
+    from groundset.tools.validate import validate_file
 
     for path in args.files:
         report = validate_file(path, args.stage, check_files=not args.no_files)
@@ -367,7 +367,7 @@ def cmd_validate(args: argparse.Namespace, config: dict | None) -> None:
 
 def cmd_stats(args: argparse.Namespace, config: dict | None) -> dict:
     """Entity, box, mask and filter-score statistics of a grounded JSONL (JSON + PNG plots)."""
-    from .stats import write_stats
+    from groundset.tools.stats import write_stats
 
     stats = write_stats(args.input, Path(args.outdir) / "stats.json", Path(args.outdir) / "plots")
     return {k: v for k, v in stats.items() if k != "histograms"}
@@ -375,7 +375,7 @@ def cmd_stats(args: argparse.Namespace, config: dict | None) -> dict:
 
 def cmd_draw(args: argparse.Namespace, config: dict | None) -> dict:
     """Boxes (and masks) drawn over a deterministic sample of records."""
-    from .draw import draw_sample
+    from groundset.tools.draw import draw_sample
 
     outdir = Path(args.outdir)
     return draw_sample(args.input, outdir / "draw", outdir / "draw_sam2_mask", args.n, args.seed)
@@ -383,7 +383,7 @@ def cmd_draw(args: argparse.Namespace, config: dict | None) -> dict:
 
 def cmd_summary(args: argparse.Namespace, config: dict) -> dict | None:
     """Print counts per stage of a run from its stats files."""
-    from .summary import collect, format_summary
+    from groundset.tools.summary import collect, format_summary
 
     summary = collect(args.workdir or config["workdir"], config and config["export"]["formats"])
     if args.json:

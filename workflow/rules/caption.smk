@@ -1,7 +1,7 @@
 # Grounded captioning (Qwen-VL): duplicates out, preflight, chunks, one paced job per chunk, gather.
 
 # `params: settings` holds only the keys that change a chunk's outputs (caption_settings); the
-# jobs read the tuning knobs (groundset.caption.TUNING_KEYS: pacing, retries, timeouts,
+# jobs read the tuning knobs (groundset.stages.caption.TUNING_KEYS: pacing, retries, timeouts,
 # concurrency) from the config, so changing one marks nothing stale. Their share of the rate is
 # that of the quota in force (`--resources vlm_api=N` over caption.api_jobs, see common.smk).
 config["caption"]["api_jobs"] = API_JOBS
@@ -20,8 +20,8 @@ rule caption_preflight:
         mem_mb=500,
         runtime=5,
     params:
-        # what the check depends on (groundset.caption.PREFLIGHT_KEYS): the endpoint, the stand-in
-        settings=lambda wildcards: groundset.caption.preflight_settings(config["caption"]),
+        # what the check depends on (groundset.stages.caption.PREFLIGHT_KEYS): the endpoint, the stand-in
+        settings=lambda wildcards: groundset.stages.caption.preflight_settings(config["caption"]),
     script:
         "../scripts/caption_preflight.py"
 

@@ -3,23 +3,23 @@ import re
 
 from snakemake.exceptions import WorkflowError
 
-from groundset.caption import Settings, uses_stand_in
-from groundset.config import (
+from groundset.stages.caption import Settings, uses_stand_in
+from groundset.core.config import (
     ConfigError,
     download_options,
     find_source,
     missing_weights,
     validate_config,
 )
-from groundset.prefilter import PrefilterRules
-from groundset.split import read_index
-import groundset.caption
-import groundset.download
-import groundset.emu3
-import groundset.filter
-import groundset.score
-import groundset.select
-import groundset.mask
+from groundset.stages.prefilter import PrefilterRules
+from groundset.stages.split import read_index
+import groundset.stages.caption
+import groundset.stages.download
+import groundset.exports.emu3
+import groundset.stages.filter.shard
+import groundset.stages.filter.score
+import groundset.stages.filter.select
+import groundset.stages.mask
 
 # Schema (defaults filled) and cross-key checks, before any job: one line per problem, each
 # leading with its key path (a WorkflowError: Snakemake prints it without a traceback).
@@ -48,7 +48,7 @@ if missing_weights(config):
 # The recipe template names the filters select applies: a wrong one stops the run before any
 # (expensive) score job.
 try:
-    groundset.select.config_rules(config["filter"])
+    groundset.stages.filter.select.config_rules(config["filter"])
 except ConfigError as error:
     raise WorkflowError(f"invalid configuration:\n{error}") from None
 
@@ -97,9 +97,9 @@ def source_download(wildcards):
 
 
 def img2dataset_options(wildcards):
-    """The img2dataset keys of a source that change its downloads (groundset.download's
+    """The img2dataset keys of a source that change its downloads (groundset.stages.download's
     OUTPUT_KEYS; the job reads the tuning knobs, processes and threads, from the config)."""
-    return groundset.download.output_options(source_download(wildcards))
+    return groundset.stages.download.output_options(source_download(wildcards))
 
 
 def prefilter_rules(wildcards):
@@ -137,11 +137,11 @@ def filtered_shards(wildcards):
 # Snakemake time while it plans.
 # The stand-in models' marker when `filter.stand_in_models` is on (sample and tests).
 STAND_IN_MODELS = ["models/stand_in/models.json"] if config["filter"]["stand_in_models"] else []
-# What a shard's scores depend on (groundset.score.SCORE_KEYS: models, precision, decode): the
+# What a shard's scores depend on (groundset.stages.filter.score.SCORE_KEYS: models, precision, decode): the
 # score job's params; the tuning knobs (threads, batch size, device) are read by the job from
 # the config, so changing one marks no shard stale. The thresholds are the select job's params.
-SCORE_SETTINGS = groundset.score.score_settings(config["filter"])
-SELECT_SETTINGS = groundset.filter.select_settings(config["filter"])
+SCORE_SETTINGS = groundset.stages.filter.score.score_settings(config["filter"])
+SELECT_SETTINGS = groundset.stages.filter.shard.select_settings(config["filter"])
 
 
 def source_targets(source):
@@ -163,12 +163,12 @@ MERGED = ["merged/merged_output.jsonl", "merged/aes_6.jsonl"]
 
 
 def caption_settings(wildcards):
-    """The captioning keys that change a chunk's outputs (groundset.caption.OUTPUT_KEYS).
+    """The captioning keys that change a chunk's outputs (groundset.stages.caption.OUTPUT_KEYS).
 
     The job reads the tuning knobs (pacing, retries, timeouts, concurrency: TUNING_KEYS) out of
     the config, so changing one marks no chunk stale; the key is in neither.
     """
-    return groundset.caption.output_settings(config["caption"])
+    return groundset.stages.caption.output_settings(config["caption"])
 
 
 CHUNK_INDEX = "captioned/chunks.json"
@@ -187,7 +187,7 @@ def chunk_outputs(pattern):
     when the caption input changes: the index_shards checkpoint upstream makes Snakemake's
     first planning pass take a stale index as up to date (merge_tiers's rerun is only seen
     in the second pass), and a gather planned from it alone would never be revisited. The
-    gathers check the chunks they get against the index (groundset.io.check_chunk_plan).
+    gathers check the chunks they get against the index (groundset.core.io.check_chunk_plan).
     Before the index exists, no checkpoint is asked: a pending `checkpoints.get()` marks the
     job incomplete and Snakemake post-processes the whole DAG twice after every update (a
     sixth of planning 10,000 shards, bench/bench_dryrun.py).
@@ -219,13 +219,13 @@ def mask_chunks(wildcards):
 CAPTIONED = ["captioned/captioned.jsonl"]
 MASKED = ["masked/masked.jsonl"]
 VALIDATED = ["validated/report.txt"]
-# The mask and Emu3 keys their jobs' outputs depend on (OUTPUT_KEYS of groundset.mask and
-# groundset.emu3): the params. The tuning knobs (batch sizes, devices, decode workers) are read
+# The mask and Emu3 keys their jobs' outputs depend on (OUTPUT_KEYS of groundset.stages.mask and
+# groundset.exports.emu3): the params. The tuning knobs (batch sizes, devices, decode workers) are read
 # by the jobs from the config, so changing one marks nothing stale.
-MASK_SETTINGS = groundset.mask.output_settings(config["mask"])
+MASK_SETTINGS = groundset.stages.mask.output_settings(config["mask"])
 # The quality floors: the mask gather's params (changing one reruns no mask job).
-MASK_FLOORS = groundset.mask.floor_settings(config["mask"])
-EMU3_SETTINGS = groundset.emu3.output_settings(config["export"]["emu3"])
+MASK_FLOORS = groundset.stages.mask.floor_settings(config["mask"])
+EMU3_SETTINGS = groundset.exports.emu3.output_settings(config["export"]["emu3"])
 # the parts are also the outputs' partitioning: each part holds its hash share of the records
 EMU3_PARTS = EMU3_SETTINGS["parts"]
 # tokenizing needs a GPU (resource gpu); prompts-only export does not

@@ -6,7 +6,7 @@
 # <image_id>.pth, listed in train.json relative to export/emu3/feature), which Snakemake empties
 # before it reruns the job. So the job saves them into its store beside its journal (resume
 # state, deliberately no output) and hard-links them into the folder: a rerun tokenizes only
-# what the journal lacks (groundset.emu3.Emu3PartFiles).
+# what the journal lacks (groundset.exports.emu3.Emu3PartFiles).
 
 
 rule emu3_part:

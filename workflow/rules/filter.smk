@@ -57,8 +57,8 @@ rule build_stand_in_models:
 
 # The filter stage is two rules per shard. score_shard (heavy: CPU threads or a GPU) slices the
 # shard from the manifest, probes its images and has data-juicer compute all five filters' stats
-# of every decodable record (groundset.score); its params are what changes scores, never a
-# threshold. select_shard (cheap, local) applies the thresholds (groundset.select): changing one
+# of every decodable record (groundset.stages.filter.score); its params are what changes scores, never a
+# threshold. select_shard (cheap, local) applies the thresholds (groundset.stages.filter.select): changing one
 # reruns select, the merge and what follows, and no score job.
 rule score_shard:
     input:
@@ -115,7 +115,7 @@ rule select_shard:
         thresholds=SELECT_SETTINGS,
         template=config["filter"]["template"],
     run:
-        groundset.select.select_job(input[0], output, log[0], params.template, params.thresholds)
+        groundset.stages.filter.select.select_job(input[0], output, log[0], params.template, params.thresholds)
 
 
 rule merge_tiers:

@@ -8,7 +8,7 @@
 # masked/store/<source>/<image_id>.npy (resume state, deliberately no output: Snakemake never
 # deletes it; one store for all chunks, so a record that moves to another chunk keeps its mask)
 # and hard-links them into the folder; a rerun, killed or forced, links what the journal has
-# and computes the rest (groundset.mask.MaskChunkFiles). index_chunks moves journal entries with
+# and computes the rest (groundset.stages.mask.MaskChunkFiles). index_chunks moves journal entries with
 # their records when the chunk layout changes.
 
 

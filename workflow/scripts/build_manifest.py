@@ -1,7 +1,7 @@
-"""Snakemake script of rule build_manifest: see groundset.manifest."""
+"""Snakemake script of rule build_manifest: see groundset.stages.manifest."""
 
-from groundset.manifest import build_manifest
-from groundset.runlog import log_to
+from groundset.core.runlog import log_to
+from groundset.stages.manifest import build_manifest
 
 with log_to(snakemake.log[0]):
     build_manifest(

@@ -2,8 +2,8 @@
 
 import os
 
-from groundset.io import write_json
-from groundset.runlog import log_to
+from groundset.core.io import write_json
+from groundset.core.runlog import log_to
 from groundset.testing.models import build_stand_in_models
 
 with log_to(snakemake.log[0]):

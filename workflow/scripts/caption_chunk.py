@@ -1,7 +1,7 @@
-"""Snakemake script of rule caption_chunk: see groundset.caption.caption_chunk."""
+"""Snakemake script of rule caption_chunk: see groundset.stages.caption.caption_chunk."""
 
-from groundset.caption import Settings, caption_chunk, chunk_range, stop_on_sigterm
-from groundset.runlog import log_to
+from groundset.core.runlog import log_to
+from groundset.stages.caption import Settings, caption_chunk, chunk_range, stop_on_sigterm
 
 # params: what changes the outputs; the tuning knobs (retry_errors among them) come from the
 # config, so that changing one marks no chunk stale

@@ -1,7 +1,7 @@
-"""Snakemake script of rule dedup_records: see groundset.dedup.dedup_records."""
+"""Snakemake script of rule dedup_records: see groundset.stages.dedup.dedup_records."""
 
-from groundset.dedup import dedup_records
-from groundset.runlog import log_to
+from groundset.core.runlog import log_to
+from groundset.stages.dedup import dedup_records
 
 with log_to(snakemake.log[0]):
     dedup_records(

@@ -1,8 +1,8 @@
-"""Snakemake script of rule download_images: see groundset.download."""
+"""Snakemake script of rule download_images: see groundset.stages.download."""
 
-from groundset.config import download_options, find_source
-from groundset.download import download_source, tuning_options
-from groundset.runlog import log_to
+from groundset.core.config import download_options, find_source
+from groundset.core.runlog import log_to
+from groundset.stages.download import download_source, tuning_options
 
 with log_to(snakemake.log[0]) as log:
     # params: what changes the downloads; the tuning knobs (threads, wandb) from the config, the

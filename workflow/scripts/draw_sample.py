@@ -1,9 +1,9 @@
-"""Snakemake script of rule draw_sample: see groundset.draw.draw_sample."""
+"""Snakemake script of rule draw_sample: see groundset.tools.draw.draw_sample."""
 
 from pathlib import Path
 
-from groundset.draw import draw_sample
-from groundset.runlog import log_to
+from groundset.core.runlog import log_to
+from groundset.tools.draw import draw_sample
 
 with log_to(snakemake.log[0]):
     for folder in (snakemake.output.boxes, snakemake.output.masks):

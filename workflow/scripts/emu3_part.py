@@ -1,9 +1,9 @@
-"""Snakemake script of rule emu3_part: see groundset.emu3.export_part."""
+"""Snakemake script of rule emu3_part: see groundset.exports.emu3.export_part."""
 
 from pathlib import Path
 
-from groundset.emu3 import Emu3PartFiles, Emu3Settings, export_part
-from groundset.runlog import job_files, log_to
+from groundset.core.runlog import job_files, log_to
+from groundset.exports.emu3 import Emu3PartFiles, Emu3Settings, export_part
 
 with log_to(snakemake.log[0]):
     # params: what the outputs depend on; the tuning knobs come from the config, the decode

@@ -1,8 +1,8 @@
-"""Snakemake script of rule export_wds: see groundset.exports.export_wds."""
+"""Snakemake script of rule export_wds: see groundset.exports.common.export_wds."""
 
-from groundset.exports import export_wds
-from groundset.io import write_json
-from groundset.runlog import log_to
+from groundset.core.io import write_json
+from groundset.core.runlog import log_to
+from groundset.exports.common import export_wds
 
 with log_to(snakemake.log[0]):
     stats = export_wds(

@@ -1,7 +1,7 @@
-"""Snakemake script of rule gather_captions: see groundset.caption.gather_chunks."""
+"""Snakemake script of rule gather_captions: see groundset.stages.caption.gather_chunks."""
 
-from groundset.caption import gather_chunks
-from groundset.runlog import log_to
+from groundset.core.runlog import log_to
+from groundset.stages.caption import gather_chunks
 
 with log_to(snakemake.log[0]):
     gather_chunks(

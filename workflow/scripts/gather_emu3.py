@@ -1,7 +1,7 @@
-"""Snakemake script of rule gather_emu3: see groundset.emu3.gather_emu3."""
+"""Snakemake script of rule gather_emu3: see groundset.exports.emu3.gather_emu3."""
 
-from groundset.emu3 import Emu3ListFiles, Emu3Settings, gather_emu3
-from groundset.runlog import job_files, log_to
+from groundset.core.runlog import job_files, log_to
+from groundset.exports.emu3 import Emu3ListFiles, Emu3Settings, gather_emu3
 
 with log_to(snakemake.log[0]):
     gather_emu3(

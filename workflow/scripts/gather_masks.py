@@ -1,7 +1,7 @@
-"""Snakemake script of rule gather_masks: see groundset.mask.gather_masks."""
+"""Snakemake script of rule gather_masks: see groundset.stages.mask.gather_masks."""
 
-from groundset.mask import MaskGatherFiles, MaskSettings, gather_masks
-from groundset.runlog import job_files, log_to
+from groundset.core.runlog import job_files, log_to
+from groundset.stages.mask import MaskGatherFiles, MaskSettings, gather_masks
 
 with log_to(snakemake.log[0]):
     # params: the quality floors; the rest of the mask section does not change what it writes

@@ -1,7 +1,7 @@
-"""Snakemake script of checkpoint index_chunks: see groundset.caption.index_chunks."""
+"""Snakemake script of checkpoint index_chunks: see groundset.stages.caption.index_chunks."""
 
-from groundset.caption import index_chunks
-from groundset.runlog import log_to
+from groundset.core.runlog import log_to
+from groundset.stages.caption import index_chunks
 
 with log_to(snakemake.log[0]):
     index_chunks(

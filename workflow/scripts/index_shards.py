@@ -1,7 +1,7 @@
-"""Snakemake script of checkpoint index_shards: see groundset.split."""
+"""Snakemake script of checkpoint index_shards: see groundset.stages.split."""
 
-from groundset.runlog import log_to
-from groundset.split import index_manifest, write_index
+from groundset.core.runlog import log_to
+from groundset.stages.split import index_manifest, write_index
 
 with log_to(snakemake.log[0]):
     write_index(

@@ -1,9 +1,9 @@
-"""Snakemake script of rule mask_chunk: see groundset.mask.mask_chunk."""
+"""Snakemake script of rule mask_chunk: see groundset.stages.mask.mask_chunk."""
 
 from pathlib import Path
 
-from groundset.mask import MaskChunkFiles, Masker, MaskSettings, load_model, mask_chunk
-from groundset.runlog import job_files, log_to
+from groundset.core.runlog import job_files, log_to
+from groundset.stages.mask import MaskChunkFiles, Masker, MaskSettings, load_model, mask_chunk
 
 with log_to(snakemake.log[0]):
     # params: what the outputs depend on; the tuning knobs come from the config, the decode

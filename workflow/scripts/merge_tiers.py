@@ -1,7 +1,7 @@
-"""Snakemake script of rule merge_tiers: see groundset.merge."""
+"""Snakemake script of rule merge_tiers: see groundset.stages.merge."""
 
-from groundset.merge import merge_tiers
-from groundset.runlog import log_to
+from groundset.core.runlog import log_to
+from groundset.stages.merge import merge_tiers
 
 with log_to(snakemake.log[0]):
     merge_tiers(

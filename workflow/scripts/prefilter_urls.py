@@ -1,8 +1,8 @@
-"""Snakemake script of rule prefilter_urls: see groundset.prefilter."""
+"""Snakemake script of rule prefilter_urls: see groundset.stages.prefilter."""
 
-from groundset.config import download_options, find_source
-from groundset.prefilter import PrefilterRules, run_prefilter
-from groundset.runlog import log_to
+from groundset.core.config import download_options, find_source
+from groundset.core.runlog import log_to
+from groundset.stages.prefilter import PrefilterRules, run_prefilter
 
 with log_to(snakemake.log[0]):
     # params: the thresholds; batch_rows (a memory bound, a tuning knob) from the config

@@ -1,10 +1,10 @@
-"""Snakemake script of rule score_shard: see groundset.score.score_shard."""
+"""Snakemake script of rule score_shard: see groundset.stages.filter.score.score_shard."""
 
-from groundset.filter import resolve_models
-from groundset.io import read_json
-from groundset.runlog import job_files, log_to
-from groundset.score import ScoreFiles, score_shard, with_tuning
-from groundset.split import read_index
+from groundset.core.io import read_json
+from groundset.core.runlog import job_files, log_to
+from groundset.stages.filter.score import ScoreFiles, score_shard, with_tuning
+from groundset.stages.filter.shard import resolve_models
+from groundset.stages.split import read_index
 
 with log_to(snakemake.log[0]):
     source, shard = snakemake.wildcards.source, snakemake.wildcards.shard

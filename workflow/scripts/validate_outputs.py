@@ -1,7 +1,7 @@
-"""Snakemake script of rule validate_outputs: see groundset.validate.validate_outputs."""
+"""Snakemake script of rule validate_outputs: see groundset.tools.validate.validate_outputs."""
 
-from groundset.runlog import log_to
-from groundset.validate import validate_outputs
+from groundset.core.runlog import log_to
+from groundset.tools.validate import validate_outputs
 
 RECORDS = ("manifests", "merged", "deduped", "captioned", "masked")
 # the rule's export inputs (those of export.formats) and check_exports' arguments

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..io import plain_mode_tree
+from groundset.core.io import plain_mode_tree
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 from PIL import Image
 
-from ..caption.serve import STAND_IN_OWNER  # in its model list: the run can tell
+from groundset.stages.caption.serve import STAND_IN_OWNER  # in its model list: the run can tell
 
 DASHSCOPE_PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 OPENAI_PATH = "/v1/chat/completions"

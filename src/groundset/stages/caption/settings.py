@@ -1,0 +1,329 @@
+"""Captioning settings: the `caption:` config section, prompts, the stand-in decision, preflight.
+
+Which keys are `params` of the chunk jobs (OUTPUT_KEYS: they change a chunk's outputs) and of
+the preflight check (PREFLIGHT_KEYS), and which are tuning knobs (TUNING_KEYS: read from the
+config at run time, never marking a job stale), is decided here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
+
+from groundset.core.config import fill_section, pick_keys
+
+log = logging.getLogger(__name__)
+
+DASHSCOPE_COMPATIBLE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
+
+# The prompt of each caption.prompt_preset (keys: the schema's enum of that key; a test checks).
+PROMPTS = {
+    # The seed's request (its script is not in the write-up; reconstructed from its records):
+    # one caption plus high-confidence main entities with boxes, as JSON.
+    "seed": (
+        "Describe this image in one detailed English caption. Then list the main entities in "
+        "the image that you can locate with high confidence; do not list parts of an entity "
+        "that overlap it. Give each entity a bounding box [x1, y1, x2, y2]. Answer with JSON "
+        'only, in this form: {"caption": "...", "entities": [{"entity": "...", '
+        '"bboxes": [x1, y1, x2, y2]}]}'
+    ),
+    # Qwen2-VL's native grounding tokens inside a caption.
+    "qwen2_tokens": (
+        "Describe this image in one detailed English caption, and ground each main entity "
+        "you mention with its bounding box."
+    ),
+}
+
+
+# What a caption chunk job's `params` carry: the keys that change its outputs (a change marks
+# every chunk stale; answers already journaled for the same question are not paid for again).
+OUTPUT_KEYS = (
+    "backend",  # which client and protocol asks; each record's caption_meta.backend
+    "base_url",  # which server answers the records the journal lacks (new, failed, given up);
+    #              under stand_in: auto, whether the stand-in answers at all
+    "model",  # the question digest (another model's answers are asked again), caption_meta.model,
+    #           and how box_convention: auto reads the boxes
+    "prompt",  # the question digest, and whether prose alone is an error (expects_json)
+    "prompt_preset",  # the same, when no prompt is given
+    "box_convention",  # how the boxes of every answer are read
+    "keep_ungrounded",  # whether captions without a valid box stay in the output
+    "max_tokens",  # the answer length limit (a short one cuts answers into parse errors)
+    "stand_in",  # placeholder answers from the loopback stand-in, or the model's
+    "max_pixels",  # the image each request carries (a journaled answer about an image sent
+    #                otherwise is asked again)
+    "serve.command",  # which server the jobs start (as base_url: who answers what is missing)
+)
+# Tuning knobs: how fast and how stubbornly a job asks, never what its outputs hold. The job
+# reads them from the config at run time, so changing one marks nothing stale.
+TUNING_KEYS = (
+    "rate_per_second",  # pacing: the run's quota
+    "rate_headroom",  # pacing: the part of the quota left unused
+    "api_jobs",  # pacing: how many jobs share the quota (the effective `vlm_api`)
+    "concurrency",  # requests in flight per job
+    "timeout_s",  # when a request counts as timed out (then retried)
+    "max_attempts",  # retries of throttling/5xx/timeouts before an image is given up for this run
+    "backoff_base_s",  # retry back-off
+    "backoff_cap_s",  # retry back-off
+    "max_consecutive_failures",  # when a job stops because the endpoint looks down
+    "stand_in_latency_s",  # the stand-in's delay per answer
+    "api_key_env",  # the variable that holds the key (the key itself goes nowhere)
+    "retry_errors",  # whether one run asks again for journaled errors (with --forcerun)
+    "serve.instances",  # servers at once (the `vlm_server` resource)
+    "serve.gpus",  # a server job's resources ...
+    "serve.cpus",
+    "serve.mem_mb",
+    "serve.startup_timeout_s",  # how long a server may take to come up
+)
+# Keys of the chunk index and of the dedup before it (their rules' inputs and params; the
+# dedup's threads its job's), and the price `groundset estimate` reads: none is a chunk job's.
+INDEX_KEYS = (
+    "input",
+    "chunk_size",
+    "dedup.enabled",
+    "dedup.max_distance",
+    "dedup.threads",
+    "price_per_image",
+)
+# What the preflight check reads of the settings (its job's params: all OUTPUT_KEYS; the tuning
+# knobs it reads, api_key_env and rate_per_second, are read at run time). Exactly the fields
+# `preflight` touches: tests/test_caption.py records them over every branch of the check and
+# fails on any difference. A change checks again, and so cuts the chunks again (the index waits
+# for the check); other output keys mark only the chunks stale, which a dry-run lists.
+PREFLIGHT_KEYS = ("backend", "base_url", "model", "box_convention", "stand_in", "serve.command")
+
+
+def output_settings(section: dict) -> dict:
+    """The keys of a `caption:` config section that change a chunk's outputs (its job's params)."""
+    return pick_keys(section, OUTPUT_KEYS)
+
+
+def preflight_settings(section: dict) -> dict:
+    """The keys of a `caption:` config section that the preflight check depends on (its params)."""
+    return pick_keys(section, PREFLIGHT_KEYS)
+
+
+def tuning_knobs(section: dict) -> dict:
+    """The tuning knobs of a `caption:` config section (read at run time, never params)."""
+    return pick_keys(section, TUNING_KEYS)
+
+
+class CaptionError(RuntimeError):
+    """A problem that stops the captioning job (configuration, key, endpoint, auth)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The `caption:` config section, with the job's share of the global rate.
+
+    Built by from_config only: the schema (workflow/schemas/config.schema.yaml) holds every
+    default and allowed value, so no field repeats one."""
+
+    backend: str
+    base_url: str | None
+    model: str
+    api_key_env: str
+    rate_per_second: float | None
+    rate_headroom: float
+    concurrency: int
+    prompt: str | None
+    prompt_preset: str
+    box_convention: str
+    max_attempts: int
+    backoff_base_s: float
+    backoff_cap_s: float
+    timeout_s: float
+    max_tokens: int
+    max_consecutive_failures: int
+    stand_in: bool | str
+    stand_in_latency_s: float
+    keep_ungrounded: bool
+    max_pixels: int | None
+    serve: dict = field(hash=False)  # command, instances, gpus, cpus, mem_mb, startup_timeout_s
+    api_key: str | None = field(default=None, repr=False)  # resolved at run time, never logged
+    # the job's own server: why it is gone (None while it runs); set for the run by endpoint_for_run
+    server_gone: Callable[[], str | None] | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_config(cls, section: dict, rate_share: int = 1) -> Settings:
+        """Settings from a (partial) `caption:` config dict, checked and filled from the schema
+        (ConfigError naming the key); the rate is divided among `rate_share` jobs."""
+        values = fill_section("caption", section)
+        known = {f.name for f in fields(cls) if f.name not in ("api_key", "server_gone")}
+        settings = cls(**{k: v for k, v in values.items() if k in known})
+        if settings.rate_per_second is not None and rate_share > 1:
+            settings = replace(settings, rate_per_second=settings.rate_per_second / rate_share)
+        return settings
+
+    @classmethod
+    def for_job(cls, outputs: dict, section: dict, rate_share: int = 1) -> Settings:
+        """A job's settings: its params (`outputs`) with the tuning knobs of the `caption:` section."""
+        return cls.from_config(pick_keys(outputs, OUTPUT_KEYS, tuning_knobs(section)), rate_share)
+
+    @property
+    def serves(self) -> bool:
+        """Whether the job starts its own server (`serve.command`)."""
+        return bool(self.serve.get("command"))
+
+    @property
+    def paced_rate(self) -> float | None:
+        """Requests/s the job's limiter allows: its share of the quota less the jitter headroom
+        (none with a server of its own: `concurrency` is the knob)."""
+        if self.rate_per_second is None or self.serves:
+            return None
+        return self.rate_per_second * (1.0 - self.rate_headroom)
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt sent with every image."""
+        return self.prompt if self.prompt else PROMPTS[self.prompt_preset]
+
+    @property
+    def expects_json(self) -> bool:
+        """Whether the prompt asks for a JSON answer (then prose alone is unparseable, not a caption)."""
+        if self.prompt:
+            return "json" in self.prompt.lower()
+        return self.prompt_preset == "seed"
+
+    @property
+    def convention(self) -> str:
+        """Box coordinate convention: `auto` is pixels for Qwen2.5-VL, the 0-1000 grid otherwise."""
+        if self.box_convention != "auto":
+            return self.box_convention
+        name = self.model.lower().replace("_", ".")
+        return "pixels" if "qwen2.5" in name else "grid1000"
+
+    @property
+    def endpoint(self) -> str:
+        """The base URL requests go to."""
+        if self.base_url:
+            return self.base_url.rstrip("/")
+        if self.backend == "openai":
+            return DASHSCOPE_COMPATIBLE_URL
+        import dashscope
+
+        return str(dashscope.base_http_api_url).rstrip("/")
+
+
+def uses_stand_in(settings: Settings, environ: dict | None = None) -> bool:
+    """Whether this run talks to the loopback stand-in (`stand_in: true`, or `auto` without a key)."""
+    environ = os.environ if environ is None else environ
+    if settings.stand_in == "auto":
+        return (
+            not environ.get(settings.api_key_env) and not settings.base_url and not settings.serves
+        )
+    return bool(settings.stand_in)
+
+
+def resolve_key(settings: Settings, environ: dict | None = None) -> Settings:
+    """Settings with the API key from the environment (error naming the variable if unset)."""
+    if settings.api_key:
+        return settings
+    environ = os.environ if environ is None else environ
+    key = environ.get(settings.api_key_env, "").strip()
+    if not key:
+        raise CaptionError(
+            f"the {settings.backend} backend needs an API key in ${settings.api_key_env} "
+            f"(caption.api_key_env); it is not set. Export it, or use a self-hosted server "
+            f"with any non-empty value"
+        )
+    return replace(settings, api_key=key)
+
+
+def check_endpoint(settings: Settings, timeout: float = 10.0) -> None:
+    """Fail with a clear error unless the endpoint answers HTTP (any status counts as reachable)."""
+    url = settings.endpoint
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):  # noqa: S310 (http(s) from config)
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise CaptionError(
+            f"the {settings.backend} endpoint {url} cannot be reached: {reason} "
+            f"(caption.base_url; is the server up and the address right?)"
+        ) from err
+
+
+def preflight(settings: Settings, environ: dict | None = None) -> dict:
+    """Check key and endpoint before any chunk starts; returns what the check saw (no key)."""
+    stand_in = uses_stand_in(settings, environ)
+    if settings.serves:
+        from groundset.stages.caption.serve import command_problem, served_name
+
+        command = settings.serve["command"]
+        problem = command_problem(command)
+        if problem:
+            raise CaptionError(f"caption.serve.command: {problem}: {command!r}")
+        served = served_name(command)
+        if served is not None and served != settings.model:
+            raise CaptionError(
+                f"caption.model: {settings.model!r}, but caption.serve.command serves {served!r} "
+                "(requests must carry the served name: set caption.model to it, or give the "
+                "server that name with --served-model-name)"
+            )
+    elif not stand_in:
+        resolve_key(settings, environ)
+        check_endpoint(settings)
+    return {
+        "backend": settings.backend,
+        "model": settings.model,
+        "endpoint": (
+            "servers the jobs start: " + settings.serve["command"]
+            if settings.serves
+            else "loopback stand-in"
+            if stand_in
+            else settings.endpoint
+        ),
+        "stand_in": stand_in,
+        "rate_per_second": settings.rate_per_second,
+        "convention": settings.convention,
+    }
+
+
+def question_id(settings: Settings) -> str:
+    """Digest of what is asked (model + prompt): a journaled answer to another question is stale."""
+    return hashlib.sha256(f"{settings.model}\n{settings.prompt_text}".encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def endpoint_for_run(settings: Settings, server_log: str | None = None) -> Iterator[Settings]:
+    """Settings with a key and the endpoint for the block: the job's own server
+    (`serve.command`, its output in `server_log`), the loopback stand-in, or the configured one."""
+    if settings.serves:
+        from groundset.stages.caption.serve import serving
+
+        template, serve = settings.serve["command"], settings.serve
+        log_path = server_log or "caption_server.log"
+        # a self-hosted server needs no key; one started with --api-key gets the variable's
+        key = os.environ.get(settings.api_key_env, "").strip() or "EMPTY"
+        with serving(template, settings.model, log_path, serve["startup_timeout_s"], key) as server:
+            if server.is_stand_in:
+                log.warning(
+                    "caption: the server caption.serve.command started is groundset's LOOPBACK "
+                    "STAND-IN: its captions are PLACEHOLDERS, not model output"
+                )
+            stand_in = server.is_stand_in or settings.stand_in
+            yield replace(
+                settings, base_url=server.base_url, api_key=key, stand_in=stand_in,
+                server_gone=server.gone,
+            )  # fmt: skip
+        return
+    if not uses_stand_in(settings):
+        yield resolve_key(settings)
+        return
+    from groundset.testing.vlm import STAND_IN_KEY, StandInVLM
+
+    log.warning(
+        "caption: no endpoint/key configured; using groundset's LOOPBACK STAND-IN server. "
+        "Its captions are PLACEHOLDERS, not model output (see README: Captioning)"
+    )
+    with StandInVLM(latency=settings.stand_in_latency_s) as server:
+        url = server.dashscope_url if settings.backend == "dashscope" else server.openai_url
+        yield replace(settings, base_url=url, api_key=STAND_IN_KEY, stand_in=True)

@@ -1,0 +1,220 @@
+"""Download stage: run the real img2dataset on a (prefiltered) parquet URL list, resumably."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import IO
+
+from groundset.core.io import atomic_write, read_json, write_json
+from groundset.testing.sample_server import proxy_env, serve
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "groundset_url_list.sha256"
+# Keys of the `download` config that are groundset's own, not img2dataset arguments.
+NOT_IMG2DATASET = {"prefilter", "extra_args"}
+# `download:` keys that change what img2dataset writes (which URLs succeed, the bytes, the
+# layout and ids): the params of download_images.
+OUTPUT_KEYS = (
+    "input_format", "url_col", "caption_col", "output_format", "image_size",
+    "resize_only_if_bigger", "resize_mode", "skip_reencode", "encode_format",
+    "number_sample_per_shard",  # the folders, and so the image ids
+    "timeout", "retries",  # which URLs succeed
+    "extra_args",  # any other img2dataset keyword (may change anything)
+)  # fmt: skip
+# Tuning knobs: how fast img2dataset downloads (and where it reports), never what: the job
+# reads them from the config at run time, so changing one marks nothing stale.
+TUNING_KEYS = ("processes_count", "thread_count", "enable_wandb")
+# The pre-download filter's: its thresholds are the prefilter_urls job's params, batch_rows
+# (rows per parquet batch, a memory bound) a knob.
+PREFILTER_OUTPUT_KEYS = ("prefilter.enabled", "prefilter.max_punsafe", "prefilter.max_pwatermark")
+PREFILTER_TUNING_KEYS = ("prefilter.batch_rows",)
+
+
+def output_options(options: dict) -> dict:
+    """The img2dataset keys of a source's effective `download` settings that change its files."""
+    return {k: v for k, v in options.items() if k in OUTPUT_KEYS}
+
+
+def tuning_options(options: dict) -> dict:
+    """The img2dataset tuning knobs of a source's effective `download` settings."""
+    return {k: v for k, v in options.items() if k in TUNING_KEYS}
+
+
+def img2dataset_kwargs(
+    opts: dict, url_list: str, output_folder: str, save_columns: list[str]
+) -> dict:
+    """Keyword arguments of `img2dataset.download` for one source."""
+    kwargs = {k: v for k, v in opts.items() if k not in NOT_IMG2DATASET}
+    kwargs.update(opts.get("extra_args", {}))
+    kwargs.update(
+        url_list=str(url_list),
+        output_folder=str(output_folder),
+        save_additional_columns=list(save_columns),
+        incremental_mode="incremental",
+    )
+    return kwargs
+
+
+def img2dataset_command(kwargs: dict) -> list[str]:
+    """The img2dataset command line (fire syntax) for `kwargs`, run with this interpreter."""
+    args = [sys.executable, "-m", "img2dataset.main"]
+    for key, value in kwargs.items():
+        if isinstance(value, list | dict):
+            value = json.dumps(value)
+        args.append(f"--{key}={value}")
+    return args
+
+
+def url_list_rows(
+    files: list[Path], opts: dict | None = None, save_columns: list[str] | None = None
+) -> int:
+    """Total rows of parquet files, read from their footers; with `opts` (a filled `download`
+    section), check their columns.
+
+    The check names the file and its columns where img2dataset would die inside pyarrow (the
+    prefilter checks too, but `groundset download` may be given a URL list of its own).
+    """
+    from groundset.stages.prefilter import (  # lazily: the manifest imports this module
+        check_columns,
+        open_parquet,
+    )
+
+    rows = 0
+    for path in files:
+        with open_parquet(path) as parquet:
+            if opts is not None:
+                check_columns(path, parquet.schema_arrow.names, opts["url_col"],
+                              opts["caption_col"], save_columns or [])  # fmt: skip
+            rows += parquet.metadata.num_rows
+    return rows
+
+
+def url_list_fingerprint(files: list[Path]) -> str:
+    """Cheap identity of a URL list: names, sizes and the parquet footers (last 64 KiB)."""
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as handle:
+            handle.seek(max(0, size - 65536))
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def options_digest(opts: dict, save_columns: list[str]) -> str:
+    """Identity of what img2dataset is asked to write (OUTPUT_KEYS and the saved columns; the
+    tuning knobs left out): a folder made under other options is downloaded again."""
+    wanted = {"options": output_options(opts), "columns": list(save_columns)}
+    return hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_output(output_folder: Path, fingerprint: str, options: str | None = None) -> bool:
+    """Keep a resumable download folder if it was made from the same URL list and the same
+    output options (a folder marked before options were recorded counts as made with these),
+    else clear it."""
+    marker = output_folder / FINGERPRINT_FILE
+    if output_folder.exists():
+        lines = marker.read_text().split() if marker.exists() else []
+        same_list = lines[:1] == [fingerprint]
+        if same_list and (len(lines) < 2 or options is None or lines[1] == options):
+            log.info("resuming download in %s (img2dataset skips finished shards)", output_folder)
+            return True
+        why = "another URL list" if not same_list else "other img2dataset options"
+        log.warning("%s was made from %s: removing it", output_folder, why)
+        shutil.rmtree(output_folder)
+    output_folder.mkdir(parents=True)
+    with atomic_write(marker) as handle:
+        handle.write(fingerprint + "\n" + (options + "\n" if options else ""))
+    return False
+
+
+def collect_stats(output_folder: str | os.PathLike) -> dict:
+    """Sum img2dataset's per-shard `*_stats.json` files into one summary."""
+    totals: Counter = Counter()
+    status: Counter = Counter()
+    shards = 0
+    for path in sorted(Path(output_folder).glob("*_stats.json")):
+        shard = read_json(path)
+        shards += 1
+        for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            totals[key] += int(shard.get(key, 0))
+        status.update({k: int(v) for k, v in shard.get("status_dict", {}).items()})
+    return {
+        "shards": shards,
+        "count": totals["count"],
+        "successes": totals["successes"],
+        "failed_to_download": totals["failed_to_download"],
+        "failed_to_resize": totals["failed_to_resize"],
+        "status": dict(sorted(status.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }
+
+
+def run_img2dataset(kwargs: dict, env: dict, stdout: IO | None = None) -> None:
+    """Run img2dataset in a child process; raise if it fails."""
+    cmd = img2dataset_command(kwargs)
+    log.info("running: %s", " ".join(cmd[1:]))
+    done = subprocess.run(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None)
+    if done.returncode != 0:
+        raise RuntimeError(f"img2dataset exited with status {done.returncode}")
+
+
+def download_source(
+    url_list: str | os.PathLike,
+    output_folder: str | os.PathLike,
+    stats_path: str | os.PathLike,
+    opts: dict,
+    save_columns: list[str],
+    serve_dir: str | os.PathLike | None = None,
+    stdout: IO | None = None,
+) -> dict:
+    """Download every row of `url_list` into `output_folder` (img2dataset `files`), write stats;
+    `opts`: the source's `download` options (what they leave out, the schema fills)."""
+    from groundset.core.config import (
+        fill_section,  # lazily, as below: the manifest imports this module
+    )
+    from groundset.stages.prefilter import list_parquet_files
+
+    # what the options leave out is the schema's default, never img2dataset's own (url, 256 px)
+    opts = fill_section("download", opts)
+    output_folder = Path(output_folder).resolve()
+    files = list_parquet_files(url_list)
+    expected = url_list_rows(files, opts, save_columns)
+    prepare_output(output_folder, url_list_fingerprint(files), options_digest(opts, save_columns))
+    if expected:
+        kwargs = img2dataset_kwargs(
+            opts, str(Path(url_list).resolve()), str(output_folder), save_columns
+        )
+        env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+        if not kwargs.get("enable_wandb"):
+            env["WANDB_MODE"] = "disabled"
+        with contextlib.ExitStack() as stack:
+            if serve_dir:
+                env = proxy_env(stack.enter_context(serve(serve_dir)), env)
+            run_img2dataset(kwargs, env, stdout)
+    stats = collect_stats(output_folder)
+    stats["rows_in_url_list"] = expected
+    if stats["count"] != expected:
+        raise RuntimeError(
+            f"img2dataset processed {stats['count']} of {expected} rows of {url_list}; "
+            "rerun to resume the missing shards"
+        )
+    write_json(stats_path, stats)
+    log.info(
+        "%s: %d of %d downloaded, %d failed to download, %d failed to resize",
+        output_folder,
+        stats["successes"],
+        expected,
+        stats["failed_to_download"],
+        stats["failed_to_resize"],
+    )
+    return stats

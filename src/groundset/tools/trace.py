@@ -1,0 +1,1146 @@
+"""Trace one image through a run: every stage's verdict on it, and why, read from the stage files.
+
+`trace(workdir, "SOURCE/IMAGE_ID", config)` follows one record from its URL-list row to the
+exports; a key with "://" in it is a URL (optionally `SOURCE/URL`), which also reaches rows the
+pre-download filter dropped (they never get an image id). Nothing is loaded whole: JSON Lines
+are streamed in blocks and only lines holding the image id (a byte search before any
+`json.loads`) are parsed; the manifest, sorted by image id as the manifest stage writes it, is
+bisected, and its offset names the one shard whose probe, score and select files are read.
+
+How an image id maps to its URL-list row: the prefilter keeps the surviving rows of each
+parquet file in order (`url_lists/<source>/<file>`), img2dataset cuts each file into shards of
+`download.number_sample_per_shard` rows (shard ids continue across files) and numbers a row
+`shard * 10**ceil(log10(samples_per_shard)) + row_in_shard`, zero-padded to that many digits
+plus `oom_shard_count` (5).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from groundset.core.config import download_options, find_source, validate_config
+from groundset.core.io import clean_json_value, read_json
+from groundset.stages.filter.shard import AESTHETICS_KEY, STATS
+from groundset.stages.merge import TIER_FILES
+from groundset.stages.prefilter import (
+    REASONS,
+    PrefilterRules,
+    drop_masks,
+    list_parquet_files,
+    open_parquet,
+)
+
+KEPT = "kept"
+DROPPED = "dropped"
+NOT_RUN = "not run yet"
+NOT_REACHED = "not reached"
+NOT_FOUND = "not found"
+OFF = "off"
+UNKNOWN = "unknown"
+
+STAGES = (
+    "prefilter",
+    "download",
+    "manifest",
+    "probe",
+    "score",
+    "select",
+    "tier",
+    "dedup",
+    "caption",
+    "mask",
+    "export emu3",
+    "export coco",
+    "export odvg",
+    "export webdataset",
+)
+BLOCK = 1 << 22  # bytes read at a time while streaming a file
+WINDOW = 1 << 20  # the bisection of a sorted file stops at this many bytes, then scans
+OOM_SHARD_COUNT = 5  # img2dataset's default digits of the shard number in a key
+MAX_JSON_LOAD = 256 << 20  # a COCO file above this is only searched, not parsed
+SCORE_NAMES = {
+    AESTHETICS_KEY: "aesthetics",
+    "image_nsfw_score": "nsfw",
+    "image_watermark_prob": "watermark",
+    "image_width": "width",
+    "image_height": "height",
+    "aspect_ratios": "aspect_ratio",
+}
+CHUNK = re.compile(r"chunk_(\d+)\.jsonl")
+CHUNK_SIDE = re.compile(r"chunk_(\d+)_(errors|dropped)\.jsonl")
+
+
+def _scan(
+    path: Path, needle: bytes, start: int = 0, count_lines: bool = False
+) -> Iterator[tuple[int, int, bytes]]:
+    """(offset, line number or -1, line) of each line of `path` from byte `start` holding
+    `needle`, read in blocks (only those lines are cut out; line numbers count from `start`)."""
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        rest, rest_at, lines_before = b"", start, 0
+        while True:
+            block = handle.read(BLOCK)
+            data = rest + block
+            cut = len(data) if not block else data.rfind(b"\n") + 1
+            hit = data.find(needle, 0, cut)
+            done = 0
+            while hit != -1:
+                begin = data.rfind(b"\n", 0, hit) + 1
+                end = data.find(b"\n", hit, cut)
+                end = cut if end == -1 else end
+                lineno = -1
+                if count_lines:
+                    lineno = lines_before + data.count(b"\n", done, begin)
+                    lines_before, done = lineno, begin
+                yield rest_at + begin, lineno, data[begin:end]
+                hit = data.find(needle, end, cut)
+            if count_lines:
+                lines_before += data.count(b"\n", done, cut)
+            if not block:
+                return
+            rest, rest_at = data[cut:], rest_at + cut
+
+
+def _contains(path: Path, needle: bytes) -> bool:
+    """Whether the bytes of `path` hold `needle` (streamed in blocks)."""
+    with open(path, "rb") as handle:
+        tail = b""
+        while block := handle.read(BLOCK):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle) :]
+    return False
+
+
+def _short(value: object, limit: int = 100) -> object:
+    """A long string cut to `limit` characters (other values as they are)."""
+    if isinstance(value, str) and len(value) > limit:
+        return value[: limit - 1] + "…"
+    return value
+
+
+def _scores(stats: dict) -> dict:
+    """The filter stats of a record by short name (first image), e.g. {"aesthetics": 6.2}."""
+    out = {}
+    for key, name in SCORE_NAMES.items():
+        values = stats.get(key) or []
+        if values:
+            out[name] = round(values[0], 6) if isinstance(values[0], float) else values[0]
+    return out
+
+
+def _reason_codes(table: pa.Table, rules: PrefilterRules) -> np.ndarray:
+    """Per row 0 when the prefilter keeps it, else 1 + the index in REASONS of its first failure."""
+    codes = np.zeros(table.num_rows, dtype=np.int8)
+    masks = drop_masks(table, rules)
+    for index in range(len(REASONS) - 1, -1, -1):  # the first reason wins, as filter_table counts
+        mask = masks.get(REASONS[index])
+        if mask is not None:
+            codes[np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)] = index + 1
+    return codes
+
+
+def prefilter_columns(names: list[str], rules: PrefilterRules) -> list[str]:
+    """The columns the prefilter reads (URL, sizes, safety scores) that a parquet file has."""
+    wanted = [rules.url_col, "WIDTH", "width", "HEIGHT", "height", "punsafe", "pwatermark"]
+    return [name for name in dict.fromkeys(wanted) if name in names]
+
+
+def _why(reason: str, row: dict, rules: PrefilterRules) -> str:
+    """A prefilter reason with the row's values and the rule it broke."""
+    width = row.get("WIDTH", row.get("width"))
+    height = row.get("HEIGHT", row.get("height"))
+    if reason == "too_small":
+        return f"too_small: {width} x {height} below {rules.min_width} x {rules.min_height}"
+    if reason == "aspect_ratio" and width and height:
+        return f"aspect_ratio: {width / height:.4g} outside [{rules.min_ratio}, {rules.max_ratio}]"
+    if reason in ("punsafe", "pwatermark"):
+        limit = rules.max_punsafe if reason == "punsafe" else rules.max_pwatermark
+        return f"{reason}: {row.get(reason)} > {limit}"
+    if reason == "missing_url":
+        return "missing_url: no URL in the row"
+    return reason
+
+
+def _read_row(path: Path, row: int) -> dict:
+    """Row `row` of a parquet file (one row group read)."""
+    with open_parquet(path) as parquet:
+        for group in range(parquet.num_row_groups):
+            count = parquet.metadata.row_group(group).num_rows
+            if row < count:
+                table = parquet.read_row_group(group)
+                return clean_json_value(table.slice(row, 1).to_pylist()[0])
+            row -= count
+    raise IndexError(f"{path} has no row {row}")
+
+
+def _parquet_rows(path: Path) -> int:
+    """Rows of a parquet file, from its footer."""
+    with open_parquet(path) as parquet:
+        return parquet.metadata.num_rows
+
+
+class _Tracer:
+    """One trace: the workdir, the config, the key, and the stages' verdicts as they come."""
+
+    def __init__(self, workdir: Path, config: dict | None) -> None:
+        """Start a trace over `workdir` (config: validated, or None)."""
+        self.work = workdir
+        self.config = config
+        self.stages: list[dict] = []
+        self.found_in: list[str] = []
+        self.source = ""
+        self.image_id: str | None = None
+        self.url_hit: dict | None = None  # where a URL key was found in the URL list
+        self.download_ok: bool | None = None
+        self.offset: int | None = None  # the record's byte offset in the manifest
+        self.shard: int | None = None
+        self.image: str | None = None
+        self.stats: dict = {}
+        self.masked_line: int | None = None
+        self.row_url: str | None = None  # the URL of the image's URL-list row
+        self.kept_rows: dict[str, list[tuple[Path, int]]] = {}  # per source, see prefiltered()
+        self.dropped_at: str | None = None
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def add(self, stage: str, verdict: str, **details: object) -> None:
+        """Record one stage's verdict (the first drop before the exports ends the trace's reach:
+        the exports are side by side, one leaving an image out says nothing of the others)."""
+        clean = {k: v for k, v in details.items() if v is not None}
+        self.stages.append({"stage": stage, "verdict": verdict, "details": clean})
+        if verdict == DROPPED and self.dropped_at is None and not stage.startswith("export "):
+            self.dropped_at = stage
+
+    def rel(self, path: Path) -> str:
+        """`path` relative to the workdir when it is under it."""
+        try:
+            return str(path.relative_to(self.work))
+        except ValueError:
+            return str(path)
+
+    def found(self, path: Path, where: str = "") -> None:
+        """Note a file that holds the record."""
+        self.found_in.append(self.rel(path) + where)
+
+    def ours(self, record: dict) -> bool:
+        """Whether a parsed line is this trace's record."""
+        if not isinstance(record, dict):
+            return False
+        key = f"{self.source}/{self.image_id}"
+        if record.get("key") == key or record.get("name") == key:
+            return True
+        return str(record.get("image_id")) == self.image_id and record.get("source") == self.source
+
+    def lookup(self, paths: list[Path], count_lines: bool = False) -> tuple[Path, dict] | None:
+        """The first of `paths` (those that exist) holding the record, and the record."""
+        needle = json.dumps(self.image_id, ensure_ascii=False).encode()
+        for path in paths:
+            if not path.is_file():
+                continue
+            for _, lineno, line in _scan(path, needle, count_lines=count_lines):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if self.ours(record):
+                    if count_lines:
+                        record["_line"] = lineno
+                    self.found(path)
+                    return path, record
+        return None
+
+    # --- configuration -------------------------------------------------------------------
+
+    def source_config(self) -> dict | None:
+        """This source's entry in the config (None without a config or a matching entry)."""
+        if self.config is None:
+            return None
+        try:
+            return find_source(self.config, self.source)
+        except KeyError:
+            return None
+
+    def download_opts(self) -> dict | None:
+        """The source's effective `download` settings (None without a config)."""
+        entry = self.source_config()
+        return None if entry is None else download_options(self.config, entry)
+
+    def key_digits(self) -> tuple[int, int] | None:
+        """(samples per shard, digits of the in-shard number) of img2dataset's keys, if known."""
+        opts = self.download_opts()
+        if opts is None:
+            return None
+        per_shard = int(opts["number_sample_per_shard"])
+        return per_shard, math.ceil(math.log10(per_shard))
+
+    def oom_shard_count(self) -> int:
+        """Digits of the shard number in img2dataset's keys (its `oom_shard_count`)."""
+        opts = self.download_opts() or {}
+        return int((opts.get("extra_args") or {}).get("oom_shard_count", OOM_SHARD_COUNT))
+
+    def rules(self) -> PrefilterRules | None:
+        """The prefilter rules of the run (its stats file), else of the config."""
+        stats = self.work / "url_lists" / f"{self.source}_stats.json"
+        if stats.exists():
+            saved = read_json(stats).get("rules")
+            try:
+                return PrefilterRules(**saved)
+            except TypeError:  # no rules saved, or another version's: the config's
+                pass
+        opts = self.download_opts()
+        return None if opts is None else PrefilterRules.from_config(self.config, opts)
+
+    def original_files(self) -> list[Path]:
+        """The parquet files of the source's URL list as the config names it ([] if unknown)."""
+        entry = self.source_config()
+        if entry is None:
+            return []
+        try:
+            return list_parquet_files(entry["url_list"])
+        except FileNotFoundError:
+            return []
+
+    def prefiltered(self) -> list[tuple[Path, int]]:
+        """The prefilter's output files of the source with their rows ([] before it ran)."""
+        if self.source not in self.kept_rows:
+            folder = self.work / "url_lists" / self.source
+            try:
+                files = list_parquet_files(folder) if folder.is_dir() else []
+            except FileNotFoundError:  # the folder of a prefilter still running
+                files = []
+            self.kept_rows[self.source] = [(path, _parquet_rows(path)) for path in files]
+        return self.kept_rows[self.source]
+
+    def batch_rows(self) -> int:
+        """Rows per parquet batch while scanning a URL list."""
+        opts = self.download_opts() or {}
+        return int((opts.get("prefilter") or {}).get("batch_rows", 65536))
+
+    # --- URL list <-> image id -----------------------------------------------------------
+
+    def image_id_of(self, file_name: str, kept_row: int) -> str | None:
+        """The img2dataset key of row `kept_row` of prefiltered file `file_name`."""
+        digits = self.key_digits()
+        if digits is None:
+            return None
+        per_shard, oom = digits
+        shard = 0
+        for path, rows in self.prefiltered():
+            if path.name == file_name:
+                shard += kept_row // per_shard
+                number = shard * 10**oom + kept_row % per_shard
+                return f"{number:0{oom + self.oom_shard_count()}d}"
+            shard += math.ceil(rows / per_shard)
+        return None
+
+    def kept_row_of(self) -> tuple[Path, int] | None:
+        """(prefiltered file, row in it) that img2dataset numbered as this trace's image id."""
+        digits = self.key_digits()
+        if digits is None or not self.image_id or not self.image_id.isdigit():
+            return None
+        per_shard, oom = digits
+        shard, in_shard = divmod(int(self.image_id), 10**oom)
+        if in_shard >= per_shard or len(self.image_id) != oom + self.oom_shard_count():
+            return None  # not a key of these download settings
+        first = 0
+        for path, rows in self.prefiltered():
+            count = math.ceil(rows / per_shard)
+            if shard < first + count:
+                row = (shard - first) * per_shard + in_shard
+                return (path, row) if row < rows else None
+            first += count
+        return None
+
+    def original_row(self, file_name: str, kept_row: int, rules: PrefilterRules) -> int | None:
+        """The row of the original URL-list file that the prefilter kept as row `kept_row`."""
+        for path in self.original_files():
+            if path.name != file_name:
+                continue
+            seen = base = 0
+            with open_parquet(path) as parquet:
+                columns = prefilter_columns(parquet.schema_arrow.names, rules)
+                for batch in parquet.iter_batches(batch_size=self.batch_rows(), columns=columns):
+                    kept = np.flatnonzero(_reason_codes(pa.Table.from_batches([batch]), rules) == 0)
+                    if kept_row < seen + len(kept):
+                        return base + int(kept[kept_row - seen])
+                    seen += len(kept)
+                    base += batch.num_rows
+        return None
+
+    def find_url(self, url: str, sources: list[str]) -> bool:
+        """Find a URL in the sources' URL lists (the config's, else the prefiltered ones); on a
+        hit set the source, the row and its prefilter verdict, and the image id when kept."""
+        for source in sources:
+            self.source = source
+            rules = self.rules()
+            original = self.original_files()
+            for path in original or [path for path, _ in self.prefiltered()]:
+                hit = self._find_url_in(path, url, rules, prefiltered=not original)
+                if hit is not None:
+                    self.url_hit = hit
+                    if hit["reason"] is None:
+                        self.image_id = self.image_id_of(path.name, hit["kept_row"])
+                    return True
+        return False
+
+    def _find_url_in(
+        self, path: Path, url: str, rules: PrefilterRules | None, prefiltered: bool
+    ) -> dict | None:
+        """The first row of one parquet file whose URL is `url`, with its prefilter verdict."""
+        url_col = rules.url_col if rules else "URL"
+        with open_parquet(path) as parquet:
+            names = parquet.schema_arrow.names
+            if url_col not in names:
+                return None
+            columns = prefilter_columns(names, rules) if rules else [url_col]
+            base = kept_before = 0
+            for batch in parquet.iter_batches(batch_size=self.batch_rows(), columns=columns):
+                table = pa.Table.from_batches([batch])
+                urls = pc.cast(table[url_col], pa.string())
+                index = pc.index(urls, url).as_py()
+                if rules and not prefiltered:
+                    codes = _reason_codes(table, rules)
+                else:
+                    codes = np.zeros(table.num_rows, np.int8)
+                if index >= 0:
+                    code = int(codes[index])
+                    return {
+                        "file": path,
+                        "row": None if prefiltered else base + index,
+                        "kept_row": kept_before + int(np.count_nonzero(codes[:index] == 0)),
+                        "reason": None if code == 0 else REASONS[code - 1],
+                        "matches": pc.sum(pc.equal(urls, url)).as_py(),
+                    }
+                base += table.num_rows
+                kept_before += int(np.count_nonzero(codes == 0))
+        return None
+
+    # --- stages --------------------------------------------------------------------------
+
+    def prefilter(self) -> None:
+        """The URL-list row of the image and the pre-download filter's verdict on it."""
+        rules = self.rules()
+        hit = self.url_hit
+        if hit is None:
+            if self.config is None:
+                return self.add(
+                    "prefilter", UNKNOWN, reason="no config: the URL-list row is unknown"
+                )
+            where = self.kept_row_of()
+            if where is None:
+                if not self.prefiltered():
+                    return self.add("prefilter", NOT_RUN)
+                why = f"img2dataset numbers no row of url_lists/{self.source} {self.image_id}"
+                return self.add("prefilter", NOT_FOUND, reason=why)
+            path, kept_row = where
+            hit = {"file": path, "row": None, "kept_row": kept_row, "reason": None, "matches": 1}
+            if rules is not None:
+                hit["row"] = self.original_row(path.name, kept_row, rules)
+        original = [p for p in self.original_files() if p.name == hit["file"].name]
+        if hit["row"] is not None and original:
+            row = _read_row(original[0], hit["row"])
+            self.found(original[0], f": row {hit['row']}")
+        else:
+            row = _read_row(hit["file"], hit["kept_row"])
+        if hit["reason"] is None:
+            kept = self.work / "url_lists" / self.source / hit["file"].name
+            if kept.exists():
+                self.found(kept, f": row {hit['kept_row']}")
+        url_col = rules.url_col if rules else "URL"
+        details = {
+            "url_list": str(original[0]) if original else self.rel(hit["file"]),
+            "row": hit["row"],
+            "prefiltered_row": hit["kept_row"] if hit["reason"] is None else None,
+            "url": row.get(url_col),
+            "width": row.get("WIDTH", row.get("width")),
+            "height": row.get("HEIGHT", row.get("height")),
+            "rows_with_this_url": hit["matches"] if hit["matches"] > 1 else None,
+        }
+        if hit["reason"] is not None:
+            why = _why(hit["reason"], row, rules) if rules else hit["reason"]
+            return self.add("prefilter", DROPPED, reason=why, **details)
+        self.row_url = details["url"]
+        if not self.prefiltered():
+            return self.add("prefilter", NOT_RUN, **details)
+        self.add("prefilter", KEPT, **details)
+
+    def download(self) -> None:
+        """img2dataset's status for the image (its shard's parquet, else the sidecar)."""
+        folder = self.work / "downloads" / self.source
+        if not folder.is_dir():
+            return self.add("download", NOT_RUN)
+        digits = self.key_digits()
+        oom = len(self.image_id or "") - self.oom_shard_count()  # the key's own width
+        if digits is not None and digits[1] + self.oom_shard_count() == len(self.image_id):
+            oom = digits[1]
+        if not (self.image_id or "").isdigit() or oom < 0:
+            return self.add(
+                "download", NOT_FOUND, reason=f"{self.image_id!r} is no img2dataset key"
+            )
+        name = f"{int(self.image_id) // 10**oom:0{self.oom_shard_count()}d}"
+        table, sidecar = folder / f"{name}.parquet", folder / name / f"{self.image_id}.json"
+        row = None
+        if table.exists():
+            rows = pq.read_table(table, filters=[("key", "=", self.image_id)]).to_pylist()
+            if rows:
+                row = clean_json_value(rows[0])
+                self.found(table)
+        if row is None and sidecar.exists():
+            row = read_json(sidecar)
+            self.found(sidecar)
+        if row is None:
+            done = (self.work / "downloads" / f"{self.source}_stats.json").exists()
+            shard_files = f"{self.rel(table)} (or {name}/{self.image_id}.json)"
+            return self.add(
+                "download",
+                NOT_FOUND if done else NOT_RUN,
+                reason=f"no key {self.image_id} in {shard_files}",
+            )
+        status = row.get("status", "success")
+        details = {
+            "status": status,
+            "url": row.get("url"),
+            "width": row.get("width"),
+            "height": row.get("height"),
+            "original_size": (
+                f"{row['original_width']} x {row['original_height']}"
+                if row.get("original_width") is not None
+                else None
+            ),
+            "shard": self.rel(table),
+        }
+        if self.row_url and row.get("url") and row["url"] != self.row_url:
+            details["warning"] = "not the URL of its URL-list row: did the URL list change?"
+        self.download_ok = status == "success"
+        if not self.download_ok:
+            reason = f"{status}: {row.get('error_message')}"
+            return self.add("download", DROPPED, reason=reason, **details)
+        self.add("download", KEPT, **details)
+
+    def bisect(self, path: Path) -> tuple[int, dict] | None:
+        """The record in a manifest sorted by image id (as the manifest stage writes it), found
+        by bisecting byte offsets; None when the window it must be in does not hold it."""
+        target = (len(self.image_id), self.image_id)
+        low, high = 0, path.stat().st_size  # the record starts in [low, high)
+        with open(path, "rb") as handle:
+            while high - low > WINDOW:
+                middle = (low + high) // 2
+                handle.seek(middle)
+                handle.readline()
+                start = handle.tell()
+                line = handle.readline()
+                if start >= high or not line:
+                    high = middle + 1
+                    continue
+                try:
+                    found = str(json.loads(line).get("image_id"))
+                except ValueError:
+                    return None
+                if (len(found), found) < target:
+                    low = start + len(line)
+                else:
+                    high = start + (found == self.image_id)
+        needle = json.dumps(self.image_id, ensure_ascii=False).encode()
+        for offset, _, line in _scan(path, needle, low):
+            if offset >= high:
+                break
+            record = json.loads(line)
+            if self.ours(record):
+                return offset, record
+        return None
+
+    def manifest(self) -> None:
+        """The manifest record (bisected; a full scan only when it should be there)."""
+        path = self.work / "manifest" / f"{self.source}.jsonl"
+        if not path.exists():
+            return self.add("manifest", NOT_RUN)
+        hit = self.bisect(path)
+        if hit is None and self.download_ok is not False:
+            needle = json.dumps(self.image_id, ensure_ascii=False).encode()
+            for offset, _, line in _scan(path, needle):
+                record = json.loads(line)
+                if self.ours(record):
+                    hit = offset, record
+                    break
+        if hit is None:
+            if self.download_ok:
+                reason = "not in the manifest: its sidecar was unreadable or its image file missing"
+                return self.add("manifest", DROPPED, reason=reason)
+            return self.add("manifest", NOT_FOUND)
+        self.offset, record = hit
+        self.found(path)
+        self.image = record["image"][0] if isinstance(record.get("image"), list) else None
+        index = self.work / "shards" / self.source / "index.json"
+        if index.exists():
+            plan = read_json(index)
+            if plan.get("manifest_bytes") == path.stat().st_size:
+                for entry in plan["shards"]:
+                    if entry["start"] <= self.offset < entry["end"]:
+                        self.shard = entry["shard"]
+        details = {
+            "image": self.image,
+            "size": f"{record.get('width')} x {record.get('height')}",
+            "text": _short(record.get("text"), 60),
+            "byte_offset": self.offset,
+            "shard": self.shard,
+        }
+        self.add("manifest", KEPT, **details)
+
+    def shard_files(self, stage: str, suffix: str = "") -> list[Path]:
+        """The files of a per-shard stage that may hold the record: its shard's, else all."""
+        folder = self.work / stage / self.source
+        if self.shard is not None:
+            return [folder / f"shard_{self.shard}{suffix}.jsonl"]
+        pattern = re.compile(rf"shard_\d+{suffix}\.jsonl")
+        return sorted(p for p in folder.glob("shard_*.jsonl") if pattern.fullmatch(p.name))
+
+    def probe(self) -> None:
+        """Whether the probe could decode the image (its drop file names why not)."""
+        dropped, kept = self.shard_files("probed", "_dropped"), self.shard_files("probed")
+        if not any(p.exists() for p in dropped + kept):
+            return self.add("probe", NOT_RUN)
+        hit = self.lookup(dropped)
+        if hit is not None:
+            return self.add(
+                "probe", DROPPED, reason=hit[1].get("drop_reason"), file=self.rel(hit[0])
+            )
+        hit = self.lookup(kept)
+        if hit is None:
+            return self.add("probe", NOT_FOUND)
+        self.add("probe", KEPT, file=self.rel(hit[0]))
+
+    def score(self) -> None:
+        """The five filters' scores data-juicer computed for the image."""
+        files = self.shard_files("scored")
+        if not any(p.exists() for p in files):
+            return self.add("score", NOT_RUN)
+        hit = self.lookup(files)
+        if hit is None:
+            return self.add("score", NOT_FOUND)
+        self.stats = hit[1].get(STATS) or {}
+        self.add("score", KEPT, file=self.rel(hit[0]), **_scores(self.stats))
+
+    def select(self) -> None:
+        """The thresholds' verdict: kept in filtered/, or the filter that dropped it and why."""
+        rejected, kept = self.shard_files("rejected"), self.shard_files("filtered")
+        if not any(p.exists() for p in rejected + kept):
+            return self.add("select", NOT_RUN)
+        hit = self.lookup(rejected)
+        if hit is not None:
+            record = hit[1]
+            self.stats = record.get(STATS) or self.stats
+            reason = record.get("drop_reason") or ""
+            return self.add(
+                "select",
+                DROPPED,
+                reason=reason,
+                filter=reason.split(":", 1)[0] or None,
+                file=self.rel(hit[0]),
+                **_scores(self.stats),
+            )
+        hit = self.lookup(kept)
+        if hit is None:
+            return self.add("select", NOT_FOUND)
+        self.stats = hit[1].get(STATS) or self.stats
+        self.add("select", KEPT, file=self.rel(hit[0]))
+
+    def caption_input(self) -> str:
+        """The file the captioning reads (caption.input), relative to the workdir."""
+        caption = (self.config or {}).get("caption") or {}
+        return str(caption.get("input") or f"merged/{TIER_FILES[1]}")
+
+    def tier(self) -> None:
+        """Which aesthetic tiers hold the image, and whether the one captioned does."""
+        folder = self.work / "merged"
+        if not any((folder / name).exists() for name in TIER_FILES):
+            return self.add("tier", NOT_RUN)
+        stats = folder / "merge_stats.json"
+        tiers = read_json(stats).get("tiers", {}) if stats.exists() else {}
+        scores = self.stats.get(AESTHETICS_KEY) or []
+        aesthetics = max(scores) if scores else None
+        held = {}
+        for name in TIER_FILES:
+            path = folder / name
+            if not path.exists():
+                continue
+            below = aesthetics is not None and name in tiers and aesthetics < tiers[name]
+            held[name] = False if below else self.lookup([path]) is not None
+        wanted = self.caption_input()
+        details = {
+            "aesthetics": aesthetics,
+            "tiers": tiers or None,
+            **held,
+            "caption_input": wanted,
+        }
+        name = Path(wanted).name
+        if Path(wanted).parent.name == "merged" and name in held:
+            if held[name]:
+                return self.add("tier", KEPT, **details)
+            if aesthetics is not None and name in tiers and aesthetics < tiers[name]:
+                why = f"aesthetics {aesthetics:.4g} < {tiers[name]} ({name})"
+            else:
+                why = f"not in {name}"
+            return self.add("tier", DROPPED, reason=why, **details)
+        self.add("tier", KEPT if any(held.values()) else NOT_FOUND, **details)
+
+    def dedup(self) -> None:
+        """The dedup verdict: kept, or the record it duplicates."""
+        folder = self.work / "dedup"
+        kept, dropped = folder / "deduped.jsonl", folder / "dropped.jsonl"
+        if not kept.exists() and not dropped.exists():
+            dedup_cfg = ((self.config or {}).get("caption") or {}).get("dedup") or {}
+            return self.add("dedup", OFF if dedup_cfg.get("enabled") is False else NOT_RUN)
+        hit = self.lookup([dropped])
+        if hit is not None:
+            record = hit[1]
+            kind, distance = record.get("duplicate_kind"), record.get("phash_distance")
+            why = f"duplicate of {record.get('duplicate_of')}"
+            if kind == "phash" and distance is not None:
+                why += f" (perceptual hashes {distance} bits apart)"
+            elif kind:
+                why += f" (same {kind})"
+            details = {
+                "duplicate_of": record.get("duplicate_of"),
+                "duplicate_kind": kind,
+                "phash_distance": distance,
+                "file": self.rel(hit[0]),
+            }
+            return self.add("dedup", DROPPED, reason=why, **details)
+        hit = self.lookup([kept])
+        if hit is None:
+            return self.add("dedup", NOT_FOUND)
+        self.add("dedup", KEPT, phash=hit[1].get("phash"), file=self.rel(hit[0]))
+
+    @staticmethod
+    def chunk_files(folder: Path, pattern: re.Pattern, kind: str = "") -> list[Path]:
+        """The per-chunk files of a folder matching `pattern` (of `kind`: errors, dropped), in
+        chunk order."""
+        found = []
+        for path in folder.glob("chunk_*.jsonl"):
+            match = pattern.fullmatch(path.name)
+            if match and (not kind or match.group(2) == kind):
+                found.append((int(match.group(1)), path))
+        return [path for _, path in sorted(found)]
+
+    def side_files(self, folder: Path, gathered: str, pattern: re.Pattern, kind: str) -> list[Path]:
+        """A gathered file when it exists, else the per-chunk files it is made of."""
+        if (folder / gathered).is_file():
+            return [folder / gathered]
+        return self.chunk_files(folder, pattern, kind)
+
+    def caption(self) -> None:
+        """The caption and entities, or the error record's reason."""
+        folder = self.work / "captioned"
+        ok = self.side_files(folder, "captioned.jsonl", CHUNK, "")
+        errors = self.side_files(folder, "errors.jsonl", CHUNK_SIDE, "errors")
+        if not ok and not errors:
+            return self.add("caption", NOT_RUN)
+        hit = self.lookup(errors)
+        if hit is not None:
+            entry = hit[1]
+            details = {
+                "status": entry.get("status"),
+                "attempts": entry.get("attempts"),
+                "http_status": entry.get("http_status"),
+                "code": entry.get("code"),
+                "answer": _short(entry.get("answer") or entry.get("message")),
+                "file": self.rel(hit[0]),
+            }
+            return self.add("caption", DROPPED, reason=entry.get("reason"), **details)
+        hit = self.lookup(ok)
+        if hit is None:
+            return self.add(
+                "caption", NOT_FOUND, reason="not captioned yet (its chunk has not run)"
+            )
+        record = hit[1]
+        entities = record.get("entities") or []
+        meta = record.get("caption_meta") or {}
+        details = {
+            "caption": _short(record.get("caption")),
+            "entities": [e.get("entity") for e in entities],
+            "boxes": sum(len(e.get("bboxes") or []) for e in entities),
+            "model": meta.get("model"),
+            "file": self.rel(hit[0]),
+        }
+        self.add("caption", KEPT, **details)
+
+    def mask(self) -> None:
+        """Masks kept (entities dropped by the quality floors named) or the drop reason."""
+        folder = self.work / "masked"
+        gathered = (folder / "masked.jsonl").exists()
+        dropped = self.side_files(folder, "dropped.jsonl", CHUNK_SIDE, "dropped")
+        chunks = self.chunk_files(folder, CHUNK) if gathered else []
+        kept = [folder / "masked.jsonl"] if gathered else self.chunk_files(folder, CHUNK)
+        if not kept and not dropped:
+            return self.add("mask", NOT_RUN)
+        hit = self.lookup(dropped)
+        if hit is not None:
+            return self.add(
+                "mask", DROPPED, reason=hit[1].get("drop_reason"), file=self.rel(hit[0])
+            )
+        hit = self.lookup(kept, count_lines=True)
+        if hit is None:
+            return self.add("mask", NOT_FOUND, reason="not masked yet (its chunk has not run)")
+        record = hit[1]
+        self.masked_line = record.get("_line")
+        if not self.image and isinstance(record.get("image"), str):
+            self.image = record["image"]  # the exports name images by their path
+        names = [e.get("entity") for e in record.get("entities") or []]
+        details = {
+            "entities": names,
+            "mask_scores": record.get("mask_scores"),
+            "mask_file": record.get("mask_file"),
+            "low_quality": record.get("mask_low_quality"),
+            "file": self.rel(hit[0]),
+            "floors": None if gathered else "not applied yet (no masked/masked.jsonl)",
+        }
+        before = self.lookup(chunks) if chunks else None
+        if before is not None:
+            kept_boxes = {(e.get("entity"), tuple(e.get("bbox") or ())) for e in record["entities"]}
+            floored = []
+            entities = before[1].get("entities") or []
+            scores = before[1].get("mask_scores") or [None] * len(entities)
+            inside = before[1].get("mask_inside_fraction") or [None] * len(entities)
+            for entity, score, fraction in zip(entities, scores, inside, strict=False):
+                if (entity.get("entity"), tuple(entity.get("bbox") or ())) not in kept_boxes:
+                    floored.append(f"{entity.get('entity')} (score {score}, inside {fraction})")
+            stats = folder / "mask_stats.json"
+            details["entities_dropped_by_floors"] = floored
+            if floored and stats.exists():
+                details["floors"] = read_json(stats).get("floors")
+        self.add("mask", KEPT, **details)
+
+    def export_skipped(self, stage: str, path: Path, fallback: str) -> None:
+        """The export's verdict on an image it does not hold: the reason its side file of
+        skipped records gives, else `fallback`."""
+        if path.exists():
+            for _, _, line in _scan(path, self.image_id.encode()):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if self.ours(record):
+                    self.found(path)
+                    reason = record.get("drop_reason")
+                    return self.add(stage, DROPPED, reason=reason, file=self.rel(path))
+        self.add(stage, DROPPED, reason=fallback)
+
+    def export_off(self, stage: str, *paths: Path) -> None:
+        """An export the config does not ask for; files an earlier run left are named."""
+        left = [self.rel(p) for p in paths if p.exists()]
+        note = f"{', '.join(left)} left from an earlier run (not updated)" if left else None
+        self.add(stage, OFF, note=note)
+
+    def formats(self) -> list[str] | None:
+        """The configured export formats (None without a config)."""
+        if self.config is None:
+            return None
+        return list((self.config.get("export") or {}).get("formats") or [])
+
+    def export_emu3(self) -> None:
+        """The Emu3 datalist line and whether train.json lists it, or the export error."""
+        if self.formats() is not None and "emu3" not in self.formats():
+            return self.export_off("export emu3", self.work / "export" / "emu3" / "list")
+        folder = self.work / "export" / "emu3" / "list"
+        datalist, errors, train = (
+            folder / "datalist.jsonl",
+            folder / "error.jsonl",
+            folder / "train.json",
+        )
+        if not datalist.exists():
+            return self.add("export emu3", NOT_RUN)
+        hit = self.lookup([errors])
+        if hit is not None:
+            entry = hit[1]
+            reason = str(entry.get("reason")) + (
+                f" ({entry['detail']})" if entry.get("detail") else ""
+            )
+            return self.add("export emu3", DROPPED, reason=reason)
+        hit = self.lookup([datalist])
+        if hit is None:
+            return self.add("export emu3", NOT_FOUND)
+        line = hit[1]
+        listed = train.exists() and _contains(train, json.dumps(line.get("path")).encode())
+        if listed:
+            self.found(train)
+        details = {
+            "path": line.get("path"),
+            "tokens": line.get("tokens"),
+            "in_train_json": listed,
+            "reason": None if listed else "not in train.json (export.emu3.max_items)",
+        }
+        self.add("export emu3", KEPT, **details)
+
+    def image_match(self, name: object) -> bool:
+        """Whether an export's file name names this image (its path, or `<source>/<id>.ext`)."""
+        if not isinstance(name, str) or not name:
+            return False
+        if self.image and (name == self.image or self.image.endswith("/" + name.lstrip("/"))):
+            return True
+        stem = name.rsplit(".", 1)[0]
+        return stem.endswith(f"{self.source}/{self.image_id}")
+
+    def export_coco(self) -> None:
+        """The COCO image entry and its annotations (export/coco/coco.json)."""
+        if self.formats() is not None and "coco" not in self.formats():
+            return self.export_off("export coco", self.work / "export" / "coco" / "coco.json")
+        files = [p for p in [self.work / "export" / "coco" / "coco.json"] if p.exists()]
+        if not files:
+            return self.add("export coco", NOT_RUN)
+        needles = [json.dumps(self.image_id).encode()]
+        if self.image:
+            needles.append(json.dumps(self.image).strip('"').encode())
+        for path in files:
+            if not any(_contains(path, needle) for needle in needles):
+                continue
+            if path.stat().st_size > MAX_JSON_LOAD:
+                self.found(path)
+                return self.add("export coco", KEPT, file=self.rel(path), note="too big to parse")
+            data = read_json(path)
+            for image in data.get("images") or []:
+                if self.ours(image) or self.image_match(image.get("file_name")):
+                    anns = [
+                        a
+                        for a in data.get("annotations") or []
+                        if a.get("image_id") == image.get("id")
+                    ]
+                    self.found(path)
+                    return self.add(
+                        "export coco",
+                        KEPT,
+                        file=self.rel(path),
+                        coco_id=image.get("id"),
+                        annotations=len(anns),
+                    )
+        self.export_skipped(
+            "export coco",
+            self.work / "export" / "coco" / "coco_skipped.jsonl",
+            f"not in {', '.join(self.rel(p) for p in files)}",
+        )
+
+    def export_odvg(self) -> None:
+        """The ODVG line of the image and its grounded regions (export/odvg/odvg.jsonl)."""
+        if self.formats() is not None and "odvg" not in self.formats():
+            return self.export_off("export odvg", self.work / "export" / "odvg" / "odvg.jsonl")
+        files = [p for p in [self.work / "export" / "odvg" / "odvg.jsonl"] if p.exists()]
+        if not files:
+            return self.add("export odvg", NOT_RUN)
+        needle = self.image_id.encode()
+        for path in files:
+            for _, _, line in _scan(path, needle):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                names = [record.get(k) for k in ("filename", "file_name", "image")]
+                if self.ours(record) or any(self.image_match(n) for n in names):
+                    grounding = record.get("grounding") or {}
+                    regions = grounding.get("regions") or (record.get("detection") or {}).get(
+                        "instances"
+                    )
+                    self.found(path)
+                    phrases = [r.get("phrase") or r.get("category") for r in regions or []]
+                    return self.add(
+                        "export odvg",
+                        KEPT,
+                        file=self.rel(path),
+                        regions=len(regions or []),
+                        phrases=phrases or None,
+                    )
+        self.export_skipped(
+            "export odvg",
+            self.work / "export" / "odvg" / "odvg_skipped.jsonl",
+            f"not in {', '.join(self.rel(p) for p in files)}",
+        )
+
+    def tar_order(self, tars: list[Path]) -> list[Path]:
+        """The tars nearest first to the one the record's line in masked.jsonl points at (the
+        export fills them in that order, `export.webdataset.shard_size` samples each)."""
+        size = ((self.config or {}).get("export") or {}).get("webdataset", {}).get("shard_size")
+        if self.masked_line is None or not size or not tars:
+            return tars
+        guess = min(self.masked_line // size, len(tars) - 1)
+        return sorted(tars, key=lambda path: abs(tars.index(path) - guess))
+
+    def export_webdataset(self) -> None:
+        """The WebDataset tar and the members that hold the image (export/wds/*.tar)."""
+        if self.formats() is not None and "webdataset" not in self.formats():
+            return self.export_off("export webdataset", self.work / "export" / "wds")
+        tars = sorted((self.work / "export" / "wds").glob("*.tar"))
+        if not tars:
+            return self.add("export webdataset", NOT_RUN)
+        plain = re.sub(r"[^A-Za-z0-9]", "", self.source)
+        for path in self.tar_order(tars):
+            with tarfile.open(path, "r:") as archive:
+                groups: dict[str, list[tarfile.TarInfo]] = {}
+                for member in archive:
+                    base = os.path.basename(member.name)
+                    if member.isfile() and self.image_id in base:
+                        stem = member.name[: len(member.name) - len(base)] + base.split(".", 1)[0]
+                        groups.setdefault(stem, []).append(member)
+                for stem, members in groups.items():
+                    meta = [m for m in members if m.name.endswith(".json")]
+                    if meta:
+                        handle = archive.extractfile(meta[0])
+                        try:
+                            record = json.load(handle) if handle else {}
+                        except ValueError:
+                            record = {}
+                        if not self.ours(record) and not self.image_match(record.get("image")):
+                            continue
+                    elif plain not in re.sub(r"[^A-Za-z0-9]", "", stem):
+                        continue
+                    self.found(path)
+                    extensions = sorted(m.name[len(stem) :] for m in members)
+                    return self.add(
+                        "export webdataset", KEPT, file=self.rel(path), key=stem, members=extensions
+                    )
+        self.export_skipped(
+            "export webdataset",
+            self.work / "export" / "wds_skipped.jsonl",
+            f"in none of the {len(tars)} tars",
+        )
+
+    def run(self) -> None:
+        """Every stage in order; after the first drop (before the exports) the rest are not
+        reached."""
+        steps = [
+            self.prefilter,
+            self.download,
+            self.manifest,
+            self.probe,
+            self.score,
+            self.select,
+            self.tier,
+            self.dedup,
+            self.caption,
+            self.mask,
+            self.export_emu3,
+            self.export_coco,
+            self.export_odvg,
+            self.export_webdataset,
+        ]
+        for name, step in zip(STAGES, steps, strict=True):
+            if self.dropped_at is not None:
+                self.add(name, NOT_REACHED, reason=f"dropped at {self.dropped_at}")
+            elif self.image_id is None and name != "prefilter":
+                self.add(name, NOT_REACHED, reason="no image id")
+            else:
+                step()
+
+
+def known_sources(workdir: Path, config: dict | None) -> list[str]:
+    """The sources of the config, then any other the workdir has outputs of."""
+    names = [s["name"] for s in (config or {}).get("sources") or []]
+    for folder in ("url_lists", "downloads", "shards", "scored"):
+        if (workdir / folder).is_dir():
+            names += [p.name for p in (workdir / folder).iterdir() if p.is_dir()]
+    if (workdir / "manifest").is_dir():
+        names += [p.stem for p in (workdir / "manifest").glob("*.jsonl")]
+    return list(dict.fromkeys(names))
+
+
+def parse_key(key: str, sources: list[str]) -> tuple[str | None, str | None, str | None]:
+    """(source, image id, URL) of a trace key: `SOURCE/IMAGE_ID`, a URL or `SOURCE/URL`."""
+    key = key.strip()
+    if "://" in key:
+        head, _, rest = key.partition("/")
+        if head in sources and "://" in rest:
+            return head, None, rest
+        return None, None, key
+    source, sep, image_id = key.partition("/")
+    if not sep or not source or not image_id:
+        raise ValueError(f"trace key {key!r}: expected SOURCE/IMAGE_ID (or a URL)")
+    return source, image_id, None
+
+
+def trace(workdir: str | os.PathLike, key: str, config: dict | None = None) -> dict | None:
+    """Every stage's verdict on one image (`SOURCE/IMAGE_ID`, or its URL); None when the key is
+    nowhere (unknown source, or no stage file and no URL-list row holds it).
+
+    Returns {"key", "found_in": [files], "stages": [{"stage", "verdict", "details"}]} (for a URL
+    that several sources list, the first source's, with `also_in`: the others' traces); verdicts
+    are kept, dropped (details["reason"] says why), not run yet, not reached (after a drop),
+    not found (the stage ran but its files lack the image) or off (disabled in the config).
+    """
+    workdir = Path(workdir)
+    if config is not None:
+        config = validate_config(copy.deepcopy(config), weights=())
+    sources = known_sources(workdir, config)
+    source, image_id, url = parse_key(key, sources)
+    if url is None:
+        if source not in sources:
+            return None
+        tracer = _Tracer(workdir, config)
+        tracer.source, tracer.image_id = source, image_id
+        return _traced(tracer, url)
+    results = []  # a URL may be listed by several sources: each one's trace
+    for name in [source] if source else sources:
+        tracer = _Tracer(workdir, config)
+        if tracer.find_url(url, [name]):
+            result = _traced(tracer, url)
+            results += [result] if result else []
+    if not results:
+        return None
+    return {**results[0], "also_in": results[1:]} if len(results) > 1 else results[0]
+
+
+def _traced(tracer: _Tracer, url: str | None) -> dict | None:
+    """Run a tracer set on its image; its result, or None when no file knows the image."""
+    tracer.run()
+    if not tracer.found_in:
+        return None
+    name = f"{tracer.source}/{tracer.image_id}" if tracer.image_id else f"{tracer.source}/{url}"
+    return {
+        "key": name,
+        "url": url,
+        "found_in": list(dict.fromkeys(tracer.found_in)),
+        "stages": tracer.stages,
+    }
+
+
+def _cell(value: object) -> str:
+    """One detail value as the table prints it."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        shown = ", ".join(_cell(v) for v in value[:6])
+        return f"[{shown}{', …' if len(value) > 6 else ''}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_cell(v)}" for k, v in value.items()) + "}"
+    return str(_short(" ".join(str(value).split()), 90))  # one line: a table row per stage
+
+
+def format_trace(result: dict) -> str:
+    """A readable table of `trace`'s result: one line per stage, its verdict and details."""
+    lines = [f"trace {result['key']}"]
+    if result.get("url"):
+        lines.append(f"  url: {result['url']}")
+    lines.append(f"  found in: {len(result['found_in'])} file(s)")
+    lines += [f"    {where}" for where in result["found_in"]]
+    width = max(len(stage["stage"]) for stage in result["stages"])
+    lines.append("")
+    lines.append(f"{'stage':<{width}}  {'verdict':<12} details")
+    for stage in result["stages"]:
+        details = dict(stage["details"])
+        # every value on one line (a library's multi-line error too): one table row per stage
+        reason = " ".join(str(details.pop("reason")).split()) if "reason" in details else None
+        parts = [f"reason: {reason}"] if reason is not None else []
+        parts += [f"{k}={_cell(v)}" for k, v in details.items()]
+        lines.append(f"{stage['stage']:<{width}}  {stage['verdict']:<12} {'; '.join(parts)}")
+    for other in result.get("also_in") or []:  # the same URL in another source
+        lines += ["", format_trace(other)]
+    return "\n".join(lines)
