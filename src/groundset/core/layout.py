@@ -1,0 +1,185 @@
+"""Every file of a run, named once, relative to the workdir: the rules, the CLI and the tools read
+these patterns (Snakemake wildcards `{source}`, `{shard}`, `{chunk}`, `{part}`) and nothing else.
+
+`STAGES` is the table the inspection tools loop over: for each stage, the rule whose jobs write
+it, what it passes on, its side file of drops (one drop line each, `groundset.core.stats`) and
+its stats envelope. A stage split into jobs has a per-job entry (`JOB_STAGES`) and a gathered one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Where one stage writes: records passed on, drops, stats (patterns under the workdir)."""
+
+    name: str  # the `stage` of its stats envelope and the `drop_stage` of its drop lines
+    rule: str  # the rule whose jobs write these files
+    records: str | None  # what it passes on (a file or folder pattern)
+    dropped: str | None  # its side file of drops (None: it drops nothing, or counts only)
+    stats: str  # its stats envelope
+    per: str | None = None  # the wildcard its jobs are split over (None: one job)
+
+    def path(self, what: str, **wildcards) -> str:
+        """One of this stage's files (`records`, `dropped`, `stats`) with its wildcards filled."""
+        return getattr(self, what).format(**wildcards)
+
+
+def log(rule: str, pattern: str = "") -> str:
+    """The log of a rule's job (`pattern`: its wildcards, e.g. "{source}/{shard}")."""
+    return f"logs/{rule}/{pattern}.log" if pattern else f"logs/{rule}.log"
+
+
+def benchmark(rule: str, pattern: str = "") -> str:
+    """The benchmark table of a rule's job (as `log`)."""
+    return f"benchmarks/{rule}/{pattern}.tsv" if pattern else f"benchmarks/{rule}.tsv"
+
+
+# download
+URL_LISTS = "url_lists/{source}"
+PREFILTER = Stage(
+    "prefilter", "prefilter_urls", URL_LISTS, None, "url_lists/{source}_stats.json", "source"
+)
+DOWNLOADS = "downloads/{source}"
+DOWNLOAD = Stage(
+    "download", "download_images", DOWNLOADS, None, "downloads/{source}_stats.json", "source"
+)
+
+# filter
+MANIFEST = Stage(
+    "manifest",
+    "build_manifest",
+    "manifest/{source}.jsonl",
+    None,
+    "manifest/{source}_stats.json",
+    "source",
+)
+SHARD_INDEX = "shards/{source}/index.json"
+SHARD = "shards/{source}/shard_{shard}.jsonl"
+DJ_CONFIG = "dj_configs/{source}/shard_{shard}.yaml"
+STAND_IN_MODELS = "models/stand_in/models.json"
+PROBED = "probed/{source}/shard_{shard}.jsonl"
+SCORE = Stage(
+    "score",
+    "score_shard",
+    "scored/{source}/shard_{shard}.jsonl",
+    "probed/{source}/shard_{shard}_dropped.jsonl",
+    "scored/{source}/shard_{shard}_stats.json",
+    "shard",
+)
+SELECT = Stage(
+    "select",
+    "select_shard",
+    "filtered/{source}/shard_{shard}.jsonl",
+    "rejected/{source}/shard_{shard}.jsonl",
+    "filtered/{source}/shard_{shard}_stats.json",
+    "shard",
+)
+MERGED = "merged/merged_output.jsonl"
+AES_6 = "merged/aes_6.jsonl"
+MERGE = Stage("merge", "merge_tiers", MERGED, None, "merged/merge_stats.json")
+
+# caption
+DEDUP = Stage(
+    "dedup", "dedup_records", "dedup/deduped.jsonl", "dedup/dropped.jsonl", "dedup/dedup_stats.json"
+)
+HASH_CACHE = "dedup/hash_cache.sqlite"
+CHUNK_INDEX = "captioned/chunks.json"
+PREFLIGHT = "captioned/preflight.json"
+CAPTION_JOURNALS = "captioned/journal"
+CAPTION_JOURNAL = "captioned/journal/chunk_{chunk}.jsonl"
+CAPTION_CHUNK = Stage(
+    "caption",
+    "caption_chunk",
+    "captioned/chunk_{chunk}.jsonl",
+    "captioned/chunk_{chunk}_errors.jsonl",
+    "captioned/chunk_{chunk}_stats.json",
+    "chunk",
+)
+CAPTION = Stage(
+    "caption",
+    "gather_captions",
+    "captioned/captioned.jsonl",
+    "captioned/errors.jsonl",
+    "captioned/caption_stats.json",
+)
+
+# mask
+MASK_JOURNALS = "masked/journal"
+MASK_JOURNAL = "masked/journal/chunk_{chunk}.jsonl"
+MASK_STORE = "masked/store"
+CHUNK_MASKS = "masks/chunk_{chunk}"
+FLOORED_MASKS = "masks/floored"
+MASK_CHUNK = Stage(
+    "mask",
+    "mask_chunk",
+    "masked/chunk_{chunk}.jsonl",
+    "masked/chunk_{chunk}_dropped.jsonl",
+    "masked/chunk_{chunk}_stats.json",
+    "chunk",
+)
+MASK = Stage(
+    "mask", "gather_masks", "masked/masked.jsonl", "masked/dropped.jsonl", "masked/mask_stats.json"
+)
+
+# exports
+EMU3_PART = Stage(
+    "emu3",
+    "emu3_part",
+    "export/emu3/list/parts/part_{part}.jsonl",
+    "export/emu3/list/parts/error_{part}.jsonl",
+    "export/emu3/list/parts/stats_{part}.json",
+    "part",
+)
+EMU3 = Stage(
+    "emu3",
+    "gather_emu3",
+    "export/emu3/list/datalist.jsonl",
+    "export/emu3/list/error.jsonl",
+    "export/emu3/emu3_stats.json",
+)
+EMU3_FEATURES = "export/emu3/feature"
+EMU3_PART_FEATURES = "export/emu3/feature/part_{part}"
+EMU3_JOURNAL = "export/emu3/journal/part_{part}.jsonl"
+EMU3_STORE = "export/emu3/journal/part_{part}"
+EMU3_TRAIN = "export/emu3/list/train.json"
+EMU3_PROMPTS = "export/emu3/list/prompts.json"
+COCO = Stage(
+    "coco",
+    "export_coco",
+    "export/coco/coco.json",
+    "export/coco/coco_skipped.jsonl",
+    "export/coco/coco_stats.json",
+)
+COCO_CATEGORIES = "export/coco/coco_categories.json"
+ODVG = Stage(
+    "odvg",
+    "export_odvg",
+    "export/odvg/odvg.jsonl",
+    "export/odvg/odvg_skipped.jsonl",
+    "export/odvg/odvg_stats.json",
+)
+WEBDATASET = Stage(
+    "webdataset", "export_wds", "export/wds", "export/wds_skipped.jsonl", "export/wds_stats.json"
+)
+ENTITY_STATS = "export/stats/stats.json"
+ENTITY_PLOTS = "export/stats/plots"
+DRAWINGS = "export/draw"
+MASK_DRAWINGS = "export/draw_sam2_mask"
+STAGE_COUNTS = "export/stage_counts.json"
+STAGE_COUNTS_HTML = "export/stage_counts.html"
+VALIDATED = "validated/report.txt"
+
+# The stages in pipeline order, gathered (what summary, estimate and trace loop over) ...
+STAGES = (PREFILTER, DOWNLOAD, MANIFEST, SCORE, SELECT, MERGE, DEDUP, CAPTION, MASK)
+EXPORTS = {"emu3": EMU3, "coco": COCO, "odvg": ODVG, "webdataset": WEBDATASET}
+# ... and, for the stages split over chunks or parts, their per-job files.
+JOB_STAGES = {"caption": CAPTION_CHUNK, "mask": MASK_CHUNK, "emu3": EMU3_PART}
+
+
+def under(workdir: str | os.PathLike, pattern: str, **wildcards) -> str:
+    """A layout pattern with its wildcards filled, under `workdir`."""
+    return os.path.join(os.fspath(workdir), pattern.format(**wildcards))
