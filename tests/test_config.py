@@ -17,7 +17,7 @@ from groundset.core.config import (
     section_defaults,
     validate_config,
 )
-from groundset.core.roles import OUTPUT, TUNING, declared_roles, role_of
+from groundset.core.roles import OUTPUT, TUNING, declared_roles, keys_for, role_of
 
 SOURCES = {"sources": [{"name": "s", "url_list": "x.parquet"}]}
 
@@ -316,21 +316,29 @@ def _schema_keys(schema: dict, prefix: str = "") -> set[str]:
     return keys
 
 
-def test_every_config_leaf_is_an_output_key_or_a_tuning_knob():
-    """One role per key: a rule's params (output) or read at run time (tuning), never neither."""
+def _leaves() -> list[str]:
     keys = _schema_keys(load_schema("config"))
-    leaves = {k for k in keys if not any(other.startswith(k + ".") for other in keys)}
-    roles = declared_roles()
-    unnamed = sorted(k for k in leaves if not role_of(k.replace("[]", ""), roles))
-    assert unnamed == [], "give these keys a role (a stage's OUTPUT_KEYS or TUNING_KEYS)"
-    both = sorted(k for k in leaves if len(role_of(k.replace("[]", ""), roles)) > 1)
-    assert both == [], "keys declared both output and tuning"
-    stale = sorted(k for k in roles if k not in keys)
-    assert stale == [], "roles of keys the schema does not have"
+    return sorted(k for k in keys if not any(other.startswith(k + ".") for other in keys))
+
+
+@pytest.mark.parametrize("leaf", _leaves())
+def test_every_config_leaf_has_one_role_in_the_schema(leaf):
+    """One role per key, from the schema's `x-role` (on the key or a section above it): a rule's
+    params (output) or read at run time (tuning), never neither, never both."""
+    assert len(role_of(leaf.replace("[]", ""))) == 1
+
+
+def test_roles_name_schema_keys_and_params_groups_name_roles():
+    keys = _schema_keys(load_schema("config"))
+    assert sorted(k for k in declared_roles() if k not in keys) == []
     # the download stage has its knobs too (they were img2dataset params of download_images)
     for knob in ("processes_count", "thread_count", "enable_wandb", "prefilter.batch_rows"):
-        assert role_of(f"download.{knob}", roles) == {TUNING}, knob
-    assert role_of("download.image_size", roles) == {OUTPUT}
+        assert role_of(f"download.{knob}") == {TUNING}, knob
+    assert role_of("download.image_size") == {OUTPUT}
+    assert keys_for("mask", "mask_floors") == ("min_score", "min_inside_fraction", "low_quality")
+    assert "aesthetics.model" in keys_for("filter", "score")
+    assert "aesthetics.model" in keys_for("filter", "select")
+    assert "image_size" not in keys_for("download", "download", TUNING)
 
 
 def test_config_readme_documents_every_schema_key():

@@ -13,6 +13,7 @@ from groundset.core.config import (
 )
 from groundset.stages.prefilter import PrefilterRules
 from groundset.stages.split import read_index
+from groundset.core import layout
 import groundset.stages.caption
 import groundset.stages.download
 import groundset.exports.emu3
@@ -125,7 +126,7 @@ def shard_ids(source):
 
 def source_filtered(source):
     """Filtered shards of a source (one data-juicer job each)."""
-    return expand("filtered/{source}/shard_{shard}.jsonl", source=source, shard=shard_ids(source))
+    return expand(layout.SELECT.records, source=source, shard=shard_ids(source))
 
 
 def filtered_shards(wildcards):
@@ -136,7 +137,7 @@ def filtered_shards(wildcards):
 # Plain values, not input functions: per-shard jobs are many, and each function call costs
 # Snakemake time while it plans.
 # The stand-in models' marker when `filter.stand_in_models` is on (sample and tests).
-STAND_IN_MODELS = ["models/stand_in/models.json"] if config["filter"]["stand_in_models"] else []
+STAND_IN_MODELS = [layout.STAND_IN_MODELS] if config["filter"]["stand_in_models"] else []
 # What a shard's scores depend on (groundset.stages.filter.score.SCORE_KEYS: models, precision, decode): the
 # score job's params; the tuning knobs (threads, batch size, device) are read by the job from
 # the config, so changing one marks no shard stale. The thresholds are the select job's params.
@@ -159,7 +160,7 @@ def source_targets(source):
 
 
 ALL_TARGETS = [source_targets(source) for source in SOURCES]
-MERGED = ["merged/merged_output.jsonl", "merged/aes_6.jsonl"]
+MERGED = [layout.MERGED, layout.AES_6]
 
 
 def caption_settings(wildcards):
@@ -171,12 +172,12 @@ def caption_settings(wildcards):
     return groundset.stages.caption.output_settings(config["caption"])
 
 
-CHUNK_INDEX = "captioned/chunks.json"
+CHUNK_INDEX = layout.CHUNK_INDEX
 # What the caption chunks read: caption.input with its duplicates removed (or, with
 # caption.dedup.enabled false, passed on whole).
-DEDUPED = "dedup/deduped.jsonl"
+DEDUPED = layout.DEDUP.records
 # All three are targets of `all`, so a killed or deleted dedup output is made again (stats too)
-DEDUP = [DEDUPED, "dedup/dropped.jsonl", "dedup/dedup_stats.json"]
+DEDUP = [DEDUPED, layout.DEDUP.dropped, layout.DEDUP.stats]
 
 
 def chunk_outputs(pattern):
@@ -201,24 +202,24 @@ def chunk_outputs(pattern):
 def caption_chunks(wildcards):
     """Input function of the caption gather (unpack): every chunk's records, errors and stats."""
     return {
-        "chunks": chunk_outputs("captioned/chunk_{chunk}.jsonl"),
-        "errors": chunk_outputs("captioned/chunk_{chunk}_errors.jsonl"),
-        "stats": chunk_outputs("captioned/chunk_{chunk}_stats.json"),
+        "chunks": chunk_outputs(layout.CAPTION_CHUNK.records),
+        "errors": chunk_outputs(layout.CAPTION_CHUNK.dropped),
+        "stats": chunk_outputs(layout.CAPTION_CHUNK.stats),
     }
 
 
 def mask_chunks(wildcards):
     """Input function of the mask gather (unpack): every chunk's records, drops and stats."""
     return {
-        "chunks": chunk_outputs("masked/chunk_{chunk}.jsonl"),
-        "dropped": chunk_outputs("masked/chunk_{chunk}_dropped.jsonl"),
-        "stats": chunk_outputs("masked/chunk_{chunk}_stats.json"),
+        "chunks": chunk_outputs(layout.MASK_CHUNK.records),
+        "dropped": chunk_outputs(layout.MASK_CHUNK.dropped),
+        "stats": chunk_outputs(layout.MASK_CHUNK.stats),
     }
 
 
-CAPTIONED = ["captioned/captioned.jsonl"]
-MASKED = ["masked/masked.jsonl"]
-VALIDATED = ["validated/report.txt"]
+CAPTIONED = [layout.CAPTION.records]
+MASKED = [layout.MASK.records]
+VALIDATED = [layout.VALIDATED]
 # The mask and Emu3 keys their jobs' outputs depend on (OUTPUT_KEYS of groundset.stages.mask and
 # groundset.exports.emu3): the params. The tuning knobs (batch sizes, devices, decode workers) are read
 # by the jobs from the config, so changing one marks nothing stale.
@@ -232,11 +233,11 @@ EMU3_PARTS = EMU3_SETTINGS["parts"]
 EMU3_GPUS = config["export"]["emu3"]["gpus"] if EMU3_SETTINGS["tokenize"] else 0
 # The training formats of export.formats: each one's files (rule all's, the validator's inputs).
 FORMATS = config["export"]["formats"]
-EMU3 = ["export/emu3/list/train.json"] if "emu3" in FORMATS else []
-EMU3_DATALIST = {"emu3": "export/emu3/list/datalist.jsonl"} if "emu3" in FORMATS else {}
-COCO = {"coco": "export/coco/coco.json"} if "coco" in FORMATS else {}
-ODVG = {"odvg": "export/odvg/odvg.jsonl"} if "odvg" in FORMATS else {}
-WDS = {"wds": "export/wds"} if "webdataset" in FORMATS else {}
+EMU3 = [layout.EMU3_TRAIN] if "emu3" in FORMATS else []
+EMU3_DATALIST = {"emu3": layout.EMU3.records} if "emu3" in FORMATS else {}
+COCO = {"coco": layout.COCO.records} if "coco" in FORMATS else {}
+ODVG = {"odvg": layout.ODVG.records} if "odvg" in FORMATS else {}
+WDS = {"wds": layout.WEBDATASET.records} if "webdataset" in FORMATS else {}
 EXPORTS = [*COCO.values(), *ODVG.values(), *WDS.values()]
-COUNTS = ["export/stage_counts.json"]
-EXPORTED = ["export/stats/stats.json", "export/draw", "export/draw_sam2_mask"]
+COUNTS = [layout.STAGE_COUNTS]
+EXPORTED = [layout.ENTITY_STATS, layout.DRAWINGS, layout.MASK_DRAWINGS]

@@ -1,51 +1,31 @@
-"""Which config keys change a run's outputs and which only its speed: every leaf of the schema
-has one role, gathered from the stages that read them (their OUTPUT_KEYS / TUNING_KEYS).
+"""Which config keys change a run's outputs and which only its speed: the schema's `x-role`.
 
 `output`: a rule's params or inputs (a change reruns what depends on it, so the outputs are a
 clean run's with the new config); `tuning`: read by the jobs at run time or by a tool only
-(threads, batch sizes, devices, pacing, prices: a change reruns nothing).
+(threads, batch sizes, devices, pacing, prices: a change reruns nothing). A role on a section
+covers its keys (e.g. filter.image_shape); every leaf of the schema has exactly one.
 """
 
 from __future__ import annotations
 
-from groundset.exports import emu3
-from groundset.stages import caption, download, mask
-from groundset.stages.filter import score
-from groundset.stages.filter import shard as select
+from collections.abc import Iterator
+
+from groundset.core.config import load_schema
 
 OUTPUT, TUNING = "output", "tuning"
 
 
-def _under(section: str, keys: tuple[str, ...] | list[str]) -> list[str]:
-    """`keys` of a config section as full dotted paths."""
-    return [f"{section}.{key}" for key in keys]
+def _nodes(node: dict, prefix: str = "") -> Iterator[tuple[str, dict]]:
+    """Every named node of a schema (object properties, recursively) by dotted config path."""
+    for key, sub in node.get("properties", {}).items():
+        path = f"{prefix}{key}"
+        yield path, sub
+        yield from _nodes(sub, path + ".")
 
 
 def declared_roles() -> dict[str, set[str]]:
-    """Every config key (or section) a stage names, with the roles it is given (one, normally)."""
-    output = [
-        "workdir", "sources", "shard_size",
-        *_under("download", [*download.OUTPUT_KEYS, *download.PREFILTER_OUTPUT_KEYS]),
-        *_under("filter", [*score.SCORE_KEYS, *select.SELECT_KEYS, "template", "aesthetics_tiers"]),
-        *_under("caption", caption.OUTPUT_KEYS),
-        *_under("caption", ["input", "chunk_size", "dedup.enabled", "dedup.max_distance"]),
-        *_under("mask", [*mask.OUTPUT_KEYS, *mask.FLOOR_KEYS]),
-        *_under("export", ["formats", "draw_n", "draw_seed", "webdataset.shard_size"]),
-        *_under("export.emu3", emu3.OUTPUT_KEYS),
-    ]  # fmt: skip
-    tuning = [
-        *_under("download", [*download.TUNING_KEYS, *download.PREFILTER_TUNING_KEYS]),
-        *_under("filter", [*score.SCORE_TUNING_KEYS, "gpus"]),
-        *_under("filter", [f"{op}.mem_required" for op in ("nsfw", "watermark", "aesthetics")]),
-        *_under("caption", [*caption.TUNING_KEYS, "dedup.threads", "price_per_image"]),
-        *_under("mask", mask.TUNING_KEYS),
-        *_under("export.emu3", emu3.TUNING_KEYS),
-    ]
-    roles: dict[str, set[str]] = {}
-    for role, keys in ((OUTPUT, output), (TUNING, tuning)):
-        for key in keys:
-            roles.setdefault(key, set()).add(role)
-    return roles
+    """Every config key (or section) the schema gives a role (`x-role`), with that role."""
+    return {path: {sub["x-role"]} for path, sub in _nodes(load_schema()) if "x-role" in sub}
 
 
 def role_of(leaf: str, roles: dict[str, set[str]] | None = None) -> set[str]:
@@ -58,3 +38,30 @@ def role_of(leaf: str, roles: dict[str, set[str]] | None = None) -> set[str]:
         if found:
             return found
     return set()
+
+
+def keys_with_role(section: str, role: str) -> tuple[str, ...]:
+    """The keys of a config section (dotted, relative to it) that the schema gives `role`."""
+    start = f"{section}."
+    return tuple(
+        path.removeprefix(start)
+        for path, roles in declared_roles().items()
+        if path.startswith(start) and role in roles
+    )
+
+
+def keys_for(section: str, group: str, role: str = OUTPUT) -> tuple[str, ...]:
+    """The keys of a config section (dotted, relative to it, in schema order) that the schema
+    puts in the params of `group` (`x-params`: the job that reads them) with `role`."""
+    start = f"{section}."
+    return tuple(
+        path.removeprefix(start)
+        for path, sub in _nodes(load_schema())
+        if path.startswith(start) and group in _groups(sub) and sub.get("x-role") == role
+    )
+
+
+def _groups(node: dict) -> list[str]:
+    """The params groups a schema node names (`x-params`: one name or a list)."""
+    groups = node.get("x-params", [])
+    return [groups] if isinstance(groups, str) else groups
