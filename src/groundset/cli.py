@@ -5,11 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from groundset import __version__
-from groundset.core.config import ConfigError, download_options, find_source, load_config
+from groundset.core import layout
+from groundset.core.config import (
+    ConfigError,
+    download_options,
+    find_source,
+    load_config,
+    section_defaults,
+)
 
 
 def _source(config: dict, name: str | None) -> dict:
@@ -127,16 +135,15 @@ def cmd_score(args: argparse.Namespace, config: dict) -> dict:
     )
     settings = config["filter"]
     config_rules(settings)  # a template select cannot apply stops here, before any image is read
-    probe = probe_shard(
-        files.shard, files.probed, files.dropped, args.threads, settings["header_sizes"]
-    )
+    threads = args.threads or settings["np"]
+    probe = probe_shard(files.shard, files.probed, files.dropped, threads, settings["header_sizes"])
     stats = score_probed(
         files,
         template=settings["template"],
         name=Path(args.output).stem,
         settings=settings,
         models=_models(config, args.models_dir),
-        threads=args.threads,
+        threads=threads,
         probe=probe,
     )
     return stats
@@ -377,8 +384,11 @@ def cmd_draw(args: argparse.Namespace, config: dict | None) -> dict:
     """Boxes (and masks) drawn over a deterministic sample of records."""
     from groundset.tools.draw import draw_sample
 
+    export = config["export"] if config else section_defaults("export")
+    n = export["draw_n"] if args.n is None else args.n
+    seed = export["draw_seed"] if args.seed is None else args.seed
     outdir = Path(args.outdir)
-    return draw_sample(args.input, outdir / "draw", outdir / "draw_sam2_mask", args.n, args.seed)
+    return draw_sample(args.input, outdir / "draw", outdir / "draw_sam2_mask", n, seed)
 
 
 def cmd_summary(args: argparse.Namespace, config: dict) -> dict | None:
@@ -392,208 +402,288 @@ def cmd_summary(args: argparse.Namespace, config: dict) -> dict | None:
     return None
 
 
+def arg(*flags: str, **options) -> tuple[tuple[str, ...], dict]:
+    """One option of a command, as `add_argument` takes it."""
+    return flags, options
+
+
+# Every command: its function (whose docstring is its help) and its options.
+COMMANDS: dict[str, tuple] = {
+    "prefilter": (
+        cmd_prefilter,
+        [
+            arg("--source", help="source name in the config"),
+            arg("--input", help="parquet file or folder (default: the source's url_list)"),
+            arg("--outdir", required=True, help="folder for the filtered parquet files"),
+            arg("--stats", help="stats JSON (default: <outdir>_stats.json)"),
+        ],
+    ),
+    "download": (
+        cmd_download,
+        [
+            arg("--source", help="source name in the config"),
+            arg("--input", help="parquet file or folder (default: the source's url_list)"),
+            arg("--outdir", required=True, help="img2dataset output folder"),
+            arg("--stats", help="stats JSON (default: <outdir>_stats.json)"),
+        ],
+    ),
+    "manifest": (
+        cmd_manifest,
+        [
+            arg("--source", help="source name (recorded in each record)"),
+            arg("--input", required=True, help="img2dataset output folder"),
+            arg("--output", required=True, help="manifest JSONL to write"),
+            arg("--stats", help="stats JSON to write"),
+        ],
+    ),
+    "split": (
+        cmd_split,
+        [
+            arg("--input", required=True, help="manifest JSONL"),
+            arg("--outdir", required=True, help="folder for shard_{i}.jsonl and index.json"),
+            arg("--shard-size", type=int, help="records per shard (default: config shard_size)"),
+        ],
+    ),
+    "score": (
+        cmd_score,
+        [
+            arg("--input", required=True, help="shard JSONL (e.g. from `groundset split`)"),
+            arg("--output", required=True, help="scored JSONL to write"),
+            arg("--dropped", help="undecodable records (default: <output>_dropped.jsonl)"),
+            arg("--stats", help="counts JSON (default: <output>_stats.json)"),
+            arg("--threads", type=int, help="decoding and model threads (default: filter.np)"),
+            arg(
+                "--models-dir",
+                default=os.path.dirname(layout.STAND_IN_MODELS),
+                help="where stand-in models go, if configured",
+            ),
+        ],
+    ),
+    "select": (
+        cmd_select,
+        [
+            arg("--input", required=True, help="scored JSONL from `groundset score`"),
+            arg("--output", required=True, help="kept records (filtered JSONL) to write"),
+            arg("--rejected", help="dropped records, with why (default: <output>_rejected.jsonl)"),
+            arg("--stats", help="counts JSON (default: <output>_stats.json)"),
+            arg("--score-stats", help="the score job's counts (default: <input>_stats.json)"),
+        ],
+    ),
+    "dj-config": (
+        cmd_dj_config,
+        [
+            arg("--input", required=True, help="the (probed) shard data-juicer reads"),
+            arg("--output", required=True, help="recipe YAML to write"),
+            arg("--work-dir", help="data-juicer work dir (default: <output>_work)"),
+            arg("--project-name", help="data-juicer project_name"),
+            arg(
+                "--models-dir",
+                default=os.path.dirname(layout.STAND_IN_MODELS),
+                help="where stand-in models go, if configured",
+            ),
+        ],
+    ),
+    "filter": (
+        cmd_filter,
+        [
+            arg("--recipe", required=True, help="recipe YAML from `groundset dj-config`"),
+            arg("--output", required=True, help="filtered JSONL to write"),
+            arg("--stats", help="stats JSON (default: <output>_stats.json)"),
+        ],
+    ),
+    "merge": (
+        cmd_merge,
+        [
+            arg("--inputs", nargs="+", required=True, help="filtered shard JSONL files"),
+            arg("--outdir", required=True, help="folder for merged_output.jsonl and aes_6.jsonl"),
+        ],
+    ),
+    "caption": (
+        cmd_caption,
+        [
+            arg("--input", required=True, help="JSONL to caption (e.g. merged/aes_6.jsonl)"),
+            arg("--output", required=True, help="captioned JSONL to write"),
+            arg("--errors", help="error/drop records (default: <output>_errors.jsonl)"),
+            arg("--stats", help="counts JSON (default: <output>_stats.json)"),
+            arg(
+                "--journal",
+                help="answer journal, kept between runs (default: <output>.journal.jsonl)",
+            ),
+            arg(
+                "--retry-errors",
+                action="store_true",
+                help="ask again for images whose answer was an error",
+            ),
+            arg(
+                "--reparse",
+                action="store_true",
+                help="no requests: rebuild the outputs from the journal's raw answers (after a parser fix)",
+            ),
+        ],
+    ),
+    "mask": (
+        cmd_mask,
+        [
+            arg("--input", required=True, help="captioned JSONL"),
+            arg("--output", required=True, help="masked JSONL to write"),
+            arg("--mask-dir", required=True, help="folder for <source>/<image_id>.npy"),
+            arg("--format", choices=["npy", "rle"], help="override mask.mask_format"),
+            arg("--dropped", help="dropped records (default: <output>_dropped.jsonl)"),
+            arg("--stats", help="counts JSON (default: <output>_stats.json)"),
+            arg("--journal", help="progress journal (default: <output>.journal.jsonl)"),
+        ],
+    ),
+    "export-emu3": (
+        cmd_export_emu3,
+        [
+            arg("--input", required=True, help="masked (or captioned) JSONL"),
+            arg("--outdir", required=True, help="folder for feature/ and list/"),
+            arg("--no-tokenize", action="store_true", help="prompts and lists only"),
+            arg("--tokenizer", help="override export.emu3.tokenizer (a model folder)"),
+            arg("--max-items", type=int, help="override export.emu3.max_items"),
+        ],
+    ),
+    "export-coco": (
+        cmd_export_coco,
+        [
+            arg("--input", required=True, help="masked JSONL"),
+            arg("--output", required=True, help="COCO JSON to write"),
+            arg(
+                "--categories",
+                help="entity name -> category mapping (default: <output>_categories.json)",
+            ),
+        ],
+    ),
+    "export-odvg": (
+        cmd_export_odvg,
+        [
+            arg("--input", required=True, help="masked JSONL"),
+            arg("--output", required=True, help="ODVG JSONL to write"),
+        ],
+    ),
+    "export-wds": (
+        cmd_export_wds,
+        [
+            arg("--input", required=True, help="masked JSONL"),
+            arg("--outdir", required=True, help="folder for shard-NNNNNN.tar"),
+            arg(
+                "--shard-size",
+                type=positive,
+                help="samples per shard (default: export.webdataset.shard_size)",
+            ),
+        ],
+    ),
+    "dedup": (
+        cmd_dedup,
+        [
+            arg("--input", required=True, help="records to dedup (e.g. merged/aes_6.jsonl)"),
+            arg("--output", required=True, help="kept records (one per image) to write"),
+            arg("--dropped", required=True, help="duplicates, each with duplicate_of"),
+            arg("--stats", help="counts JSON (default: <output>_stats.json)"),
+            arg(
+                "--max-distance", type=int, help="phash bits (default: caption.dedup.max_distance)"
+            ),
+            arg(
+                "--threads", type=positive, help="decoding threads (default: caption.dedup.threads)"
+            ),
+            arg("--cache", help="hash cache kept between runs (default: none)"),
+        ],
+    ),
+    "estimate": (
+        cmd_estimate,
+        [
+            arg(
+                "--from-run",
+                help="workdir of an earlier run whose benchmarks/ and stats give measured rates "
+                "(default: the config's workdir, when it has them)",
+            ),
+            arg(
+                "--no-measured",
+                action="store_true",
+                help="assumed rates only (ignore earlier runs)",
+            ),
+            arg(
+                "--cores",
+                type=positive,
+                help="cores of the simulated run (snakemake --cores; default: this machine's, "
+                "as the local profile gives)",
+            ),
+            arg("--jobs", type=positive, help="jobs at once (snakemake --jobs; default: no limit)"),
+            arg("--gpus", type=positive, help="the gpu resource (default: the local profile's, 1)"),
+            arg(
+                "--resources",
+                nargs="+",
+                type=resource,
+                metavar="NAME=N",
+                help="global resources (snakemake --resources: mem_mb, gpu, vlm_api, vlm_server; "
+                "N 'none' for unlimited; default: the local profile's and the config's)",
+            ),
+            arg("--json", action="store_true", help="print JSON instead of a table"),
+        ],
+    ),
+    "trace": (
+        cmd_trace,
+        [
+            arg("key", help="SOURCE/IMAGE_ID, as in the records' source and image_id"),
+            arg("--workdir", help="the run's workdir (default: the config's workdir)"),
+            arg("--json", action="store_true", help="print JSON instead of a table"),
+        ],
+    ),
+    "validate": (
+        cmd_validate,
+        [
+            arg("files", nargs="+", help="JSONL files of any stage"),
+            arg(
+                "--stage",
+                choices=["manifest", "filtered", "captioned", "masked"],
+                help="check every record as this stage's (default: detected per record)",
+            ),
+            arg("--no-files", action="store_true", help="skip image and mask file checks"),
+        ],
+    ),
+    "stats": (
+        cmd_stats,
+        [
+            arg("--input", required=True, help="captioned or masked JSONL"),
+            arg("--outdir", required=True, help="folder for stats.json and the plots"),
+        ],
+    ),
+    "draw": (
+        cmd_draw,
+        [
+            arg("--input", required=True, help="captioned or masked JSONL"),
+            arg("--outdir", required=True, help="folder for draw/ and draw_sam2_mask/"),
+            arg("-n", type=int, help="records to draw (default: export.draw_n)"),
+            arg("--seed", type=int, help="sampling seed (default: export.draw_seed)"),
+        ],
+    ),
+    "summary": (
+        cmd_summary,
+        [
+            arg("--workdir", help="the run's workdir (default: the config's workdir)"),
+            arg("--json", action="store_true", help="print JSON instead of a table"),
+        ],
+    ),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the `groundset` command."""
+    """The argument parser of the `groundset` command (one subcommand per COMMANDS entry)."""
     parser = argparse.ArgumentParser(prog="groundset", description=__doc__)
     parser.add_argument("--version", action="version", version=f"groundset {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument(
+    for name, (func, options) in COMMANDS.items():
+        command = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
+        command.add_argument(
             "--config",
             action="append",
             help="config YAML (default: config/config.yaml); give it again to merge another "
             "over it, as snakemake --configfile A B does",
         )
-        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-        p.set_defaults(func=func)
-        return p
-
-    p = add("prefilter", cmd_prefilter, cmd_prefilter.__doc__)
-    p.add_argument("--source", help="source name in the config")
-    p.add_argument("--input", help="parquet file or folder (default: the source's url_list)")
-    p.add_argument("--outdir", required=True, help="folder for the filtered parquet files")
-    p.add_argument("--stats", help="stats JSON (default: <outdir>_stats.json)")
-
-    p = add("download", cmd_download, cmd_download.__doc__)
-    p.add_argument("--source", help="source name in the config")
-    p.add_argument("--input", help="parquet file or folder (default: the source's url_list)")
-    p.add_argument("--outdir", required=True, help="img2dataset output folder")
-    p.add_argument("--stats", help="stats JSON (default: <outdir>_stats.json)")
-
-    p = add("manifest", cmd_manifest, cmd_manifest.__doc__)
-    p.add_argument("--source", help="source name (recorded in each record)")
-    p.add_argument("--input", required=True, help="img2dataset output folder")
-    p.add_argument("--output", required=True, help="manifest JSONL to write")
-    p.add_argument("--stats", help="stats JSON to write")
-
-    p = add("split", cmd_split, cmd_split.__doc__)
-    p.add_argument("--input", required=True, help="manifest JSONL")
-    p.add_argument("--outdir", required=True, help="folder for shard_{i}.jsonl and index.json")
-    p.add_argument("--shard-size", type=int, help="records per shard (default: config shard_size)")
-
-    p = add("score", cmd_score, cmd_score.__doc__)
-    p.add_argument("--input", required=True, help="shard JSONL (e.g. from `groundset split`)")
-    p.add_argument("--output", required=True, help="scored JSONL to write")
-    p.add_argument("--dropped", help="undecodable records (default: <output>_dropped.jsonl)")
-    p.add_argument("--stats", help="counts JSON (default: <output>_stats.json)")
-    p.add_argument("--threads", type=int, default=2, help="decoding and model threads")
-    p.add_argument(
-        "--models-dir", default="models/stand_in", help="where stand-in models go, if configured"
-    )
-
-    p = add("select", cmd_select, cmd_select.__doc__)
-    p.add_argument("--input", required=True, help="scored JSONL from `groundset score`")
-    p.add_argument("--output", required=True, help="kept records (filtered JSONL) to write")
-    p.add_argument(
-        "--rejected", help="dropped records, with why (default: <output>_rejected.jsonl)"
-    )
-    p.add_argument("--stats", help="counts JSON (default: <output>_stats.json)")
-    p.add_argument("--score-stats", help="the score job's counts (default: <input>_stats.json)")
-
-    p = add("dj-config", cmd_dj_config, cmd_dj_config.__doc__)
-    p.add_argument("--input", required=True, help="the (probed) shard data-juicer reads")
-    p.add_argument("--output", required=True, help="recipe YAML to write")
-    p.add_argument("--work-dir", help="data-juicer work dir (default: <output>_work)")
-    p.add_argument("--project-name", help="data-juicer project_name")
-    p.add_argument(
-        "--models-dir", default="models/stand_in", help="where stand-in models go, if configured"
-    )
-
-    p = add("filter", cmd_filter, cmd_filter.__doc__)
-    p.add_argument("--recipe", required=True, help="recipe YAML from `groundset dj-config`")
-    p.add_argument("--output", required=True, help="filtered JSONL to write")
-    p.add_argument("--stats", help="stats JSON (default: <output>_stats.json)")
-
-    p = add("merge", cmd_merge, cmd_merge.__doc__)
-    p.add_argument("--inputs", nargs="+", required=True, help="filtered shard JSONL files")
-    p.add_argument("--outdir", required=True, help="folder for merged_output.jsonl and aes_6.jsonl")
-
-    p = add("caption", cmd_caption, cmd_caption.__doc__)
-    p.add_argument("--input", required=True, help="JSONL to caption (e.g. merged/aes_6.jsonl)")
-    p.add_argument("--output", required=True, help="captioned JSONL to write")
-    p.add_argument("--errors", help="error/drop records (default: <output>_errors.jsonl)")
-    p.add_argument("--stats", help="counts JSON (default: <output>_stats.json)")
-    p.add_argument(
-        "--journal", help="answer journal, kept between runs (default: <output>.journal.jsonl)"
-    )
-    p.add_argument(
-        "--retry-errors", action="store_true", help="ask again for images whose answer was an error"
-    )
-    p.add_argument(
-        "--reparse",
-        action="store_true",
-        help="no requests: rebuild the outputs from the journal's raw answers (after a parser fix)",
-    )
-
-    p = add("mask", cmd_mask, cmd_mask.__doc__)
-    p.add_argument("--input", required=True, help="captioned JSONL")
-    p.add_argument("--output", required=True, help="masked JSONL to write")
-    p.add_argument("--mask-dir", required=True, help="folder for <source>/<image_id>.npy")
-    p.add_argument("--format", choices=["npy", "rle"], help="override mask.mask_format")
-    p.add_argument("--dropped", help="dropped records (default: <output>_dropped.jsonl)")
-    p.add_argument("--stats", help="counts JSON (default: <output>_stats.json)")
-    p.add_argument("--journal", help="progress journal (default: <output>.journal.jsonl)")
-
-    p = add("export-emu3", cmd_export_emu3, cmd_export_emu3.__doc__)
-    p.add_argument("--input", required=True, help="masked (or captioned) JSONL")
-    p.add_argument("--outdir", required=True, help="folder for feature/ and list/")
-    p.add_argument("--no-tokenize", action="store_true", help="prompts and lists only")
-    p.add_argument("--tokenizer", help="override export.emu3.tokenizer (a model folder)")
-    p.add_argument("--max-items", type=int, help="override export.emu3.max_items")
-
-    p = add("export-coco", cmd_export_coco, cmd_export_coco.__doc__)
-    p.add_argument("--input", required=True, help="masked JSONL")
-    p.add_argument("--output", required=True, help="COCO JSON to write")
-    p.add_argument(
-        "--categories", help="entity name -> category mapping (default: <output>_categories.json)"
-    )
-
-    p = add("export-odvg", cmd_export_odvg, cmd_export_odvg.__doc__)
-    p.add_argument("--input", required=True, help="masked JSONL")
-    p.add_argument("--output", required=True, help="ODVG JSONL to write")
-
-    p = add("export-wds", cmd_export_wds, cmd_export_wds.__doc__)
-    p.add_argument("--input", required=True, help="masked JSONL")
-    p.add_argument("--outdir", required=True, help="folder for shard-NNNNNN.tar")
-    p.add_argument(
-        "--shard-size",
-        type=positive,
-        help="samples per shard (default: export.webdataset.shard_size)",
-    )
-
-    p = add("dedup", cmd_dedup, cmd_dedup.__doc__)
-    p.add_argument("--input", required=True, help="records to dedup (e.g. merged/aes_6.jsonl)")
-    p.add_argument("--output", required=True, help="kept records (one per image) to write")
-    p.add_argument("--dropped", required=True, help="duplicates, each with duplicate_of")
-    p.add_argument("--stats", help="counts JSON (default: <output>_stats.json)")
-    p.add_argument(
-        "--max-distance", type=int, help="phash bits (default: caption.dedup.max_distance)"
-    )
-    p.add_argument(
-        "--threads", type=positive, help="decoding threads (default: caption.dedup.threads)"
-    )
-    p.add_argument("--cache", help="hash cache kept between runs (default: none)")
-
-    p = add("estimate", cmd_estimate, cmd_estimate.__doc__)
-    p.add_argument(
-        "--from-run",
-        help="workdir of an earlier run whose benchmarks/ and stats give measured rates "
-        "(default: the config's workdir, when it has them)",
-    )
-    p.add_argument(
-        "--no-measured", action="store_true", help="assumed rates only (ignore earlier runs)"
-    )
-    p.add_argument(
-        "--cores",
-        type=positive,
-        help="cores of the simulated run (snakemake --cores; default: this machine's, "
-        "as the local profile gives)",
-    )
-    p.add_argument(
-        "--jobs", type=positive, help="jobs at once (snakemake --jobs; default: no limit)"
-    )
-    p.add_argument(
-        "--gpus", type=positive, help="the gpu resource (default: the local profile's, 1)"
-    )
-    p.add_argument(
-        "--resources",
-        nargs="+",
-        type=resource,
-        metavar="NAME=N",
-        help="global resources (snakemake --resources: mem_mb, gpu, vlm_api, vlm_server; "
-        "N 'none' for unlimited; default: the local profile's and the config's)",
-    )
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    p = add("trace", cmd_trace, cmd_trace.__doc__)
-    p.add_argument("key", help="SOURCE/IMAGE_ID, as in the records' source and image_id")
-    p.add_argument("--workdir", help="the run's workdir (default: the config's workdir)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    p = add("validate", cmd_validate, cmd_validate.__doc__)
-    p.add_argument("files", nargs="+", help="JSONL files of any stage")
-    p.add_argument(
-        "--stage",
-        choices=["manifest", "filtered", "captioned", "masked"],
-        help="check every record as this stage's (default: detected per record)",
-    )
-    p.add_argument("--no-files", action="store_true", help="skip image and mask file checks")
-
-    p = add("stats", cmd_stats, cmd_stats.__doc__)
-    p.add_argument("--input", required=True, help="captioned or masked JSONL")
-    p.add_argument("--outdir", required=True, help="folder for stats.json and the plots")
-
-    p = add("draw", cmd_draw, cmd_draw.__doc__)
-    p.add_argument("--input", required=True, help="captioned or masked JSONL")
-    p.add_argument("--outdir", required=True, help="folder for draw/ and draw_sam2_mask/")
-    p.add_argument("-n", type=int, default=50, help="records to draw (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-
-    p = add("summary", cmd_summary, cmd_summary.__doc__)
-    p.add_argument("--workdir", help="the run's workdir (default: the config's workdir)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        command.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        command.set_defaults(func=func)
+        for flags, kwargs in options:
+            command.add_argument(*flags, **kwargs)
     return parser
 
 
