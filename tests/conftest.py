@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,17 @@ def run_snakemake(args: list[str], cwd: Path = ROOT, check: bool = True, timeout
     if check and done.returncode != 0:
         raise AssertionError(f"snakemake failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table snakemake prints (a dry-run's or a run's) as {rule: count}; empty
+    when nothing is to be done."""
+    if "Job stats:" not in output:
+        assert "Nothing to be done" in output, output
+        return {}
+    table = output.split("Job stats:")[1].split("\n\n")[0]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M))
+    return {rule: int(n) for rule, n in counts.items() if rule != "total"}
 
 
 def write_config(path: Path, config: dict) -> Path:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from slurm_cluster import CLUSTER, SlurmCluster, _left_by_dead_test_cluster
 
-from conftest import ROOT
+from conftest import ROOT, job_counts
 from groundset.core.reproduce import differences
 
 pytestmark = pytest.mark.workflow
@@ -114,16 +114,6 @@ class Run:
         """Wait for the end: (exit code, output)."""
         code = self.proc.wait(timeout=timeout)
         return code, self.log.read_text()
-
-
-def job_stats(output: str) -> dict[str, int]:
-    """The 'Job stats' table a run prints first, as {rule: count}."""
-    table = output.split("Job stats:")[1].split("\n\n")[0]
-    return {
-        rule: int(n)
-        for rule, n in re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M)
-        if rule != "total"
-    }
 
 
 def normalized(path: Path, workdir: Path) -> list:
@@ -238,7 +228,7 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
         rerun.stop()
     rerun_seconds = time.monotonic() - started
     assert code == 0, output
-    planned = job_stats(output)
+    planned = job_counts(output)
     assert planned.get("score_shard") == 1, planned  # only the killed shard
     assert "download_images" not in planned and "index_shards" not in planned, planned
     assert killed.exists()
