@@ -8,16 +8,20 @@ import yaml
 
 from conftest import RANDOM_WEIGHTS, ROOT, run_snakemake, write_config
 from groundset.core.config import (
+    OUTPUT,
     SCHEMA_DIR,
+    TUNING,
     ConfigError,
+    declared_roles,
     download_options,
     fill_section,
+    keys_for,
     load_config,
     load_schema,
+    role_of,
     section_defaults,
     validate_config,
 )
-from groundset.core.roles import OUTPUT, TUNING, declared_roles, keys_for, role_of
 
 SOURCES = {"sources": [{"name": "s", "url_list": "x.parquet"}]}
 
