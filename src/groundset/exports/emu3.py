@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from groundset.core import prompts
-from groundset.core.config import fill_section, pick_keys, section_defaults
+from groundset.core.config import TUNING, fill_section, keys_for, pick_keys, section_defaults
 from groundset.core.io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
 from groundset.core.journal import Journal
 from groundset.core.prompts import grid as grid
@@ -72,23 +72,10 @@ class Emu3Error(RuntimeError):
 
 
 # `export.emu3:` keys the export's outputs depend on: the part and gather jobs' params.
-OUTPUT_KEYS = (
-    "tokenizer",  # which vision tokenizer (the tokens; the journal's digest)
-    "image_area",  # the size images are tokenized at (the tokens; the journal's digest)
-    "max_items",  # how many images each part exports, and train.json lists
-    "tokenize",  # features and token lists, or prompts only
-    "prompt",  # the texts
-    "parts",  # the partitioning: each part holds its hash share of the records
-)
+OUTPUT_KEYS = keys_for("export.emu3", "emu3")
 # Tuning knobs: how fast and where a job runs, never what its outputs hold. The jobs read them
 # from the config at run time, so changing one marks nothing stale.
-TUNING_KEYS = (
-    "batch_size",  # same-size images encoded together
-    "device",  # cuda or cpu
-    "decode_workers",  # threads decoding ahead of the tokenizer (the job's threads)
-    "gpus",  # the job's resource
-    "random_weights",  # the opt-in to a null tokenizer, checked before any job
-)
+TUNING_KEYS = keys_for("export.emu3", "emu3", TUNING)
 
 
 def output_settings(section: dict) -> dict:

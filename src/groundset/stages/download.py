@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import IO
 
+from groundset.core.config import TUNING, keys_for
 from groundset.core.io import atomic_write, read_json, write_json
 from groundset.testing.sample_server import proxy_env, serve
 
@@ -24,20 +25,14 @@ FINGERPRINT_FILE = "groundset_url_list.sha256"
 NOT_IMG2DATASET = {"prefilter", "extra_args"}
 # `download:` keys that change what img2dataset writes (which URLs succeed, the bytes, the
 # layout and ids): the params of download_images.
-OUTPUT_KEYS = (
-    "input_format", "url_col", "caption_col", "output_format", "image_size",
-    "resize_only_if_bigger", "resize_mode", "skip_reencode", "encode_format",
-    "number_sample_per_shard",  # the folders, and so the image ids
-    "timeout", "retries",  # which URLs succeed
-    "extra_args",  # any other img2dataset keyword (may change anything)
-)  # fmt: skip
+OUTPUT_KEYS = keys_for("download", "download")
 # Tuning knobs: how fast img2dataset downloads (and where it reports), never what: the job
 # reads them from the config at run time, so changing one marks nothing stale.
-TUNING_KEYS = ("processes_count", "thread_count", "enable_wandb")
+TUNING_KEYS = keys_for("download", "download", TUNING)
 # The pre-download filter's: its thresholds are the prefilter_urls job's params, batch_rows
 # (rows per parquet batch, a memory bound) a knob.
-PREFILTER_OUTPUT_KEYS = ("prefilter.enabled", "prefilter.max_punsafe", "prefilter.max_pwatermark")
-PREFILTER_TUNING_KEYS = ("prefilter.batch_rows",)
+PREFILTER_OUTPUT_KEYS = keys_for("download", "prefilter")
+PREFILTER_TUNING_KEYS = keys_for("download", "prefilter", TUNING)
 
 
 def output_options(options: dict) -> dict:

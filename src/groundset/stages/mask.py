@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from groundset.core.config import fill_section, pick_keys
+from groundset.core.config import TUNING, fill_section, keys_for, pick_keys
 from groundset.core.io import (
     atomic_save,
     atomic_write,
@@ -78,27 +78,13 @@ class MaskError(RuntimeError):
 
 # `mask:` keys a mask job's outputs depend on: the rule's params (changing one reruns the job),
 # and the journal's digest (an image masked under other values is masked again).
-OUTPUT_KEYS = (
-    "model_config",  # which SAM2
-    "checkpoint",  # its weights
-    "mask_format",  # npy files or RLE in the records
-)
+OUTPUT_KEYS = keys_for("mask", "mask")
 # The quality floors: which entities stay (drop) or are flagged. Applied by the gather over
 # the stored masks and scores (its params): changing one reruns no mask job.
-FLOOR_KEYS = (
-    "min_score",
-    "min_inside_fraction",
-    "low_quality",  # drop or flag
-)
+FLOOR_KEYS = keys_for("mask", "mask_floors")
 # Tuning knobs: how fast and where a job runs, never what its outputs hold. The job reads them
 # from the config at run time, so changing one marks nothing stale.
-TUNING_KEYS = (
-    "batch_size",  # images per encoder batch
-    "device",  # cuda or cpu
-    "decode_workers",  # threads decoding ahead of the model (the job's threads)
-    "gpus",  # the job's resource
-    "random_weights",  # the opt-in to a null checkpoint, checked before any job
-)
+TUNING_KEYS = keys_for("mask", "mask", TUNING)
 
 
 def output_settings(section: dict) -> dict:

@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 
-from groundset.core.config import fill_section, pick_keys
+from groundset.core.config import TUNING, fill_section, keys_for, pick_keys
 
 log = logging.getLogger(__name__)
 
@@ -43,43 +43,10 @@ PROMPTS = {
 
 # What a caption chunk job's `params` carry: the keys that change its outputs (a change marks
 # every chunk stale; answers already journaled for the same question are not paid for again).
-OUTPUT_KEYS = (
-    "backend",  # which client and protocol asks; each record's caption_meta.backend
-    "base_url",  # which server answers the records the journal lacks (new, failed, given up);
-    #              under stand_in: auto, whether the stand-in answers at all
-    "model",  # the question digest (another model's answers are asked again), caption_meta.model,
-    #           and how box_convention: auto reads the boxes
-    "prompt",  # the question digest, and whether prose alone is an error (expects_json)
-    "prompt_preset",  # the same, when no prompt is given
-    "box_convention",  # how the boxes of every answer are read
-    "keep_ungrounded",  # whether captions without a valid box stay in the output
-    "max_tokens",  # the answer length limit (a short one cuts answers into parse errors)
-    "stand_in",  # placeholder answers from the loopback stand-in, or the model's
-    "max_pixels",  # the image each request carries (a journaled answer about an image sent
-    #                otherwise is asked again)
-    "serve.command",  # which server the jobs start (as base_url: who answers what is missing)
-)
+OUTPUT_KEYS = keys_for("caption", "caption")
 # Tuning knobs: how fast and how stubbornly a job asks, never what its outputs hold. The job
 # reads them from the config at run time, so changing one marks nothing stale.
-TUNING_KEYS = (
-    "rate_per_second",  # pacing: the run's quota
-    "rate_headroom",  # pacing: the part of the quota left unused
-    "api_jobs",  # pacing: how many jobs share the quota (the effective `vlm_api`)
-    "concurrency",  # requests in flight per job
-    "timeout_s",  # when a request counts as timed out (then retried)
-    "max_attempts",  # retries of throttling/5xx/timeouts before an image is given up for this run
-    "backoff_base_s",  # retry back-off
-    "backoff_cap_s",  # retry back-off
-    "max_consecutive_failures",  # when a job stops because the endpoint looks down
-    "stand_in_latency_s",  # the stand-in's delay per answer
-    "api_key_env",  # the variable that holds the key (the key itself goes nowhere)
-    "retry_errors",  # whether one run asks again for journaled errors (with --forcerun)
-    "serve.instances",  # servers at once (the `vlm_server` resource)
-    "serve.gpus",  # a server job's resources ...
-    "serve.cpus",
-    "serve.mem_mb",
-    "serve.startup_timeout_s",  # how long a server may take to come up
-)
+TUNING_KEYS = keys_for("caption", "caption", TUNING)
 # Keys of the chunk index and of the dedup before it (their rules' inputs and params; the
 # dedup's threads its job's), and the price `groundset estimate` reads: none is a chunk job's.
 INDEX_KEYS = (

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from groundset.core.config import pick_keys
+from groundset.core.config import TUNING, keys_for, pick_keys
 from groundset.core.io import atomic_write, dumps_record, iter_jsonl, write_json
 from groundset.stages.filter import scoring
 from groundset.stages.filter.shard import STATS, probe_shard, run_data_juicer
@@ -29,17 +29,9 @@ from groundset.stages.split import write_shard
 
 # `filter:` keys that change the scores (the score job's params): which models, how they see
 # the image and in which precision. Thresholds are select's business.
-SCORE_KEYS = (
-    "header_sizes",
-    "stand_in_models",
-    "precision",
-    "decode",
-    "nsfw.model",
-    "watermark.model",
-    "aesthetics.model",
-)
+SCORE_KEYS = keys_for("filter", "score")
 # How fast and where a shard is scored, never what: read from the config at run time.
-SCORE_TUNING_KEYS = ("np", "batch_size", "device", "models_home")
+SCORE_TUNING_KEYS = keys_for("filter", "score", TUNING)
 
 
 def score_settings(section: dict) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from groundset.core.config import pick_keys
+from groundset.core.config import keys_for, pick_keys
 from groundset.core.io import atomic_write, dumps_record, iter_jsonl, write_json
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,7 @@ STATS = "__dj__stats__"
 
 # `filter:` keys that decide which scored records a shard keeps ("section.key" inside a
 # subsection): the select job's params, so changing one reruns select and what follows only.
-SELECT_KEYS = (
-    "image_shape",
-    "aspect_ratio",
-    "nsfw.max_score",
-    "watermark.max_prob",
-    "aesthetics.model",  # its divisor (data-juicer's 0-1 or 0-10 scale)
-    "aesthetics.min_score",
-    "aesthetics.max_score",
-)
+SELECT_KEYS = keys_for("filter", "select")
 
 
 def select_settings(section: dict) -> dict:
