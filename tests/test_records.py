@@ -18,7 +18,6 @@ from groundset.core.records import (
 )
 from groundset.exports import emu3
 from groundset.stages import mask
-from groundset.stages.caption import grounding
 from groundset.tools import draw, stats
 
 SEED_CAPTIONED = {  # the seed's captioned line (README 2.6): no source, image a list of one
@@ -123,9 +122,6 @@ def test_every_stage_uses_the_one_copy():
     assert emu3.image_path is draw.image_path is records.image_path
     assert prompts.record_boxes is draw.record_boxes is records.record_boxes
     assert stats.entity_boxes is records.entity_boxes
-    # grounding keeps re-exporting the helpers it used to define
-    assert grounding.entity_boxes is records.entity_boxes
-    assert grounding.record_boxes is records.record_boxes
     assert mask.mask_path("/m", SEED_CAPTIONED).as_posix() == "/m/000000974.npy"
 
 

@@ -184,12 +184,6 @@ def resized_size(width: int, height: int, area: int, factor: int) -> tuple[int, 
     )
 
 
-def token_shape(width: int, height: int, area: int, factor: int) -> tuple[int, int]:
-    """(rows, columns) of the token grid of a width×height image."""
-    w, h = resized_size(width, height, area, factor)
-    return h // factor, w // factor
-
-
 def _image_or_none(record: dict) -> str | None:
     """The record's image path, or None when it names none (for error lines)."""
     try:

@@ -68,11 +68,6 @@ _SYNC_SECONDS = 5.0  # the hash cache is fsynced at most this often (and at the 
 _WARN = 5  # unhashable images logged one by one, the rest counted
 
 
-def hamming(a: int, b: int) -> int:
-    """Bits that differ between two 64-bit hashes."""
-    return (a ^ b).bit_count()
-
-
 def popcount(values: np.ndarray) -> np.ndarray:
     """Set bits of each uint64 in an array."""
     return np.bitwise_count(values.astype(np.uint64, copy=False)).astype(np.int16)

@@ -202,30 +202,3 @@ def split_manifest(
     write_index(index, outdir / "index.json")
     log.info("%s: %d records in %d shards", manifest, index["records"], len(index["shards"]))
     return index
-
-
-def count_records(path: str | os.PathLike) -> int:
-    """Number of records (non-empty lines) in a JSONL file, counted in blocks."""
-    count = 0
-    last = NEWLINE
-    with open(path, "rb") as handle:
-        while chunk := handle.read(BLOCK):
-            count += chunk.count(b"\n")
-            last = chunk[-1]
-    return count + (last != NEWLINE)
-
-
-def summarize_counts(index: dict, counts: list[dict]) -> dict:
-    """Check per-shard record counts against the index and total them."""
-    by_shard = {c["shard"]: c["records"] for c in counts}
-    expected = {e["shard"]: e["records"] for e in index["shards"]}
-    if by_shard != expected:
-        bad = sorted(
-            s for s in expected.keys() | by_shard.keys() if by_shard.get(s) != expected.get(s)
-        )
-        raise RuntimeError(f"shard record counts differ from the index for shards {bad}")
-    return {
-        "shards": len(expected),
-        "records": sum(by_shard.values()),
-        "records_per_shard": by_shard,
-    }

@@ -18,8 +18,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 # The record helpers live in groundset.core.records; re-exported for older imports.
-from groundset.core.records import entity_boxes as entity_boxes
-from groundset.core.records import record_boxes as record_boxes
 
 CONVENTIONS = ("grid1000", "pixels", "normalized")
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
