@@ -99,7 +99,6 @@ rule caption_chunk:
     threads: SERVE["cpus"] if SERVING else 1
     resources:
         mem_mb=SERVE["mem_mb"] if SERVING else 2000,
-        runtime=24 * 60,
         # a share of the API quota, or one of the servers the run may start (each on its GPUs)
         vlm_api=0 if SERVING else 1,
         vlm_server=1 if SERVING else 0,

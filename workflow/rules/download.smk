@@ -35,7 +35,6 @@ rule download_images:
     threads: download_threads
     resources:
         mem_mb=8000,
-        runtime=24 * 60,
     params:
         folder=lambda wildcards, output: output.stats.removesuffix("_stats.json"),
         download=img2dataset_options,

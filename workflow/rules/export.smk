@@ -25,8 +25,6 @@ rule emu3_part:
         "../envs/mask.yaml"
     threads: config["export"]["emu3"]["decode_workers"]
     resources:
-        mem_mb=16000,
-        runtime=24 * 60,
         gpu=EMU3_GPUS,
     params:
         settings=EMU3_SETTINGS,

@@ -13,7 +13,6 @@ rule build_manifest:
     threads: 1
     resources:
         mem_mb=1000,
-        runtime=120,
     params:
         folder=lambda wildcards, input: input[0].removesuffix("_stats.json"),
         columns=lambda wildcards: source_config(wildcards)["save_additional_columns"],
@@ -81,8 +80,6 @@ rule score_shard:
         "../envs/filter.yaml"
     threads: config["filter"]["np"]
     resources:
-        mem_mb=16000,
-        runtime=24 * 60,
         gpu=config["filter"]["gpus"],
         # declared, not the profile's default (an expression evaluated per job while planning)
         disk_mb=1000,
@@ -115,7 +112,9 @@ rule select_shard:
         thresholds=SELECT_SETTINGS,
         template=config["filter"]["template"],
     run:
-        groundset.stages.filter.select.select_job(input[0], output, log[0], params.template, params.thresholds)
+        groundset.stages.filter.select.select_job(
+            input[0], output, log[0], params.template, params.thresholds
+        )
 
 
 rule merge_tiers:

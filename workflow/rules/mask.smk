@@ -28,8 +28,6 @@ rule mask_chunk:
         "../envs/mask.yaml"
     threads: config["mask"]["decode_workers"]
     resources:
-        mem_mb=16000,
-        runtime=12 * 60,
         gpu=config["mask"]["gpus"],
     params:
         settings=MASK_SETTINGS,
