@@ -69,7 +69,7 @@ def make_cached_run(folder: Path, records: int) -> tuple[Path, Path]:
     links = folder / "links"
     links.mkdir(parents=True)
     originals: dict[int, tuple[Path, os.stat_result]] = {}
-    manifest, cache = folder / "in.jsonl", folder / "hash_cache.jsonl"
+    manifest, cache = folder / "in.jsonl", folder / "hash_cache.sqlite"
     seen: list[tuple[str, int, str]] = []  # (sha256, phash, url) of earlier records
     with open(manifest, "w") as out, open(cache, "w") as journal:
         for i in range(records):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +67,9 @@ def run(tmp_path: Path, records: list[dict], **kwargs) -> tuple[list[dict], list
     out, dropped, stats = tmp_path / "out.jsonl", tmp_path / "dropped.jsonl", tmp_path / "s.json"
     result = dedup_records(src, out, dropped, stats, **kwargs)
     assert read_json(stats) == json.loads(json.dumps(result))
-    assert result["records_in"] == result["kept"] + result["dropped"] == len(records)
-    assert sum(result["dropped_by_kind"].values()) == result["dropped"]
+    assert result["stage"] == "dedup"
+    assert result["records_in"] == result["records_out"] + sum(result["dropped"].values())
+    assert result["records_in"] == len(records)
     return list(iter_jsonl(out)), list(iter_jsonl(dropped)), result
 
 
@@ -222,12 +223,14 @@ def test_exact_url_and_near_duplicates(tmp_path: Path, photos: dict[str, str]):
     assert by_id["h0"]["duplicate_kind"] == "phash"
     assert 0 < by_id["h0"]["phash_distance"] <= 4
     for rec in dropped:
-        assert rec["drop_stage"] == "dedup" and rec["drop_reason"] == "duplicate"
+        assert rec["drop_stage"] == "dedup" and rec["drop_reason"] == rec["duplicate_kind"]
+        assert rec["detail"] == f"{rec['duplicate_kind']} duplicate of {rec['duplicate_of']}"
+        assert rec["key"] == f"src/{rec['image_id']}"
         assert rec["text"] == f"alt {rec['image_id']}"  # the whole record
     for rec in kept + dropped:
         assert len(rec["sha256"]) == 64 and len(rec["phash"]) == 16
         assert "duplicate_of" not in rec or rec in dropped
-    assert stats["dropped_by_kind"] == {"sha256": 1, "url": 1, "phash": 1}
+    assert stats["dropped"] == {"sha256": 1, "url": 1, "phash": 1}
     assert stats["unhashable"] == 0 and stats["hashed"] == len(records)
     assert stats["enabled"] is True and stats["max_distance"] == 4
 
@@ -251,7 +254,7 @@ def test_a_url_listed_again_is_a_url_duplicate_when_its_first_copy_was_dropped(
     assert by_id["h2"]["duplicate_kind"] == "sha256"  # the same bytes as h1
     assert by_id["h3"]["duplicate_kind"] == "url"  # the same URL as h1
     assert {rec["duplicate_of"] for rec in dropped} == {"src/h0"}  # the kept one, never a dropped
-    assert stats["dropped_by_kind"] == {"sha256": 1, "url": 1, "phash": 1}
+    assert stats["dropped"] == {"sha256": 1, "url": 1, "phash": 1}
 
 
 def test_scores_equal_but_for_their_last_digits_keep_the_first_copy(
@@ -274,7 +277,7 @@ def test_reencode_not_merged_at_distance_zero(tmp_path: Path, photos: dict[str, 
     records = [record("h0", photos["hubble"], 5.0), record("h1", smaller, 6.0)]
     kept, dropped, stats = run(tmp_path, records, max_distance=0)
     assert ids(kept) == ["h0", "h1"] and not dropped
-    assert stats["dropped"] == 0
+    assert sum(stats["dropped"].values()) == 0
 
 
 def test_distinct_photos_never_merged(tmp_path: Path, photos: dict[str, str]):
@@ -349,20 +352,21 @@ def test_unreadable_images_are_kept_and_counted(tmp_path: Path, photos: dict[str
 def test_empty_input(tmp_path: Path):
     kept, dropped, stats = run(tmp_path, [])
     assert kept == [] and dropped == []
-    assert stats["records_in"] == stats["kept"] == stats["dropped"] == stats["hashed"] == 0
+    assert stats["records_in"] == stats["records_out"] == stats["hashed"] == 0
+    assert stats["dropped"] == {"phash": 0, "sha256": 0, "url": 0}
     assert (tmp_path / "out.jsonl").read_text() == ""
     assert set(stats) == {
+        "stage",
+        "records_in",
+        "records_out",
+        "dropped",
         "enabled",
         "max_distance",
-        "records_in",
-        "kept",
-        "dropped",
-        "dropped_by_kind",
         "unhashable",
         "unhashable_by_reason",
         "hashed",
         "hash_cache_hits",
-        "hash_cache_torn_lines",
+        "hash_cache_stale",
         "distinct_phashes",
         "near_pairs",
         "near_candidates_compared",
@@ -375,7 +379,7 @@ def test_disabled_copies_through(tmp_path: Path, photos: dict[str, str]):
     records = [record("a", photos["coffee"], 5.0), record("b", photos["coffee"], 6.0)]
     kept, dropped, stats = run(tmp_path, records, enabled=False)
     assert kept == records and dropped == []
-    assert stats["enabled"] is False and stats["kept"] == 2 and stats["hashed"] == 0
+    assert stats["enabled"] is False and stats["records_out"] == 2 and stats["hashed"] == 0
 
 
 def test_bad_max_distance(tmp_path: Path):
@@ -387,7 +391,7 @@ def test_hash_cache_reused_across_runs(tmp_path: Path, photos: dict[str, str]):
     smaller = reencode(photos["hubble"], tmp_path / "img" / "hubble_small.jpg")
     records = [record(name, path, 5.0) for name, path in photos.items()]
     records += [record("h1", smaller, 6.0), record("gone", str(tmp_path / "nope.jpg"), 5.0)]
-    cache = tmp_path / "dedup" / "hash_cache.jsonl"
+    cache = tmp_path / "dedup" / "hash_cache.sqlite"
     _, dropped, first = run(tmp_path, records, max_distance=4, cache=cache)
     assert first["hashed"] == len(records) - 1 and first["hash_cache_hits"] == 0
     assert ids(dropped) == ["hubble"]
@@ -401,24 +405,28 @@ def test_hash_cache_reused_across_runs(tmp_path: Path, photos: dict[str, str]):
     assert third["hashed"] == 1 and third["hash_cache_hits"] == len(records) - 2
 
 
-def test_torn_cache_line_is_ignored(tmp_path: Path, photos: dict[str, str]):
+def test_cache_entries_of_another_version_are_not_used(tmp_path: Path, photos: dict[str, str]):
     records = [record(name, path, 5.0) for name, path in photos.items()]
-    cache = tmp_path / "hash_cache.jsonl"
+    cache = tmp_path / "hash_cache.sqlite"
     run(tmp_path, records, cache=cache)
-    with open(cache, "a") as handle:
-        handle.write('{"path": "/x.jpg", "size": 12, "mti')  # a kill mid-line
+    with sqlite3.connect(cache) as db:  # as if an older groundset computed them
+        db.execute("UPDATE hashes SET v = 0 WHERE path = ?", (photos["coffee"],))
     _, _, again = run(tmp_path, records, cache=cache)
-    assert again["hashed"] == 0 and again["hash_cache_torn_lines"] == 1
-    os.utime(photos["coffee"], ns=(1, 1))  # rehashed: appended after the torn line
-    _, _, after = run(tmp_path, records, cache=cache)
-    assert after["hashed"] == 1 and after["hash_cache_torn_lines"] == 1
-    lines = cache.read_text().splitlines()
-    assert lines[-2].endswith('"mti')
-    assert json.loads(lines[-1])["path"] == photos["coffee"]
+    assert again["hashed"] == 1 and again["hash_cache_stale"] == 1
+    assert again["hash_cache_hits"] == len(records) - 1
+    _, _, after = run(tmp_path, records, cache=cache)  # the new entry replaced the old one
+    assert after["hashed"] == 0 and after["hash_cache_stale"] == 0
+
+
+def test_a_cache_file_that_is_no_database_is_a_clear_error(tmp_path: Path, photos: dict[str, str]):
+    cache = tmp_path / "hash_cache.sqlite"
+    cache.write_text('{"path": "/x.jpg", "size": 12}\n')  # an old JSONL cache, say
+    with pytest.raises(RuntimeError, match=r"hash_cache.sqlite: not a groundset hash cache"):
+        run(tmp_path, [record("a", photos["coffee"], 5.0)], cache=cache)
 
 
 def test_cache_entry_of_another_url_is_not_used(tmp_path: Path, photos: dict[str, str]):
-    cache = tmp_path / "hash_cache.jsonl"
+    cache = tmp_path / "hash_cache.sqlite"
     run(tmp_path, [record("a", photos["coffee"], 5.0, url="https://x/1.jpg")], cache=cache)
     _, _, stats = run(
         tmp_path, [record("a", photos["coffee"], 5.0, url="https://x/2.jpg")], cache=cache

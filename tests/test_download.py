@@ -73,11 +73,11 @@ def test_collect_stats_sums_shards(tmp_path):
         )
     stats = collect_stats(tmp_path)
     assert stats == {
+        "stage": "download",
+        "records_in": 15,
+        "records_out": 12,
+        "dropped": {"failed_to_download": 3, "failed_to_resize": 0},
         "shards": 2,
-        "count": 15,
-        "successes": 12,
-        "failed_to_download": 3,
-        "failed_to_resize": 0,
         "status": {"success": 12, "HTTP Error 404": 3},
     }
 
@@ -151,7 +151,8 @@ def test_real_img2dataset_download_and_resume(tmp_path, served):
         stats = download_source(
             url_list.parent, out, stats_path, OPTS, columns, serve_dir=www, stdout=log
         )
-    assert stats["count"] == 4 and stats["successes"] == 3 and stats["failed_to_download"] == 1
+    assert stats["records_in"] == 4 and stats["records_out"] == 3
+    assert stats["dropped"] == {"failed_to_download": 1, "failed_to_resize": 0}
     assert stats["shards"] == 2 and stats["status"]["HTTP Error 404: not found"] == 1
     saved = sorted(out.glob("0000*/*.jpg"))
     assert [p.name for p in saved] == ["000000.jpg", "000010.jpg", "000011.jpg"]
@@ -169,7 +170,7 @@ def test_real_img2dataset_download_and_resume(tmp_path, served):
         stats2 = download_source(
             url_list.parent, out, stats_path, OPTS, columns, serve_dir=www, stdout=log
         )
-    assert stats2 == json.loads(stats_path.read_text()) and stats2["successes"] == 3
+    assert stats2 == json.loads(stats_path.read_text()) and stats2["records_out"] == 3
     assert (out / "00000" / "000000.jpg").stat().st_mtime_ns == kept
     assert (out / "00001" / "000011.jpg").exists()
 
@@ -180,7 +181,7 @@ def test_empty_url_list_downloads_nothing(tmp_path):
 
     pq.write_table(pq.read_table(tmp_path / "u.parquet").slice(0, 0), tmp_path / "u.parquet")
     stats = download_source(url_list, tmp_path / "dl", tmp_path / "s.json", OPTS, [])
-    assert stats["count"] == 0 and stats["successes"] == 0
+    assert stats["records_in"] == 0 and stats["records_out"] == 0
 
 
 def test_columns_img2dataset_reads_are_checked_before_it_runs(tmp_path, monkeypatch):

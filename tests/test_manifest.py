@@ -33,10 +33,8 @@ def test_manifest_records_follow_the_design_format(tmp_path):
         "LANGUAGE": "en",
     }
     assert (first["width"], first["height"]) == (1024, 768)
-    assert stats["records"] == 6 and stats["failed_downloads"] == 4
-    assert (
-        json.loads((tmp_path / "s.json").read_text())["download"]["status"]["HTTP Error 404"] == 4
-    )
+    assert stats["records_out"] == 6 and stats["failed_downloads"] == 4
+    assert json.loads((tmp_path / "s.json").read_text()) == stats
     assert "NaN" not in out.read_text()
 
 
@@ -53,7 +51,17 @@ def test_unusable_entries_are_counted_not_listed(tmp_path):
     stats = build_manifest(root, tmp_path / "m.jsonl", "s")
     assert [r["image_id"] for r in iter_jsonl(tmp_path / "m.jsonl")] == ["000000000"]
     assert stats["dropped"] == {"bad_sidecar": 1, "not_success": 1, "image_missing": 1}
-    assert stats["records"] == 1 and stats["sidecars"] == 4
+    assert stats["records_out"] == 1 and stats["records_in"] == 4
+    # each sidecar not passed on is a drop line with its reason and what went wrong
+    drops = {d["image_id"]: d for d in iter_jsonl(tmp_path / "m_dropped.jsonl")}
+    assert {k: (d["drop_stage"], d["drop_reason"]) for k, d in drops.items()} == {
+        "000000001": ("manifest", "image_missing"),
+        "000000002": ("manifest", "bad_sidecar"),
+        "000000003": ("manifest", "not_success"),
+    }
+    assert drops["000000003"]["detail"] == "failed_to_download: None"
+    assert drops["000000003"]["url"] == "http://x/000000003.jpg"
+    assert drops["000000001"]["key"] == "s/000000001"
 
 
 def test_columns_are_inferred_without_a_config(tmp_path):
@@ -68,6 +76,15 @@ def test_columns_are_inferred_without_a_config(tmp_path):
         and record["text"] == ""
         and record["image_id"] == "000000005"
     )
+
+
+def test_provenance_becomes_top_level_fields(tmp_path):
+    meta = {"caption": "c", "url": "u", "status": "success", "LANGUAGE": "en",
+            "url_list_file": "part-3.parquet", "url_list_row": 41}  # fmt: skip
+    for columns in (None, ["LANGUAGE", "url_list_file", "url_list_row"]):
+        record = make_record(tmp_path / "00000" / "000000005.jpg", meta, "s", columns)
+        assert record["meta"] == {"LANGUAGE": "en"}
+        assert (record["url_list_file"], record["url_list_row"]) == ("part-3.parquet", 41)
 
 
 def test_missing_download_folder_is_a_clear_error(tmp_path):

@@ -172,18 +172,27 @@ def test_npy_masks_align_with_entities_and_scores(tmp_path, masker):
     assert Path(first["mask_file"]) == (tmp_path / "masks_out" / "src" / "000000.npy").resolve()
     assert out[1]["entities"] == [] and out[1]["mask_scores"] == [] and out[1]["mask_file"] is None
     assert np.load(out[2]["mask_file"]).shape == (1, 200, 90)
-    dropped = {r["image_id"]: r["drop_reason"] for r in iter_jsonl(tmp_path / "out_dropped.jsonl")}
-    assert dropped["gone"] == "image_missing" and dropped["bad"].startswith("image_unreadable: ")
-    assert stats["records"] == 5 and stats["masked"] == 3 and stats["dropped"] == 2
+    dropped = {r["image_id"]: r for r in iter_jsonl(tmp_path / "out_dropped.jsonl")}
+    assert {k: (r["drop_stage"], r["drop_reason"]) for k, r in dropped.items()} == {
+        "gone": ("mask", "image_missing"),
+        "bad": ("mask", "image_unreadable"),
+    }
+    assert dropped["bad"]["detail"].startswith("image_unreadable: ")
+    assert dropped["gone"]["key"] == "src/gone"
+    assert (
+        stats["records_in"] == 5
+        and stats["records_out"] == 3
+        and sum(stats["dropped"].values()) == 2
+    )
     assert stats["entities"] == 4 and stats["without_entities"] == 1 and stats["computed"] == 2
-    assert stats["drop_reasons"] == {"image_missing": 1, "image_unreadable": 1}
+    assert stats["dropped"] == {"image_missing": 1, "image_unreadable": 1}
     assert stats["random_weights"] is True
     assert stats["mask_bytes"] == sum(
         Path(r["mask_file"]).stat().st_size for r in out if r["mask_file"]
     )
     again = CountingMasker(masker)
     rerun = run(tmp_path, path, again)  # journaled: nothing recomputed, drops tried again
-    assert again.images == 0 and rerun["computed"] == 0 and rerun["dropped"] == 2
+    assert again.images == 0 and rerun["computed"] == 0 and sum(rerun["dropped"].values()) == 2
     assert list(iter_jsonl(tmp_path / "out.jsonl")) == out
 
 
@@ -218,7 +227,7 @@ def test_quality_fields_are_what_known_masks_give(tmp_path):
     assert final["mask_file"] == str((tmp_path / "floored_out" / "src" / "000000.npy").resolve())
     assert np.array_equal(np.load(final["mask_file"]), known_masks()[1:])
     assert np.array_equal(np.load(out["mask_file"]), known_masks())
-    assert stats["entities_dropped"] == 1 and stats["entities"] == 1 and stats["masked"] == 1
+    assert stats["entities_dropped"] == 1 and stats["entities"] == 1 and stats["records_out"] == 1
     assert stats["floors"]["min_inside_fraction"] == 0.7
 
 
@@ -229,7 +238,7 @@ def test_seed_records_without_source_get_the_seeds_mask_paths(tmp_path):
     write_jsonl(tmp_path / "captioned.jsonl", seed)
     fixed = FixedMasker(known_masks(), [0.9, 0.8])
     stats = run(tmp_path, tmp_path / "captioned.jsonl", fixed)  # as `groundset mask` calls it
-    assert stats["masked"] == 2 and fixed.images == 2
+    assert stats["records_out"] == 2 and fixed.images == 2
     mask_dir = tmp_path / "masks_out"
     out = list(iter_jsonl(tmp_path / "out.jsonl"))
     assert [r["mask_file"] for r in out] == [
@@ -271,12 +280,16 @@ def test_quality_floors_drop_or_flag(tmp_path, masker):
     assert (tmp_path / "job_final.jsonl").read_text() == ""
     reasons = [r["drop_reason"] for r in iter_jsonl(tmp_path / "job_final_dropped.jsonl")]
     assert reasons == ["all_entities_below_quality_floors"] * 2
-    assert stats["entities_dropped"] == 2 and stats["dropped"] == 2 and stats["masked"] == 0
+    assert (
+        stats["entities_dropped"] == 2
+        and sum(stats["dropped"].values()) == 2
+        and stats["records_out"] == 0
+    )
     assert np.load(tmp_path / "masks_job" / "src" / "000000.npy").shape == (1, 120, 160)
     stats = floored(tmp_path, "job", min_score=1.0, low_quality="flag")
     out = list(iter_jsonl(tmp_path / "job_final.jsonl"))
     assert [r["mask_low_quality"] for r in out] == [[True], [True]]
-    assert stats["entities_flagged"] == 2 and stats["masked"] == 2
+    assert stats["entities_flagged"] == 2 and stats["records_out"] == 2
     assert stats["computed"] == 2  # the one job's: gathers never run the model
 
 
@@ -301,7 +314,7 @@ def test_killed_job_resumes_without_recomputing(tmp_path):
     out = list(iter_jsonl(tmp_path / "out.jsonl"))
     assert len(out) == 5 and all(np.load(r["mask_file"]).shape == (1, 120, 160) for r in out)
     stats = run(tmp_path, path, None)  # everything journaled: no model needed at all
-    assert stats["computed"] == 0 and stats["masked"] == 5
+    assert stats["computed"] == 0 and stats["records_out"] == 5
     other = CountingMasker(masker)  # other floors: applied after the job, the journal holds
     stats = run(tmp_path, path, other, min_inside_fraction=0.0001, low_quality="flag")
     assert other.images == 0 and stats["computed"] == 0
@@ -323,7 +336,7 @@ def test_gather_and_bad_settings(tmp_path):
     defaults = MaskSettings.from_config({"model_config": TINY})
     total = gather_masks([c.records for c in chunks], [c.dropped for c in chunks],
                          [c.stats for c in chunks], gathered, defaults)  # fmt: skip
-    assert total["masked"] == 4 and total["chunks"] == 2
+    assert total["records_out"] == 4 and total["chunks"] == 2
     assert len(list(iter_jsonl(tmp_path / "all.jsonl"))) == 4
     assert read_json(tmp_path / "all.json") == total
     with pytest.raises(ValueError, match=r"chunk file lists not aligned: 2, 1, 2"):

@@ -33,7 +33,7 @@ def test_size_and_aspect_rules_drop_before_download(tmp_path, laion_rows):
         "http://x/d.jpg",
         "http://x/f.jpg",
     ]
-    assert stats["rows_in"] == 6 and stats["rows_out"] == 3
+    assert stats["records_in"] == 6 and stats["records_out"] == 3
     assert stats["dropped"] == {
         "missing_url": 1,
         "too_small": 1,
@@ -41,10 +41,46 @@ def test_size_and_aspect_rules_drop_before_download(tmp_path, laion_rows):
         "punsafe": 0,
         "pwatermark": 0,
     }
-    # every column survives, values intact
+    assert stats["stage"] == "prefilter" and stats["files"]["part0.parquet"]["records_out"] == 3
+    # every column survives, values intact; provenance added: the file and row of each URL
     table = pq.read_table(tmp_path / "out" / "part0.parquet")
-    assert table.column_names == list(laion_rows[0])
+    assert table.column_names == [*laion_rows[0], "url_list_file", "url_list_row"]
     assert table.column("hash").to_pylist() == [1, 4, 6]
+    assert table.column("url_list_file").to_pylist() == ["part0.parquet"] * 3
+    assert table.column("url_list_row").to_pylist() == [0, 3, 5]
+    # each dropped row is a drop line (in a parquet file beside the list), with its first reason
+    dropped = pq.read_table(tmp_path / "out_dropped.parquet").to_pylist()
+    assert dropped == [
+        {"url_list_file": "part0.parquet", "url_list_row": 1, "url": "http://x/b.jpg",
+         "drop_stage": "prefilter", "drop_reason": "too_small"},
+        {"url_list_file": "part0.parquet", "url_list_row": 2, "url": "http://x/c.jpg",
+         "drop_stage": "prefilter", "drop_reason": "aspect_ratio"},
+        {"url_list_file": "part0.parquet", "url_list_row": 4, "url": "",
+         "drop_stage": "prefilter", "drop_reason": "missing_url"},
+    ]  # fmt: skip
+
+
+def test_row_numbers_run_across_batches_and_files(tmp_path):
+    rows = [{"URL": f"http://x/{i}.jpg", "TEXT": "t", "WIDTH": 2000 - 1200 * (i % 2), "HEIGHT": 1100}
+            for i in range(7)]  # fmt: skip
+    write_parquet(tmp_path / "in" / "a.parquet", rows)
+    write_parquet(tmp_path / "in" / "b.parquet", rows[:2])
+    prefilter_url_list(tmp_path / "in", tmp_path / "out", PrefilterRules.from_config({}), None, 2)
+    kept = pq.read_table(tmp_path / "out" / "a.parquet")
+    assert kept.column("url_list_row").to_pylist() == [0, 2, 4, 6]
+    assert pq.read_table(tmp_path / "out" / "b.parquet").column("url_list_file").to_pylist() == [
+        "b.parquet"
+    ]
+    dropped = pq.read_table(tmp_path / "out_dropped.parquet")
+    assert list(zip(dropped["url_list_file"].to_pylist(), dropped["url_list_row"].to_pylist(), strict=True)) == [
+        ("a.parquet", 1), ("a.parquet", 3), ("a.parquet", 5), ("b.parquet", 1)
+    ]  # fmt: skip
+
+
+def test_a_url_list_with_groundsets_own_columns_is_refused(tmp_path):
+    src = write_parquet(tmp_path / "l.parquet", [{"URL": "u", "TEXT": "t", "url_list_row": 3}])
+    with pytest.raises(ValueError, match=r"url_list_row.*groundset adds itself"):
+        prefilter_url_list(src, tmp_path / "out", PrefilterRules.from_config({}))
 
 
 def test_boundaries_are_inclusive_like_the_filter_stage(tmp_path):
@@ -91,11 +127,13 @@ def test_disabled_size_filter_and_missing_columns_keep_rows(tmp_path):
     rows = [{"URL": "u1", "TEXT": "t"}, {"URL": "u2", "TEXT": "t"}]
     src = write_parquet(tmp_path / "l.parquet", rows)
     stats = prefilter_url_list(src, tmp_path / "out", with_prefilter(max_punsafe=0.1))
-    assert stats["rows_out"] == 2
+    assert stats["records_out"] == 2
     src = write_parquet(
         tmp_path / "m.parquet", [{"URL": "u", "TEXT": "t", "WIDTH": 10, "HEIGHT": 10}]
     )
-    assert prefilter_url_list(src, tmp_path / "o2", with_prefilter(enabled=False))["rows_out"] == 1
+    assert (
+        prefilter_url_list(src, tmp_path / "o2", with_prefilter(enabled=False))["records_out"] == 1
+    )
 
 
 def test_folder_input_streams_in_batches(tmp_path):
@@ -117,7 +155,7 @@ def test_folder_input_streams_in_batches(tmp_path):
         "part1.parquet",
         "part2.parquet",
     ]
-    assert stats["rows_in"] == 3000 and stats["rows_out"] == 1500
+    assert stats["records_in"] == 3000 and stats["records_out"] == 1500
     assert json.loads((tmp_path / "s.json").read_text())["dropped"]["too_small"] == 1500
     assert urls(tmp_path / "out" / "part1.parquet")[:2] == ["u1_1", "u1_3"]
 
@@ -171,7 +209,7 @@ def test_missing_url_or_caption_column_is_named_with_the_files_columns(tmp_path)
     assert (
         prefilter_url_list(
             src, tmp_path / "ok", PrefilterRules.from_config({"download": {"url_col": "url"}})
-        )["rows_out"]
+        )["records_out"]
         == 1
     )
 

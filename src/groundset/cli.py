@@ -157,10 +157,8 @@ def cmd_select(args: argparse.Namespace, config: dict) -> dict:
     from groundset.stages.filter.shard import STATS
 
     stem = str(Path(args.output).with_suffix(""))
-    in_stem = str(Path(args.input).with_suffix(""))
     files = SelectFiles(
         scored=args.input,
-        score_stats=args.score_stats or in_stem + "_stats.json",
         kept=args.output,
         rejected=args.rejected or stem + "_rejected.jsonl",
         stats=args.stats or stem + "_stats.json",
@@ -466,7 +464,6 @@ COMMANDS: dict[str, tuple] = {
             arg("--output", required=True, help="kept records (filtered JSONL) to write"),
             arg("--rejected", help="dropped records, with why (default: <output>_rejected.jsonl)"),
             arg("--stats", help="counts JSON (default: <output>_stats.json)"),
-            arg("--score-stats", help="the score job's counts (default: <input>_stats.json)"),
         ],
     ),
     "dj-config": (

@@ -50,7 +50,7 @@ rule dedup_records:
     params:
         enabled=config["caption"]["dedup"]["enabled"],
         max_distance=config["caption"]["dedup"]["max_distance"],
-        cache="dedup/hash_cache.jsonl",
+        cache=layout.HASH_CACHE,
     script:
         "../scripts/dedup_records.py"
 

@@ -11,7 +11,7 @@ from groundset.core.config import (
     missing_weights,
     validate_config,
 )
-from groundset.stages.prefilter import PrefilterRules
+from groundset.stages.prefilter import PROVENANCE, PrefilterRules
 from groundset.stages.split import read_index
 from groundset.core import layout
 import groundset.stages.caption

@@ -4,6 +4,7 @@ rule prefilter_urls:
     output:
         urls=directory("url_lists/{source}"),
         stats="url_lists/{source}_stats.json",
+        dropped="url_lists/{source}_dropped.parquet",
     log:
         "logs/prefilter_urls/{source}.log",
     benchmark:
@@ -16,6 +17,8 @@ rule prefilter_urls:
         runtime=60,
     params:
         rules=prefilter_rules,
+        # the columns it adds: a change reruns it (and the downloads that save them)
+        provenance=list(PROVENANCE),
         columns=lambda wildcards: source_config(wildcards)["save_additional_columns"],
     script:
         "../scripts/prefilter_urls.py"

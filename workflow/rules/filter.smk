@@ -4,6 +4,7 @@ rule build_manifest:
     output:
         manifest="manifest/{source}.jsonl",
         stats="manifest/{source}_stats.json",
+        dropped="manifest/{source}_dropped.jsonl",
     log:
         "logs/build_manifest/{source}.log",
     benchmark:

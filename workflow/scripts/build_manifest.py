@@ -10,4 +10,5 @@ with log_to(snakemake.log[0]):
         snakemake.wildcards.source,
         snakemake.params.columns,
         snakemake.output.stats,
+        snakemake.output.dropped,
     )

@@ -15,4 +15,5 @@ with log_to(snakemake.log[0]):
         PrefilterRules(**snakemake.params.rules),
         snakemake.params.columns,
         batch_rows,
+        snakemake.output.dropped,
     )

@@ -86,7 +86,7 @@ MERGE = Stage("merge", "merge_tiers", MERGED, None, "merged/merge_stats.json")
 DEDUP = Stage(
     "dedup", "dedup_records", "dedup/deduped.jsonl", "dedup/dropped.jsonl", "dedup/dedup_stats.json"
 )
-HASH_CACHE = "dedup/hash_cache.jsonl"
+HASH_CACHE = "dedup/hash_cache.sqlite"
 CHUNK_INDEX = "captioned/chunks.json"
 PREFLIGHT = "captioned/preflight.json"
 CAPTION_JOURNALS = "captioned/journal"

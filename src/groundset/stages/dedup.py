@@ -28,10 +28,11 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
-import json
 import logging
 import math
 import os
+import sqlite3
+import threading
 import time
 from array import array
 from collections import Counter
@@ -42,8 +43,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from groundset.core.io import atomic_write, dumps_record, iter_jsonl, write_json
+from groundset.core.io import atomic_write, dumps_record, iter_jsonl
 from groundset.core.records import RecordError, image_path, record_key
+from groundset.core.stats import drop_line, envelope, write_stats
 from groundset.stages.filter.shard import strict_decoding
 from groundset.stages.merge import aesthetic_score as stats_aesthetic_score
 
@@ -64,7 +66,6 @@ HASH_VERSION = 1  # bump when the way a phash is computed changes: older cache e
 DRAFT = 64  # decode at least this many pixels a side (JPEG draft), then box-reduce to about it
 MAX_DISTANCE = 32  # beyond half the bits "near" means nothing and the search is quadratic
 _BATCH = 32  # images per thread-pool task
-_SYNC_SECONDS = 5.0  # the hash cache is fsynced at most this often (and at the end)
 _WARN = 5  # unhashable images logged one by one, the rest counted
 
 
@@ -188,132 +189,94 @@ class Hashed:
 
 
 class HashCache:
-    """Append-only JSONL of computed hashes keyed by image path, valid while the file's size,
-    mtime_ns (and URL, where both have one) are unchanged; the last entry of a path wins.
+    """SQLite table of computed hashes keyed by image path, valid while the file's size,
+    mtime_ns (and URL, where both have one) are unchanged and its version is HASH_VERSION.
 
-    Held as sorted numpy arrays (~90 bytes an entry), not dicts; a line cut short by a kill is
-    ignored (and counted) and ended, so appends start on a line of their own.
+    Lookups run in the hashing threads, each on its own read connection (WAL mode: they read
+    while the main thread writes); new entries are committed batch by batch, so a killed job
+    keeps what it hashed and leaves no torn entry.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.torn_lines = 0
-        self.stale_lines = 0
-        self._handle = None
-        self._synced = time.monotonic()
-        self._load()
-
-    def _load(self) -> None:
-        """Read what earlier runs cached into arrays sorted by path digest."""
-        cols = {name: array("Q") for name in ("hi", "lo", "url", "phash")}
-        meta = {name: array("q") for name in ("size", "mtime")}
-        has_phash, shas, reasons = array("b"), bytearray(), {}
-        clean_end = True
-        if self.path.exists():
-            with open(self.path, "rb") as handle:
-                for line in handle:
-                    clean_end = line.endswith(b"\n")
-                    if not line.strip():
-                        continue
-                    try:
-                        entry = json.loads(line)
-                        if entry.get("v") != HASH_VERSION:
-                            self.stale_lines += 1
-                            continue
-                        digest = _digest(str(entry["path"]), 16)
-                        size, mtime = int(entry["size"]), int(entry["mtime_ns"])
-                        sha = bytes.fromhex(entry["sha256"])
-                        phash = entry.get("phash")
-                        phash_int = int(phash, 16) if phash is not None else 0
-                        if len(sha) != 32 or phash_int >= 1 << 64:
-                            raise ValueError("bad digest")
-                        url = url_digest(entry.get("url"))
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        self.torn_lines += 1
-                        continue
-                    if phash is None:
-                        reasons[len(has_phash)] = str(entry.get("error") or "decode_error")
-                    cols["hi"].append(int.from_bytes(digest[:8], "big"))
-                    cols["lo"].append(int.from_bytes(digest[8:], "big"))
-                    cols["url"].append(url)
-                    cols["phash"].append(phash_int)
-                    meta["size"].append(size)
-                    meta["mtime"].append(mtime)
-                    has_phash.append(phash is not None)
-                    shas += sha
-        if self.torn_lines:
-            log.warning("%s: ignored %d incomplete line(s)", self.path, self.torn_lines)
-        self._needs_newline = not clean_end
-        hi = np.frombuffer(cols["hi"], dtype=np.uint64)
-        lo = np.frombuffer(cols["lo"], dtype=np.uint64)
-        order = np.lexsort((np.arange(len(hi)), lo, hi))
-        last = np.ones(len(order), dtype=bool)  # the last entry of each path
-        if len(order) > 1:
-            last[:-1] = (hi[order][1:] != hi[order][:-1]) | (lo[order][1:] != lo[order][:-1])
-        keep = order[last]
-        self.hi, self.lo = hi[keep], lo[keep]
-        self.url = np.frombuffer(cols["url"], dtype=np.uint64)[keep]
-        self.phash = np.frombuffer(cols["phash"], dtype=np.uint64)[keep]
-        self.size = np.frombuffer(meta["size"], dtype=np.int64)[keep]
-        self.mtime = np.frombuffer(meta["mtime"], dtype=np.int64)[keep]
-        self.has_phash = np.frombuffer(has_phash, dtype=np.int8)[keep].astype(bool)
-        self.sha = np.frombuffer(shas, dtype=np.uint8).reshape(-1, 32)[keep]
-        self.reasons = {
-            pos: reasons[old] for pos, old in enumerate(keep.tolist()) if old in reasons
-        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(_CACHE_TABLE)
+            self.stale = self._db.execute(
+                "SELECT COUNT(*) FROM hashes WHERE v != ?", (HASH_VERSION,)
+            ).fetchone()[0]
+        except sqlite3.DatabaseError as err:
+            raise RuntimeError(
+                f"{self.path}: not a groundset hash cache ({err}); remove it to hash afresh"
+            ) from err
+        self._readers: list[sqlite3.Connection] = []
 
     def __len__(self) -> int:
-        return len(self.hi)
+        return self._db.execute("SELECT COUNT(*) FROM hashes").fetchone()[0]
 
-    def lookup(self, path: str, size: int, mtime_ns: int, url: int) -> Hashed | None:
-        """The cached hashes of a file, if its entry still matches (read-only: thread-safe)."""
-        digest = _digest(path, 16)
-        hi = np.uint64(int.from_bytes(digest[:8], "big"))
-        lo = np.uint64(int.from_bytes(digest[8:], "big"))
-        pos = int(np.searchsorted(self.hi, hi))
-        while pos < len(self.hi) and self.hi[pos] == hi:
-            if self.lo[pos] == lo:
-                cached_url = int(self.url[pos])
-                if (
-                    int(self.size[pos]) != size
-                    or int(self.mtime[pos]) != mtime_ns
-                    or (url and cached_url and url != cached_url)
-                ):
-                    return None
-                phash = int(self.phash[pos]) if self.has_phash[pos] else None
-                reason = None if phash is not None else self.reasons.get(pos, "decode_error")
-                return Hashed(self.sha[pos].tobytes(), phash, reason, cached=True)
-            pos += 1
-        return None
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, check_same_thread=False)
+            self._local.db = db
+            self._readers.append(db)
+        return db
+
+    def lookup(self, path: str, size: int, mtime_ns: int, url: str | None) -> Hashed | None:
+        """The cached hashes of a file, if its entry still matches (from any thread)."""
+        row = (
+            self._reader()
+            .execute(
+                "SELECT size, mtime_ns, url, sha256, phash, error FROM hashes WHERE path = ? AND v = ?",
+                (path, HASH_VERSION),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        cached_size, cached_mtime, cached_url, sha, phash, error = row
+        if (
+            cached_size != size
+            or cached_mtime != mtime_ns
+            or (url and cached_url and url != cached_url)
+        ):
+            return None
+        if phash is None:
+            return Hashed(bytes(sha), None, error or "decode_error", cached=True)
+        return Hashed(bytes(sha), int(phash, 16), None, cached=True)
 
     def append(self, entries: list[dict]) -> None:
-        """Append new entries (flushed now, fsynced every few seconds and on close)."""
+        """Store new entries (one transaction: all of them or, killed, none)."""
         if not entries:
             return
-        if self._handle is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-            if self._needs_newline:  # end a line torn by a kill
-                self._handle.write("\n")
-        self._handle.write("".join(dumps_record(entry) + "\n" for entry in entries))
-        self._handle.flush()
-        if time.monotonic() - self._synced > _SYNC_SECONDS:
-            os.fsync(self._handle.fileno())
-            self._synced = time.monotonic()
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(e["path"], e["size"], e["mtime_ns"], e["url"], bytes.fromhex(e["sha256"]),
+                  e["phash"], e["error"], e["v"]) for e in entries],
+            )  # fmt: skip
 
     def close(self) -> None:
-        """Fsync and close the cache file."""
-        if self._handle is not None:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
-            self._handle = None
+        """Close every connection (the entries are committed already)."""
+        for db in self._readers:
+            db.close()
+        self._readers.clear()
+        self._db.close()
 
     def __enter__(self) -> HashCache:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_CACHE_TABLE = """CREATE TABLE IF NOT EXISTS hashes (
+    path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, url TEXT, sha256 BLOB,
+    phash TEXT, error TEXT, v INTEGER)"""
 
 
 def hash_file(path: str | None, url: str | None = None, cache: HashCache | None = None) -> Hashed:
@@ -324,7 +287,7 @@ def hash_file(path: str | None, url: str | None = None, cache: HashCache | None 
         with open(path, "rb") as handle:
             stat = os.fstat(handle.fileno())
             if cache is not None:
-                hit = cache.lookup(path, stat.st_size, stat.st_mtime_ns, url_digest(url))
+                hit = cache.lookup(path, stat.st_size, stat.st_mtime_ns, url)
                 if hit is not None:
                     return hit
             data = handle.read()
@@ -645,25 +608,33 @@ def _target_keys(input: str | os.PathLike, targets: np.ndarray, records: int) ->
 
 
 def _empty_stats(max_distance: int, enabled: bool) -> dict:
-    """The stats document with every count at zero."""
+    """The stats counts with every count at zero (`records_in`, `kept`, `dropped_by_kind`: the
+    envelope's, see `_envelope`)."""
     return {
         "enabled": enabled,
         "max_distance": max_distance,
         "records_in": 0,
         "kept": 0,
-        "dropped": 0,
         "dropped_by_kind": dict.fromkeys(KINDS, 0),
         "unhashable": 0,
         "unhashable_by_reason": {},
         "hashed": 0,
         "hash_cache_hits": 0,
-        "hash_cache_torn_lines": 0,
+        "hash_cache_stale": 0,
         "distinct_phashes": 0,
         "near_pairs": 0,
         "near_candidates_compared": 0,
         "seconds": 0.0,
         "seconds_by_step": {"hash": 0.0, "group": 0.0, "write": 0.0},
     }
+
+
+def _envelope(counts: dict) -> dict:
+    """Dedup's stats envelope: duplicates by kind dropped, the other counts as extras."""
+    extras = {k: v for k, v in counts.items() if k not in ("records_in", "kept", "dropped_by_kind")}
+    return envelope(
+        "dedup", counts["records_in"], counts["kept"], counts["dropped_by_kind"], **extras
+    )
 
 
 def _copy_through(input: str | os.PathLike, output, dropped, stats: dict) -> None:
@@ -673,6 +644,18 @@ def _copy_through(input: str | os.PathLike, output, dropped, stats: dict) -> Non
             out.write(dumps_record(record) + "\n")
             stats["records_in"] += 1
     stats["kept"] = stats["records_in"]
+
+
+def _duplicate_line(record: dict, groups: Clusters, ordinal: int, target: str) -> dict:
+    """The drop line of a duplicate: its kind as the reason, the kept record it repeats."""
+    kind = KINDS[groups.kind[ordinal] - 1]
+    distance = int(groups.distance[ordinal])
+    record.update(
+        duplicate_of=target,
+        duplicate_kind=kind,
+        phash_distance=distance if distance >= 0 else None,
+    )
+    return drop_line(record, "dedup", kind, f"{kind} duplicate of {target}")
 
 
 def dedup_records(
@@ -694,7 +677,8 @@ def dedup_records(
     if not enabled:
         _copy_through(input, output, dropped, result)
         result["seconds"] = round(time.perf_counter() - start, 3)
-        write_json(stats, result)
+        result = _envelope(result)
+        write_stats(stats, result)
         return result
 
     counts: Counter = Counter()
@@ -704,8 +688,7 @@ def dedup_records(
     finally:
         if hash_cache is not None:
             hash_cache.close()
-            counts["hash_cache_torn_lines"] = hash_cache.torn_lines
-    del hash_cache  # its arrays are not needed any more
+            counts["hash_cache_stale"] = hash_cache.stale
     hashed_at = time.perf_counter()
     hashes, groups, distinct = _group(cols, max_distance)
     del cols  # what grouping alone needed (scores, URL digests)
@@ -735,15 +718,7 @@ def dedup_records(
             if target < 0:
                 out.write(dumps_record(record) + "\n")
                 continue
-            distance = int(groups.distance[ordinal])
-            record.update(
-                duplicate_of=keys[target],
-                duplicate_kind=KINDS[groups.kind[ordinal] - 1],
-                phash_distance=distance if distance >= 0 else None,
-                drop_stage="dedup",
-                drop_reason="duplicate",
-            )
-            bad.write(dumps_record(record) + "\n")
+            bad.write(dumps_record(_duplicate_line(record, groups, ordinal, keys[target])) + "\n")
         if written != n:
             raise RuntimeError(f"{input} changed during dedup ({n} records, now {written})")
     done = time.perf_counter()
@@ -752,13 +727,12 @@ def dedup_records(
     result.update(
         records_in=n,
         kept=int(kept_mask.sum()),
-        dropped=int(n - kept_mask.sum()),
         dropped_by_kind={name: kinds.get(k + 1, 0) for k, name in enumerate(KINDS)},
         unhashable=int(n - has_phash.sum()),
         unhashable_by_reason=reasons,
         hashed=counts["hashed"],
         hash_cache_hits=counts["hash_cache_hits"],
-        hash_cache_torn_lines=counts["hash_cache_torn_lines"],
+        hash_cache_stale=counts["hash_cache_stale"],
         distinct_phashes=distinct,
         near_pairs=groups.near_pairs,
         near_candidates_compared=groups.compared,
@@ -769,13 +743,13 @@ def dedup_records(
             "write": round(done - grouped_at, 3),
         },
     )
-    write_json(stats, result)
+    result = _envelope(result)
+    write_stats(stats, result)
     log.info(
-        "dedup: %d records, %d kept, %d dropped %s, %d unhashable",
+        "dedup: %d records, %d kept, dropped %s, %d unhashable",
         n,
-        result["kept"],
+        result["records_out"],
         result["dropped"],
-        result["dropped_by_kind"],
         result["unhashable"],
     )
     return result

@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import IO
 
 from groundset.core.config import TUNING, keys_for
-from groundset.core.io import atomic_write, read_json, write_json
+from groundset.core.io import atomic_write, read_json
+from groundset.core.stats import envelope, write_stats
 from groundset.testing.sample_server import proxy_env, serve
 
 log = logging.getLogger(__name__)
+
+STAGE = "download"
+# img2dataset's outcomes of a row that gave no image: the download's drop reasons.
+FAILURES = ("failed_to_download", "failed_to_resize")
 
 FINGERPRINT_FILE = "groundset_url_list.sha256"
 # Keys of the `download` config that are groundset's own, not img2dataset arguments.
@@ -134,24 +139,37 @@ def prepare_output(output_folder: Path, fingerprint: str, options: str | None = 
 
 
 def collect_stats(output_folder: str | os.PathLike) -> dict:
-    """Sum img2dataset's per-shard `*_stats.json` files into one summary."""
+    """img2dataset's per-shard `*_stats.json` files summed into the download's stats envelope
+    (rows in, images out, failures by kind; extras: shards, img2dataset's status counts)."""
     totals: Counter = Counter()
     status: Counter = Counter()
     shards = 0
     for path in sorted(Path(output_folder).glob("*_stats.json")):
         shard = read_json(path)
         shards += 1
-        for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
+        for key in ("count", "successes", *FAILURES):
             totals[key] += int(shard.get(key, 0))
         status.update({k: int(v) for k, v in shard.get("status_dict", {}).items()})
-    return {
-        "shards": shards,
-        "count": totals["count"],
-        "successes": totals["successes"],
-        "failed_to_download": totals["failed_to_download"],
-        "failed_to_resize": totals["failed_to_resize"],
-        "status": dict(sorted(status.items(), key=lambda kv: (-kv[1], kv[0]))),
-    }
+    return envelope(
+        STAGE,
+        totals["count"],
+        totals["successes"],
+        {reason: totals[reason] for reason in FAILURES},
+        shards=shards,
+        status=dict(sorted(status.items(), key=lambda kv: (-kv[1], kv[0]))),
+    )
+
+
+def provenance_columns(files: list[Path], save_columns: list[str]) -> list[str]:
+    """`save_columns` and the prefilter's provenance columns where every file has them (a URL
+    list given to `groundset download` directly has none)."""
+    from groundset.stages.prefilter import PROVENANCE, open_parquet  # lazily, as below
+
+    present = set(PROVENANCE)
+    for path in files:
+        with open_parquet(path) as parquet:
+            present &= set(parquet.schema_arrow.names)
+    return [*save_columns, *(c for c in PROVENANCE if c in present and c not in save_columns)]
 
 
 def run_img2dataset(kwargs: dict, env: dict, stdout: IO | None = None) -> None:
@@ -184,6 +202,7 @@ def download_source(
     output_folder = Path(output_folder).resolve()
     files = list_parquet_files(url_list)
     expected = url_list_rows(files, opts, save_columns)
+    save_columns = provenance_columns(files, save_columns)
     prepare_output(output_folder, url_list_fingerprint(files), options_digest(opts, save_columns))
     if expected:
         kwargs = img2dataset_kwargs(
@@ -197,19 +216,17 @@ def download_source(
                 env = proxy_env(stack.enter_context(serve(serve_dir)), env)
             run_img2dataset(kwargs, env, stdout)
     stats = collect_stats(output_folder)
-    stats["rows_in_url_list"] = expected
-    if stats["count"] != expected:
+    if stats["records_in"] != expected:
         raise RuntimeError(
-            f"img2dataset processed {stats['count']} of {expected} rows of {url_list}; "
+            f"img2dataset processed {stats['records_in']} of {expected} rows of {url_list}; "
             "rerun to resume the missing shards"
         )
-    write_json(stats_path, stats)
+    write_stats(stats_path, stats)
     log.info(
-        "%s: %d of %d downloaded, %d failed to download, %d failed to resize",
+        "%s: %d of %d downloaded, failed: %s",
         output_folder,
-        stats["successes"],
+        stats["records_out"],
         expected,
-        stats["failed_to_download"],
-        stats["failed_to_resize"],
+        stats["dropped"],
     )
     return stats

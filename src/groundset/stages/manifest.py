@@ -11,8 +11,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from groundset.core.io import atomic_write, clean_json_value, dumps_record, write_json
+from groundset.core.io import atomic_write, clean_json_value, dumps_record
+from groundset.core.stats import drop_line, envelope, write_stats
 from groundset.stages.download import collect_stats
+from groundset.stages.prefilter import PROVENANCE
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ IMG2DATASET_KEYS = {
     "md5",
 }
 SIDE_EXTENSIONS = {".json", ".txt", ".parquet"}
+STAGE = "manifest"
+REASONS = ("bad_sidecar", "not_success", "image_missing")
 
 
 def shard_dirs(download_dir: Path) -> list[Path]:
@@ -55,51 +59,79 @@ def scan_shard(shard: Path) -> tuple[list[str], dict[str, str]]:
 
 
 def make_record(image_path: Path, meta: dict, source: str, columns: list[str] | None) -> dict:
-    """One manifest record from an image path and its img2dataset sidecar."""
+    """One manifest record from an image path and its img2dataset sidecar (the prefilter's
+    provenance, where the sidecar has it, as top-level fields)."""
     if columns is None:
         columns = sorted(k for k in meta if k not in IMG2DATASET_KEYS)
     caption = meta.get("caption")
-    return {
+    record = {
         "image": [str(image_path)],
         "text": "" if caption is None else str(caption),
         "image_id": image_path.stem,
         "source": source,
         "url": meta.get("url"),
-        "meta": {c: clean_json_value(meta.get(c)) for c in columns},
+        "meta": {c: clean_json_value(meta.get(c)) for c in columns if c not in PROVENANCE},
         "width": meta.get("width"),
         "height": meta.get("height"),
     }
+    record.update({c: meta[c] for c in PROVENANCE if meta.get(c) is not None})
+    return record
+
+
+def sidecar_drop(shard: Path, stem: str, source: str, meta: dict | None, reason: str, detail: str):
+    """The drop line of a sidecar the manifest does not pass on (its fields as far as read)."""
+    fields = {"image_id": stem, "source": source, "sidecar": str(shard / f"{stem}.json")}
+    if meta:
+        fields.update(url=meta.get("url"), **{c: meta[c] for c in PROVENANCE if c in meta})
+    return drop_line(fields, STAGE, reason, detail)
+
+
+def read_sidecar(shard: Path, stem: str, images: dict[str, str], source: str) -> dict:
+    """One sidecar as a record, or as a drop line (`drop_stage` set) saying why not."""
+    try:
+        with open(shard / f"{stem}.json", encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except (OSError, ValueError) as err:
+        log.warning("%s/%s.json: unreadable sidecar (%s)", shard, stem, err)
+        return sidecar_drop(shard, stem, source, None, "bad_sidecar", str(err))
+    if not isinstance(meta, dict):
+        return sidecar_drop(shard, stem, source, None, "bad_sidecar", "not a JSON object")
+    status = meta.get("status", "success")
+    if status != "success":
+        detail = f"{status}: {meta.get('error_message')}"
+        return sidecar_drop(shard, stem, source, meta, "not_success", detail)
+    name = images.get(stem)
+    if name is None:
+        log.warning("%s/%s: sidecar without an image file", shard, stem)
+        return sidecar_drop(shard, stem, source, meta, "image_missing", "no image file")
+    return {"meta": meta, "name": name}
 
 
 def iter_records(
     download_dir: str | os.PathLike, source: str, columns: list[str] | None, counts: Counter
 ) -> Iterator[dict]:
-    """Stream records of every successful download, counting what is dropped and why."""
+    """Stream records of every sidecar: a manifest record, or a drop line (`drop_stage` set)
+    for one not passed on; `counts` gets sidecars and drops by reason."""
     root = Path(download_dir).resolve()
     bar = tqdm(unit="img", desc=f"manifest {source}", mininterval=5)
     for shard in shard_dirs(root):
         sidecars, images = scan_shard(shard)
         for stem in sidecars:
             counts["sidecars"] += 1
-            try:
-                with open(shard / f"{stem}.json", encoding="utf-8") as handle:
-                    meta = json.load(handle)
-            except (OSError, ValueError) as err:
-                log.warning("%s/%s.json: unreadable sidecar (%s)", shard, stem, err)
-                counts["dropped_bad_sidecar"] += 1
+            read = read_sidecar(shard, stem, images, source)
+            if "drop_stage" in read:
+                counts[read["drop_reason"]] += 1
+                yield read
                 continue
-            if meta.get("status", "success") != "success":
-                counts["dropped_not_success"] += 1
-                continue
-            name = images.get(stem)
-            if name is None:
-                log.warning("%s/%s: sidecar without an image file", shard, stem)
-                counts["dropped_image_missing"] += 1
-                continue
-            counts["records"] += 1
             bar.update()
-            yield make_record(shard / name, meta, source, columns)
+            yield make_record(shard / read["name"], read["meta"], source, columns)
     bar.close()
+
+
+def dropped_path(output: str | os.PathLike) -> Path:
+    """The default drop-line file of a manifest: `<stem>_dropped.jsonl` beside it."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}_dropped.jsonl")
 
 
 def build_manifest(
@@ -108,32 +140,29 @@ def build_manifest(
     source: str,
     columns: list[str] | None = None,
     stats_path: str | os.PathLike | None = None,
+    dropped: str | os.PathLike | None = None,
 ) -> dict:
-    """Write the manifest JSONL of one source atomically and return (and optionally write) stats."""
+    """Write the manifest JSONL of one source and its drop lines (`dropped`, default
+    `<stem>_dropped.jsonl`) atomically; return (and optionally write) the stats envelope."""
     download_dir = Path(download_dir)
     if not download_dir.is_dir():
         raise FileNotFoundError(f"download folder {download_dir} does not exist")
     counts: Counter = Counter()
-    with atomic_write(output) as handle:
+    with atomic_write(output) as handle, atomic_write(dropped or dropped_path(output)) as drops:
         for record in iter_records(download_dir, source, columns, counts):
-            handle.write(dumps_record(record))
-            handle.write("\n")
+            (drops if "drop_stage" in record else handle).write(dumps_record(record) + "\n")
     downloads = collect_stats(download_dir)
-    stats = {
-        "source": source,
-        "records": counts["records"],
-        "sidecars": counts["sidecars"],
-        "dropped": {
-            "bad_sidecar": counts["dropped_bad_sidecar"],
-            "not_success": counts["dropped_not_success"],
-            "image_missing": counts["dropped_image_missing"],
-        },
-        "download": downloads,
-        "failed_downloads": downloads["count"] - downloads["successes"],
-    }
-    if stats_path:
-        write_json(stats_path, stats)
-    log.info(
-        "%s: %d records, %d failed downloads", output, stats["records"], stats["failed_downloads"]
+    reasons = {reason: counts[reason] for reason in REASONS}
+    kept = counts["sidecars"] - sum(reasons.values())
+    stats = envelope(
+        STAGE,
+        counts["sidecars"],
+        kept,
+        reasons,
+        source=source,
+        failed_downloads=sum(downloads["dropped"].values()),
     )
+    if stats_path:
+        write_stats(stats_path, stats)
+    log.info("%s: %d records, %d failed downloads", output, kept, stats["failed_downloads"])
     return stats

@@ -46,24 +46,23 @@ from groundset.core.io import (
     dumps_record,
     iter_jsonl,
     read_json,
-    write_json,
 )
 from groundset.core.journal import Journal
 from groundset.core.records import RecordError, flatten_record, mask_relpath, record_key, same_image
+from groundset.core.stats import add_counts, drop_line, envelope, write_stats
 
 log = logging.getLogger(__name__)
 
-# What a mask job counts (its stats file; the gather totals them, zero chunks included).
+STAGE = "mask"
+# What a mask job counts beside its envelope's records in, out and dropped (its stats file's
+# extras; the gather totals them, zero chunks included).
 COUNTS = (
-    "records",
-    "masked",
     "from_journal",
     "computed",
     "entities",
     "entities_dropped",
     "entities_flagged",
     "without_entities",
-    "dropped",
     "mask_bytes",
     "mask_copies",
 )
@@ -450,10 +449,9 @@ def mask_chunk(
                 if entry is None:
                     raise MaskError(f"{record_key(flat)}: not masked (internal error)")
                 if entry.get("error"):
-                    counts["dropped"] += 1
-                    reasons[entry["error"].split(":")[0]] += 1
-                    drop.write(dumps_record({**flat, "drop_reason": entry["error"],
-                                             "stage": "mask"}) + "\n")  # fmt: skip
+                    kind = entry["error"].split(":")[0]
+                    reasons[kind] += 1
+                    drop.write(dumps_record(drop_line(flat, STAGE, kind, entry["error"])) + "\n")
                     continue
                 out_record = _with_masks(flat, entry, settings)
                 if out_record["mask_file"]:  # where the records name it: the mask folder
@@ -467,21 +465,35 @@ def mask_chunk(
                 out.write(dumps_record(out_record) + "\n")
     counts["from_journal"] = counts["records"] - counts["computed"]
     counts["seconds"] = round(time.monotonic() - began, 3)
-    result = {
+    records_in, masked = counts.pop("records"), counts.pop("masked")
+    result = envelope(
+        STAGE,
+        records_in,
+        masked,
+        reasons,
         **dict(counts),
-        "drop_reasons": dict(reasons),
-        "mask_format": settings.mask_format,
-        "model_config": settings.model_config,
-        "random_weights": settings.checkpoint is None,
-        "bytes_per_masked_image": round(counts["mask_bytes"] / counts["masked"], 1)
-        if counts["masked"]
-        else 0.0,
-    }
+        **model_facts(settings),
+        bytes_per_masked_image=per_image(counts["mask_bytes"], masked),
+    )
     if counts["mask_copies"]:
         log.warning("%s: no hard links here, %d masks copied from %s", masks_dir,
                     counts["mask_copies"], computed_dir)  # fmt: skip
-    write_json(files.stats, result)
+    write_stats(files.stats, result)
     return result
+
+
+def model_facts(settings: MaskSettings) -> dict:
+    """What the mask stats say of the model: its config, its format, random weights or not."""
+    return {
+        "mask_format": settings.mask_format,
+        "model_config": settings.model_config,
+        "random_weights": settings.checkpoint is None,
+    }
+
+
+def per_image(mask_bytes: int, masked: int) -> float:
+    """Mask bytes per masked image (0 when none was masked)."""
+    return round(mask_bytes / masked, 1) if masked else 0.0
 
 
 def _mask_batch(
@@ -613,17 +625,14 @@ def gather_masks(
     if floored is not None:
         floored.mkdir(parents=True, exist_ok=True)  # a declared folder, also if empty
     totals: Counter = Counter(dict.fromkeys(COUNTS, 0))
-    reasons: Counter = Counter()
-    meta: dict = {}
+    head: dict = {"records_in": 0, "records_out": 0, "dropped": {}}
     for chunk_stats in per_chunk:
-        reasons.update(chunk_stats.pop("drop_reasons", {}))
-        for key in ("mask_format", "model_config", "random_weights", "bytes_per_masked_image"):
-            value = chunk_stats.pop(key, None)
-            if key != "bytes_per_masked_image":
-                meta.setdefault(key, value)
-        totals.update(chunk_stats)
-    for key in ("masked", "entities", "without_entities", "entities_dropped", "entities_flagged"):
+        add_counts(head, chunk_stats)
+        totals.update({key: chunk_stats.get(key, 0) for key in (*COUNTS, "seconds")})
+    for key in ("entities", "without_entities", "entities_dropped", "entities_flagged"):
         totals[key] = 0  # counted below, under the floors
+    reasons = Counter(head["dropped"])
+    masked = 0
     with atomic_write(files.records) as out, atomic_write(files.dropped, "wb") as drop:
         for path in dropped:
             with open(path, "rb") as src:
@@ -632,20 +641,25 @@ def gather_masks(
             for record in iter_jsonl(path):
                 kept = apply_floors(record, settings, floored, totals)
                 if kept is None:
-                    totals["dropped"] += 1
                     reasons[BELOW_FLOORS] += 1
-                    line = {**record, "stage": "mask", "drop_reason": BELOW_FLOORS}
+                    line = drop_line(record, STAGE, BELOW_FLOORS, "no entity left above the floors")
                     drop.write((dumps_record(line) + "\n").encode())
                     continue
-                totals["masked"] += 1
+                masked += 1
                 totals["entities"] += len(kept.get("entities") or [])
                 totals["without_entities"] += not kept.get("entities")
                 out.write(dumps_record(kept) + "\n")
-    result = {**meta, "chunks": len(chunks), **dict(totals), "drop_reasons": dict(reasons)}
-    result["floors"] = {key: getattr(settings, key) for key in FLOOR_KEYS}
-    result["seconds"] = round(result.get("seconds", 0.0), 3)
-    result["bytes_per_masked_image"] = (
-        round(totals["mask_bytes"] / totals["masked"], 1) if totals["masked"] else 0.0
+    totals["seconds"] = round(totals["seconds"], 3)
+    result = envelope(
+        STAGE,
+        head["records_in"],
+        masked,
+        reasons,
+        **model_facts(settings),
+        chunks=len(chunks),
+        **dict(totals),
+        floors={key: getattr(settings, key) for key in FLOOR_KEYS},
+        bytes_per_masked_image=per_image(totals["mask_bytes"], masked),
     )
-    write_json(files.stats, result)
+    write_stats(files.stats, result)
     return result

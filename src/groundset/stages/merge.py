@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from groundset.core.io import atomic_write, dumps_record, iter_jsonl, write_json
+from groundset.core.io import atomic_write, dumps_record, iter_jsonl
+from groundset.core.stats import envelope, write_stats
 from groundset.stages.filter.shard import AESTHETICS_KEY, STATS
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def merge_tiers(
     stats_path: str | os.PathLike | None = None,
 ) -> dict:
     """Write records scoring >= tiers[0] to outputs[0] (merged_output.jsonl) and >= tiers[1] to
-    outputs[1] (aes_6.jsonl); the counts are keyed by those names (TIER_FILES)."""
+    outputs[1] (aes_6.jsonl); return the stats envelope (records out: the first tier's; the
+    tiers' counts in `per_tier`, keyed by those names, TIER_FILES)."""
     if len(set(map(str, inputs))) != len(inputs):
         raise ValueError("the same shard is listed twice in the merge inputs")
     counts: Counter = Counter()
@@ -58,6 +60,8 @@ def merge_tiers(
                     continue
                 record["image_id"] = image_id(record)
                 line = dumps_record(record) + "\n"
+                if score < tiers[0]:
+                    counts["below_first_tier"] += 1
                 if score >= tiers[0]:
                     low.write(line)
                     counts[TIER_FILES[0]] += 1
@@ -67,17 +71,17 @@ def merge_tiers(
                     counts[TIER_FILES[1]] += 1
                     source[TIER_FILES[1]] += 1
                 bar.update()
-    stats = {
-        "tiers": {TIER_FILES[0]: tiers[0], TIER_FILES[1]: tiers[1]},
-        "shards": len(inputs),
-        "records_in": counts["records_in"],
-        "records_without_score": counts["no_score"],
-        "records": {name: counts[name] for name in TIER_FILES},
-        "per_source": {
-            name: {t: c[t] for t in TIER_FILES} for name, c in sorted(per_source.items())
-        },
-    }
+    stats = envelope(
+        "merge",
+        counts["records_in"],
+        counts[TIER_FILES[0]],
+        {"no_score": counts["no_score"], "below_first_tier": counts["below_first_tier"]},
+        tiers={TIER_FILES[0]: tiers[0], TIER_FILES[1]: tiers[1]},
+        per_tier={name: counts[name] for name in TIER_FILES},
+        shards=len(inputs),
+        per_source={name: {t: c[t] for t in TIER_FILES} for name, c in sorted(per_source.items())},
+    )
     if stats_path:
-        write_json(stats_path, stats)
-    log.info("merged %d shards: %s", len(inputs), stats["records"])
+        write_stats(stats_path, stats)
+    log.info("merged %d shards: %s", len(inputs), stats["per_tier"])
     return stats

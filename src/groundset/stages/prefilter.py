@@ -14,12 +14,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from groundset.core.config import fill_section, section_defaults
-from groundset.core.io import atomic_write, write_json
+from groundset.core.io import atomic_write
+from groundset.core.stats import envelope, write_stats
 
 log = logging.getLogger(__name__)
 
+STAGE = "prefilter"
 # Exclusive drop reasons, in the order they are tested: a row counts under its first failure.
 REASONS = ("missing_url", "too_small", "aspect_ratio", "punsafe", "pwatermark")
+# Provenance the prefilter adds to every row it passes on (img2dataset saves them with each
+# image, the manifest puts them on its records, every stage after carries them): the URL-list
+# parquet file (relative to the source's url_list) and the row in it.
+PROVENANCE = ("url_list_file", "url_list_row")
 
 
 # The config key each rule mirrors (the filter stage's thresholds, the download's columns).
@@ -117,18 +123,57 @@ def drop_masks(table: pa.Table, rules: PrefilterRules) -> dict[str, pa.Array]:
     return masks
 
 
-def filter_table(table: pa.Table, rules: PrefilterRules) -> tuple[pa.Table, Counter]:
-    """Keep the rows of one batch that pass; count drops by their first failing reason."""
-    counts: Counter = Counter()
-    remaining = pa.array(np.ones(table.num_rows, dtype=bool))
+def first_reasons(table: pa.Table, rules: PrefilterRules) -> pa.Array:
+    """Each row's first failing reason (REASONS order), null for a row that passes."""
     masks = drop_masks(table, rules)
-    for reason in REASONS:
-        if reason not in masks:
-            continue
-        hit = pc.and_(remaining, masks[reason])
-        counts[reason] += pc.sum(hit).as_py() or 0
-        remaining = pc.and_(remaining, pc.invert(hit))
-    return table.filter(remaining), counts
+    reason = pa.nulls(table.num_rows, pa.string())
+    for name in reversed(REASONS):  # the first reason tested is applied last and wins
+        if name in masks:
+            reason = pc.if_else(masks[name], pa.scalar(name, pa.string()), reason)
+    return reason
+
+
+def filter_table(table: pa.Table, rules: PrefilterRules) -> tuple[pa.Table, pa.Table, Counter]:
+    """The rows of one batch that pass, those that fail (with `drop_reason`), and their counts
+    by first failing reason."""
+    reason = first_reasons(table, rules)
+    failed = pc.is_valid(reason)
+    dropped = table.filter(failed).append_column("drop_reason", reason.filter(failed))
+    counts = Counter(
+        {r["values"]: r["counts"] for r in pc.value_counts(dropped["drop_reason"]).to_pylist()}
+    )
+    return table.filter(pc.invert(failed)), dropped, counts
+
+
+def with_provenance(table: pa.Table, name: str, first_row: int) -> pa.Table:
+    """A batch with its provenance columns: the URL-list file `name` and each row's number."""
+    rows = pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64))
+    files = pa.array([name] * table.num_rows, pa.string())
+    return table.append_column(PROVENANCE[0], files).append_column(PROVENANCE[1], rows)
+
+
+def drop_lines(dropped: pa.Table, url_col: str) -> pa.Table:
+    """The drop lines of a batch's failing rows: provenance, URL, `drop_stage`, `drop_reason`."""
+    url = pc.cast(dropped[url_col], pa.string())
+    return pa.table(
+        {
+            **{name: dropped[name] for name in PROVENANCE},
+            "url": url,
+            "drop_stage": pa.array([STAGE] * dropped.num_rows, pa.string()),
+            "drop_reason": dropped["drop_reason"],
+        }
+    )
+
+
+DROP_SCHEMA = pa.schema(
+    [
+        (PROVENANCE[0], pa.string()),
+        (PROVENANCE[1], pa.int64()),
+        ("url", pa.string()),
+        ("drop_stage", pa.string()),
+        ("drop_reason", pa.string()),
+    ]
+)
 
 
 def open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
@@ -161,6 +206,12 @@ def check_columns(
         problems.append(
             f"no column{'s' if len(absent) > 1 else ''} {listed} (sources[].save_additional_columns)"
         )
+    taken = [c for c in PROVENANCE if c in names]
+    if taken:
+        raise ValueError(
+            f"{path}: has column(s) {taken}, which groundset adds itself (the provenance of each "
+            "row); rename them in the URL list"
+        )
     if problems:
         missing = [c for c in (url_col, caption_col) if c is not None and c not in names] + absent
         raise ValueError(
@@ -169,53 +220,81 @@ def check_columns(
         )
 
 
+def dropped_path(outdir: str | os.PathLike) -> Path:
+    """The default drop-line file of a prefiltered URL list: `<outdir>_dropped.parquet`."""
+    return Path(f"{os.fspath(outdir).rstrip('/')}_dropped.parquet")
+
+
+def prefilter_file(
+    path: Path,
+    name: str,
+    out: Path,
+    drops: pq.ParquetWriter,
+    rules: PrefilterRules,
+    batch_rows: int,
+) -> tuple[int, int, Counter]:
+    """Stream one parquet file into `out` with provenance, its failing rows into `drops`; return
+    its rows in, rows kept and drop counts."""
+    counts: Counter = Counter()
+    rows_in = rows_out = 0
+    with open_parquet(path) as parquet, atomic_write(out, "wb") as handle:
+        schema = with_provenance(parquet.schema_arrow.empty_table(), name, 0).schema
+        writer = pq.ParquetWriter(handle, schema)
+        for batch in parquet.iter_batches(batch_size=batch_rows):
+            table = with_provenance(pa.Table.from_batches([batch]), name, rows_in)
+            kept, dropped, reasons = filter_table(table, rules)
+            rows_in += table.num_rows
+            rows_out += kept.num_rows
+            counts.update(reasons)
+            if kept.num_rows:
+                writer.write_table(kept.cast(schema))
+            if dropped.num_rows:
+                drops.write_table(drop_lines(dropped, rules.url_col).cast(DROP_SCHEMA))
+        writer.close()
+    return rows_in, rows_out, counts
+
+
 def prefilter_url_list(
     url_list: str | os.PathLike,
     outdir: str | os.PathLike,
     rules: PrefilterRules,
     required_columns: list[str] | None = None,
     batch_rows: int | None = None,
+    dropped: str | os.PathLike | None = None,
 ) -> dict:
-    """Stream every parquet file of a URL list into `outdir`, dropping failing rows; return stats.
+    """Stream every parquet file of a URL list into `outdir` with provenance columns, its failing
+    rows as drop lines into the parquet file `dropped` (default `<outdir>_dropped.parquet`);
+    return the stats envelope.
 
     `batch_rows` None: the schema's default of download.prefilter.batch_rows."""
+    dropped = dropped or dropped_path(outdir)
     if batch_rows is None:
         batch_rows = section_defaults("download.prefilter")["batch_rows"]
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     files = list_parquet_files(url_list)
+    root = Path(url_list) if Path(url_list).is_dir() else Path(url_list).parent
     for path in files:  # every file's columns first: a bad file fails before any is written
         with open_parquet(path) as parquet:
             names = parquet.schema_arrow.names
         check_columns(path, names, rules.url_col, rules.caption_col, required_columns or [])
     totals: Counter = Counter()
+    rows = [0, 0]
     per_file = {}
-    for path in files:
-        counts: Counter = Counter()
-        rows_in = rows_out = 0
-        with open_parquet(path) as parquet, atomic_write(outdir / path.name, "wb") as handle:
-            writer = pq.ParquetWriter(handle, parquet.schema_arrow)
-            for batch in parquet.iter_batches(batch_size=batch_rows):
-                table = pa.Table.from_batches([batch], schema=parquet.schema_arrow)
-                kept, dropped = filter_table(table, rules)
-                rows_in += table.num_rows
-                rows_out += kept.num_rows
-                counts.update(dropped)
-                if kept.num_rows:
-                    writer.write_table(kept)
-            writer.close()
-        per_file[path.name] = {"rows_in": rows_in, "rows_out": rows_out, "dropped": dict(counts)}
-        totals.update(counts)
-        totals["rows_in"] += rows_in
-        totals["rows_out"] += rows_out
-        log.info("%s: %d rows in, %d kept, dropped %s", path, rows_in, rows_out, dict(counts))
-    return {
-        "rows_in": totals.pop("rows_in", 0),
-        "rows_out": totals.pop("rows_out", 0),
-        "dropped": {reason: totals.get(reason, 0) for reason in REASONS},
-        "rules": rules.__dict__,
-        "files": per_file,
-    }
+    with atomic_write(dropped, "wb") as handle:
+        drops = pq.ParquetWriter(handle, DROP_SCHEMA)
+        for path in files:
+            name = path.relative_to(root).as_posix()
+            rows_in, rows_out, counts = prefilter_file(
+                path, name, outdir / path.name, drops, rules, batch_rows
+            )
+            per_file[name] = envelope(STAGE, rows_in, rows_out, counts)
+            totals.update(counts)
+            rows = [rows[0] + rows_in, rows[1] + rows_out]
+            log.info("%s: %d rows in, %d kept, dropped %s", path, rows_in, rows_out, dict(counts))
+        drops.close()
+    reasons = {reason: totals.get(reason, 0) for reason in REASONS}
+    return envelope(STAGE, rows[0], rows[1], reasons, rules=rules.__dict__, files=per_file)
 
 
 def run_prefilter(
@@ -225,8 +304,9 @@ def run_prefilter(
     rules: PrefilterRules,
     required_columns: list[str] | None = None,
     batch_rows: int | None = None,
+    dropped: str | os.PathLike | None = None,
 ) -> dict:
-    """Prefilter a URL list and write its stats JSON; the stats are returned too."""
-    stats = prefilter_url_list(url_list, outdir, rules, required_columns, batch_rows)
-    write_json(stats_path, stats)
+    """Prefilter a URL list, write its drop lines and its stats envelope; return the stats."""
+    stats = prefilter_url_list(url_list, outdir, rules, required_columns, batch_rows, dropped)
+    write_stats(stats_path, stats)
     return stats

@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from groundset.core.config import TUNING, keys_for, pick_keys
-from groundset.core.io import atomic_write, dumps_record, iter_jsonl, write_json
+from groundset.core.io import atomic_write, dumps_record, iter_jsonl
+from groundset.core.stats import envelope, write_stats
 from groundset.stages.filter import scoring
 from groundset.stages.filter.shard import STATS, probe_shard, run_data_juicer
 from groundset.stages.split import write_shard
@@ -170,17 +171,19 @@ def score_probed(
     )
     count, seconds = run_scoring(recipe, files, settings.get("models_home"))
     device = scoring.resolve_device(settings["device"])
-    stats = {
-        "records_in": count,
-        "records_scored": count,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(count / seconds, 3) if seconds > 0 and count else None,
-        "device": device,
-        "precision": scoring.resolve_precision(settings["precision"], device),
-        "decode": settings["decode"],
-        "probe": probe or {},
-    }
-    write_json(files.stats, stats)
+    probe = probe or {"records_in": count, "dropped": {}}
+    stats = envelope(
+        "score",
+        probe["records_in"],
+        count,
+        probe["dropped"],
+        seconds=round(seconds, 3),
+        images_per_second=round(count / seconds, 3) if seconds > 0 and count else None,
+        device=device,
+        precision=scoring.resolve_precision(settings["precision"], device),
+        decode=settings["decode"],
+    )
+    write_stats(files.stats, stats)
     return stats
 
 

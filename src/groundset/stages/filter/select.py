@@ -5,7 +5,9 @@ recipe template's filters in its order, exactly as data-juicer applies them (clo
 default, `min_closed_interval` / `max_closed_interval` / `reversed_range` / `any_or_all` from the
 template, data-juicer's defaults for bounds the template leaves out; tests compare it with
 data-juicer's own ops). A record leaves at the first filter it fails; `removed_by_filter` counts
-what each filter removed of what reached it, as data-juicer's sequential run reports it.
+what each filter removed of what reached it, as data-juicer's sequential run reports it (the
+`dropped` of its stats envelope; each rejected record a drop line with the filter as its
+`drop_reason` and the failing value as its `detail`).
 Changing a threshold reruns only this step and what follows.
 """
 
@@ -23,7 +25,8 @@ import yaml
 from tqdm import tqdm
 
 from groundset.core.config import ConfigError
-from groundset.core.io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
+from groundset.core.io import atomic_write, dumps_record, iter_jsonl
+from groundset.core.stats import drop_line, envelope, write_stats
 from groundset.stages.filter import scoring
 from groundset.stages.filter.shard import (
     AESTHETICS_KEY,
@@ -35,7 +38,8 @@ from groundset.stages.filter.shard import (
 )
 
 # What a select job's log says (its stats file has the rest).
-SUMMARY_KEYS = ("records_in", "records_out", "removed_by_filter")
+SUMMARY_KEYS = ("records_in", "records_out", "dropped")
+STAGE = "select"
 
 # data-juicer 1.6's defaults for the bounds a template leaves out (the ops' __init__ signatures).
 DJ_DEFAULTS = {
@@ -212,7 +216,6 @@ class SelectFiles:
     """What one shard's select job reads and writes (the rule's names)."""
 
     scored: str  # every scored record (score_shard)
-    score_stats: str  # the score job's counts (probe, scoring)
     kept: str  # filtered/<source>/shard_{i}.jsonl
     rejected: str  # rejected/<source>/shard_{i}.jsonl
     stats: str  # filtered/<source>/shard_{i}_stats.json
@@ -236,21 +239,16 @@ def select_shard(files: SelectFiles, rules: list[Rule], progress: bool = True) -
                 kept_count += 1
             else:
                 removed[op] += 1
-                out = {**record, "drop_stage": "filter", "drop_reason": reason}
-                rejected.write(dumps_record(out) + "\n")
+                rejected.write(dumps_record(drop_line(record, STAGE, op, reason)) + "\n")
             bar.update()
-    score_stats = read_json(files.score_stats) if os.path.exists(files.score_stats) else {}
-    stats = {
-        "records_in": records_in,
-        "records_out": kept_count,
-        "removed_by_filter": {
-            op: removed[op] for op in removed if op != SCORE_ERROR or removed[op]
-        },
-        "bounds": {rule.op: rule.shown_bounds() for rule in rules},
-        "probe": score_stats.get("probe", {}),
-        "scoring": {k: v for k, v in score_stats.items() if k != "probe"},
-    }
-    write_json(files.stats, stats)
+    stats = envelope(
+        STAGE,
+        records_in,
+        kept_count,
+        {op: removed[op] for op in removed if op != SCORE_ERROR or removed[op]},
+        bounds={rule.op: rule.shown_bounds() for rule in rules},
+    )
+    write_stats(files.stats, stats)
     return stats
 
 
@@ -258,7 +256,6 @@ def select_job(scored: str, output: Any, log: str, template: str, thresholds: di
     """Rule select_shard's job (run in the Snakemake process: no bar, its counts to `log`)."""
     files = SelectFiles(
         scored=scored,
-        score_stats=scored.removesuffix(".jsonl") + "_stats.json",  # written with the scores
         kept=output.kept,
         rejected=output.rejected,
         stats=output.stats,

@@ -27,7 +27,8 @@ import yaml
 from tqdm import tqdm
 
 from groundset.core.config import keys_for, pick_keys
-from groundset.core.io import atomic_write, dumps_record, iter_jsonl, write_json
+from groundset.core.io import atomic_write, dumps_record, iter_jsonl
+from groundset.core.stats import drop_line, envelope, write_stats
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,10 @@ def probe_shard(
     dropped: str | os.PathLike,
     threads: int = 1,
     header_sizes: bool = True,
+    stage: str = "score",
 ) -> dict:
-    """Copy the decodable records of a shard to `output`, the others to `dropped` with a reason.
+    """Copy the decodable records of a shard to `output`, the others to `dropped` as drop lines
+    of `stage` (drop_reason: the kind, detail: what the decoder said); return the counts.
 
     With `header_sizes`, each kept record carries its images' sizes read from the file headers
     as data-juicer stats, so data-juicer's shape and aspect filters threshold without a decode.
@@ -176,8 +179,9 @@ def probe_shard(
                     )
                     counts["records_out"] += 1
                 else:
-                    bad.write(dumps_record({**record, "drop_reason": reason}) + "\n")
-                    reasons[_reason_kind(reason)] += 1
+                    line = drop_line(record, stage, _reason_kind(reason), reason)
+                    bad.write(dumps_record(line) + "\n")
+                    reasons[line["drop_reason"]] += 1
             bar.update(len(chunk))
     return {
         "records_in": counts["records_in"],
@@ -385,15 +389,16 @@ def filter_shard(
                 kept += 1
     if left and left[-1][1] != kept:
         raise RuntimeError(f"data-juicer reported {left[-1][1]} records left but exported {kept}")
-    stats = {
-        "records_in": records_in,
-        "records_out": kept,
-        "removed_by_filter": per_filter_removed(records_in, left),
-        "seconds_by_filter": {op: seconds for op, _, seconds in left},
-        "aesthetics_score_divisor": divisor,
-        "probe": probe_stats or {},
-    }
-    write_json(stats_path, stats)
+    probe = probe_stats or {"records_in": records_in, "dropped": {}}
+    stats = envelope(
+        "filter",
+        probe["records_in"],
+        kept,
+        {**probe["dropped"], **per_filter_removed(records_in, left)},
+        seconds_by_filter={op: seconds for op, _, seconds in left},
+        aesthetics_score_divisor=divisor,
+    )
+    write_stats(stats_path, stats)
     shutil.rmtree(work, ignore_errors=True)
     if keep_work_dir:
         work.mkdir(parents=True)
