@@ -9,7 +9,7 @@ import yaml
 
 from conftest import RANDOM_WEIGHTS, ROOT, fake_download, write_config, write_parquet
 from groundset.cli import main
-from groundset.core.io import iter_jsonl, write_jsonl
+from groundset.core.io import iter_jsonl, write_json, write_jsonl
 
 GROUNDSET = os.path.join(os.path.dirname(sys.executable), "groundset")
 
@@ -59,7 +59,7 @@ def test_manifest_command_without_config(tmp_path, capsys):
         str(tmp_path / "m.jsonl"),
     ]
     assert main(args) == 0
-    assert json.loads(capsys.readouterr().out)["records"] == 2
+    assert json.loads(capsys.readouterr().out)["records_out"] == 2
 
 
 def test_prefilter_command_uses_config_thresholds(tmp_path, laion_rows, capsys):
@@ -74,7 +74,7 @@ def test_prefilter_command_uses_config_thresholds(tmp_path, laion_rows, capsys):
     cfg = write_config(tmp_path / "c.yaml", config)
     assert main(["prefilter", "--config", str(cfg), "--outdir", str(tmp_path / "out")]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats["rows_out"] == 4 and stats["dropped"]["aspect_ratio"] == 1
+    assert stats["records_out"] == 4 and stats["dropped"]["aspect_ratio"] == 1
     assert json.loads((tmp_path / "out_stats.json").read_text()) == stats
 
 
@@ -116,36 +116,39 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
 
 
 def test_summary_formats_counts_per_stage(tmp_path, capsys):
-    from groundset.core.io import write_json
+    from groundset.core.stats import envelope, write_stats
 
-    write_json(
-        tmp_path / "url_lists" / "s_stats.json",
-        {"rows_in": 5, "rows_out": 3, "dropped": {"too_small": 2, "punsafe": 0}},
-    )
-    write_json(
-        tmp_path / "downloads" / "s_stats.json",
-        {"successes": 2, "failed_to_download": 1, "failed_to_resize": 0},
-    )
-    write_json(tmp_path / "manifest" / "s_stats.json", {"records": 2})
+    for source, rows in (("s", 5), ("t", 4)):
+        write_stats(
+            tmp_path / "url_lists" / f"{source}_stats.json",
+            envelope("prefilter", rows, rows - 2, {"too_small": 2, "punsafe": 0}),
+        )
+        write_stats(
+            tmp_path / "downloads" / f"{source}_stats.json",
+            envelope("download", rows - 2, rows - 3, {"failed_to_download": 1}),
+        )
+    write_stats(tmp_path / "manifest" / "s_stats.json", envelope("manifest", 2, 2, {}))
     assert main(["summary", "--workdir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert (
-        "prefilter_dropped   too_small=2" in out
-        and "manifest_records    2" in out
-        and "downloaded          2" in out
-    )
-    # the filter's counts are those of the shards of the current index: a smaller shard_size
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["prefilter", "9", "5", "4", "too_small=4"]
+    assert out[2].split() == ["s", "5", "3", "2", "too_small=2"]  # one line per source
+    assert out[4].split() == ["download", "5", "3", "2", "failed_to_download=2"]
+    assert out[7].split() == ["manifest", "2", "2", "0", "-"]  # one source: no source lines
+    # the select counts are those of the shards of the current index: a smaller shard_size
     # left shard_1's files of an earlier run behind
     write_json(tmp_path / "shards" / "s" / "index.json", {"shards": [{"shard": 0}]})
     for shard, kept in ((0, 2), (1, 7)):
-        write_json(
-            tmp_path / "filtered" / "s" / f"shard_{shard}_stats.json",
-            {"probe": {"dropped": {}}, "removed_by_filter": {"image_shape_filter": 1},
-             "records_out": kept},
-        )  # fmt: skip
+        write_stats(tmp_path / "filtered" / "s" / f"shard_{shard}_stats.json",
+                    envelope("select", kept + 1, kept, {"image_shape_filter": 1}))  # fmt: skip
     assert main(["summary", "--workdir", str(tmp_path), "--json"]) == 0
-    row = json.loads(capsys.readouterr().out)["s"]
-    assert row["shards"] == 1 and row["filter_kept"] == 2 and row["filter_removed"] == {"shape": 1}
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["stages"][-1] == {"stage": "select", "in": 3, "kept": 2, "dropped": 1,
+                                     "reasons": {"image_shape_filter": 1}}  # fmt: skip
+    assert summary["sources"]["t"] == [
+        {"stage": "prefilter", "in": 4, "kept": 2, "dropped": 2, "reasons": {"too_small": 2}},
+        {"stage": "download", "in": 2, "kept": 1, "dropped": 1,
+         "reasons": {"failed_to_download": 1}},
+    ]  # fmt: skip
 
 
 def test_score_once_then_select_with_other_thresholds(tmp_path, capsys):
@@ -163,7 +166,7 @@ def test_score_once_then_select_with_other_thresholds(tmp_path, capsys):
     scored = tmp_path / "scored.jsonl"
     args = ["score", "--config", str(cfg), "--input", str(tmp_path / "shard.jsonl")]
     assert main([*args, "--output", str(scored), "--models-dir", str(tmp_path / "m")]) == 0
-    assert json.loads(capsys.readouterr().out)["records_scored"] == len(photos)
+    assert json.loads(capsys.readouterr().out)["records_out"] == len(photos)
     mtime = scored.stat().st_mtime_ns
     records = list(iter_jsonl(scored))
     nsfw = sorted(r["__dj__stats__"]["image_nsfw_score"][0] for r in records)
@@ -263,7 +266,7 @@ def test_estimate_and_dedup_commands(tmp_path, capsys):
             "--output", str(tmp_path / "out.jsonl"), "--dropped", str(tmp_path / "dup.jsonl")]  # fmt: skip
     assert main(args) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats["kept"] == 1 and stats["dropped"] == 1
+    assert stats["records_out"] == 1 and sum(stats["dropped"].values()) == 1
     assert [r["image_id"] for r in iter_jsonl(tmp_path / "out.jsonl")] == ["000001"]
     [dup] = iter_jsonl(tmp_path / "dup.jsonl")
     assert dup["duplicate_of"] == "s/000001" and dup["duplicate_kind"] == "sha256"

@@ -17,6 +17,7 @@ import yaml
 
 from groundset.core.config import validate_config
 from groundset.core.io import write_json
+from groundset.core.stats import envelope, write_stats
 from groundset.stages.prefilter import PrefilterRules
 from groundset.tools.estimate import (
     AFTER,
@@ -168,27 +169,29 @@ def fake_run(work: Path) -> Path:
     """An earlier run's benchmarks and stats files (download 80% success at 10 rows/s, two
     score shards of 100 and 300 records taking 30 and 70 s: 10 s start-up, 0.2 s per record)."""
     write_bench(work / "benchmarks" / "download_images" / "src.tsv", 100.0, rss=512.0)
-    write_json(work / "downloads" / "src_stats.json", {"count": 1000, "successes": 800})
-    write_json(work / "manifest" / "src_stats.json", {"records": 800})
+    write_stats(
+        work / "downloads" / "src_stats.json",
+        envelope("download", 1000, 800, {"failed_to_download": 200}),
+    )
+    write_stats(work / "manifest" / "src_stats.json", envelope("manifest", 800, 800, {}))
     for shard, (records, seconds) in enumerate([(100, 30.0), (300, 70.0)]):
         write_bench(work / "benchmarks" / "score_shard" / "src" / f"{shard}.tsv", seconds)
-        write_json(
+        write_stats(
             work / "scored" / "src" / f"shard_{shard}_stats.json",
-            {"records_in": records, "probe": {"records_in": records, "records_out": records}},
+            envelope("score", records, records, {}),
         )
-        write_json(
+        write_stats(
             work / "filtered" / "src" / f"shard_{shard}_stats.json",
-            {
-                "records_in": records,
-                "records_out": records // 4,
-                "probe": {"records_in": records, "records_out": records},
-            },
+            envelope("select", records, records // 4, {"x": records - records // 4}),
         )
-    write_json(
-        work / "merged" / "merge_stats.json",
-        {"records_in": 100, "records": {"merged_output.jsonl": 100, "aes_6.jsonl": 10}},
-    )
-    return work
+    write_stats(work / "merged" / "merge_stats.json", merge_stats(100, 100, 10))
+    return work  # fmt: skip
+
+
+def merge_stats(records: int, low: int, high: int) -> dict:
+    """The merge's stats envelope: `records` in, `low` in the first tier, `high` in the second."""
+    tiers = {"merged_output.jsonl": low, "aes_6.jsonl": high}
+    return envelope("merge", records, low, {"below_first_tier": records - low}, per_tier=tiers)
 
 
 def test_an_earlier_run_gives_measured_figures(lists, tmp_path):
@@ -233,20 +236,15 @@ def caption_config(tmp_path: Path, **caption: object) -> dict:
     folder = url_list(tmp_path / "urls", [(2048, 1536)] * 2000, files=1)
     work = tmp_path / "w"
     (work / "benchmarks").mkdir(parents=True)
-    for name, records in (
-        ("downloads/src_stats.json", {"count": 10, "successes": 10}),
-        ("manifest/src_stats.json", {"records": 10}),
-        ("dedup/dedup_stats.json", {"records_in": 10, "records_out": 10}),
-        (
-            "merged/merge_stats.json",
-            {"records_in": 10, "records": {"merged_output.jsonl": 10, "aes_6.jsonl": 10}},
-        ),
+    for name, stats in (
+        ("downloads/src_stats.json", envelope("download", 10, 10, {})),
+        ("manifest/src_stats.json", envelope("manifest", 10, 10, {})),
+        ("dedup/dedup_stats.json", envelope("dedup", 10, 10, {})),
+        ("merged/merge_stats.json", merge_stats(10, 10, 10)),
+        ("scored/src/shard_0_stats.json", envelope("score", 10, 10, {})),
+        ("filtered/src/shard_0_stats.json", envelope("select", 10, 10, {})),
     ):
-        write_json(work / name, records)
-    write_json(
-        work / "filtered" / "src" / "shard_0_stats.json",
-        {"records_in": 10, "records_out": 10, "probe": {"records_in": 10, "records_out": 10}},
-    )
+        write_stats(work / name, stats)
     return config_for(folder, work, caption={"chunk_size": 500, **caption})
 
 

@@ -307,7 +307,6 @@ def select_files(folder: Path) -> SelectFiles:
     """A select job's files under `folder` (after `score_files`)."""
     return SelectFiles(
         scored=str(folder / "scored.jsonl"),
-        score_stats=str(folder / "score_stats.json"),
         kept=str(folder / "kept.jsonl"),
         rejected=str(folder / "rejected.jsonl"),
         stats=str(folder / "stats.json"),
@@ -381,7 +380,8 @@ def test_exact_scores_and_selection_equal_stock_data_juicer(tmp_path, stand_ins)
     )
     stock_kept = list(iter_jsonl(tmp_path / "filtered.jsonl"))
     assert [r["image_id"] for r in stock_kept] == [usable[i]["image_id"] for i in kept]
-    assert stock["removed_by_filter"] == expected_removed
+    assert {op: stock["dropped"][op] for op in expected_removed} == expected_removed
+    assert stock["stage"] == "filter" and stock["records_in"] == probe["records_in"]
     assert not (tmp_path / "work").exists()
 
     # groundset: score every record once (exact mode), then select with the same thresholds.
@@ -397,7 +397,11 @@ def test_exact_scores_and_selection_equal_stock_data_juicer(tmp_path, stand_ins)
         threads=2,
         probe=probe,
     )
-    assert scored_stats["records_scored"] == len(usable) and scored_stats["probe"] == probe
+    assert scored_stats["records_out"] == len(usable) and scored_stats["stage"] == "score"
+    assert (scored_stats["records_in"], scored_stats["dropped"]) == (
+        probe["records_in"],
+        probe["dropped"],
+    )
     assert (scored_stats["precision"], scored_stats["decode"]) == ("fp32", "full")
     assert not Path(files.work).exists()
     recipe = yaml.safe_load(Path(files.recipe).read_text())
@@ -425,20 +429,21 @@ def test_exact_scores_and_selection_equal_stock_data_juicer(tmp_path, stand_ins)
     assert [r["image_id"] for r in iter_jsonl(out / "kept.jsonl")] == [
         r["image_id"] for r in stock_kept
     ]
-    assert stats["removed_by_filter"] == stock["removed_by_filter"]
-    assert stats["records_in"] == stock["records_in"] and stats["probe"] == probe
+    assert stats["dropped"] == expected_removed and stats["stage"] == "select"
+    assert stats["records_in"] == stock["records_in"] - sum(probe["dropped"].values())
     rejected = list(iter_jsonl(out / "rejected.jsonl"))
     assert len(rejected) == sum(expected_removed.values())
-    by_op = Counter(r["drop_reason"].split(":")[0] for r in rejected)
+    by_op = Counter(r["drop_reason"] for r in rejected)
     assert by_op == {op: n for op, n in expected_removed.items() if n}
-    assert all(r["drop_stage"] == "filter" and "__dj__stats__" in r for r in rejected)
-    reasons = {r["image_id"]: r["drop_reason"] for r in rejected}
+    assert all(r["drop_stage"] == "select" and "__dj__stats__" in r for r in rejected)
+    assert all(r["detail"].startswith(r["drop_reason"] + ": ") for r in rejected)
+    reasons = {r["image_id"]: r["detail"] for r in rejected}
     for i, (w, _) in enumerate(sizes):
         if w < 1024:
             assert reasons[usable[i]["image_id"]] == f"image_shape_filter: width {w} < 1024"
-    nsfw = [r for r in rejected if r["drop_reason"].startswith("image_nsfw_filter")]
+    nsfw = [r for r in rejected if r["drop_reason"] == "image_nsfw_filter"]
     assert nsfw and all(
-        r["drop_reason"]
+        r["detail"]
         == f"image_nsfw_filter: {r['__dj__stats__']['image_nsfw_score'][0]:.6g} > {nsfw_max:.6g}"
         for r in nsfw
     )
@@ -472,7 +477,7 @@ def test_exact_scores_and_selection_equal_stock_data_juicer(tmp_path, stand_ins)
     high = [r["image_id"] for r in iter_jsonl(tmp_path / "merged" / "aes_6.jsonl")]
     assert low == [usable[i]["image_id"] for i in kept]
     assert high == [k for k in low if scores[k] >= tier] and 0 < len(high) < len(low) + 1
-    assert merge["records"] == {"merged_output.jsonl": len(low), "aes_6.jsonl": len(high)}
+    assert merge["per_tier"] == {"merged_output.jsonl": len(low), "aes_6.jsonl": len(high)}
 
 
 def _stock_keeps(op, stats: dict) -> bool:
@@ -562,20 +567,22 @@ def test_select_drops_what_scoring_could_not_decode_and_handles_empty_shards(tmp
     )
     stats = select_shard(select_files(tmp_path), rules)
     assert [r["image_id"] for r in iter_jsonl(tmp_path / "kept.jsonl")] == ["a", "e"]
-    bad = {r["image_id"]: r["drop_reason"] for r in iter_jsonl(tmp_path / "rejected.jsonl")}
+    rejected = list(iter_jsonl(tmp_path / "rejected.jsonl"))
+    assert {r["drop_reason"] for r in rejected} == {"score_error"}
+    bad = {r["image_id"]: r["detail"] for r in rejected}
     assert bad == {
         "b": "score_error: OSError: image file is truncated",
         "c": "score_error: no image_width for its 1 image(s): not scored",
         "d": "score_error: no image_nsfw_score for its 1 image(s): not scored",
     }
-    assert stats["removed_by_filter"]["score_error"] == 3
+    assert stats["dropped"]["score_error"] == 3
     assert stats["bounds"]["image_aesthetics_filter"] == {"min_score": 5.0, "max_score": 10.0}
-    assert stats["records_in"] - sum(stats["removed_by_filter"].values()) == stats["records_out"]
+    assert stats["records_in"] - sum(stats["dropped"].values()) == stats["records_out"]
     # zero records is a normal outcome
     (tmp_path / "scored.jsonl").write_text("")
     stats = select_shard(select_files(tmp_path), rules)
     assert (stats["records_in"], stats["records_out"]) == (0, 0)
-    assert set(stats["removed_by_filter"].values()) == {0}
+    assert set(stats["dropped"].values()) == {0}
     assert (tmp_path / "kept.jsonl").read_text() == (tmp_path / "rejected.jsonl").read_text() == ""
     with pytest.raises(ValueError, match="recipe template op 'image_text_similarity_filter'"):
         rules_from_recipe({"process": [{"image_text_similarity_filter": {}}]})
@@ -626,13 +633,15 @@ def test_score_shard_leaves_every_step_of_one_shard(tmp_path, stand_ins):
             (scored,) = iter_jsonl(files.scored)
             assert sorted(scored["__dj__stats__"]) == sorted(scoring.STATS_KEYS)
     # shard 1: a photo, probed with its header size, then scored
-    assert stats[1]["probe"] == {"records_in": 1, "records_out": 1, "dropped": {}}
-    assert stats[1]["records_scored"] == 1
+    assert (stats[1]["records_in"], stats[1]["records_out"], stats[1]["dropped"]) == (1, 1, {})
     # shard 2: an undecodable file, dropped by the probe with its reason; data-juicer sees nothing
-    assert stats[2]["probe"] == {"records_in": 1, "records_out": 0, "dropped": {"not_an_image": 1}}
-    assert stats[2]["records_scored"] == 0
+    assert (stats[2]["records_in"], stats[2]["records_out"]) == (1, 0)
+    assert stats[2]["dropped"] == {"not_an_image": 1}
     (dropped,) = iter_jsonl(files.dropped)
-    assert dropped["image_id"] == "0002" and dropped["drop_reason"].startswith("not_an_image:")
+    assert dropped["image_id"] == "0002" and dropped["drop_stage"] == "score"
+    assert dropped["drop_reason"] == "not_an_image" and dropped["detail"].startswith(
+        "not_an_image:"
+    )
     assert Path(files.scored).read_text() == ""
 
 
@@ -687,7 +696,7 @@ def test_merge_refuses_duplicate_inputs_and_counts_unscored(tmp_path):
     stats = merge_tiers([tmp_path / "a.jsonl"], tiers(tmp_path / "m"), [5, 6])
     assert [r["image_id"] for r in iter_jsonl(tmp_path / "m" / "aes_6.jsonl")] == ["1"]
     assert [r["image_id"] for r in iter_jsonl(tmp_path / "m" / "merged_output.jsonl")] == ["1", "2"]
-    assert stats["records_without_score"] == 1
+    assert stats["dropped"] == {"no_score": 1, "below_first_tier": 0}
     assert json.loads(json.dumps(stats))["per_source"]["s"] == {
         "aes_6.jsonl": 1,
         "merged_output.jsonl": 2,

@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT
 from groundset.core.config import validate_config
 from groundset.core.io import write_json, write_jsonl
+from groundset.core.stats import drop_line, envelope, write_stats
 from groundset.exports.common import export_coco, export_odvg, export_wds
 from groundset.stages.filter.select import SelectFiles, select_shard, selection_rules
 from groundset.stages.manifest import build_manifest
@@ -96,6 +97,9 @@ def write_downloads(folder: Path, work: Path) -> dict[str, Path]:
                 "height": 1200,
                 "original_width": 1600,
                 "original_height": 1200,
+                # the prefilter's provenance, saved by img2dataset (save_additional_columns)
+                "url_list_file": "part-0.parquet",
+                "url_list_row": [n for n, _, _ in ROWS].index(name),
             }
             rows.append(meta)
             if status == "success":
@@ -106,7 +110,8 @@ def write_downloads(folder: Path, work: Path) -> dict[str, Path]:
                 images[key] = (sub / f"{key}.jpg").resolve()
         pd.DataFrame(rows).to_parquet(folder / f"{shard:05d}.parquet", index=False)
         write_json(folder / f"{shard:05d}_stats.json", {"count": 4, "successes": 4 - (shard == 0)})
-    write_json(work / "downloads" / f"{SOURCE}_stats.json", {"count": 8, "successes": 7})
+    write_stats(work / "downloads" / f"{SOURCE}_stats.json",
+                envelope("download", 8, 7, {"failed_to_download": 1}))  # fmt: skip
     return images
 
 
@@ -169,7 +174,7 @@ def build_run(root: Path) -> tuple[Path, dict]:
         i = entry["shard"]
         records = [json.loads(line) for line in (work / "shards" / SOURCE / entry["file"]).open()]
         bad = [
-            {**r, "drop_reason": "truncated: image file is truncated"}
+            drop_line(r, "score", "truncated", "truncated: image file is truncated")
             for r in records
             if r["image_id"] == UNREADABLE
         ]
@@ -180,7 +185,6 @@ def build_run(root: Path) -> tuple[Path, dict]:
         write_jsonl(scored, [{**r, "__dj__stats__": stats_of(r["image_id"])} for r in good])
         files = SelectFiles(
             str(scored),
-            str(scored).replace(".jsonl", "_stats.json"),
             str(work / "filtered" / SOURCE / f"shard_{i}.jsonl"),
             str(work / "rejected" / SOURCE / f"shard_{i}.jsonl"),
             str(work / "filtered" / SOURCE / f"shard_{i}_stats.json"),
@@ -207,11 +211,11 @@ def build_run(root: Path) -> tuple[Path, dict]:
                 "duplicate_kind": "phash",
                 "phash_distance": 2,
                 "drop_stage": "dedup",
-                "drop_reason": "duplicate",
+                "drop_reason": "phash",
             }
         ],
     )
-    write_json(work / "dedup" / "dedup_stats.json", {"records_in": 4, "records_out": 3})
+    write_stats(work / "dedup" / "dedup_stats.json", envelope("dedup", 4, 3, {"phash": 1}))
     captioned = {}
     for key, names in (("000000", ["dog", "cat"]), (NO_MASK, ["tree"])):
         entities = [{"entity": n, "bboxes": [[0.1, 0.1, 0.5, 0.5]]} for n in names]
@@ -223,13 +227,7 @@ def build_run(root: Path) -> tuple[Path, dict]:
         }
     write_jsonl(work / "captioned" / "captioned.jsonl", captioned.values())
     error = {
-        "key": f"{SOURCE}/{REFUSED}",
-        "image_id": REFUSED,
-        "source": SOURCE,
-        "image": high[REFUSED]["image"],
-        "stage": "caption",
-        "status": "error",
-        "reason": "refusal",
+        **drop_line(high[REFUSED], "caption", "refusal", "the model declined to describe it"),
         "attempts": 1,
         "answer": "I'm sorry, but I can't help.",
     }
@@ -243,7 +241,7 @@ def build_run(root: Path) -> tuple[Path, dict]:
     masked = work / "masked"
     write_jsonl(masked / "chunk_0.jsonl", chunk)
     write_jsonl(masked / "chunk_0_dropped.jsonl", [])
-    write_json(masked / "chunk_0_stats.json", {"records": 2, "drop_reasons": {}})
+    write_stats(masked / "chunk_0_stats.json", envelope("mask", 2, 2, {}))
     gather_masks(
         [str(masked / "chunk_0.jsonl")],
         [str(masked / "chunk_0_dropped.jsonl")],
@@ -304,7 +302,8 @@ def test_an_image_kept_all_the_way(run):
     json.dumps(result)  # what `groundset trace --json` prints
     assert set(verdicts(result).values()) == {"kept"}, verdicts(result)
     prefilter = stage(result, "prefilter")["details"]
-    assert (prefilter["row"], prefilter["prefiltered_row"], prefilter["url"]) == (0, 0, url("a"))
+    assert (prefilter["url_list_file"], prefilter["row"], prefilter["url"]) == (
+        "part-0.parquet", 0, url("a"))  # fmt: skip
     assert stage(result, "score")["details"]["aesthetics"] == 7.0
     assert stage(result, "tier")["details"]["aes_6.jsonl"] is True
     assert stage(result, "caption")["details"]["entities"] == ["dog", "cat"]
@@ -332,7 +331,7 @@ def test_a_row_the_prefilter_dropped_is_traced_by_its_url(run):
         assert prefilter["details"]["row"] == 1
         assert verdicts(result)["download"] == "not reached"
         listed = Path(config["sources"][0]["url_list"]) / "part-0.parquet"
-        assert result["found_in"] == [f"{listed}: row 1"]
+        assert result["found_in"] == [f"url_lists/{SOURCE}_dropped.parquet", f"{listed}: row 1"]
 
 
 def test_a_url_of_a_kept_row_gives_its_image_id(run):
@@ -390,13 +389,12 @@ def test_a_duplicate_names_what_it_duplicates(run):
 def test_a_caption_error_and_a_mask_drop(run):
     work, config = run
     caption = stage(trace(work, f"{SOURCE}/{REFUSED}", config), "caption")
-    assert (caption["verdict"], caption["details"]["reason"]) == ("dropped", "refusal")
+    assert (caption["verdict"], caption["details"]["reason"]) == (
+        "dropped", "refusal: the model declined to describe it")  # fmt: skip
     assert caption["details"]["attempts"] == 1
     mask = stage(trace(work, f"{SOURCE}/{NO_MASK}", config), "mask")
-    assert (mask["verdict"], mask["details"]["reason"]) == (
-        "dropped",
-        "all_entities_below_quality_floors",
-    )
+    assert mask["verdict"] == "dropped"
+    assert mask["details"]["reason"].startswith("all_entities_below_quality_floors: ")
 
 
 def test_unknown_keys(run):
@@ -421,8 +419,11 @@ def test_stages_not_run_yet(run, tmp_path):
         assert shown[name] == "not run yet", name
     only_list = tmp_path / "only_list"
     shutil.copytree(work / "url_lists", only_list / "url_lists")
-    result = trace(only_list, f"{SOURCE}/000000", config)
+    # before the download no image has an id (img2dataset gives them): a URL still traces
+    assert trace(only_list, f"{SOURCE}/000000", config) is None
+    result = trace(only_list, url("a"), config)
     assert verdicts(result)["prefilter"] == "kept"
+    assert stage(result, "prefilter")["details"]["row"] == 0
     assert verdicts(result)["download"] == "not run yet"
     off = trace(early, f"{SOURCE}/000000", {**config, "caption": {"dedup": {"enabled": False}}})
     assert verdicts(off)["dedup"] == "off"
@@ -444,13 +445,15 @@ def test_chunks_stand_in_for_their_gather(run, tmp_path):
     assert mask["details"]["entities"] == ["dog", "cat"]  # the floors are the gather's
     assert mask["details"]["floors"].startswith("not applied yet")
     refused = trace(copy, f"{SOURCE}/{REFUSED}", config)
-    assert stage(refused, "caption")["details"]["reason"] == "refusal"
+    assert stage(refused, "caption")["details"]["reason"].startswith("refusal")
 
 
 def test_without_a_config_the_files_still_tell(run):
     work, _ = run
     result = trace(work, f"{SOURCE}/{NSFW}")
-    assert verdicts(result)["prefilter"] == "unknown"
+    # the provenance names the row; without the config's URL list, the prefiltered copy has it
+    assert verdicts(result)["prefilter"] == "kept"
+    assert stage(result, "prefilter")["details"]["url"] == url("d")
     assert verdicts(result)["download"] == "kept"
     assert stage(result, "select")["details"]["filter"] == "image_nsfw_filter"
 

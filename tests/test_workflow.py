@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import (
@@ -29,6 +31,7 @@ from conftest import (
 from groundset.core.io import iter_jsonl
 from groundset.core.prompts import parse_prompt, prompt_parts
 from groundset.core.records import clean_caption
+from groundset.core.stats import read_stats
 from groundset.exports.emu3 import template
 from groundset.stages.split import index_manifest, write_index
 
@@ -120,26 +123,34 @@ EXPECTED = {
 def test_sample_counts_per_stage(sample_run, source):
     rows, drops, failed, undecodable, records, shard_sizes = EXPECTED[source]
     work = sample_run["workdir"]
-    pre = json.loads((work / "url_lists" / f"{source}_stats.json").read_text())
-    assert pre["rows_in"] == rows
+    pre = read_stats(work / "url_lists" / f"{source}_stats.json")
+    assert (pre["stage"], pre["records_in"]) == ("prefilter", rows)
     assert {k: v for k, v in pre["dropped"].items() if v} == drops
-    down = json.loads((work / "downloads" / f"{source}_stats.json").read_text())
-    assert down["count"] == pre["rows_out"] == rows - sum(drops.values())
-    assert down["failed_to_download"] == failed and down["failed_to_resize"] == undecodable
-    assert down["successes"] == records
-    manifest = json.loads((work / "manifest" / f"{source}_stats.json").read_text())
-    assert manifest["records"] == records and manifest["failed_downloads"] == failed + undecodable
+    # each prefilter drop is a drop line, naming its URL-list row
+    lines = pq.read_table(work / "url_lists" / f"{source}_dropped.parquet").to_pylist()
+    assert Counter(line["drop_reason"] for line in lines) == drops
+    listed = sample_rows(source).reset_index()
+    assert all(listed.loc[line["url_list_row"], "URL"] == line["url"] for line in lines)
+    down = read_stats(work / "downloads" / f"{source}_stats.json")
+    assert down["records_in"] == pre["records_out"] == rows - sum(drops.values())
+    assert down["dropped"] == {"failed_to_download": failed, "failed_to_resize": undecodable}
+    assert down["records_out"] == records
+    manifest = read_stats(work / "manifest" / f"{source}_stats.json")
+    assert (
+        manifest["records_out"] == records and manifest["failed_downloads"] == failed + undecodable
+    )
+    # provenance: every manifest record names its row of the URL list, and that row is its URL
+    for record in iter_jsonl(work / "manifest" / f"{source}.jsonl"):
+        assert record["url_list_file"] == f"{source}.parquet"
+        assert listed.loc[record["url_list_row"], "URL"] == record["url"]
     index = json.loads((work / "shards" / source / "index.json").read_text())
     assert [s["records"] for s in index["shards"]] == shard_sizes
     kept = 0
     for shard, size in enumerate(shard_sizes):
-        stats = json.loads((work / "filtered" / source / f"shard_{shard}_stats.json").read_text())
-        assert stats["probe"]["records_in"] == size
-        assert stats["records_in"] == stats["probe"]["records_out"]
-        assert (
-            stats["records_in"] - sum(stats["removed_by_filter"].values()) == stats["records_out"]
-        )
-        assert list(stats["removed_by_filter"]) == sorted(
+        scores = read_stats(work / "scored" / source / f"shard_{shard}_stats.json")
+        stats = read_stats(work / "filtered" / source / f"shard_{shard}_stats.json")
+        assert scores["records_in"] == size and stats["records_in"] == scores["records_out"]
+        assert list(stats["dropped"]) == sorted(
             [
                 "image_shape_filter",
                 "image_aspect_ratio_filter",
@@ -162,8 +173,9 @@ def test_sample_counts_per_stage(sample_run, source):
         assert "groundset_image_scores_filter" in recipe  # scores only: no threshold in it
         assert stats["bounds"]["image_aesthetics_filter"]["min_score"] == 5.0  # 0-10, as configured
         rejected = list(iter_jsonl(work / "rejected" / source / f"shard_{shard}.jsonl"))
-        assert len(rejected) == sum(stats["removed_by_filter"].values())
-        assert all(r["drop_stage"] == "filter" and ": " in r["drop_reason"] for r in rejected)
+        assert len(rejected) == sum(stats["dropped"].values())
+        assert all(r["drop_stage"] == "select" and ": " in r["detail"] for r in rejected)
+        assert Counter(r["drop_reason"] for r in rejected) == +Counter(stats["dropped"])
         scored = work / "scored" / source / f"shard_{shard}.jsonl"
         assert sum(1 for _ in iter_jsonl(scored)) == stats["records_in"]
         kept += len(filtered)
@@ -361,13 +373,15 @@ def test_summary_command_prints_counts(sample_run):
         text=True,
         check=True,
     )
-    assert re.search(r"manifest_records\s+13\n", done.stdout) and re.search(
-        r"manifest_records\s+13\n", done.stdout
-    )
-    assert "RANDOM stand-in models" in done.stdout and "merged_output.jsonl" in done.stdout
-    assert "PLACEHOLDERS from groundset's loopback stand-in server" in done.stdout
-    assert re.search(r"captioned\s+5\n", done.stdout)
-    assert "SAM2 with RANDOM weights" in done.stdout and re.search(r"masked\s+5\n", done.stdout)
+    out = done.stdout
+    assert re.search(r"^manifest\s+[\d,]+\s+26\s", out, re.M), out  # 13 of each source
+    for source in EXPECTED:  # and a line for each source under it
+        assert re.search(rf"^  {re.escape(source)}\s+[\d,]+\s+13\s", out, re.M), out
+    assert "RANDOM stand-in models" in out and re.search(r"^aes_6 tier\s", out, re.M)
+    assert "PLACEHOLDERS from groundset's loopback stand-in server" in out
+    assert re.search(r"^caption\s+5\s+5\s+0\s", out, re.M), out
+    assert "SAM2 with RANDOM weights" in out and re.search(r"^mask\s+5\s+5\s", out, re.M)
+    assert "caption model: stand-in (PLACEHOLDER captions" in out
 
 
 def test_sample_duplicates_are_dropped_before_captioning(sample_run):
@@ -393,7 +407,11 @@ def test_sample_duplicates_are_dropped_before_captioning(sample_run):
         {f"{d['source']}/{d['image_id']}" for d in dropped}
     ]  # fmt: skip
     stats = json.loads((work / "dedup" / "dedup_stats.json").read_text())
-    assert stats["records_in"] == 8 and stats["kept"] == 5 and stats["dropped"] == 3
+    assert (
+        stats["records_in"] == 8
+        and stats["records_out"] == 5
+        and sum(stats["dropped"].values()) == 3
+    )
     # 3 paid requests saved: one per image, none for a duplicate
     journaled = [
         e["key"]
@@ -475,7 +493,7 @@ def test_sample_masks(sample_run):
         assert record["mask_file"] == str(work / "masks" / f"chunk_{chunk}" / name)
         assert Path(record["mask_file"]).samefile(work / "masked" / "store" / name)
     stats = json.loads((work / "masked" / "mask_stats.json").read_text())
-    assert stats["masked"] == 5 and stats["random_weights"] is True and stats["chunks"] == 3
+    assert stats["records_out"] == 5 and stats["random_weights"] is True and stats["chunks"] == 3
     stats = json.loads((work / "export" / "stats" / "stats.json").read_text())
     assert stats["records"] == 5 and stats["boxes"] == 10 and "mask_score.png" in stats["plots"]
     assert all(
@@ -554,7 +572,8 @@ def test_sample_report_names_every_stage_with_its_counts(sample_run, tmp_path):
         "prefilter",
         "download",
         "manifest",
-        "filter",
+        "score",
+        "select",
         "merge",
         "aes_6 tier",
         "dedup",

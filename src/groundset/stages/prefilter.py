@@ -184,6 +184,16 @@ def open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
         raise ValueError(f"{path}: not a readable parquet file: {err}") from err
 
 
+def check_no_provenance(path: str | os.PathLike, names: list[str]) -> None:
+    """Raise a clear error if a URL list already has the columns the prefilter adds."""
+    taken = [c for c in PROVENANCE if c in names]
+    if taken:
+        raise ValueError(
+            f"{path}: has column(s) {taken}, which groundset adds itself (the provenance of each "
+            "row); rename them in the URL list"
+        )
+
+
 def check_columns(
     path: str | os.PathLike,
     names: list[str],
@@ -205,12 +215,6 @@ def check_columns(
         listed = ", ".join(repr(c) for c in absent)
         problems.append(
             f"no column{'s' if len(absent) > 1 else ''} {listed} (sources[].save_additional_columns)"
-        )
-    taken = [c for c in PROVENANCE if c in names]
-    if taken:
-        raise ValueError(
-            f"{path}: has column(s) {taken}, which groundset adds itself (the provenance of each "
-            "row); rename them in the URL list"
         )
     if problems:
         missing = [c for c in (url_col, caption_col) if c is not None and c not in names] + absent
@@ -278,6 +282,7 @@ def prefilter_url_list(
         with open_parquet(path) as parquet:
             names = parquet.schema_arrow.names
         check_columns(path, names, rules.url_col, rules.caption_col, required_columns or [])
+        check_no_provenance(path, names)
     totals: Counter = Counter()
     rows = [0, 0]
     per_file = {}

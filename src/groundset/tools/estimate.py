@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from groundset.core import layout
 from groundset.core.config import download_options, validate_config
 from groundset.core.io import read_json
+from groundset.core.stats import add_counts, read_stats
 from groundset.stages.merge import TIER_FILES
 from groundset.stages.prefilter import (
     PrefilterRules,
@@ -36,6 +38,7 @@ from groundset.stages.prefilter import (
     list_parquet_files,
     open_parquet,
 )
+from groundset.tools.summary import stats_files
 
 # Rates and pass rates used where no earlier run measured them. Each says where it comes from;
 # `groundset estimate --from-run DIR` replaces them by a run's own figures.
@@ -293,7 +296,7 @@ def prefilter_pass(
                 table = pa.Table.from_batches([batch])
                 # the URL is not read: its nulls come from the footers; any value stands in
                 table = table.append_column(rules.url_col, pa.repeat("u", table.num_rows))
-                counts.update(filter_table(table, rules)[1])
+                counts.update(filter_table(table, rules)[2])
                 seen += table.num_rows
     dropped = sum(counts.values())
     out["sampled_rows"] = seen
@@ -371,18 +374,18 @@ def _fit(jobs: list[tuple[float, float]]) -> tuple[float, float] | None:
 # Per stage of a run: the rule whose benchmarks time its jobs, and the stats file and keys that
 # give each job's records (`{job}`: the benchmark file's stem, `{group}`: its folder's name).
 JOB_RECORDS = {
-    "prefilter": ("prefilter_urls", "url_lists/{job}_stats.json", ("rows_in",)),
-    "download": ("download_images", "downloads/{job}_stats.json", ("count",)),
-    "manifest": ("build_manifest", "manifest/{job}_stats.json", ("records",)),
+    "prefilter": ("prefilter_urls", "url_lists/{job}_stats.json", ("records_in",)),
+    "download": ("download_images", "downloads/{job}_stats.json", ("records_in",)),
+    "manifest": ("build_manifest", "manifest/{job}_stats.json", ("records_in",)),
     "score": ("score_shard", "scored/{group}/shard_{job}_stats.json", ("records_in",)),
     "merge": ("merge_tiers", "merged/merge_stats.json", ("records_in",)),
-    "dedup": ("dedup_records", "dedup/dedup_stats.json", ("records_in", "records")),
+    "dedup": ("dedup_records", "dedup/dedup_stats.json", ("records_in",)),
     "caption": ("caption_chunk", "captioned/chunk_{job}_stats.json", ("requested",)),
     "mask": ("mask_chunk", "masked/chunk_{job}_stats.json", ("computed",)),
     "export emu3": ("emu3_part", "export/emu3/list/parts/stats_{job}.json", ("tokenized",)),
-    "export coco": ("export_coco", "export/coco/coco_stats.json", ("images",)),
-    "export odvg": ("export_odvg", "export/odvg/odvg_stats.json", ("images",)),
-    "export webdataset": ("export_wds", "export/wds_stats.json", ("samples",)),
+    "export coco": ("export_coco", "export/coco/coco_stats.json", ("records_out",)),
+    "export odvg": ("export_odvg", "export/odvg/odvg_stats.json", ("records_out",)),
+    "export webdataset": ("export_wds", "export/wds_stats.json", ("records_out",)),
 }
 
 
@@ -418,48 +421,24 @@ def _job_records(run: Path, stage: str) -> tuple[list[tuple[float, float]], floa
 
 
 def _pass_counts(run: Path) -> dict[str, tuple[float, float]]:
-    """(records in, records out) per stage of a run, from its stats files."""
-    successes = _total(run, "downloads/*_stats.json", "successes")
-    shards = "filtered/*/shard_*_stats.json"
-    merged = run / "merged" / "merge_stats.json"
-    merge = read_json(merged) if merged.exists() else {}
-    dedup_file = run / "dedup" / "dedup_stats.json"
-    dedup = read_json(dedup_file) if dedup_file.exists() else {}
-    dedup_in = _value(dedup, "records_in") or _value(dedup, "records")
-    dedup_out = _value(dedup, "records_out") or _value(dedup, "kept")
-    if not dedup_out and dedup_in:
-        dedup_out = dedup_in - _value(dedup, "dropped")
-    one = {
-        "caption": ("captioned/caption_stats.json", "records", "captioned"),
-        "mask": ("masked/mask_stats.json", "records", "masked"),
-        "export emu3": ("export/emu3/emu3_stats.json", "records", "exported"),
-    }
-    counts = {
-        "prefilter": (
-            _total(run, "url_lists/*_stats.json", "rows_in"),
-            _total(run, "url_lists/*_stats.json", "rows_out"),
-        ),
-        "download": (_total(run, "downloads/*_stats.json", "count"), successes),
-        "manifest": (successes, _total(run, "manifest/*_stats.json", "records")),
-        "score": (
-            _total(run, shards, "probe", "records_in"),
-            _total(run, shards, "probe", "records_out"),
-        ),
-        "select": (_total(run, shards, "records_in"), _total(run, shards, "records_out")),
-        "dedup": (dedup_in, dedup_out),
-    }
-    for name in TIER_FILES:
-        counts[f"merge:{name}"] = (_value(merge, "records_in"), _value(merge, "records", name))
-    for stage, (pattern, records_in, records_out) in one.items():
-        counts[stage] = (_total(run, pattern, records_in), _total(run, pattern, records_out))
-    masked = _total(run, "masked/mask_stats.json", "masked")
-    for stage, (pattern, key) in {
-        "export coco": ("export/coco/coco_stats.json", "images"),
-        "export odvg": ("export/odvg/odvg_stats.json", "images"),
-        "export webdataset": ("export/wds_stats.json", "samples"),
-    }.items():
-        if (run / pattern).exists():
-            counts[stage] = (masked, _total(run, pattern, key))
+    """(records in, records out) per stage of a run, summed over its stats envelopes (the
+    merge once per tier, the exports as `export <format>`)."""
+    stages = [(stage.name, stage) for stage in layout.STAGES]
+    stages += [(f"export {fmt}", stage) for fmt, stage in layout.EXPORTS.items()]
+    counts = {}
+    for name, stage in stages:
+        files = [path for paths in stats_files(run, stage).values() for path in paths]
+        if not files:
+            continue
+        envelopes = [read_stats(path) for path in files]
+        total: dict = {"records_in": 0, "records_out": 0, "dropped": {}}
+        for stats in envelopes:
+            add_counts(total, stats)
+        if name != "merge":
+            counts[name] = (total["records_in"], total["records_out"])
+            continue
+        for tier in TIER_FILES:  # one merge: its tiers' counts
+            counts[f"merge:{tier}"] = (total["records_in"], _value(envelopes[0], "per_tier", tier))
     return counts
 
 

@@ -7,25 +7,23 @@ are streamed in blocks and only lines holding the image id (a byte search before
 `json.loads`) are parsed; the manifest, sorted by image id as the manifest stage writes it, is
 bisected, and its offset names the one shard whose probe, score and select files are read.
 
-How an image id maps to its URL-list row: the prefilter keeps the surviving rows of each
-parquet file in order (`url_lists/<source>/<file>`), img2dataset cuts each file into shards of
-`download.number_sample_per_shard` rows (shard ids continue across files) and numbers a row
-`shard * 10**ceil(log10(samples_per_shard)) + row_in_shard`, zero-padded to that many digits
-plus `oom_shard_count` (5).
+How an image maps to its URL-list row: the provenance the pre-download filter writes on every
+row it passes on (`url_list_file`, `url_list_row`), which img2dataset saves in its shard tables
+and the manifest keeps on every record; a row the prefilter dropped is a drop line of
+`url_lists/<source>_dropped.parquet`. Nothing of img2dataset's key numbering is re-derived.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
+import ijson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -34,13 +32,7 @@ from groundset.core.config import download_options, find_source, validate_config
 from groundset.core.io import clean_json_value, read_json
 from groundset.stages.filter.shard import AESTHETICS_KEY, STATS
 from groundset.stages.merge import TIER_FILES
-from groundset.stages.prefilter import (
-    REASONS,
-    PrefilterRules,
-    drop_masks,
-    list_parquet_files,
-    open_parquet,
-)
+from groundset.stages.prefilter import PROVENANCE, PrefilterRules, list_parquet_files, open_parquet
 
 KEPT = "kept"
 DROPPED = "dropped"
@@ -68,8 +60,6 @@ STAGES = (
 )
 BLOCK = 1 << 22  # bytes read at a time while streaming a file
 WINDOW = 1 << 20  # the bisection of a sorted file stops at this many bytes, then scans
-OOM_SHARD_COUNT = 5  # img2dataset's default digits of the shard number in a key
-MAX_JSON_LOAD = 256 << 20  # a COCO file above this is only searched, not parsed
 SCORE_NAMES = {
     AESTHETICS_KEY: "aesthetics",
     "image_nsfw_score": "nsfw",
@@ -141,23 +131,6 @@ def _scores(stats: dict) -> dict:
     return out
 
 
-def _reason_codes(table: pa.Table, rules: PrefilterRules) -> np.ndarray:
-    """Per row 0 when the prefilter keeps it, else 1 + the index in REASONS of its first failure."""
-    codes = np.zeros(table.num_rows, dtype=np.int8)
-    masks = drop_masks(table, rules)
-    for index in range(len(REASONS) - 1, -1, -1):  # the first reason wins, as filter_table counts
-        mask = masks.get(REASONS[index])
-        if mask is not None:
-            codes[np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)] = index + 1
-    return codes
-
-
-def prefilter_columns(names: list[str], rules: PrefilterRules) -> list[str]:
-    """The columns the prefilter reads (URL, sizes, safety scores) that a parquet file has."""
-    wanted = [rules.url_col, "WIDTH", "width", "HEIGHT", "height", "punsafe", "pwatermark"]
-    return [name for name in dict.fromkeys(wanted) if name in names]
-
-
 def _why(reason: str, row: dict, rules: PrefilterRules) -> str:
     """A prefilter reason with the row's values and the rule it broke."""
     width = row.get("WIDTH", row.get("width"))
@@ -186,10 +159,26 @@ def _read_row(path: Path, row: int) -> dict:
     raise IndexError(f"{path} has no row {row}")
 
 
-def _parquet_rows(path: Path) -> int:
-    """Rows of a parquet file, from its footer."""
+def drop_text(line: dict) -> str:
+    """What a drop line says: its reason, and its detail where that says more."""
+    reason, detail = str(line.get("drop_reason")), line.get("detail")
+    if detail is None or str(detail) == reason:
+        return reason
+    return str(detail) if str(detail).startswith(reason) else f"{reason}: {detail}"
+
+
+def _first_row(path: Path, column: str, value: object) -> dict | None:
+    """The first row of a parquet file whose `column` is `value` (None: none, or no column)."""
     with open_parquet(path) as parquet:
-        return parquet.metadata.num_rows
+        if column not in parquet.schema_arrow.names:
+            return None
+    rows = pq.read_table(path, filters=[(column, "=", value)]).slice(0, 1).to_pylist()
+    return clean_json_value(rows[0]) if rows else None
+
+
+def _parquet_files(folder: Path) -> list[Path]:
+    """The parquet files of a folder, sorted ([] for no folder)."""
+    return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
 
 
 class _Tracer:
@@ -203,7 +192,8 @@ class _Tracer:
         self.found_in: list[str] = []
         self.source = ""
         self.image_id: str | None = None
-        self.url_hit: dict | None = None  # where a URL key was found in the URL list
+        self.origin: dict | None = None  # the URL-list row's provenance (or its drop line)
+        self.download_hit: tuple[Path, dict] | None = None  # its img2dataset table row
         self.download_ok: bool | None = None
         self.offset: int | None = None  # the record's byte offset in the manifest
         self.shard: int | None = None
@@ -211,7 +201,6 @@ class _Tracer:
         self.stats: dict = {}
         self.masked_line: int | None = None
         self.row_url: str | None = None  # the URL of the image's URL-list row
-        self.kept_rows: dict[str, list[tuple[Path, int]]] = {}  # per source, see prefiltered()
         self.dropped_at: str | None = None
 
     # --- bookkeeping ---------------------------------------------------------------------
@@ -278,19 +267,6 @@ class _Tracer:
         entry = self.source_config()
         return None if entry is None else download_options(self.config, entry)
 
-    def key_digits(self) -> tuple[int, int] | None:
-        """(samples per shard, digits of the in-shard number) of img2dataset's keys, if known."""
-        opts = self.download_opts()
-        if opts is None:
-            return None
-        per_shard = int(opts["number_sample_per_shard"])
-        return per_shard, math.ceil(math.log10(per_shard))
-
-    def oom_shard_count(self) -> int:
-        """Digits of the shard number in img2dataset's keys (its `oom_shard_count`)."""
-        opts = self.download_opts() or {}
-        return int((opts.get("extra_args") or {}).get("oom_shard_count", OOM_SHARD_COUNT))
-
     def rules(self) -> PrefilterRules | None:
         """The prefilter rules of the run (its stats file), else of the config."""
         stats = self.work / "url_lists" / f"{self.source}_stats.json"
@@ -313,202 +289,108 @@ class _Tracer:
         except FileNotFoundError:
             return []
 
-    def prefiltered(self) -> list[tuple[Path, int]]:
-        """The prefilter's output files of the source with their rows ([] before it ran)."""
-        if self.source not in self.kept_rows:
-            folder = self.work / "url_lists" / self.source
-            try:
-                files = list_parquet_files(folder) if folder.is_dir() else []
-            except FileNotFoundError:  # the folder of a prefilter still running
-                files = []
-            self.kept_rows[self.source] = [(path, _parquet_rows(path)) for path in files]
-        return self.kept_rows[self.source]
-
-    def batch_rows(self) -> int:
-        """Rows per parquet batch while scanning a URL list."""
-        opts = self.download_opts() or {}
-        return int((opts.get("prefilter") or {}).get("batch_rows", 65536))
-
-    # --- URL list <-> image id -----------------------------------------------------------
-
-    def image_id_of(self, file_name: str, kept_row: int) -> str | None:
-        """The img2dataset key of row `kept_row` of prefiltered file `file_name`."""
-        digits = self.key_digits()
-        if digits is None:
-            return None
-        per_shard, oom = digits
-        shard = 0
-        for path, rows in self.prefiltered():
-            if path.name == file_name:
-                shard += kept_row // per_shard
-                number = shard * 10**oom + kept_row % per_shard
-                return f"{number:0{oom + self.oom_shard_count()}d}"
-            shard += math.ceil(rows / per_shard)
-        return None
-
-    def kept_row_of(self) -> tuple[Path, int] | None:
-        """(prefiltered file, row in it) that img2dataset numbered as this trace's image id."""
-        digits = self.key_digits()
-        if digits is None or not self.image_id or not self.image_id.isdigit():
-            return None
-        per_shard, oom = digits
-        shard, in_shard = divmod(int(self.image_id), 10**oom)
-        if in_shard >= per_shard or len(self.image_id) != oom + self.oom_shard_count():
-            return None  # not a key of these download settings
-        first = 0
-        for path, rows in self.prefiltered():
-            count = math.ceil(rows / per_shard)
-            if shard < first + count:
-                row = (shard - first) * per_shard + in_shard
-                return (path, row) if row < rows else None
-            first += count
-        return None
-
-    def original_row(self, file_name: str, kept_row: int, rules: PrefilterRules) -> int | None:
-        """The row of the original URL-list file that the prefilter kept as row `kept_row`."""
+    def original_file(self, name: str) -> Path | None:
+        """The source's URL-list file `name` (a `url_list_file`: relative to its url_list)."""
         for path in self.original_files():
-            if path.name != file_name:
-                continue
-            seen = base = 0
+            root = Path(self.source_config()["url_list"])
+            if path.relative_to(root if root.is_dir() else root.parent).as_posix() == name:
+                return path
+        return None
+
+    # --- where the image came from -------------------------------------------------------
+
+    def locate(self, url: str | None) -> None:
+        """Find the image's img2dataset table row (by key, or by URL) and its URL-list row
+        (its provenance); for a URL the prefilter dropped, that drop line."""
+        url_col = (self.rules() or PrefilterRules.from_config({})).url_col
+        if url is not None:
+            dropped = self.work / "url_lists" / f"{self.source}_dropped.parquet"
+            if dropped.exists() and (line := _first_row(dropped, "url", url)) is not None:
+                self.found(dropped)
+                self.origin = {**line, "dropped": True}
+                return
+            for path in _parquet_files(self.work / "url_lists" / self.source):
+                if (row := _first_row(path, url_col, url)) is not None:
+                    self.found(path)
+                    self.origin = row
+                    break
+            self.download_hit = self.table_row("url", url)
+            if self.download_hit is not None:
+                self.image_id = str(self.download_hit[1].get("key"))
+            return
+        self.download_hit = self.table_row("key", self.image_id)
+        if self.download_hit is not None:
+            self.origin = self.download_hit[1]
+
+    def table_row(self, column: str, value: object) -> tuple[Path, dict] | None:
+        """The first img2dataset shard table row of the source whose `column` is `value`."""
+        for table in _parquet_files(self.work / "downloads" / self.source):
+            row = _first_row(table, column, value)
+            if row is not None:
+                return table, row
+        return None
+
+    def url_in_original(self, url: str) -> bool:
+        """Find a URL in the config's URL list (the prefilter has not run): its row."""
+        url_col = (self.rules() or PrefilterRules.from_config({})).url_col
+        for path in self.original_files():
             with open_parquet(path) as parquet:
-                columns = prefilter_columns(parquet.schema_arrow.names, rules)
-                for batch in parquet.iter_batches(batch_size=self.batch_rows(), columns=columns):
-                    kept = np.flatnonzero(_reason_codes(pa.Table.from_batches([batch]), rules) == 0)
-                    if kept_row < seen + len(kept):
-                        return base + int(kept[kept_row - seen])
-                    seen += len(kept)
-                    base += batch.num_rows
-        return None
-
-    def find_url(self, url: str, sources: list[str]) -> bool:
-        """Find a URL in the sources' URL lists (the config's, else the prefiltered ones); on a
-        hit set the source, the row and its prefilter verdict, and the image id when kept."""
-        for source in sources:
-            self.source = source
-            rules = self.rules()
-            original = self.original_files()
-            for path in original or [path for path, _ in self.prefiltered()]:
-                hit = self._find_url_in(path, url, rules, prefiltered=not original)
-                if hit is not None:
-                    self.url_hit = hit
-                    if hit["reason"] is None:
-                        self.image_id = self.image_id_of(path.name, hit["kept_row"])
-                    return True
+                if url_col not in parquet.schema_arrow.names:
+                    continue
+                urls = pq.read_table(path, columns=[url_col])[url_col]
+            index = pc.index(pc.cast(urls, pa.string()), url).as_py()
+            if index >= 0:
+                self.origin = {PROVENANCE[0]: path.name, PROVENANCE[1]: index, "unfiltered": True}
+                return True
         return False
-
-    def _find_url_in(
-        self, path: Path, url: str, rules: PrefilterRules | None, prefiltered: bool
-    ) -> dict | None:
-        """The first row of one parquet file whose URL is `url`, with its prefilter verdict."""
-        url_col = rules.url_col if rules else "URL"
-        with open_parquet(path) as parquet:
-            names = parquet.schema_arrow.names
-            if url_col not in names:
-                return None
-            columns = prefilter_columns(names, rules) if rules else [url_col]
-            base = kept_before = 0
-            for batch in parquet.iter_batches(batch_size=self.batch_rows(), columns=columns):
-                table = pa.Table.from_batches([batch])
-                urls = pc.cast(table[url_col], pa.string())
-                index = pc.index(urls, url).as_py()
-                if rules and not prefiltered:
-                    codes = _reason_codes(table, rules)
-                else:
-                    codes = np.zeros(table.num_rows, np.int8)
-                if index >= 0:
-                    code = int(codes[index])
-                    return {
-                        "file": path,
-                        "row": None if prefiltered else base + index,
-                        "kept_row": kept_before + int(np.count_nonzero(codes[:index] == 0)),
-                        "reason": None if code == 0 else REASONS[code - 1],
-                        "matches": pc.sum(pc.equal(urls, url)).as_py(),
-                    }
-                base += table.num_rows
-                kept_before += int(np.count_nonzero(codes == 0))
-        return None
 
     # --- stages --------------------------------------------------------------------------
 
+    def listed_row(self) -> dict:
+        """The image's row of the URL list (the config's file, else the prefiltered copy)."""
+        name, number = self.origin.get(PROVENANCE[0]), self.origin.get(PROVENANCE[1])
+        original = self.original_file(name) if name else None
+        if original is not None:
+            self.found(original, f": row {number}")
+            return _read_row(original, number)
+        kept = self.work / "url_lists" / self.source / Path(str(name)).name
+        return (_first_row(kept, PROVENANCE[1], number) or {}) if kept.exists() else {}
+
     def prefilter(self) -> None:
-        """The URL-list row of the image and the pre-download filter's verdict on it."""
+        """The URL-list row of the image (its provenance) and the prefilter's verdict on it."""
+        if self.origin is None or self.origin.get(PROVENANCE[1]) is None:
+            if not (self.work / "url_lists" / self.source).is_dir():
+                return self.add("prefilter", NOT_RUN)
+            why = "no provenance: the image's URL-list row is not recorded (an older run?)"
+            return self.add("prefilter", UNKNOWN, reason=why)
         rules = self.rules()
-        hit = self.url_hit
-        if hit is None:
-            if self.config is None:
-                return self.add(
-                    "prefilter", UNKNOWN, reason="no config: the URL-list row is unknown"
-                )
-            where = self.kept_row_of()
-            if where is None:
-                if not self.prefiltered():
-                    return self.add("prefilter", NOT_RUN)
-                why = f"img2dataset numbers no row of url_lists/{self.source} {self.image_id}"
-                return self.add("prefilter", NOT_FOUND, reason=why)
-            path, kept_row = where
-            hit = {"file": path, "row": None, "kept_row": kept_row, "reason": None, "matches": 1}
-            if rules is not None:
-                hit["row"] = self.original_row(path.name, kept_row, rules)
-        original = [p for p in self.original_files() if p.name == hit["file"].name]
-        if hit["row"] is not None and original:
-            row = _read_row(original[0], hit["row"])
-            self.found(original[0], f": row {hit['row']}")
-        else:
-            row = _read_row(hit["file"], hit["kept_row"])
-        if hit["reason"] is None:
-            kept = self.work / "url_lists" / self.source / hit["file"].name
-            if kept.exists():
-                self.found(kept, f": row {hit['kept_row']}")
+        row = self.listed_row()
         url_col = rules.url_col if rules else "URL"
         details = {
-            "url_list": str(original[0]) if original else self.rel(hit["file"]),
-            "row": hit["row"],
-            "prefiltered_row": hit["kept_row"] if hit["reason"] is None else None,
-            "url": row.get(url_col),
+            "url_list_file": self.origin[PROVENANCE[0]],
+            "row": self.origin[PROVENANCE[1]],
+            "url": row.get(url_col, self.origin.get("url")),
             "width": row.get("WIDTH", row.get("width")),
             "height": row.get("HEIGHT", row.get("height")),
-            "rows_with_this_url": hit["matches"] if hit["matches"] > 1 else None,
         }
-        if hit["reason"] is not None:
-            why = _why(hit["reason"], row, rules) if rules else hit["reason"]
+        if self.origin.get("dropped"):
+            reason = self.origin["drop_reason"]
+            why = _why(reason, row, rules) if rules else reason
             return self.add("prefilter", DROPPED, reason=why, **details)
         self.row_url = details["url"]
-        if not self.prefiltered():
-            return self.add("prefilter", NOT_RUN, **details)
-        self.add("prefilter", KEPT, **details)
+        self.add("prefilter", NOT_RUN if self.origin.get("unfiltered") else KEPT, **details)
 
     def download(self) -> None:
-        """img2dataset's status for the image (its shard's parquet, else the sidecar)."""
-        folder = self.work / "downloads" / self.source
-        if not folder.is_dir():
+        """img2dataset's status for the image (its row of the shard tables)."""
+        if not (self.work / "downloads" / self.source).is_dir():
             return self.add("download", NOT_RUN)
-        digits = self.key_digits()
-        oom = len(self.image_id or "") - self.oom_shard_count()  # the key's own width
-        if digits is not None and digits[1] + self.oom_shard_count() == len(self.image_id):
-            oom = digits[1]
-        if not (self.image_id or "").isdigit() or oom < 0:
-            return self.add(
-                "download", NOT_FOUND, reason=f"{self.image_id!r} is no img2dataset key"
-            )
-        name = f"{int(self.image_id) // 10**oom:0{self.oom_shard_count()}d}"
-        table, sidecar = folder / f"{name}.parquet", folder / name / f"{self.image_id}.json"
-        row = None
-        if table.exists():
-            rows = pq.read_table(table, filters=[("key", "=", self.image_id)]).to_pylist()
-            if rows:
-                row = clean_json_value(rows[0])
-                self.found(table)
-        if row is None and sidecar.exists():
-            row = read_json(sidecar)
-            self.found(sidecar)
-        if row is None:
+        if self.download_hit is None:
             done = (self.work / "downloads" / f"{self.source}_stats.json").exists()
-            shard_files = f"{self.rel(table)} (or {name}/{self.image_id}.json)"
-            return self.add(
-                "download",
-                NOT_FOUND if done else NOT_RUN,
-                reason=f"no key {self.image_id} in {shard_files}",
-            )
+            what = f"key {self.image_id}" if self.image_id else "row of its URL"
+            reason = f"no {what} in the shard tables of downloads/{self.source}"
+            return self.add("download", NOT_FOUND if done else NOT_RUN, reason=reason)
+        table, row = self.download_hit
+        self.found(table)
         status = row.get("status", "success")
         details = {
             "status": status,
@@ -614,9 +496,7 @@ class _Tracer:
             return self.add("probe", NOT_RUN)
         hit = self.lookup(dropped)
         if hit is not None:
-            return self.add(
-                "probe", DROPPED, reason=hit[1].get("drop_reason"), file=self.rel(hit[0])
-            )
+            return self.add("probe", DROPPED, reason=drop_text(hit[1]), file=self.rel(hit[0]))
         hit = self.lookup(kept)
         if hit is None:
             return self.add("probe", NOT_FOUND)
@@ -642,12 +522,11 @@ class _Tracer:
         if hit is not None:
             record = hit[1]
             self.stats = record.get(STATS) or self.stats
-            reason = record.get("drop_reason") or ""
             return self.add(
                 "select",
                 DROPPED,
-                reason=reason,
-                filter=reason.split(":", 1)[0] or None,
+                reason=drop_text(record),
+                filter=record.get("drop_reason"),
                 file=self.rel(hit[0]),
                 **_scores(self.stats),
             )
@@ -759,7 +638,7 @@ class _Tracer:
                 "answer": _short(entry.get("answer") or entry.get("message")),
                 "file": self.rel(hit[0]),
             }
-            return self.add("caption", DROPPED, reason=entry.get("reason"), **details)
+            return self.add("caption", DROPPED, reason=drop_text(entry), **details)
         hit = self.lookup(ok)
         if hit is None:
             return self.add(
@@ -788,9 +667,7 @@ class _Tracer:
             return self.add("mask", NOT_RUN)
         hit = self.lookup(dropped)
         if hit is not None:
-            return self.add(
-                "mask", DROPPED, reason=hit[1].get("drop_reason"), file=self.rel(hit[0])
-            )
+            return self.add("mask", DROPPED, reason=drop_text(hit[1]), file=self.rel(hit[0]))
         hit = self.lookup(kept, count_lines=True)
         if hit is None:
             return self.add("mask", NOT_FOUND, reason="not masked yet (its chunk has not run)")
@@ -834,8 +711,7 @@ class _Tracer:
                     continue
                 if self.ours(record):
                     self.found(path)
-                    reason = record.get("drop_reason")
-                    return self.add(stage, DROPPED, reason=reason, file=self.rel(path))
+                    return self.add(stage, DROPPED, reason=drop_text(record), file=self.rel(path))
         self.add(stage, DROPPED, reason=fallback)
 
     def export_off(self, stage: str, *paths: Path) -> None:
@@ -864,11 +740,7 @@ class _Tracer:
             return self.add("export emu3", NOT_RUN)
         hit = self.lookup([errors])
         if hit is not None:
-            entry = hit[1]
-            reason = str(entry.get("reason")) + (
-                f" ({entry['detail']})" if entry.get("detail") else ""
-            )
-            return self.add("export emu3", DROPPED, reason=reason)
+            return self.add("export emu3", DROPPED, reason=drop_text(hit[1]))
         hit = self.lookup([datalist])
         if hit is None:
             return self.add("export emu3", NOT_FOUND)
@@ -893,43 +765,34 @@ class _Tracer:
         stem = name.rsplit(".", 1)[0]
         return stem.endswith(f"{self.source}/{self.image_id}")
 
+    def coco_image(self, path: Path) -> dict | None:
+        """The COCO image entry of the image, with its annotation count (streamed: ijson)."""
+        with open(path, "rb") as handle:
+            image = next((i for i in ijson.items(handle, "images.item")
+                          if self.ours(i) or self.image_match(i.get("file_name"))), None)  # fmt: skip
+        if image is None:
+            return None
+        with open(path, "rb") as handle:
+            annotations = ijson.items(handle, "annotations.item")
+            count = sum(1 for a in annotations if a.get("image_id") == image.get("id"))
+        return {"coco_id": image.get("id"), "annotations": count}
+
     def export_coco(self) -> None:
         """The COCO image entry and its annotations (export/coco/coco.json)."""
+        path = self.work / "export" / "coco" / "coco.json"
         if self.formats() is not None and "coco" not in self.formats():
-            return self.export_off("export coco", self.work / "export" / "coco" / "coco.json")
-        files = [p for p in [self.work / "export" / "coco" / "coco.json"] if p.exists()]
-        if not files:
+            return self.export_off("export coco", path)
+        if not path.exists():
             return self.add("export coco", NOT_RUN)
         needles = [json.dumps(self.image_id).encode()]
         if self.image:
             needles.append(json.dumps(self.image).strip('"').encode())
-        for path in files:
-            if not any(_contains(path, needle) for needle in needles):
-                continue
-            if path.stat().st_size > MAX_JSON_LOAD:
-                self.found(path)
-                return self.add("export coco", KEPT, file=self.rel(path), note="too big to parse")
-            data = read_json(path)
-            for image in data.get("images") or []:
-                if self.ours(image) or self.image_match(image.get("file_name")):
-                    anns = [
-                        a
-                        for a in data.get("annotations") or []
-                        if a.get("image_id") == image.get("id")
-                    ]
-                    self.found(path)
-                    return self.add(
-                        "export coco",
-                        KEPT,
-                        file=self.rel(path),
-                        coco_id=image.get("id"),
-                        annotations=len(anns),
-                    )
-        self.export_skipped(
-            "export coco",
-            self.work / "export" / "coco" / "coco_skipped.jsonl",
-            f"not in {', '.join(self.rel(p) for p in files)}",
-        )
+        found = self.coco_image(path) if any(_contains(path, n) for n in needles) else None
+        if found is not None:
+            self.found(path)
+            return self.add("export coco", KEPT, file=self.rel(path), **found)
+        skipped = self.work / "export" / "coco" / "coco_skipped.jsonl"
+        self.export_skipped("export coco", skipped, f"not in {self.rel(path)}")
 
     def export_odvg(self) -> None:
         """The ODVG line of the image and its grounded regions (export/odvg/odvg.jsonl)."""
@@ -1036,7 +899,7 @@ class _Tracer:
         for name, step in zip(STAGES, steps, strict=True):
             if self.dropped_at is not None:
                 self.add(name, NOT_REACHED, reason=f"dropped at {self.dropped_at}")
-            elif self.image_id is None and name != "prefilter":
+            elif self.image_id is None and name not in ("prefilter", "download"):
                 self.add(name, NOT_REACHED, reason="no image id")
             else:
                 step()
@@ -1086,11 +949,14 @@ def trace(workdir: str | os.PathLike, key: str, config: dict | None = None) -> d
             return None
         tracer = _Tracer(workdir, config)
         tracer.source, tracer.image_id = source, image_id
+        tracer.locate(None)
         return _traced(tracer, url)
     results = []  # a URL may be listed by several sources: each one's trace
     for name in [source] if source else sources:
         tracer = _Tracer(workdir, config)
-        if tracer.find_url(url, [name]):
+        tracer.source = name
+        tracer.locate(url)
+        if tracer.origin is not None or tracer.url_in_original(url):
             result = _traced(tracer, url)
             results += [result] if result else []
     if not results:
