@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT
 from groundset.core.config import validate_config
 from groundset.core.io import write_json, write_jsonl
+from groundset.core.stats import drop_line
 from groundset.exports.common import export_coco, export_odvg, export_wds
 from groundset.stages.filter.select import SelectFiles, select_shard, selection_rules
 from groundset.stages.manifest import build_manifest
@@ -223,13 +224,10 @@ def build_run(root: Path) -> tuple[Path, dict]:
         }
     write_jsonl(work / "captioned" / "captioned.jsonl", captioned.values())
     error = {
-        "key": f"{SOURCE}/{REFUSED}",
-        "image_id": REFUSED,
-        "source": SOURCE,
-        "image": high[REFUSED]["image"],
-        "stage": "caption",
+        **drop_line(
+            high[REFUSED], "caption", "refusal", "the model declined to describe the image"
+        ),
         "status": "error",
-        "reason": "refusal",
         "attempts": 1,
         "answer": "I'm sorry, but I can't help.",
     }
@@ -392,6 +390,7 @@ def test_a_caption_error_and_a_mask_drop(run):
     caption = stage(trace(work, f"{SOURCE}/{REFUSED}", config), "caption")
     assert (caption["verdict"], caption["details"]["reason"]) == ("dropped", "refusal")
     assert caption["details"]["attempts"] == 1
+    assert caption["details"]["detail"] == "the model declined to describe the image"
     mask = stage(trace(work, f"{SOURCE}/{NO_MASK}", config), "mask")
     assert (mask["verdict"], mask["details"]["reason"]) == (
         "dropped",

@@ -430,7 +430,7 @@ def _pass_counts(run: Path) -> dict[str, tuple[float, float]]:
     if not dedup_out and dedup_in:
         dedup_out = dedup_in - _value(dedup, "dropped")
     one = {
-        "caption": ("captioned/caption_stats.json", "records", "captioned"),
+        "caption": ("captioned/caption_stats.json", "records_in", "records_out"),
         "mask": ("masked/mask_stats.json", "records", "masked"),
         "export emu3": ("export/emu3/emu3_stats.json", "records", "exported"),
     }

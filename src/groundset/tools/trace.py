@@ -759,7 +759,8 @@ class _Tracer:
                 "answer": _short(entry.get("answer") or entry.get("message")),
                 "file": self.rel(hit[0]),
             }
-            return self.add("caption", DROPPED, reason=entry.get("reason"), **details)
+            details["detail"] = entry.get("detail")
+            return self.add("caption", DROPPED, reason=entry.get("drop_reason"), **details)
         hit = self.lookup(ok)
         if hit is None:
             return self.add(

@@ -46,6 +46,12 @@ EMPTY = "empty_answer"
 UNPARSEABLE = "unparseable_answer"
 NO_CAPTION = "no_caption"
 REFUSAL = "refusal"
+ERROR_DETAILS = {  # what each reason means, in the error file's `detail`
+    EMPTY: "the answer is empty",
+    UNPARSEABLE: "the answer is neither the JSON asked for nor grounding tokens",
+    NO_CAPTION: "the answer has no caption",
+    REFUSAL: "the model declined to describe the image",
+}
 
 
 @dataclass
