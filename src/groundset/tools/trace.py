@@ -752,14 +752,13 @@ class _Tracer:
         if hit is not None:
             entry = hit[1]
             details = {
-                "status": entry.get("status"),
+                "detail": entry.get("detail"),
                 "attempts": entry.get("attempts"),
                 "http_status": entry.get("http_status"),
                 "code": entry.get("code"),
                 "answer": _short(entry.get("answer") or entry.get("message")),
                 "file": self.rel(hit[0]),
             }
-            details["detail"] = entry.get("detail")
             return self.add("caption", DROPPED, reason=entry.get("drop_reason"), **details)
         hit = self.lookup(ok)
         if hit is None:

@@ -31,8 +31,9 @@ from groundset.stages.caption.backends import (
     make_backend,
     record_payload,
 )
+from groundset.stages.caption.errors import CaptionError
 from groundset.stages.caption.grounding import parse_answer
-from groundset.stages.caption.settings import CaptionError, Settings, question_id
+from groundset.stages.caption.settings import Settings, question_id
 
 log = logging.getLogger(__name__)
 

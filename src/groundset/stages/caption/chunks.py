@@ -24,14 +24,10 @@ from groundset.core.journal import Journal
 from groundset.core.records import record_key, same_image
 from groundset.core.stats import add_counts, drop_line, envelope, envelope_problems, write_stats
 from groundset.stages.caption.asking import journaled_answer, request_pending
+from groundset.stages.caption.endpoint import endpoint_for_run, uses_stand_in
+from groundset.stages.caption.errors import CaptionError
 from groundset.stages.caption.grounding import ERROR_DETAILS, Parsed, parse_answer
-from groundset.stages.caption.settings import (
-    CaptionError,
-    Settings,
-    endpoint_for_run,
-    question_id,
-    uses_stand_in,
-)
+from groundset.stages.caption.settings import Settings, question_id
 from groundset.stages.split import index_manifest
 
 log = logging.getLogger(__name__)
