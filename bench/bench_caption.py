@@ -62,8 +62,8 @@ def run(folder: Path, records: Path, backend: str, latency: float, **caption) ->
         )  # fmt: skip
         wall = time.perf_counter() - began
         starts = sorted(entry.start for entry in server.log)
-    assert stats["captioned"] == stats["records"], stats
-    return {"wall": wall, "starts": starts, "records": stats["records"]}
+    assert stats["records_out"] == stats["records_in"], stats
+    return {"wall": wall, "starts": starts, "records": stats["records_in"]}
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,10 +83,10 @@ def serve_job(folder: str, chunk: int, latency: float, concurrency: int) -> dict
         Path(folder) / f"chunk_{chunk}.jsonl", f"{base}.jsonl", f"{base}_errors.jsonl",
         f"{base}_stats.json", f"{base}.journal.jsonl", settings, server_log=f"{base}.server.log",
     )  # fmt: skip
-    assert stats["captioned"] == stats["records"], stats
+    assert stats["records_out"] == stats["records_in"], stats
     with open(f"{folder}/requests_{chunk}.jsonl") as handle:
         lines = [json.loads(line) for line in handle]
-    return {"wall": time.perf_counter() - began, "records": stats["records"], "requests": lines}
+    return {"wall": time.perf_counter() - began, "records": stats["records_in"], "requests": lines}
 
 
 def bench_serve(folder: Path, instances: int, concurrency: int, images: int, latency: float):

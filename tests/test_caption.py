@@ -149,10 +149,19 @@ def test_every_answer_format_through_the_real_sdk(tmp_path, backend):
     assert out[3]["caption_meta"]["boxes_dropped"] == 3
     assert out[0]["caption_meta"]["backend"] == backend
     errors = {e["image_id"]: e for e in iter_jsonl(tmp_path / "out_errors.jsonl")}
-    assert errors[records[4]["image_id"]]["reason"] == "unparseable_answer"
-    assert errors[records[4]["image_id"]]["answer"] == '{"caption": "cut off'
-    assert errors[records[5]["image_id"]]["reason"] == "empty_answer"
-    assert stats["records"] == 6 and stats["captioned"] == 4 and stats["parse_errors"] == 2
+    cut = errors[records[4]["image_id"]]
+    assert (cut["drop_stage"], cut["drop_reason"], cut["status"], cut["attempts"]) == (
+        "caption", "unparseable_answer", "error", 1,
+    )  # fmt: skip
+    assert cut["detail"] == "the answer is neither the JSON asked for nor grounding tokens"
+    assert cut["answer"] == '{"caption": "cut off'
+    assert cut["key"] == record_key(records[4]) and cut["text"] == "alt 4"  # the record, kept
+    empty = errors[records[5]["image_id"]]
+    assert (empty["drop_reason"], empty["detail"]) == ("empty_answer", "the answer is empty")
+    assert stats["stage"] == "caption" and stats["records_in"] == 6
+    assert stats["records_out"] == 4 and stats["parse_errors"] == 2
+    assert stats["dropped"] == {"empty_answer": 1, "unparseable_answer": 1}
+    assert not {"records", "captioned", "error_reasons"} & set(stats)
     assert stats["requested"] == 6 and stats["attempts"] == 6
     assert stats["boxes_dropped"] == {
         "box_invalid_or_degenerate": 1,
@@ -213,13 +222,18 @@ def test_unreadable_images_are_dropped_before_any_request(tmp_path):
         records[1]["image_id"],
     ]
     errors = {e["image_id"]: e for e in iter_jsonl(tmp_path / "out_errors.jsonl")}
-    assert {k: e["reason"] for k, e in errors.items()} == {
+    assert {k: e["drop_reason"] for k, e in errors.items()} == {
         records[2]["image_id"]: "rgb_conversion_failed",
         records[3]["image_id"]: "rgb_conversion_failed",
         records[4]["image_id"]: "image_missing",
     }
     assert all(e["attempts"] == 0 and e["status"] == "dropped" for e in errors.values())
-    assert stats["dropped"] == 3 and stats["error_reasons"]["rgb_conversion_failed"] == 2
+    assert errors[records[3]["image_id"]]["detail"] == (
+        f"{text}: UnidentifiedImageError: not a readable image"
+    )
+    assert errors[records[4]["image_id"]]["detail"].startswith(f"{paths[4]}: ")
+    assert stats["not_sent"] == 3 and stats["records_in"] == 5 and stats["records_out"] == 2
+    assert stats["dropped"] == {"image_missing": 1, "rgb_conversion_failed": 2}
 
 
 def test_records_without_an_image_are_counted_drops_and_keys_are_the_shared_ones(tmp_path):
@@ -232,13 +246,14 @@ def test_records_without_an_image_are_counted_drops_and_keys_are_the_shared_ones
     with StandInVLM() as server:
         stats = run_chunk(tmp_path, tmp_path / "in.jsonl", settings_for(server))
         assert len(server.log) == 2
-    assert stats["records"] == 4 and stats["captioned"] == 2 and stats["dropped"] == 2
-    assert stats["error_reasons"] == {"no_image": 2}
+    assert stats["records_in"] == 4 and stats["records_out"] == 2 and stats["not_sent"] == 2
+    assert stats["dropped"] == {"no_image": 2}
     errors = list(iter_jsonl(tmp_path / "out_errors.jsonl"))
-    assert [(e["key"], e["status"], e["reason"], e["attempts"]) for e in errors] == [
+    assert [(e["key"], e["status"], e["drop_reason"], e["attempts"]) for e in errors] == [
         ("src/no-list", "dropped", "no_image", 0),
         ("src/no-field", "dropped", "no_image", 0),
     ]
+    assert {e["detail"] for e in errors} == {"the record names no image"}
     journal = [json.loads(line) for line in (tmp_path / "out.journal.jsonl").open()]
     assert sorted(e["key"] for e in journal) == sorted([str(images[1]), "src/000000000"])
 
@@ -285,9 +300,11 @@ def test_throttling_server_errors_timeouts_and_final_errors(tmp_path):
         (error,) = iter_jsonl(tmp_path / "out_errors.jsonl")
         assert error["image_id"] == records[2]["image_id"] and error["attempts"] == 1
         assert error["code"] == "DataInspectionFailed" and error["http_status"] == 400
-        assert "inappropriate content" in error["reason"]
+        assert error["drop_reason"] == "http_400_DataInspectionFailed"
+        assert error["detail"] == "HTTP 400 DataInspectionFailed: inappropriate content"
         assert stats["throttled"] == 2 and stats["retries"] == 5 and stats["attempts"] == 10
-        assert stats["api_errors"] == 1 and stats["captioned"] == 4 and stats["requested"] == 5
+        assert stats["api_errors"] == 1 and stats["records_out"] == 4 and stats["requested"] == 5
+        assert stats["dropped"] == {"http_400_DataInspectionFailed": 1}
         # each image's journal entry counts its own attempts: retried, answered, or final error
         journal = journaled(tmp_path / "out.journal.jsonl")
         assert {k: (e["status"], e["attempts"]) for k, e in journal.items()} == {
@@ -301,10 +318,15 @@ def test_throttling_server_errors_timeouts_and_final_errors(tmp_path):
         # a rerun pays for nothing; --retry-errors asks again for the error record only
         again = run_chunk(tmp_path, tmp_path / "in.jsonl", settings)
         assert again["requested"] == 0 and again["from_journal"] == 5
+        # what the journal gave is counted as what was asked: captioned or dropped with a reason
+        assert (again["records_in"], again["records_out"], again["dropped"]) == (
+            5, 4, {"http_400_DataInspectionFailed": 1},
+        )  # fmt: skip
         assert sum(server.counts.values()) == 10
         retried = run_chunk(tmp_path, tmp_path / "in.jsonl", settings, retry_errors=True)
         assert retried["requested"] == 1 and server.counts[d[2]] == 2
-        assert retried["captioned"] == 5 and retried["api_errors"] == 0
+        assert retried["records_out"] == 5 and retried["api_errors"] == 0
+        assert retried["dropped"] == {}
         assert retried["attempts"] == 1 and retried["from_journal"] == 4
         # the timed-out request is logged once the server has sent its late answer
         wait_until(lambda: len(server.log) == 11)
@@ -329,7 +351,7 @@ def test_rate_is_never_exceeded_and_latency_does_not_lower_it(tmp_path):
         starts = np.array(sorted(entry.start for entry in server.log))
         spans = [(entry.start, entry.end) for entry in server.log]
     interval = 1 / (4.0 * (1 - 0.02))  # 0.255 s: the quota less the headroom
-    assert stats["requested"] == stats["attempts"] == stats["captioned"] == 16
+    assert stats["requested"] == stats["attempts"] == stats["records_out"] == 16
     assert len(starts) == 16 and set(ok_count(server).values()) == {1}
     # what the server sees: any k + 1 consecutive starts span at least k intervals, less the
     # transport allowance; so no burst, and no window of 1 s holds more than 4 starts
@@ -506,24 +528,27 @@ def test_refusals_and_prose_are_errors_and_boxless_captions_leave_the_grounded_o
     out = list(iter_jsonl(tmp_path / "out.jsonl"))
     assert [r["image_id"] for r in out] == [records[3]["image_id"]]
     errors = {e["image_id"]: e for e in iter_jsonl(tmp_path / "out_errors.jsonl")}
-    assert [errors[records[i]["image_id"]]["reason"] for i in range(3)] == [
+    assert [errors[records[i]["image_id"]]["drop_reason"] for i in range(3)] == [
         "refusal",
         "unparseable_answer",
         "no_valid_box",
     ]
     assert errors[records[0]["image_id"]]["answer"] == "I'm sorry, but I can't help with that."
     assert errors[records[1]["image_id"]]["answer"] == "A quiet lake at dawn."
-    assert errors[records[2]["image_id"]]["status"] == "dropped"
+    assert errors[records[0]["image_id"]]["detail"] == "the model declined to describe the image"
+    boxless = errors[records[2]["image_id"]]
+    assert (boxless["status"], boxless["caption"]) == ("dropped", "A lake.")
+    assert boxless["detail"] == "no entity with a valid box (boxes dropped: none given)"
     assert all(errors[records[i]["image_id"]]["attempts"] == 1 for i in range(3))
-    assert stats["captioned"] == 1 and stats["parse_errors"] == 2 and stats["ungrounded"] == 1
-    assert stats["error_reasons"] == {"refusal": 1, "unparseable_answer": 1, "no_valid_box": 1}
+    assert stats["records_out"] == 1 and stats["parse_errors"] == 2 and stats["ungrounded"] == 1
+    assert stats["dropped"] == {"refusal": 1, "unparseable_answer": 1, "no_valid_box": 1}
     # keep_ungrounded: true keeps the boxless caption (today's behaviour), from the journal
     from dataclasses import replace
 
     kept = run_chunk(
         tmp_path, tmp_path / "in.jsonl", replace(settings, keep_ungrounded=True), reparse=True
     )
-    assert kept["captioned"] == 2 and kept["ungrounded"] == 0 and kept["without_entities"] == 1
+    assert kept["records_out"] == 2 and kept["ungrounded"] == 0 and kept["without_entities"] == 1
     # a prose prompt takes prose as a caption without entities
     prose = run_chunk(
         tmp_path,
@@ -531,8 +556,8 @@ def test_refusals_and_prose_are_errors_and_boxless_captions_leave_the_grounded_o
         replace(settings, prompt="Describe the image.", keep_ungrounded=True),
         reparse=True,
     )
-    assert prose["requested"] == 0 and prose["captioned"] == 3
-    assert prose["error_reasons"] == {"refusal": 1}
+    assert prose["requested"] == 0 and prose["records_out"] == 3
+    assert prose["dropped"] == {"refusal": 1} and prose["records_in"] == 4
 
 
 def test_reparse_rebuilds_outputs_from_the_journal_without_requests(tmp_path):
@@ -550,7 +575,7 @@ def test_reparse_rebuilds_outputs_from_the_journal_without_requests(tmp_path):
     stats = run_chunk(
         tmp_path, tmp_path / "in.jsonl", replace(settings, box_convention="pixels"), reparse=True
     )
-    assert stats["requested"] == 0 and stats["captioned"] == 3
+    assert stats["requested"] == 0 and stats["records_out"] == 3
     assert smart_resize(100, 100) == (112, 112)
     boxes = [r["entities"][0]["bboxes"][0] for r in iter_jsonl(tmp_path / "out.jsonl")]
     assert boxes == [[0.0, 0.0, 0.5, 0.5]] * 3  # pixels of Qwen2.5-VL's 112x112 input
@@ -643,7 +668,9 @@ def test_chunks_resume_when_the_layout_changes(tmp_path):
     assert [r["image_id"] for r in iter_jsonl(tmp_path / "all.jsonl")] == [
         f"{i:09d}" for i in range(7)
     ]
-    assert total["chunks"] == 4 and total["captioned"] == 7 and total["from_journal"] == 6
+    assert total["chunks"] == 4 and total["records_out"] == 7 and total["from_journal"] == 6
+    assert (total["stage"], total["records_in"], total["dropped"]) == ("caption", 7, {})
+    assert total == read_json(tmp_path / "all.json")
     assert total["requested"] == 1 and (tmp_path / "all_errors.jsonl").read_text() == ""
     # the gather refuses chunks that are not the index's (a stale plan), naming the problem
     with pytest.raises(StalePlanError, match="got 3 chunk files for the 4 chunks"):
@@ -781,7 +808,7 @@ def test_a_new_pixel_budget_asks_again_only_for_images_it_sends_otherwise(tmp_pa
             stats = run_chunk(
                 tmp_path, tmp_path / "in.jsonl", settings_for(server, max_pixels=max_pixels)
             )
-            assert stats["captioned"] == 3
+            assert stats["records_out"] == 3
             return {e.image: 1 for e in server.log[before:]}, stats
 
         first, _ = asked(1003520)  # the large one shrunk, the others as they are

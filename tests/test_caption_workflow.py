@@ -95,7 +95,7 @@ def test_quota_holds_across_parallel_chunk_jobs(tmp_path):
     for i in range(len(starts) - 4):
         assert starts[i + 4] - starts[i] >= 1.0 - 0.05, [round(t - starts[0], 2) for t in starts]
     stats = json.loads((work / "captioned" / "caption_stats.json").read_text())
-    assert stats["chunks"] == 4 and stats["captioned"] == 12 and stats["requested"] == 12
+    assert stats["chunks"] == 4 and stats["records_out"] == 12 and stats["requested"] == 12
     assert stats["rate_per_second"] == 2  # each job's share
     # the chunk jobs overlapped in time (two at once), so the share was needed
     spans = []
@@ -145,6 +145,10 @@ def test_retry_errors_asks_again_only_for_error_records(tmp_path):
         assert (
             error["image_id"] == records[2]["image_id"] and error["code"] == "DataInspectionFailed"
         )
+        assert (error["drop_stage"], error["drop_reason"]) == (
+            "caption", "http_400_DataInspectionFailed",
+        )  # fmt: skip
+        assert error["attempts"] == 1 and error["text"] == records[2]["text"]
         assert "Nothing to be done" in snakemake(config, "--cores", "1", TARGET, "-n").stdout
         time.sleep(1)
         retry = ROOT / "config" / "retry_caption_errors.yaml"
@@ -198,7 +202,7 @@ def test_tuning_knobs_mark_no_chunk_stale_and_output_keys_do(tmp_path):
     snakemake(config(), "--cores", "2", TARGET, "--resources", "vlm_api=2", key=None)
     work = tmp_path / "results" / "captioned"
     assert json.loads((work / "chunk_0_stats.json").read_text())["rate_per_second"] == 2
-    assert json.loads((work / "caption_stats.json").read_text())["captioned"] == 4
+    assert json.loads((work / "caption_stats.json").read_text())["records_out"] == 4
     assert set(KNOBS) == set(TUNING_KEYS)
     # every knob changed at once (and the quota), so one dry-run covers them all ...
     done = snakemake(config(**KNOBS), "--cores", "1", TARGET, "-n", "--resources", "vlm_api=5",
@@ -241,7 +245,7 @@ def test_the_readmes_own_gpu_config_starts_and_captions(tmp_path, monkeypatch):
     assert preflight["model"] == readme["model"] and preflight["stand_in"] is False
     assert preflight["convention"] == "pixels"  # Qwen2.5-VL's boxes, read from the name
     stats = json.loads((work / "caption_stats.json").read_text())
-    assert stats["requested"] == stats["captioned"] == 2, stats
+    assert stats["requested"] == stats["records_out"] == stats["records_in"] == 2, stats
     assert stats["stand_in"] is True  # the stand-in's placeholder answers say so
     logs = sorted((tmp_path / "results" / "logs" / "caption_chunk").glob("*.server.log"))
     assert len(logs) == 2  # one server per chunk job, started by `vllm serve`
@@ -277,7 +281,7 @@ def test_servers_started_by_the_workflow_share_the_chunks_and_are_gone_after(tmp
     for pid in pids:  # ... and none outlives its job
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
     stats = json.loads((work / "captioned" / "caption_stats.json").read_text())
-    assert stats["captioned"] == 8
+    assert stats["records_out"] == 8 and stats["dropped"] == {}
     # the same captions as a plain base_url run against the stand-in
     (tmp_path / "plain").mkdir()
     with StandInVLM(api_key="sk-wf") as server:

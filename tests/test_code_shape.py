@@ -22,30 +22,21 @@ KNOWN_OFFENDERS = {
     "src/groundset/core/reproduce.py": ["differences"],
     "src/groundset/exports/common.py": ["export_coco", "image_size", "record_masks"],
     "src/groundset/exports/emu3.py": ["export_part", "gather_emu3"],
-    "src/groundset/stages/caption/asking.py": ["request_image", "request_pending"],
-    "src/groundset/stages/caption/chunks.py": ["caption_chunk"],
-    "src/groundset/stages/caption/grounding.py": ["normalize_box", "parse_answer"],
-    "src/groundset/stages/dedup.py": ["_load", "cluster", "dedup_records"],
+    "src/groundset/stages/dedup.py": ["cluster", "dedup_records"],
     "src/groundset/stages/filter/dj_op.py": ["compute_stats_batched"],
-    "src/groundset/stages/mask.py": ["apply_floors", "gather_masks", "mask_chunk"],
+    "src/groundset/stages/mask.py": ["apply_floors", "mask_chunk"],
     "src/groundset/stages/split.py": ["index_manifest"],
-    "src/groundset/testing/vlm.py": ["_handler"],
     "src/groundset/tools/estimate.py": ["estimate", "format_estimate", "prefilter_pass"],
     "src/groundset/tools/stats.py": ["collect_stats"],
-    "src/groundset/tools/summary.py": ["collect", "stage_counts"],
     "src/groundset/tools/trace.py": [
-        "download",
-        "export_coco",
         "export_odvg",
         "export_webdataset",
         "mask",
-        "prefilter",
         "tier",
     ],
     "src/groundset/tools/validate.py": ["_mask_problems", "validate_outputs"],
 }
 KNOWN_CYCLES = {
-    frozenset({"groundset.stages.caption.settings", "groundset.stages.caption.serve"}),
     frozenset({"groundset.exports.common", "groundset.tools.validate"}),
 }
 # Modules outside testing/ that import groundset.testing: the end is one seam, where a config
@@ -53,9 +44,11 @@ KNOWN_CYCLES = {
 KNOWN_STAND_IN_IMPORTERS = {
     "groundset.cli",
     "groundset.stages.download",
-    "groundset.stages.caption.settings",
 }
-TOOLS_CEILING = 3310  # lines of the four tools now; the budget is TOOLS_BUDGET
+# Seams: a stage's one module that reaches the stand-ins, imported only where its config opts in
+# (not a ratchet: these are the shape the issue asks for).
+STAND_IN_SEAMS = {"groundset.stages.caption.seam"}
+TOOLS_CEILING = 3060  # lines of the four tools now; the budget is TOOLS_BUDGET
 
 
 def python_files() -> list[Path]:
@@ -141,7 +134,7 @@ def test_no_new_module_imports_the_stand_ins() -> None:
         if not name.startswith("groundset.testing")
         and any(t.startswith("groundset.testing") for t in targets)
     }
-    assert importers == KNOWN_STAND_IN_IMPORTERS
+    assert importers == KNOWN_STAND_IN_IMPORTERS | STAND_IN_SEAMS
 
 
 def test_inspection_tools_within_budget() -> None:

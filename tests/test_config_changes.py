@@ -65,7 +65,8 @@ def assert_in_step(work: Path) -> dict:
     assert index["records"] == len(tier)
     assert Path(index["manifest"]).resolve() == (work / "dedup" / "deduped.jsonl").resolve()
     stats = json.loads((work / "captioned" / "caption_stats.json").read_text())
-    assert stats["chunks"] == len(index["shards"]) and stats["records"] == len(tier)
+    assert stats["chunks"] == len(index["shards"]) and stats["records_in"] == len(tier)
+    assert stats["records_out"] == len(captioned) and sum(stats["dropped"].values()) == len(errors)
     masked = keys(work / "masked" / "masked.jsonl")
     dropped = keys(work / "masked" / "dropped.jsonl")
     assert sorted(masked + dropped) == sorted(captioned)
@@ -136,7 +137,7 @@ def test_caption_input_grown_shrunk_emptied_and_restored_follows_the_config(samp
     done = run_with_tiers(work, tmp_path, [5, 9.9])  # the stand-in scores stay below 9.9
     assert keys(work / "merged" / "aes_6.jsonl") == []
     stats = assert_in_step(work)
-    assert stats["records"] == 0 and stats["chunks"] == 0 and stats["captioned"] == 0
+    assert stats["records_in"] == 0 and stats["chunks"] == 0 and stats["records_out"] == 0
     assert (work / "masked" / "masked.jsonl").read_text() == ""
     train = json.loads((work / "export" / "emu3" / "list" / "train.json").read_text())
     assert train["path_list"] == []

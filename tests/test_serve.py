@@ -92,7 +92,7 @@ def test_the_job_starts_its_server_asks_it_and_stops_it(tmp_path):
     make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(64, 48)] * 5))
     requests = tmp_path / "requests.jsonl"
     stats = run(tmp_path, tmp_path / "in.jsonl", settings(serve_command(requests)))
-    assert stats["captioned"] == 5 and stats["requested"] == 5
+    assert stats["records_out"] == 5 and stats["requested"] == 5
     assert stats["stand_in"] is True  # the served stand-in says so; the run says so too
     (pid,) = server_pids(requests)
     assert started_pids(tmp_path / "out.server.log") == [pid]
@@ -164,7 +164,7 @@ def test_a_killed_job_leaves_no_server_and_its_rerun_pays_nothing_twice(tmp_path
     paid = {line["image"] for line in iter_jsonl(requests) if line["status"] == 200}
     journal = list(iter_jsonl(tmp_path / "out.journal.jsonl"))
     stats = run(tmp_path, tmp_path / "in.jsonl", settings(serve_command(requests)))
-    assert stats["captioned"] == 12
+    assert stats["records_out"] == 12
     assert stats["from_journal"] == len(journal) and stats["requested"] == 12 - len(journal)
     asked = [line["image"] for line in iter_jsonl(requests) if line["status"] == 200]
     # images answered and journaled before the kill are never asked again (distinct images)
@@ -221,7 +221,7 @@ def test_a_server_started_with_a_key_gets_it_and_a_wrong_key_is_named(tmp_path, 
     stats = run(
         tmp_path, tmp_path / "in.jsonl", settings(command, api_key_env="GROUNDSET_SERVE_KEY")
     )
-    assert stats["captioned"] == 2
+    assert stats["records_out"] == 2
     monkeypatch.setenv("GROUNDSET_SERVE_KEY", "wrong")
     began = time.monotonic()
     with pytest.raises(CaptionError, match=r"refused the key on GET /v1/models \(HTTP 401\)"):
@@ -235,10 +235,13 @@ def test_a_chunk_with_nothing_to_send_starts_no_server(tmp_path):
     broken.write_bytes(b"not an image")
     make_records(tmp_path / "in.jsonl", [broken, tmp_path / "missing.jpg"])
     stats = run(tmp_path, tmp_path / "in.jsonl", settings(serve_command(tmp_path / "r.jsonl")))
-    assert stats["dropped"] == 2 and stats["requested"] == 0
+    assert stats["not_sent"] == 2 and stats["requested"] == 0
+    assert stats["dropped"] == {"image_missing": 1, "rgb_conversion_failed": 1}
     assert not (tmp_path / "out.server.log").exists()
-    errors = [e["reason"] for e in iter_jsonl(tmp_path / "out_errors.jsonl")]
-    assert sorted(errors) == ["image_missing", "rgb_conversion_failed"]
+    errors = [
+        (e["drop_stage"], e["drop_reason"]) for e in iter_jsonl(tmp_path / "out_errors.jsonl")
+    ]
+    assert sorted(errors) == [("caption", "image_missing"), ("caption", "rgb_conversion_failed")]
 
 
 def test_stop_ends_the_whole_process_group(tmp_path):
@@ -300,4 +303,4 @@ def test_a_server_that_dies_mid_run_fails_the_job_with_the_reason_and_the_rerun_
     journal = list(iter_jsonl(tmp_path / "out.journal.jsonl"))
     assert 4 <= len(journal) < 30
     stats = run(tmp_path, tmp_path / "in.jsonl", settings(serve_command(requests)))
-    assert stats["captioned"] == 30 and stats["from_journal"] == len(journal)
+    assert stats["records_out"] == 30 and stats["from_journal"] == len(journal)

@@ -463,7 +463,8 @@ def test_sample_captions(sample_run):
     )
     assert all(e["status"] == "answered" and e["answer"] for e in journaled)
     stats = json.loads((work / "captioned" / "caption_stats.json").read_text())
-    assert stats["stand_in"] is True and stats["captioned"] == 5 and stats["chunks"] == 3
+    assert stats["stand_in"] is True and stats["records_out"] == 5 and stats["chunks"] == 3
+    assert (stats["stage"], stats["records_in"], stats["dropped"]) == ("caption", 5, {})
     assert (work / "captioned" / "errors.jsonl").read_text() == ""
     preflight = json.loads((work / "captioned" / "preflight.json").read_text())
     assert preflight["endpoint"] == "loopback stand-in"

@@ -176,6 +176,15 @@ def _image_of(protocol: str, body: dict) -> bytes:
     raise ValueError("no image in the request")
 
 
+def _reply_bytes(reply: Reply, protocol: str, request_id: str, model: str) -> bytes:
+    """The body a reply is sent as: its raw bytes, else the protocol's JSON."""
+    if reply.raw is not None:
+        return reply.raw
+    if protocol == "dashscope":
+        return json.dumps(_dashscope_body(reply, request_id)).encode()
+    return json.dumps(_openai_body(reply, request_id, model)).encode()
+
+
 class StandInVLM:
     """A threaded loopback HTTP server answering DashScope and OpenAI chat requests."""
 
@@ -218,6 +227,7 @@ class StandInVLM:
         return self.url + "/v1"
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
+        """The request handler class of this server (GET /v1/models, POST chat requests)."""
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -247,59 +257,50 @@ class StandInVLM:
 
             def do_POST(self) -> None:
                 start = time.monotonic()
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length)
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 protocol = {DASHSCOPE_PATH: "dashscope", OPENAI_PATH: "openai"}.get(
                     self.path.split("?")[0]
                 )
                 if protocol is None:
                     self._send(404, b'{"code": "NotFound", "message": "no such path"}')
                     return
-                request_id = uuid.uuid4().hex
-                authorized = server.api_key is None or (
-                    self.headers.get("Authorization") == f"Bearer {server.api_key}"
-                )
-                if not authorized:
-                    reply = Reply(401, code="InvalidApiKey", message="Invalid API-key provided.")
-                    digest, model = "", ""
-                else:
-                    try:
-                        body = json.loads(raw)
-                        model = str(body.get("model", ""))
-                        image = _image_of(protocol, body)
-                    except (ValueError, KeyError, TypeError, AttributeError) as err:
-                        image, model = b"", ""
-                        reply = Reply(400, code="InvalidParameter", message=str(err))
-                    else:
-                        reply = None
-                    digest = image_digest(image) if image else ""
-                    if reply is None:
-                        with server._lock:
-                            server.counts[digest] += 1
-                            count = server.counts[digest]
-                        reply = server.responder(image, count, protocol) or default_responder(
-                            image, count, protocol
-                        )
+                authorization = self.headers.get("Authorization")
+                reply, digest, model = server._reply(protocol, raw, authorization)
                 delay = server.latency if reply.delay is None else reply.delay
                 if delay:
                     time.sleep(delay)
-                if reply.raw is not None:
-                    payload = reply.raw
-                elif protocol == "dashscope":
-                    payload = json.dumps(_dashscope_body(reply, request_id)).encode()
-                else:
-                    payload = json.dumps(_openai_body(reply, request_id, model)).encode()
+                payload = _reply_bytes(reply, protocol, uuid.uuid4().hex, model)
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self._send(reply.status, payload)  # may fail if the client gave up
-                entry = Logged(protocol, digest, start, time.monotonic(), reply.status, model)
-                with server._lock:
-                    server.log.append(entry)
-                    if server.request_log:
-                        with open(server.request_log, "a", encoding="utf-8") as handle:
-                            line = {**dataclasses.asdict(entry), "pid": os.getpid()}
-                            handle.write(json.dumps(line) + "\n")
+                server._keep(Logged(protocol, digest, start, time.monotonic(), reply.status, model))
 
         return Handler
+
+    def _reply(self, protocol: str, raw: bytes, authorization: str | None) -> tuple:
+        """(reply, image digest, model) of one chat request's body and Authorization header."""
+        if self.api_key is not None and authorization != f"Bearer {self.api_key}":
+            return Reply(401, code="InvalidApiKey", message="Invalid API-key provided."), "", ""
+        try:
+            body = json.loads(raw)
+            model = str(body.get("model", ""))
+            image = _image_of(protocol, body)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            return Reply(400, code="InvalidParameter", message=str(err)), "", ""
+        digest = image_digest(image) if image else ""
+        with self._lock:
+            self.counts[digest] += 1
+            count = self.counts[digest]
+        reply = self.responder(image, count, protocol) or default_responder(image, count, protocol)
+        return reply, digest, model
+
+    def _keep(self, entry: Logged) -> None:
+        """Log one served request (and append it to the request log file, if any)."""
+        with self._lock:
+            self.log.append(entry)
+            if self.request_log:
+                with open(self.request_log, "a", encoding="utf-8") as handle:
+                    line = {**dataclasses.asdict(entry), "pid": os.getpid()}
+                    handle.write(json.dumps(line) + "\n")
 
     def start(self) -> StandInVLM:
         """Serve in a background thread."""

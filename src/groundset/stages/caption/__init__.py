@@ -1,6 +1,8 @@
 """Captioning stage: a grounded caption (caption + entities with boxes) per image from Qwen-VL.
 
-`settings`: the `caption:` section, prompts, the stand-in decision and the preflight check;
+`settings`: the `caption:` section, prompts, the question asked; `errors`: CaptionError;
+`endpoint`: the stand-in decision, the key, the preflight check, the endpoint of a run;
+`serve`: servers a job starts itself; `seam`: the one way to the loopback stand-in (opt-in);
 `backends`: DashScope's SDK and OpenAI-compatible servers, image payloads, error classes;
 `asking`: one image with retries and back-off, a chunk's pending images paced and in flight;
 `chunks`: chunk ranges and index, journal layout, one chunk's outputs, the gather.
@@ -35,6 +37,14 @@ from groundset.stages.caption.chunks import (
     journal_name,
     rebucket_journals,
 )
+from groundset.stages.caption.endpoint import (
+    check_endpoint,
+    endpoint_for_run,
+    preflight,
+    resolve_key,
+    uses_stand_in,
+)
+from groundset.stages.caption.errors import CaptionError
 from groundset.stages.caption.settings import (
     DASHSCOPE_COMPATIBLE_URL,
     INDEX_KEYS,
@@ -42,17 +52,11 @@ from groundset.stages.caption.settings import (
     PREFLIGHT_KEYS,
     PROMPTS,
     TUNING_KEYS,
-    CaptionError,
     Settings,
-    check_endpoint,
-    endpoint_for_run,
     output_settings,
-    preflight,
     preflight_settings,
     question_id,
-    resolve_key,
     tuning_knobs,
-    uses_stand_in,
 )
 
 __all__ = [

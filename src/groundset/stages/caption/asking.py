@@ -31,8 +31,9 @@ from groundset.stages.caption.backends import (
     make_backend,
     record_payload,
 )
+from groundset.stages.caption.errors import CaptionError
 from groundset.stages.caption.grounding import parse_answer
-from groundset.stages.caption.settings import CaptionError, Settings, question_id
+from groundset.stages.caption.settings import Settings, question_id
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,65 @@ class Outcome:
     dropped: dict | None = None  # the image could not be sent (no request)
     retries: int = 0
     throttled: int = 0
+
+
+def _stop_if_fatal(err: ApiError, limiter: RateLimiter, settings: Settings, key: str) -> None:
+    """Raise when a failed request ends the job: it is stopping, its server died, the key failed."""
+    if limiter.stopped:  # the SDK wrapped the transport's Stopped (or a late failure)
+        raise Stopped(f"{key}: not asked, the job is stopping") from None
+    gone = settings.server_gone() if settings.server_gone else None
+    if gone:  # the job's own server died: no retry can succeed; the rerun goes on
+        raise CaptionError(gone) from None
+    if err.kind == "auth":
+        raise CaptionError(
+            f"the endpoint refused the API key ({err}); check ${settings.api_key_env}"
+        ) from None
+
+
+def _failed(err: ApiError, settings: Settings, key: str, attempts: int, url: str | None) -> dict:
+    """The journal entry of a failed request."""
+    return {"key": key, "status": "error", "reason": str(err), "http_status": err.status,
+            "code": err.code, "attempts": attempts, "max_pixels": settings.max_pixels,
+            "question": question_id(settings), "url": url}  # fmt: skip
+
+
+def _answered(
+    answer, payload: Payload, settings: Settings, key: str, attempts: int, url: str | None,
+    started: float,
+) -> dict:  # fmt: skip
+    """The journal entry of an answer (`started`: the wall clock when its request was made)."""
+    return {
+        "key": key,
+        "url": url,
+        "status": "answered",
+        "answer": answer.text,
+        "request_id": answer.request_id,
+        "attempts": attempts,
+        "width": payload.width,  # as sent: the frame of pixel boxes
+        "height": payload.height,
+        "source_size": list(payload.source),
+        "max_pixels": settings.max_pixels,
+        "stand_in": settings.stand_in is True,  # a PLACEHOLDER answer (stays one when reused)
+        "model": settings.model,
+        "backend": settings.backend,
+        "question": question_id(settings),
+        "sent_at": round(_sent.at, 4) if _sent.at else None,
+        "seconds": round(time.time() - started, 3),
+    }
+
+
+def _back_off(
+    err: ApiError, attempts: int, outcome: Outcome, limiter: RateLimiter, settings: Settings,
+    key: str, sleep,
+) -> None:  # fmt: skip
+    """Wait before the next attempt (jittered, the limiter held back too when throttled)."""
+    delay = backoff_delay(attempts, settings.backoff_base_s, settings.backoff_cap_s)
+    outcome.retries += 1
+    if err.kind == "throttled":
+        outcome.throttled += 1
+        limiter.penalize(delay)
+    log.info("%s: %s; retry %d in %.1f s", key, err, attempts, delay)
+    sleep(delay)
 
 
 def request_image(
@@ -67,50 +127,17 @@ def request_image(
         try:
             answer = backend.ask(payload, settings.prompt_text)
         except ApiError as err:
-            if limiter.stopped:  # the SDK wrapped the transport's Stopped (or a late failure)
-                raise Stopped(f"{key}: not asked, the job is stopping") from None
-            gone = settings.server_gone() if settings.server_gone else None
-            if gone:  # the job's own server died: no retry can succeed; the rerun goes on
-                raise CaptionError(gone) from None
-            if err.kind == "auth":
-                raise CaptionError(
-                    f"the endpoint refused the API key ({err}); check ${settings.api_key_env}"
-                ) from None
-            failure = {"key": key, "status": "error", "reason": str(err), "http_status": err.status,
-                       "code": err.code, "attempts": attempts, "max_pixels": settings.max_pixels,
-                       "question": question_id(settings), "url": url}  # fmt: skip
+            _stop_if_fatal(err, limiter, settings, key)
+            failure = _failed(err, settings, key, attempts, url)
             if err.kind == "final":
                 outcome.entry = failure
                 return outcome
             if attempts >= settings.max_attempts:
                 outcome.gave_up = {**failure, "reason": f"gave up after {attempts} attempts: {err}"}
                 return outcome
-            delay = backoff_delay(attempts, settings.backoff_base_s, settings.backoff_cap_s)
-            outcome.retries += 1
-            if err.kind == "throttled":
-                outcome.throttled += 1
-                limiter.penalize(delay)
-            log.info("%s: %s; retry %d in %.1f s", key, err, attempts, delay)
-            sleep(delay)
+            _back_off(err, attempts, outcome, limiter, settings, key, sleep)
             continue
-        outcome.entry = {
-            "key": key,
-            "url": url,
-            "status": "answered",
-            "answer": answer.text,
-            "request_id": answer.request_id,
-            "attempts": attempts,
-            "width": payload.width,  # as sent: the frame of pixel boxes
-            "height": payload.height,
-            "source_size": list(payload.source),
-            "max_pixels": settings.max_pixels,
-            "stand_in": settings.stand_in is True,  # a PLACEHOLDER answer (stays one when reused)
-            "model": settings.model,
-            "backend": settings.backend,
-            "question": question_id(settings),
-            "sent_at": round(_sent.at, 4) if _sent.at else None,
-            "seconds": round(time.time() - started, 3),
-        }
+        outcome.entry = _answered(answer, payload, settings, key, attempts, url, started)
         return outcome
 
 
@@ -188,6 +215,105 @@ def _needs_request(
     )
 
 
+class _Pending:
+    """A chunk's requests in flight (request_pending's state): the limiter, the request slots,
+    the futures and what they came to."""
+
+    def __init__(
+        self, settings: Settings, journal: Journal, counts: Counter, dropped: dict,
+        gave_up: dict, connect: Callable[[], Settings] | None,
+    ) -> None:  # fmt: skip
+        self.settings, self.journal, self.connect = settings, journal, connect
+        self.counts, self.dropped, self.gave_up = counts, dropped, gave_up
+        self.limiter = RateLimiter(settings.paced_rate)
+        self.backend = None if connect else make_backend(settings, self.limiter)
+        # `concurrency` requests on the wire, and a few more threads making the next payloads
+        # (decode, shrink, encode) meanwhile, so that no request slot waits for one
+        concurrency = max(1, settings.concurrency)
+        self.on_the_wire = threading.BoundedSemaphore(concurrency)
+        self.threads = concurrency + PAYLOAD_THREADS
+        self.window = self.threads * 2
+        self.consecutive = 0
+        self.question = question_id(settings)
+        self.in_flight: dict[cf.Future, str] = {}
+        self.journal_lock = threading.Lock()
+
+    def keep(self, entry: dict) -> None:
+        """Journal one answer (flushed and fsynced) in its request thread, slot still held."""
+        with self.journal_lock:
+            self.journal.append([entry])
+
+    def needs_asking(self, record: dict, retry_errors: bool) -> bool:
+        """Whether the journal lacks a usable answer about the record's image."""
+        settings = self.settings
+        entry = journaled_answer(self.journal, record, self.question, settings.max_pixels)
+        return _needs_request(entry, retry_errors, self.question, settings.expects_json)
+
+    def first_payload(self, record: dict) -> Payload | None:
+        """Before the first request: the record's payload, then the endpoint opened (`connect`);
+        None (and no endpoint) when the image cannot be sent."""
+        try:
+            payload = record_payload(record, self.settings.max_pixels)
+        except Dropped as drop:
+            self.dropped[record_key(record)] = _dropped(drop)
+            return None
+        self.settings = self.connect()
+        self.backend = make_backend(self.settings, self.limiter)
+        return payload
+
+    def submit(self, pool: cf.Executor, record: dict, payload: Payload | None) -> None:
+        """Put one record's request in flight."""
+        future = pool.submit(
+            ask_record, self.backend, self.limiter, self.settings, record, self.on_the_wire,
+            payload, self.keep,
+        )  # fmt: skip
+        self.in_flight[future] = record_key(record)
+
+    def wait(self, bar, most: int) -> None:
+        """Collect landed requests until at most `most` are in flight."""
+        while len(self.in_flight) > most:
+            done, _ = cf.wait(self.in_flight, return_when=cf.FIRST_COMPLETED)
+            self.collect(done)
+            bar.update(len(done))
+
+    def collect(self, done) -> None:
+        """Count what landed requests came to; stop the job when too many in a row failed."""
+        last = None
+        for future in done:
+            key = self.in_flight.pop(future)
+            outcome = future.result()  # CaptionError (auth) propagates: stop the job
+            if outcome.dropped is not None:
+                self.dropped[key] = outcome.dropped
+                continue
+            self.counts["requested"] += 1
+            self.counts["retries"] += outcome.retries
+            self.counts["throttled"] += outcome.throttled
+            if outcome.entry is not None:  # journaled by its thread already
+                self.counts["attempts"] += outcome.entry["attempts"]
+                if outcome.entry["status"] == "answered":
+                    self.consecutive = 0
+            else:
+                self.gave_up[key] = last = outcome.gave_up
+                self.counts["attempts"] += outcome.gave_up["attempts"]
+                self.consecutive += 1
+        if self.consecutive >= self.settings.max_consecutive_failures:
+            reason = (last or {}).get("reason", "an earlier batch")
+            raise CaptionError(
+                f"{self.consecutive} images in a row failed after retries (last: {reason}); the "
+                f"endpoint looks down. Answers so far are journaled in {self.journal.path}; "
+                "rerun to continue"
+            )
+
+    def stop(self) -> None:
+        """Keep what was paid for: no new request starts (threads waiting for a slot give up),
+        the ones on the wire land and their threads journal them."""
+        self.limiter.stop()
+        for future in self.in_flight:
+            future.cancel()
+        running = [f for f in self.in_flight if not f.cancelled()]
+        cf.wait(running, timeout=self.settings.timeout_s)
+
+
 def request_pending(
     records: Iterable[dict], settings: Settings, journal: Journal, retry_errors: bool,
     counts: Counter, dropped: dict, gave_up: dict,
@@ -198,91 +324,24 @@ def request_pending(
     `connect` opens the endpoint (a server of the job's own, the stand-in, a key) and returns
     the settings to ask with; it is called when the first image that can be sent is ready, so a
     chunk whose images are all journaled or unreadable starts no server."""
-    limiter = RateLimiter(settings.paced_rate)
-    backend = None if connect else make_backend(settings, limiter)
-    # `concurrency` requests on the wire, and a few more threads making the next payloads
-    # (decode, shrink, encode) meanwhile, so that no request slot waits for one
-    concurrency = max(1, settings.concurrency)
-    on_the_wire = threading.BoundedSemaphore(concurrency)
-    threads = concurrency + PAYLOAD_THREADS
-    window = threads * 2
-    consecutive = 0
-    question = question_id(settings)
-    in_flight: dict[cf.Future, str] = {}
-    journal_lock = threading.Lock()
-
-    def keep(entry: dict) -> None:
-        """Journal one answer (flushed and fsynced) in its request thread, slot still held."""
-        with journal_lock:
-            journal.append([entry])
-
-    def collect(done) -> None:
-        nonlocal consecutive
-        for future in done:
-            key = in_flight.pop(future)
-            outcome = future.result()  # CaptionError (auth) propagates: stop the job
-            if outcome.dropped is not None:
-                dropped[key] = outcome.dropped
-                continue
-            counts["requested"] += 1
-            counts["retries"] += outcome.retries
-            counts["throttled"] += outcome.throttled
-            if outcome.entry is not None:  # journaled by its thread already
-                counts["attempts"] += outcome.entry["attempts"]
-                consecutive = 0 if outcome.entry["status"] == "answered" else consecutive
-            else:
-                gave_up[key] = outcome.gave_up
-                counts["attempts"] += outcome.gave_up["attempts"]
-                consecutive += 1
-        if consecutive >= settings.max_consecutive_failures:
-            raise CaptionError(
-                f"{consecutive} images in a row failed after retries (last: "
-                f"{gave_up[key]['reason']}); the endpoint looks down. Answers so far are "
-                f"journaled in {journal.path}; rerun to continue"
-            )
-
+    pending = _Pending(settings, journal, counts, dropped, gave_up, connect)
     with (
-        cf.ThreadPoolExecutor(threads, thread_name_prefix="caption") as pool,
+        cf.ThreadPoolExecutor(pending.threads, thread_name_prefix="caption") as pool,
         tqdm(desc="caption", unit="img", mininterval=5) as bar,
     ):
         try:
             for record in records:
-                key = record_key(record)
-                if not _needs_request(
-                    journaled_answer(journal, record, question, settings.max_pixels),
-                    retry_errors,
-                    question,
-                    settings.expects_json,
-                ):
+                if not pending.needs_asking(record, retry_errors):
                     counts["from_journal"] += 1
                     continue
                 payload = None
-                if backend is None:  # the first image to send: make sure it can be, then connect
-                    try:
-                        payload = record_payload(record, settings.max_pixels)
-                    except Dropped as drop:
-                        dropped[key] = _dropped(drop)
+                if pending.backend is None:  # the first image to send: can it be? then connect
+                    payload = pending.first_payload(record)
+                    if payload is None:
                         continue
-                    settings = connect()
-                    backend = make_backend(settings, limiter)
-                while len(in_flight) >= window:
-                    done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
-                    collect(done)
-                    bar.update(len(done))
-                future = pool.submit(
-                    ask_record, backend, limiter, settings, record, on_the_wire, payload, keep
-                )
-                in_flight[future] = key
-            while in_flight:
-                done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
-                collect(done)
-                bar.update(len(done))
+                pending.wait(bar, pending.window - 1)
+                pending.submit(pool, record, payload)
+            pending.wait(bar, 0)
         except BaseException:
-            # keep what was paid for: no new request starts (threads waiting for a slot give
-            # up), the ones on the wire land and their threads journal them, then stop
-            limiter.stop()
-            for future in in_flight:
-                future.cancel()
-            running = [f for f in in_flight if not f.cancelled()]
-            cf.wait(running, timeout=settings.timeout_s)
+            pending.stop()
             raise

@@ -46,6 +46,12 @@ EMPTY = "empty_answer"
 UNPARSEABLE = "unparseable_answer"
 NO_CAPTION = "no_caption"
 REFUSAL = "refusal"
+ERROR_DETAILS = {  # what each reason means, in the error file's `detail`
+    EMPTY: "the answer is empty",
+    UNPARSEABLE: "the answer is neither the JSON asked for nor grounding tokens",
+    NO_CAPTION: "the answer has no caption",
+    REFUSAL: "the model declined to describe the image",
+}
 
 
 @dataclass
@@ -90,20 +96,11 @@ def normalize_box(
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown box convention {convention!r} (one of {CONVENTIONS})")
-    try:
-        x1, y1, x2, y2 = (float(v) for v in box)
-    except (TypeError, ValueError):
+    corners = _corners(box)
+    if corners is None:
         return None
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        return None
-    if convention == "grid1000":
-        sx = sy = 1000.0
-    elif convention == "pixels":
-        if not frame:
-            raise ValueError("pixel boxes need the frame (width, height) they refer to")
-        sx, sy = float(frame[0]), float(frame[1])
-    else:
-        sx = sy = 1.0
+    x1, y1, x2, y2 = corners
+    sx, sy = _scale(convention, frame)
     fixes = []
     if x1 > x2 or y1 > y2:
         fixes.append("inverted")
@@ -118,6 +115,28 @@ def normalize_box(
     if repaired is not None:
         repaired.update(fixes)
     return [x1, y1, x2, y2]
+
+
+def _corners(box) -> tuple[float, float, float, float] | None:
+    """A box's four coordinates as finite numbers, or None."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        return None
+    return x1, y1, x2, y2
+
+
+def _scale(convention: str, frame: tuple[int, int] | None) -> tuple[float, float]:
+    """What a convention's x and y coordinates are divided by to land in [0, 1]."""
+    if convention == "grid1000":
+        return 1000.0, 1000.0
+    if convention == "pixels":
+        if not frame:
+            raise ValueError("pixel boxes need the frame (width, height) they refer to")
+        return float(frame[0]), float(frame[1])
+    return 1.0, 1.0
 
 
 def extract_json(text: str):
@@ -193,34 +212,28 @@ def is_refusal(text: str) -> bool:
     return bool(_REFUSAL.match(text.strip().strip("\"'")))
 
 
-def parse_answer(
-    text: str,
-    convention: str = "grid1000",
-    image_size: tuple[int, int] | None = None,
-    frame: tuple[int, int] | None = None,
-    expect_json: bool = False,
-) -> Parsed:
-    """Parse one model answer. `image_size` (width, height) gives the frame of `pixels` boxes via
-    Qwen's smart_resize unless `frame` is given; with `expect_json` (the prompt asked for JSON),
-    an answer with neither the JSON object nor grounding tokens is an error, not a caption."""
-    if not isinstance(text, str) or not text.strip():
-        return Parsed(None, error=EMPTY)
-    if convention == "pixels" and frame is None and image_size:
-        h, w = smart_resize(image_size[1], image_size[0])
-        frame = (w, h)
+def _read_answer(text: str, expect_json: bool) -> tuple[str | None, list, str | None]:
+    """(caption, [(name, raw boxes)], error) of an answer: JSON, box tokens, or plain prose (a
+    caption without entities, unless JSON was asked for or the prose is a refusal)."""
     value = extract_json(text)
     if value is not None:
-        caption, pairs = _entities_from_json(value)
-    else:
-        caption, pairs = _entities_from_tokens(text)
-        if not pairs:
-            body = text.strip()
-            if is_refusal(body):
-                return Parsed(None, error=REFUSAL)
-            if expect_json or body.startswith(("{", "[", "```")) or '"caption"' in body:
-                return Parsed(None, error=UNPARSEABLE)
-            caption = re.sub(r"\s+", " ", body) or None  # plain prose: a caption without entities
-    parsed = Parsed(caption)
+        return (*_entities_from_json(value), None)
+    caption, pairs = _entities_from_tokens(text)
+    if pairs:
+        return caption, pairs, None
+    body = text.strip()
+    if is_refusal(body):
+        return None, [], REFUSAL
+    if expect_json or body.startswith(("{", "[", "```")) or '"caption"' in body:
+        return None, [], UNPARSEABLE
+    return re.sub(r"\s+", " ", body) or None, [], None
+
+
+def _grounded(
+    pairs: list[tuple[str, list]], convention: str, frame: tuple[int, int] | None, parsed: Parsed
+) -> list[dict]:
+    """The entities (DESIGN.md shape) of (name, raw boxes) pairs: boxes normalized, duplicates
+    merged, what is dropped and repaired counted in `parsed`."""
     merged: dict[str, list] = {}
     for name, boxes in pairs:
         if not name:
@@ -239,7 +252,29 @@ def parse_answer(
             merged.setdefault(name, []).extend(kept)
         else:
             parsed.dropped["entity_without_box"] += 1
-    parsed.entities = [{"entity": name, "bboxes": boxes} for name, boxes in merged.items()]
+    return [{"entity": name, "bboxes": boxes} for name, boxes in merged.items()]
+
+
+def parse_answer(
+    text: str,
+    convention: str = "grid1000",
+    image_size: tuple[int, int] | None = None,
+    frame: tuple[int, int] | None = None,
+    expect_json: bool = False,
+) -> Parsed:
+    """Parse one model answer. `image_size` (width, height) gives the frame of `pixels` boxes via
+    Qwen's smart_resize unless `frame` is given; with `expect_json` (the prompt asked for JSON),
+    an answer with neither the JSON object nor grounding tokens is an error, not a caption."""
+    if not isinstance(text, str) or not text.strip():
+        return Parsed(None, error=EMPTY)
+    if convention == "pixels" and frame is None and image_size:
+        h, w = smart_resize(image_size[1], image_size[0])
+        frame = (w, h)
+    caption, pairs, error = _read_answer(text, expect_json)
+    if error:
+        return Parsed(None, error=error)
+    parsed = Parsed(caption)
+    parsed.entities = _grounded(pairs, convention, frame, parsed)
     if not parsed.caption:
         parsed.error = NO_CAPTION
     elif is_refusal(parsed.caption):

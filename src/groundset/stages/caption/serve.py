@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from groundset.stages.caption.settings import CaptionError
+from groundset.stages.caption.errors import CaptionError
 
 log = logging.getLogger(__name__)
 
