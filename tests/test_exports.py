@@ -15,19 +15,11 @@ from PIL import Image
 
 from groundset.core.io import iter_jsonl, write_jsonl
 from groundset.core.records import clean_name
-from groundset.exports.common import (
-    ExportError,
-    append_phrase,
-    category_name,
-    check_exports,
-    export_coco,
-    export_odvg,
-    export_wds,
-    find_phrase,
-    pixel_box,
-    record_masks,
-    tar_header,
-)
+from groundset.exports.check import check_exports
+from groundset.exports.coco import export_coco
+from groundset.exports.common import ExportError, category_name, pixel_box, record_masks
+from groundset.exports.odvg import append_phrase, export_odvg, find_phrase
+from groundset.exports.wds import export_wds, tar_header
 from groundset.stages.mask import decode_rle, encode_rle
 
 W, H = 40, 30

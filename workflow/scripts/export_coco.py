@@ -1,8 +1,8 @@
-"""Snakemake script of rule export_coco: see groundset.exports.common.export_coco."""
+"""Snakemake script of rule export_coco: see groundset.exports.coco.export_coco."""
 
 from groundset.core.io import write_json
 from groundset.core.runlog import log_to
-from groundset.exports.common import export_coco
+from groundset.exports.coco import export_coco
 
 with log_to(snakemake.log[0]):
     stats = export_coco(

@@ -1,8 +1,8 @@
-"""Snakemake script of rule export_odvg: see groundset.exports.common.export_odvg."""
+"""Snakemake script of rule export_odvg: see groundset.exports.odvg.export_odvg."""
 
 from groundset.core.io import write_json
 from groundset.core.runlog import log_to
-from groundset.exports.common import export_odvg
+from groundset.exports.odvg import export_odvg
 
 with log_to(snakemake.log[0]):
     stats = export_odvg(

@@ -1,8 +1,8 @@
-"""Snakemake script of rule export_wds: see groundset.exports.common.export_wds."""
+"""Snakemake script of rule export_wds: see groundset.exports.wds.export_wds."""
 
 from groundset.core.io import write_json
 from groundset.core.runlog import log_to
-from groundset.exports.common import export_wds
+from groundset.exports.wds import export_wds
 
 with log_to(snakemake.log[0]):
     stats = export_wds(

@@ -42,13 +42,7 @@ from groundset.core.io import atomic_write, dumps_record, iter_jsonl, read_json,
 from groundset.core.journal import Journal
 from groundset.core.prompts import grid as grid
 from groundset.core.prompts import parse_prompt
-from groundset.core.records import (
-    RecordError,
-    feature_relpath,
-    image_path,
-    record_key,
-    same_image,
-)
+from groundset.core.records import RecordError, feature_relpath, image_path, record_key, same_image
 from groundset.stages.mask import publish, resolve_device
 
 log = logging.getLogger(__name__)

@@ -294,7 +294,7 @@ def validate_outputs(
     Emu3 datalist and the `export.emu3` config section, every prompt parsed back); write the
     report or raise."""
     from groundset.core.io import atomic_write
-    from groundset.exports.common import check_exports
+    from groundset.exports.check import check_exports
 
     skip_files = {os.fspath(p) for p in schema_only}
     reports = [validate_file(path, check_files=os.fspath(path) not in skip_files) for path in paths]
