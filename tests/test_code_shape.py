@@ -47,31 +47,6 @@ KNOWN_OFFENDERS = {
 }
 KNOWN_CYCLES = {
     frozenset({"groundset.stages.caption.settings", "groundset.stages.caption.serve"}),
-    frozenset({"groundset.exports.check", "groundset.exports.common", "groundset.tools.validate"}),
-    frozenset(
-        {
-            "groundset.exports.check",
-            "groundset.exports.coco",
-            "groundset.exports.common",
-            "groundset.tools.validate",
-        }
-    ),
-    frozenset(
-        {
-            "groundset.exports.check",
-            "groundset.exports.common",
-            "groundset.exports.odvg",
-            "groundset.tools.validate",
-        }
-    ),
-    frozenset(
-        {
-            "groundset.exports.check",
-            "groundset.exports.common",
-            "groundset.exports.wds",
-            "groundset.tools.validate",
-        }
-    ),
 }
 # Modules outside testing/ that import groundset.testing: the end is one seam, where a config
 # opts into a stand-in.

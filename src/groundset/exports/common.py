@@ -37,10 +37,10 @@ from typing import IO, Any
 import numpy as np
 from tqdm import tqdm
 
+from groundset.core.images import image_header_size
 from groundset.core.io import dumps_record, iter_jsonl
 from groundset.core.records import RecordError, cleaned_texts, image_path, record_boxes, record_key
 from groundset.stages.mask import encode_rle
-from groundset.tools.validate import image_header_size
 
 log = logging.getLogger(__name__)
 
