@@ -16,13 +16,14 @@ category table is held in memory.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import IO
 
 from groundset.core.io import atomic_write, dumps_record, write_json
+from groundset.core.layout import COCO
 from groundset.core.records import record_key
 from groundset.exports.common import (
     Item,
@@ -34,9 +35,8 @@ from groundset.exports.common import (
     prepare,
     run_records,
     skipped_path,
+    stats_path,
 )
-
-log = logging.getLogger(__name__)
 
 # --- COCO -----------------------------------------------------------------------------------
 
@@ -83,86 +83,128 @@ def _coco_work(record: dict) -> Item | Skip:
         return skip.about(record)
 
 
+class _Categories:
+    """The category table: name -> {id, raw_names, annotations}, ids in order of first use."""
+
+    def __init__(self) -> None:
+        """An empty table."""
+        self.table: dict[str, dict] = {}
+
+    def add(self, name: str, raw: str) -> int:
+        """The id of category `name` (added if new), counting one annotation of raw name `raw`."""
+        category = self.table.get(name)
+        if category is None:
+            category = {"id": len(self.table) + 1, "raw_names": set(), "annotations": 0}
+            self.table[name] = category
+        category["raw_names"].add(raw)
+        category["annotations"] += 1
+        return category["id"]
+
+    def entries(self) -> list[dict]:
+        """The COCO `categories` entries."""
+        return [{"id": c["id"], "name": name} for name, c in self.table.items()]
+
+    def mapping(self) -> dict:
+        """The category mapping file's content: each category and the raw names it gathers."""
+        return {"categories": [
+            {"id": c["id"], "name": name, "raw_names": sorted(c["raw_names"]),
+             "annotations": c["annotations"]}
+            for name, c in self.table.items()
+        ]}  # fmt: skip
+
+
+def _annotation(item: Item, i: int, ids: tuple[int, int, int]) -> dict:
+    """The COCO annotation of box `i` of an item (`ids`: annotation, image, category)."""
+    x1, y1, x2, y2 = pixel_box(item.boxes[i][1], item.width, item.height)
+    annotation = {
+        "id": ids[0],
+        "image_id": ids[1],
+        "category_id": ids[2],
+        "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)],
+        "area": item.areas[i],
+        "iscrowd": 0,
+        "segmentation": item.rles[i],
+    }
+    if item.scores is not None:
+        annotation["score"] = item.scores[i]
+    return annotation
+
+
+class _CocoWriter:
+    """Images straight into the output, annotations spooled beside it, and their counts."""
+
+    def __init__(self, out: IO[str], spool: IO[str]) -> None:
+        """A writer into the open output and spool files (the output's head is written)."""
+        self.out, self.spool = out, spool
+        self.categories = _Categories()
+        self.counts: Counter = Counter()
+        self.dropped: Counter = Counter()  # annotations left out, by reason
+        info = {"description": "groundset COCO instances export", "version": "1.0"}
+        out.write('{"info": ' + dumps_record(info) + ', "licenses": [], "images": [\n')
+
+    def add(self, item: Item) -> None:
+        """One image and its annotations."""
+        self.counts["images"] += 1
+        image_id = self.counts["images"]
+        self.out.write(("" if image_id == 1 else ",\n") + dumps_record(_coco_image(item, image_id)))
+        self.counts["images_without_boxes"] += not item.boxes
+        self.counts["texts_cleaned"] += item.cleaned
+        kept, reasons = coco_kept(item)
+        self.dropped.update(reasons)
+        raw_names = item.raw_names
+        for i in kept:
+            category_id = self.categories.add(category_name(item.boxes[i][0]), raw_names[i])
+            self.counts["annotations"] += 1
+            number = self.counts["annotations"]
+            annotation = _annotation(item, i, (number, image_id, category_id))
+            self.spool.write(("" if number == 1 else ",\n") + dumps_record(annotation))
+
+    def finish(self, mapping_path: PathLike) -> None:
+        """The annotations and categories after the images, and the category mapping file."""
+        self.out.write('\n], "annotations": [\n')
+        self.spool.seek(0)
+        shutil.copyfileobj(self.spool, self.out, 1 << 20)
+        entries = ",\n".join(map(dumps_record, self.categories.entries()))
+        self.out.write('\n], "categories": [\n' + entries + "\n]}\n")
+        write_json(mapping_path, self.categories.mapping())
+
+
 def export_coco(
     input: PathLike, output: PathLike, categories: PathLike | None = None, workers: int = 1,
-    skipped: PathLike | None = None,
+    skipped: PathLike | None = None, stats: PathLike | None = None,
 ) -> dict:  # fmt: skip
-    """A COCO instances JSON of a masked JSONL, its category mapping and the records it left
-    out (`skipped`, default `<stem>_skipped.jsonl`, with `drop_reason`); returns the counts."""
+    """A COCO instances JSON of a masked JSONL, its category mapping, the records it left out
+    (`skipped`, default `<stem>_skipped.jsonl`: drop lines) and its stats envelope (`stats`,
+    default `<stem>_stats.json`), which it returns."""
     output = Path(output)
     mapping_path = Path(categories) if categories is not None else categories_path(output)
-    table: dict[str, dict] = {}  # category name -> {id, raw_names, annotations}
-    counts: Counter = Counter()
-    dropped: Counter = Counter()
+    skipped = skipped or skipped_path(output)
     with (
-        atomic_write(skipped or skipped_path(output)) as skip_file,
+        atomic_write(skipped) as skip_file,
         atomic_write(output) as out,
         tempfile.TemporaryFile(
             "w+", encoding="utf-8", dir=output.parent, prefix=f".{output.name}.", suffix=".spool"
         ) as spool,
     ):
-        info = {"description": "groundset COCO instances export", "version": "1.0"}
-        out.write('{"info": ' + dumps_record(info) + ', "licenses": [], "images": [\n')
-        skips = SkipLog(skip_file, "export_coco")
+        skips = SkipLog(skip_file, COCO.name)
+        writer = _CocoWriter(out, spool)
         for item in run_records(_coco_work, input, workers, "export coco"):
             if isinstance(item, Skip):
                 skips.add(item)
-                continue
-            counts["images"] += 1
-            image_id = counts["images"]
-            out.write(("" if image_id == 1 else ",\n") + dumps_record(_coco_image(item, image_id)))
-            counts["images_without_boxes"] += not item.boxes
-            counts["texts_cleaned"] += item.cleaned
-            kept, reasons = coco_kept(item)
-            dropped.update(reasons)
-            raw_names = item.raw_names
-            for i in kept:
-                raw, (name, box) = raw_names[i], item.boxes[i]
-                name = category_name(name)
-                category = table.get(name)
-                if category is None:
-                    category = {"id": len(table) + 1, "raw_names": set(), "annotations": 0}
-                    table[name] = category
-                category["raw_names"].add(raw)
-                category["annotations"] += 1
-                x1, y1, x2, y2 = pixel_box(box, item.width, item.height)
-                counts["annotations"] += 1
-                annotation = {
-                    "id": counts["annotations"],
-                    "image_id": image_id,
-                    "category_id": category["id"],
-                    "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)],
-                    "area": item.areas[i],
-                    "iscrowd": 0,
-                    "segmentation": item.rles[i],
-                }
-                if item.scores is not None:
-                    annotation["score"] = item.scores[i]
-                spool.write(
-                    ("" if counts["annotations"] == 1 else ",\n") + dumps_record(annotation)
-                )
-        out.write('\n], "annotations": [\n')
-        spool.seek(0)
-        shutil.copyfileobj(spool, out, 1 << 20)
-        entries = [{"id": c["id"], "name": name} for name, c in table.items()]
-        out.write('\n], "categories": [\n' + ",\n".join(map(dumps_record, entries)) + "\n]}\n")
-        mapping = [
-            {"id": c["id"], "name": name, "raw_names": sorted(c["raw_names"]),
-             "annotations": c["annotations"]}
-            for name, c in table.items()
-        ]  # fmt: skip
-        write_json(mapping_path, {"categories": mapping})
-    stats = {
-        "images": counts["images"],
-        "annotations": counts["annotations"],
-        "categories": len(table),
-        "images_without_boxes": counts["images_without_boxes"],
-        "texts_cleaned": counts["texts_cleaned"],
-        "skipped": dict(skips.counts),
-        "skipped_file": str(skipped or skipped_path(output)),
-        "annotations_skipped": dict(dropped),
-        "output": str(output),
-        "categories_file": str(mapping_path),
-    }
-    log.info("coco export: %s", stats)
-    return stats
+            else:
+                writer.add(item)
+        writer.finish(mapping_path)
+    counts = writer.counts
+    return skips.stats(
+        stats or stats_path(output),
+        counts["images"],
+        images=counts["images"],
+        annotations=counts["annotations"],
+        categories=len(writer.categories.table),
+        images_without_boxes=counts["images_without_boxes"],
+        texts_cleaned=counts["texts_cleaned"],
+        annotations_skipped=dict(writer.dropped),
+        skipped_file=str(skipped),
+        output=str(output),
+        categories_file=str(mapping_path),
+    )

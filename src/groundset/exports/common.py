@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from groundset.core.images import image_header_size
 from groundset.core.io import dumps_record, iter_jsonl
-from groundset.core.records import RecordError, cleaned_texts, image_path, record_boxes, record_key
+from groundset.core.records import RecordError, cleaned_texts, image_path, record_boxes
+from groundset.core.stats import drop_line, envelope, write_stats
 from groundset.stages.mask import encode_rle
 
 log = logging.getLogger(__name__)
@@ -55,34 +56,24 @@ class ExportError(RuntimeError):
 class Skip(Exception):
     """A record an export cannot take, with the reason it is counted under."""
 
-    def __init__(self, reason: str) -> None:
-        """Remember the reason (the record it is about is named by `about`)."""
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        """Remember the reason and detail (the record it is about is named by `about`)."""
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
         self.record: dict = {}
 
     def about(self, record: dict) -> Skip:
-        """This skip, naming the record (key, source, image_id, image, url) for the side file."""
-        try:
-            key: str | None = record_key(record)
-        except RecordError:
-            key = None
-        try:
-            image: str | None = image_path(record)
-        except RecordError:
-            image = None
-        self.record = {"key": key, "source": record.get("source"),
-                       "image_id": record.get("image_id"), "image": image,
-                       "url": record.get("url")}  # fmt: skip
+        """This skip, naming the record it is about (its drop line in the side file)."""
+        self.record = record
         return self
 
 
 class SkipLog:
-    """The side file of the records an export left out, one line each with `drop_reason`, and
-    their counts by reason."""
+    """The side file of the records an export left out, one drop line each
+    (`groundset.core.stats.drop_line`), and their counts by reason."""
 
     def __init__(self, handle: IO[str] | None, stage: str) -> None:
-        """Lines go to `handle` (None: counted only), tagged with `drop_stage` `stage`."""
+        """Lines go to `handle` (None: counted only), with `drop_stage` `stage`."""
         self.handle, self.stage = handle, stage
         self.counts: Counter = Counter()
 
@@ -90,14 +81,34 @@ class SkipLog:
         """Count a skipped record and write its line."""
         self.counts[skip.reason] += 1
         if self.handle is not None:
-            line = {**skip.record, "drop_stage": self.stage, "drop_reason": skip.reason}
+            line = drop_line(skip.record, self.stage, skip.reason, skip.detail)
             self.handle.write(dumps_record(line) + "\n")
+
+    def stats(self, path: PathLike, records_out: int, **extras) -> dict:
+        """The export's stats envelope (records read = exported + skipped), written to `path`;
+        `skipped` repeats `dropped` for the tools that still read it."""
+        dropped = dict(self.counts)
+        stats = envelope(self.stage, records_out + sum(dropped.values()), records_out, dropped,
+                         **extras, skipped=dropped)  # fmt: skip
+        write_stats(path, stats)
+        log.info("%s export: %s", self.stage, stats)
+        return stats
+
+
+def _beside(output: PathLike, suffix: str) -> Path:
+    """`<output stem><suffix>` beside an output file (or folder)."""
+    output = Path(output)
+    return output.with_name(f"{output.stem if output.suffix else output.name}{suffix}")
 
 
 def skipped_path(output: PathLike) -> Path:
     """The default side file of an export's skipped records: `<output stem>_skipped.jsonl`."""
-    output = Path(output)
-    return output.with_name(f"{output.stem if output.suffix else output.name}_skipped.jsonl")
+    return _beside(output, "_skipped.jsonl")
+
+
+def stats_path(output: PathLike) -> Path:
+    """The default stats file of an export: `<output stem>_stats.json`."""
+    return _beside(output, "_stats.json")
 
 
 @dataclass

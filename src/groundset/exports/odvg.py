@@ -19,11 +19,11 @@ is, and builds its prompt from the phrases; MM-Grounding-DINO reads `caption` an
 
 from __future__ import annotations
 
-import logging
 import re
 from collections import Counter
 
 from groundset.core.io import atomic_write, dumps_record, iter_jsonl
+from groundset.core.layout import ODVG
 from groundset.exports.common import (
     Item,
     PathLike,
@@ -33,9 +33,8 @@ from groundset.exports.common import (
     prepare,
     progress,
     skipped_path,
+    stats_path,
 )
-
-log = logging.getLogger(__name__)
 
 # --- ODVG -----------------------------------------------------------------------------------
 
@@ -93,12 +92,17 @@ def ground(item: Item, caption: str) -> tuple[str, list[dict], Counter]:
     return caption, regions, counts
 
 
-def export_odvg(input: PathLike, output: PathLike, skipped: PathLike | None = None) -> dict:
-    """An ODVG grounding JSONL (one line per image) of a masked JSONL and the records it left out
-    (`skipped`, default `<stem>_skipped.jsonl`, with `drop_reason`); returns the counts."""
+def export_odvg(
+    input: PathLike, output: PathLike, skipped: PathLike | None = None,
+    stats: PathLike | None = None,
+) -> dict:  # fmt: skip
+    """An ODVG grounding JSONL (one line per image) of a masked JSONL, the records it left out
+    (`skipped`, default `<stem>_skipped.jsonl`: drop lines) and its stats envelope (`stats`,
+    default `<stem>_stats.json`), which it returns."""
     counts: Counter = Counter()
-    with atomic_write(skipped or skipped_path(output)) as skip_file, atomic_write(output) as out:
-        skips = SkipLog(skip_file, "export_odvg")
+    skipped = skipped or skipped_path(output)
+    with atomic_write(skipped) as skip_file, atomic_write(output) as out:
+        skips = SkipLog(skip_file, ODVG.name)
         for record in progress(iter_jsonl(input), "export odvg"):
             try:
                 item = prepare(record, masks=False)
@@ -118,14 +122,13 @@ def export_odvg(input: PathLike, output: PathLike, skipped: PathLike | None = No
                 "grounding": {"caption": caption, "regions": regions},
             }
             out.write(dumps_record(line) + "\n")
-    stats = {
+    return skips.stats(
+        stats or stats_path(output),
+        counts["images"],
         **{k: counts[k] for k in ("images", "regions", "phrases_found", "phrases_appended")},
-        "images_without_boxes": counts["images_without_boxes"],
-        "texts_cleaned": counts["texts_cleaned"],
-        "skipped": dict(skips.counts),
-        "skipped_file": str(skipped or skipped_path(output)),
-        "regions_skipped": {k: counts[k] for k in ("empty_phrase",) if counts[k]},
-        "output": str(output),
-    }
-    log.info("odvg export: %s", stats)
-    return stats
+        images_without_boxes=counts["images_without_boxes"],
+        texts_cleaned=counts["texts_cleaned"],
+        skipped_file=str(skipped),
+        regions_skipped={k: counts[k] for k in ("empty_phrase",) if counts[k]},
+        output=str(output),
+    )

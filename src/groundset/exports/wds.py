@@ -16,7 +16,6 @@ Memory: one 64-bit hash per sample for the collision check (~60 bytes), nothing 
 
 from __future__ import annotations
 
-import logging
 import re
 import tarfile
 from collections import Counter
@@ -27,6 +26,7 @@ from typing import IO
 from PIL import Image
 
 from groundset.core.io import atomic_write, dumps_record, iter_jsonl
+from groundset.core.layout import WEBDATASET
 from groundset.core.records import RecordError, record_relpath
 from groundset.exports.common import (
     ExportError,
@@ -38,9 +38,8 @@ from groundset.exports.common import (
     prepare,
     run_records,
     skipped_path,
+    stats_path,
 )
-
-log = logging.getLogger(__name__)
 
 # --- WebDataset -----------------------------------------------------------------------------
 
@@ -244,41 +243,48 @@ def _wds_work(record: dict) -> tuple[str, str, bytes, bytes, int, int] | Skip:
     return key, ext, data, text, len(item.boxes), item.cleaned
 
 
+def _write_samples(input: PathLike, writer: _ShardWriter, skips: SkipLog, workers: int) -> Counter:
+    """Every record's sample into the shards (or its skip into the side file); the counts.
+    ExportError for a key two records share."""
+    counts: Counter = Counter()
+    seen: set[int] = set()  # hashes of the keys written (an exact check on a hit)
+    for index, sample in enumerate(run_records(_wds_work, input, workers, "export wds")):
+        if isinstance(sample, Skip):
+            skips.add(sample)
+            continue
+        key, ext, data, text, boxes, cleaned = sample
+        counts["texts_cleaned"] += cleaned
+        digest = hash(key)
+        if digest in seen and _duplicate(input, key, index):
+            raise ExportError(
+                f"{input}: record {index + 1}: WebDataset key {key!r} is also an earlier "
+                "record's: records need unique source/image_id pairs (and sources that stay "
+                "distinct with every character outside [A-Za-z0-9_-] replaced by '_')"
+            )
+        seen.add(digest)
+        writer.add(key, [(ext, data), ("json", text)])
+        counts["boxes"] += boxes
+        counts["images_without_boxes"] += not boxes
+    return counts
+
+
 def export_wds(
     input: PathLike, outdir: PathLike, shard_size: int = 10000, workers: int = 1,
-    skipped: PathLike | None = None,
+    skipped: PathLike | None = None, stats: PathLike | None = None,
 ) -> dict:  # fmt: skip
-    """WebDataset tar shards (image bytes and a json per sample) of a masked JSONL and the records
-    it left out (`skipped`, default `<outdir>_skipped.jsonl` beside the folder, with
-    `drop_reason`); the counts."""
+    """WebDataset tar shards (image bytes and a json per sample) of a masked JSONL, the records
+    it left out (`skipped`, default `<outdir>_skipped.jsonl` beside the folder: drop lines) and
+    its stats envelope (`stats`, default `<outdir>_stats.json`), which it returns."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, not {shard_size}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     skipped = skipped or skipped_path(outdir)
     writer = _ShardWriter(outdir, shard_size)
-    counts: Counter = Counter()
-    seen: set[int] = set()  # hashes of the keys written (an exact check on a hit)
     with atomic_write(skipped) as skip_file:
-        skips = SkipLog(skip_file, "export_wds")
+        skips = SkipLog(skip_file, WEBDATASET.name)
         try:
-            for index, sample in enumerate(run_records(_wds_work, input, workers, "export wds")):
-                if isinstance(sample, Skip):
-                    skips.add(sample)
-                    continue
-                key, ext, data, text, boxes, cleaned = sample
-                counts["texts_cleaned"] += cleaned
-                digest = hash(key)
-                if digest in seen and _duplicate(input, key, index):
-                    raise ExportError(
-                        f"{input}: record {index + 1}: WebDataset key {key!r} is also an earlier "
-                        "record's: records need unique source/image_id pairs (and sources that stay "
-                        "distinct with every character outside [A-Za-z0-9_-] replaced by '_')"
-                    )
-                seen.add(digest)
-                writer.add(key, [(ext, data), ("json", text)])
-                counts["boxes"] += boxes
-                counts["images_without_boxes"] += not boxes
+            counts = _write_samples(input, writer, skips, workers)
             writer.close()
         except BaseException as err:
             writer.abort(err)
@@ -286,19 +292,18 @@ def export_wds(
     for stale in shard_files(outdir)[writer.shards :]:
         stale.unlink()
     last = writer.shards - 1
-    stats = {
-        "shards": writer.shards,
-        "samples": writer.samples,
-        "boxes": counts["boxes"],
-        "images_without_boxes": counts["images_without_boxes"],
-        "texts_cleaned": counts["texts_cleaned"],
-        "bytes": writer.bytes,
-        "skipped": dict(skips.counts),
-        "skipped_file": str(skipped),
-        "shard_size": shard_size,
-        "outdir": str(outdir),
+    return skips.stats(
+        stats or stats_path(outdir),
+        writer.samples,
+        shards=writer.shards,
+        samples=writer.samples,
+        boxes=counts["boxes"],
+        images_without_boxes=counts["images_without_boxes"],
+        texts_cleaned=counts["texts_cleaned"],
+        bytes=writer.bytes,
+        skipped_file=str(skipped),
+        shard_size=shard_size,
+        outdir=str(outdir),
         # the shards as a WebDataset brace pattern (None for an empty export)
-        "urls": str(outdir / f"shard-{{{0:06d}..{last:06d}}}.tar") if writer.shards else None,
-    }
-    log.info("webdataset export: %s", stats)
-    return stats
+        urls=str(outdir / f"shard-{{{0:06d}..{last:06d}}}.tar") if writer.shards else None,
+    )
