@@ -372,13 +372,48 @@ def test_check_exports_reports_differences(dataset, tmp_path):
     bad["grounding"]["regions"][0]["tokens_positive"] = [[0, 1]]
     odvg.write_text("\n".join([json.dumps(bad), *lines[1:-1]]) + "\n")
     (wds_dir / "shard-000001.tar").unlink()
+    skipped = tmp_path / "w_skipped.jsonl"
+    skipped.write_text("".join(skipped.read_text().splitlines(keepends=True)[1:]))
     problems = check_exports(dataset["path"], coco, odvg, wds_dir)
-    assert any("6 images, the masked records give 7" in p for p in problems)
+    assert any(f"odvg {odvg}: 6 images, its stats say 7" in p for p in problems)
     assert any("do not span their phrase (first on line 1)" in p for p in problems)
-    assert any("2 samples, the masked records give 4" in p for p in problems)
+    assert any(f"webdataset {wds_dir}: 2 samples, its stats say 4" in p for p in problems)
+    assert any(f"webdataset {wds_dir}: 1 shards, its stats say 2" in p for p in problems)
+    assert any(p.startswith(f"webdataset drops {skipped}: ") for p in problems)
     assert not any(p.startswith("coco") for p in problems)
+    # the stats against the masked records: one record more than the exports read
+    more = tmp_path / "more.jsonl"
+    more.write_text(Path(dataset["path"]).read_text() + json.dumps({"image_id": "x"}) + "\n")
+    assert check_exports(more, coco=coco) == [
+        f"coco stats {tmp_path / 'c_stats.json'}: 9 records in, the masked records are 10"
+    ]
+    (tmp_path / "c_stats.json").write_text(json.dumps({"stage": "coco", "records_in": 1}))
+    assert "stats lack records_out, dropped" in check_exports(dataset["path"], coco=coco)[0]
     assert check_exports(dataset["path"], coco=tmp_path / "none.json") == [
         f"coco export {tmp_path / 'none.json'} does not exist"
+    ]
+
+
+def test_check_exports_of_emu3_lists(tmp_path):
+    from groundset.exports.emu3 import Emu3Settings, export_emu3
+
+    image = _image(tmp_path / "a.jpg", "JPEG", 0)
+    records = [{"image": image, "image_id": str(i), "source": "s", "caption": "a dog" if i else "",
+                "entities": []} for i in range(4)]  # fmt: skip
+    write_jsonl(tmp_path / "in.jsonl", records)
+    settings = Emu3Settings.from_config({"tokenize": False, "max_items": 2})
+    stats = export_emu3(tmp_path / "in.jsonl", tmp_path / "emu3", settings)
+    assert (stats["records_in"], stats["records_out"]) == (4, 2)
+    assert stats["dropped"] == {"beyond_max_items": 1, "no_caption": 1}
+    datalist = tmp_path / "emu3" / "list" / "datalist.jsonl"
+    errors = list(iter_jsonl(tmp_path / "emu3" / "list" / "error.jsonl"))
+    assert [(e["key"], e["drop_stage"], e["drop_reason"]) for e in errors] == [
+        ("s/0", "emu3", "no_caption"), ("s/3", "emu3", "beyond_max_items")
+    ]  # fmt: skip
+    assert check_exports(tmp_path / "in.jsonl", emu3=datalist) == []
+    datalist.write_text(datalist.read_text().splitlines(keepends=True)[0])
+    assert check_exports(tmp_path / "in.jsonl", emu3=datalist) == [
+        f"emu3 {datalist}: 1 lines, its stats say 2"
     ]
 
 

@@ -189,10 +189,21 @@ rule draw_sample:
         "../scripts/draw_sample.py"
 
 
-# Every stage's records against their schemas and files; each export (COCO, ODVG, WebDataset)
-# against masked/masked.jsonl: the same images and boxes.
+# The stats envelope and side file of drops of each export in export.formats (which the export
+# check compares with the export itself).
+EXPORT_ACCOUNTS = {
+    f"{fmt}_{what}": getattr(layout.EXPORTS[fmt], what)
+    for fmt in FORMATS
+    if fmt in layout.EXPORTS
+    for what in ("dropped", "stats")
+}
+
+
+# Every stage's records against their schemas and files; each export (COCO, ODVG, WebDataset,
+# Emu3 lists) against its stats envelope, its drops and masked/masked.jsonl's record count.
 rule validate_outputs:
     input:
+        **EXPORT_ACCOUNTS,
         **EMU3_DATALIST,
         **COCO,
         **ODVG,

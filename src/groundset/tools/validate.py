@@ -252,7 +252,8 @@ def validate_outputs(
     exports: dict[str, str] | None = None, emu3: tuple[str, dict] | None = None,
 ) -> None:  # fmt: skip
     """Validate every file (`schema_only` ones without file checks) and each export against the
-    masked records (`exports`: masked, and coco / odvg / wds_dir where exported; `emu3`: the
+    masked records (`exports`: masked, and coco / odvg / wds_dir / emu3 where exported, each
+    checked against its stats and drops: `exports.check`; `emu3`: the
     Emu3 datalist and the `export.emu3` config section, every prompt parsed back); write the
     report or raise."""
     from groundset.core.io import atomic_write
@@ -274,7 +275,10 @@ def validate_outputs(
         named = ", ".join(
             sorted({"wds_dir": "webdataset"}.get(k, k) for k in exports if k != "masked")
         )
-        lines.append(f"exports ({named}): images and boxes match {exports['masked']}")
+        lines.append(
+            f"exports ({named}): images and boxes match their stats, their drop files and "
+            f"{exports['masked']}"
+        )
     if emu3 and exports and "masked" in exports:
         from groundset.exports.emu3 import Emu3Settings, prompt_problems
 
