@@ -179,34 +179,48 @@ def _stated_size(record: dict) -> tuple[int, int] | None:
     return None
 
 
-def image_size(record: dict, image: str) -> tuple[int, int]:
-    """(width, height): masks' size, else the record's, else the image header (Skip if none)."""
-    stated = _stated_size(record)
-    if stated:
-        return stated
+def _pair(width: Any, height: Any) -> tuple[int, int] | None:
+    """(width, height) when both are positive ints (one-item lists too), else None."""
+    width, height = _positive_int(width), _positive_int(height)
+    return (width, height) if width and height else None
+
+
+def _npy_size(record: dict) -> tuple[int, int] | None:
+    """(width, height) from the header of the record's .npy masks (None if none or broken)."""
     mask_file = record.get("mask_file")
-    if mask_file and os.path.isfile(mask_file):
-        try:
-            shape = np.load(mask_file, mmap_mode="r").shape  # the header only
-            if len(shape) == 3 and shape[1] and shape[2]:
-                return int(shape[2]), int(shape[1])
-        except Exception:  # noqa: BLE001 (numpy raises many types for broken files)
-            pass  # the size comes from elsewhere; an export that needs the masks says so
-    width, height = _positive_int(record.get("width")), _positive_int(record.get("height"))
-    if width and height:
-        return width, height
+    if not (mask_file and os.path.isfile(mask_file)):
+        return None
+    try:
+        shape = np.load(mask_file, mmap_mode="r").shape  # the header only
+    except Exception:  # noqa: BLE001 (numpy raises many types for broken files)
+        return None  # the size comes from elsewhere; an export that needs the masks says so
+    return (int(shape[2]), int(shape[1])) if len(shape) == 3 and shape[1] and shape[2] else None
+
+
+def _record_size(record: dict) -> tuple[int, int] | None:
+    """(width, height) the record states: its own, else data-juicer's."""
     stats = record.get("__dj__stats__") or {}
-    if isinstance(stats, dict):
-        width = _positive_int(stats.get("image_width"))
-        height = _positive_int(stats.get("image_height"))
-        if width and height:
-            return width, height
+    dj = (
+        _pair(stats.get("image_width"), stats.get("image_height"))
+        if isinstance(stats, dict)
+        else None
+    )
+    return _pair(record.get("width"), record.get("height")) or dj
+
+
+def _header_size(image: str) -> tuple[int, int]:
+    """(width, height) from the image file's header (Skip if missing or unreadable)."""
     if not os.path.isfile(image):
         raise Skip("image_missing")
     size = image_header_size(image)  # the header only, also of an image PIL calls a bomb
     if size is None:
         raise Skip("image_unreadable")
     return size
+
+
+def image_size(record: dict, image: str) -> tuple[int, int]:
+    """(width, height): masks' size, else the record's, else the image header (Skip if none)."""
+    return _stated_size(record) or _npy_size(record) or _record_size(record) or _header_size(image)
 
 
 def _plain_rle(rle: Any) -> bool:
@@ -249,44 +263,58 @@ def _compressed(rle: Any) -> dict:
     return {"size": [height, width], "counts": counts}
 
 
-def record_masks(record: dict, count: int) -> tuple[list[dict], list[int], int, int]:
-    """(COCO RLE per box, pixels per mask, width, height) of a record's masks; Skip if unusable."""
+def _stored_rles(stored: list, count: int) -> list[dict]:
+    """A record's stored RLE, compressed, one per box and all of one size (else Skip)."""
+    if len(stored) != count:
+        raise Skip("masks_not_aligned", f"{len(stored)} masks for {count} boxes")
+    rles = [_compressed(rle) for rle in stored]
+    if any(rle["size"] != rles[0]["size"] for rle in rles):
+        raise Skip("masks_not_aligned", "masks of different sizes")
+    return rles
+
+
+def _npy_rles(path: str | None, count: int) -> list[dict]:
+    """The masks of a record's .npy file as COCO RLE, one per box (else Skip)."""
+    if not path:
+        raise Skip("mask_missing")
+    try:
+        masks = np.load(path)
+    except FileNotFoundError:
+        raise Skip("mask_missing") from None
+    except Exception as err:  # noqa: BLE001 (numpy raises many types for broken files)
+        raise Skip("mask_unreadable", f"{type(err).__name__}: {err}") from None
+    if masks.ndim != 3 or not masks.shape[1] or not masks.shape[2]:
+        raise Skip("mask_unreadable", f"shape {list(masks.shape)}")
+    if masks.shape[0] != count:
+        raise Skip("masks_not_aligned", f"{masks.shape[0]} masks for {count} boxes")
+    return encode_rle(masks.astype(bool, copy=False))
+
+
+def _areas(rles: list[dict]) -> list[int]:
+    """Pixels per mask, from the RLE runs (cheaper than summing the masks); Skip if damaged."""
     from pycocotools import mask as mask_utils
 
+    try:
+        coded = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
+        return [int(a) for a in mask_utils.area(coded)]
+    except Exception:  # noqa: BLE001 (a damaged counts string)
+        raise Skip("mask_unreadable", "damaged RLE counts") from None
+
+
+def record_masks(record: dict, count: int) -> tuple[list[dict], list[int], int, int]:
+    """(COCO RLE per box, pixels per mask, width, height) of a record's masks; Skip if unusable."""
     stored = record.get("mask_rle")
     if isinstance(stored, list) and stored:
-        if len(stored) != count:
-            raise Skip("masks_not_aligned")
-        rles = [_compressed(rle) for rle in stored]
-        height, width = rles[0]["size"]
-        if any(rle["size"] != [height, width] for rle in rles):
-            raise Skip("masks_not_aligned")
+        rles = _stored_rles(stored, count)
     else:
-        path = record.get("mask_file")
-        if not path:
-            raise Skip("mask_missing")
-        try:
-            masks = np.load(path)
-        except FileNotFoundError:
-            raise Skip("mask_missing") from None
-        except Exception:  # noqa: BLE001 (numpy raises many types for broken files)
-            raise Skip("mask_unreadable") from None
-        if masks.ndim != 3 or not masks.shape[1] or not masks.shape[2]:
-            raise Skip("mask_unreadable")
-        if masks.shape[0] != count:
-            raise Skip("masks_not_aligned")
-        height, width = int(masks.shape[1]), int(masks.shape[2])
-        rles = encode_rle(masks.astype(bool, copy=False))
-    try:  # pixel counts from the RLE runs (cheaper than summing the masks)
-        coded = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
-        areas = [int(a) for a in mask_utils.area(coded)]
-    except Exception:  # noqa: BLE001 (a damaged counts string)
-        raise Skip("mask_unreadable") from None
+        rles = _npy_rles(record.get("mask_file"), count)
+    height, width = rles[0]["size"]
+    areas = _areas(rles)
     stated = record.get("mask_shape")
     if stated is not None and (
         not isinstance(stated, list | tuple) or list(stated) != [count, height, width]
     ):
-        raise Skip("masks_not_aligned")
+        raise Skip("masks_not_aligned", f"mask_shape {stated}, masks {[count, height, width]}")
     return rles, areas, width, height
 
 
