@@ -13,6 +13,12 @@ cannot name a sample). A record with no entities is exported as an image without
 .npy shape) when there are any, else the record's `width`/`height` (or data-juicer's
 `image_width`/`image_height`), else the image file's header (never decoded).
 
+Each export writes its stats envelope (`core.stats.envelope`; stage `coco`, `odvg`,
+`webdataset` as in `core.layout`): records read in, exported out, `dropped` by the reasons
+above, then its own counts; and a side file with one drop line (`core.stats.drop_line`) per
+record it left out. By default both sit beside the output: `<stem>_stats.json`,
+`<stem>_skipped.jsonl`.
+
 Every export streams the input record by record (memory flat in the input size) and writes
 atomically (`io.atomic_write`).
 

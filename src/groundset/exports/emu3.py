@@ -8,8 +8,13 @@ Under the export folder (`groundset export-emu3 --outdir DIR`; `export/emu3` in 
   list/datalist.jsonl              one line per exported image (name, path, image, texts, tokens)
   list/train.json                  {"prefix": <absolute feature folder>, "path_list": [...]}:
                                    the seed's two keys, nothing else; paths relative to prefix
-  list/error.jsonl                 records not exported, each with its reason
+  list/error.jsonl                 records not exported: drop lines (`core.stats.drop_line`)
   list/prompts.json                [{"name", "image", "text"}]: the input of Emu3's prepare_data.py
+`emu3_stats.json` (and each part's `list/parts/stats_<k>.json`) is the stats envelope: records
+read in, exported out, `dropped` by reason (`no_caption`, `image_missing`, `image_unreadable`,
+`bad_name`, and `beyond_max_items` for records past a part's share of `max_items`, each also a
+drop line).
+
 The records are split into `parts` by a hash of their key (`records.record_key`), one job
 (one GPU) per part, whose files are one `Emu3PartFiles`. Every saved feature is journaled, so a
 rerun tokenizes nothing twice and a changed prompt template rewrites only the texts. A part's
