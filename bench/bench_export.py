@@ -96,7 +96,7 @@ def run_export(kind: str, source: Path, target: Path, workers: int) -> dict:
         "wds": f"e.export_wds({str(source)!r}, {str(target)!r}, workers={workers})",
     }[kind]
     code = (
-        "import json, time, logging; import groundset.exports.common as e; "
+        f"import json, time, logging; import groundset.exports.{kind} as e; "
         "logging.disable(logging.INFO); t = time.perf_counter(); "
         f"s = {call}; "
         f"json.dump({{'seconds': time.perf_counter() - t, 'stats': s}}, open({str(report)!r}, 'w'))"

@@ -198,7 +198,7 @@ def test_dedup_distance_and_export_formats_follow_the_config(sample_copy, tmp_pa
     assert sum(1 for _ in iter_jsonl(work / "export" / "odvg" / "odvg.jsonl")) == len(grown)
     assert export_counts(work) == {"emu3 export": (6, 6), "odvg export": (6, 6)}
     report = (work / "validated" / "report.txt").read_text()
-    assert "exports (odvg): images and boxes match" in report
+    assert "exports (emu3, odvg): images and boxes match" in report
     hashes = json.loads((work / "dedup" / "dedup_stats.json").read_text())
     assert hashes["hashed"] == 0 and hashes["hash_cache_hits"] == 8  # hashed once, in the sample
     # back to the sample's config: its files again, nothing asked twice

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os.path as osp
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -16,6 +17,7 @@ from conftest import RANDOM_WEIGHTS
 from groundset.cli import main
 from groundset.core.config import validate_config
 from groundset.core.io import iter_jsonl
+from groundset.core.stats import read_stats
 from groundset.exports.emu3 import (
     OUTPUT_KEYS,
     TUNING_KEYS,
@@ -194,9 +196,16 @@ def test_features_load_as_emu3s_dataset_reads_them(tmp_path, tiny_tokenizer):
     )
     stats = export_emu3(input_path, tmp_path / "out", settings)
     assert stats["exported"] == stats["tokenized"] == stats["train_items"] == len(SIZES)
-    assert stats["error_reasons"] == {"image_missing": 1, "image_unreadable": 1, "no_caption": 1}
+    reasons = {"image_missing": 1, "image_unreadable": 1, "no_caption": 1}
+    # the stats envelope: every record read is exported or dropped with its reason
+    assert stats == read_stats(tmp_path / "out/emu3_stats.json")
+    assert (stats["stage"], stats["records_out"], stats["dropped"]) == ("emu3", len(SIZES), reasons)
+    assert stats["records_in"] == len(records) == len(SIZES) + 3
+    part = read_stats(tmp_path / "out/list/parts/stats_0.json")
+    assert (part["stage"], part["records_in"], part["dropped"]) == ("emu3", len(records), reasons)
     errors = list(iter_jsonl(tmp_path / "out/list/error.jsonl"))
-    assert {e["image_id"]: e["reason"] for e in errors} == {
+    assert all(e["drop_stage"] == "emu3" and e["key"] == f"src/{e['image_id']}" for e in errors)
+    assert {e["image_id"]: e["drop_reason"] for e in errors} == {
         "missing": "image_missing",
         "broken": "image_unreadable",
         "nocap": "no_caption",
@@ -308,8 +317,15 @@ def test_max_items_over_parts_and_prompts_only(tmp_path, tiny_tokenizer):
     out = tmp_path / "out"
     parts = [part_files(out, part) for part in range(3)]
     per_part = [export_part(input_path, parts[part], settings, part) for part in range(3)]
-    assert all(p["exported"] <= 2 for p in per_part)  # ceil(5 / 3): each part its share only
+    assert all(p["records_out"] <= 2 for p in per_part)  # ceil(5 / 3): each part its share only
     stats = gather(out, parts, settings)
+    # records past a part's share are dropped (beyond_max_items), each with its drop line
+    beyond = sum(p["dropped"].get("beyond_max_items", 0) for p in per_part)
+    assert beyond == len(sizes) - stats["records_out"] > 0
+    assert stats["records_in"] == len(sizes) and stats["dropped"] == {"beyond_max_items": beyond}
+    assert stats == read_stats(out / "emu3_stats.json")
+    errors = list(iter_jsonl(out / "list/error.jsonl"))
+    assert Counter(e["drop_reason"] for e in errors) == {"beyond_max_items": beyond}
     train = json.loads((out / "list/train.json").read_text())
     assert stats["train_items"] == len(train["path_list"]) == 5
     assert len(set(train["path_list"])) == 5

@@ -15,19 +15,12 @@ from PIL import Image
 
 from groundset.core.io import iter_jsonl, write_jsonl
 from groundset.core.records import clean_name
-from groundset.exports.common import (
-    ExportError,
-    append_phrase,
-    category_name,
-    check_exports,
-    export_coco,
-    export_odvg,
-    export_wds,
-    find_phrase,
-    pixel_box,
-    record_masks,
-    tar_header,
-)
+from groundset.core.stats import read_stats
+from groundset.exports.check import check_exports
+from groundset.exports.coco import export_coco
+from groundset.exports.common import ExportError, category_name, pixel_box, record_masks
+from groundset.exports.odvg import append_phrase, export_odvg, find_phrase
+from groundset.exports.wds import export_wds, tar_header
 from groundset.stages.mask import decode_rle, encode_rle
 
 W, H = 40, 30
@@ -142,7 +135,10 @@ def test_coco_reads_back_with_pycocotools(dataset, tmp_path):
 
     out = tmp_path / "export" / "coco.json"
     stats = export_coco(dataset["path"], out)
-    assert stats["skipped"] == SKIPPED
+    # the stats envelope: every record read is exported or dropped with its reason
+    assert stats == read_stats(out.parent / "coco_stats.json")
+    assert (stats["stage"], stats["records_in"], stats["records_out"]) == ("coco", 9, 4)
+    assert stats["dropped"] == SKIPPED
     assert stats["annotations_skipped"] == {"empty_mask": 1}
     assert (stats["images"], stats["annotations"], stats["categories"]) == (4, 6, 4)
     assert stats["images_without_boxes"] == 1
@@ -178,7 +174,7 @@ def test_coco_reads_back_with_pycocotools(dataset, tmp_path):
     assert by_name["dog"]["annotations"] == 2
     assert {c["id"]: c["name"] for c in mapping["categories"]} == names
     assert sorted(p.name for p in out.parent.iterdir()) == [
-        "coco.json", "coco_categories.json", "coco_skipped.jsonl"
+        "coco.json", "coco_categories.json", "coco_skipped.jsonl", "coco_stats.json"
     ]  # fmt: skip
     # each left-out record in the side file, with its reason
     lines = list(iter_jsonl(out.parent / "coco_skipped.jsonl"))
@@ -190,7 +186,16 @@ def test_coco_reads_back_with_pycocotools(dataset, tmp_path):
         "000008",
         "000009",
     }
-    assert all(line["drop_stage"] == "export_coco" and line["key"] for line in lines)
+    assert all(line["drop_stage"] == "coco" and line["key"] for line in lines)
+    # a drop line: the drop fields, then the record as it was read
+    by_id = {record["image_id"]: record for record in dataset["records"]}
+    for line in lines:
+        head = {k: line.pop(k) for k in ("key", "source", "image_id", "drop_stage", "drop_reason")}
+        detail = line.pop("detail", None)  # where there is more to say
+        assert detail is None or head["drop_reason"] in ("masks_not_aligned", "mask_unreadable")
+        assert {**line, "source": head["source"], "image_id": head["image_id"]} == by_id[
+            head["image_id"]
+        ]
     assert check_exports(dataset["path"], coco=out) == []
 
 
@@ -220,8 +225,12 @@ def test_odvg_lines(dataset, tmp_path):
     out = tmp_path / "odvg.jsonl"
     stats = export_odvg(dataset["path"], out)
     # ODVG needs no masks: only the missing image and the inverted box are skipped
-    assert stats["skipped"] == {"image_missing": 1, "bad_box": 1}
+    assert stats["dropped"] == {"image_missing": 1, "bad_box": 1}
+    assert stats == read_stats(tmp_path / "odvg_stats.json")
+    assert (stats["stage"], stats["records_in"], stats["records_out"]) == ("odvg", 9, 7)
+    assert stats["regions_skipped"] == {}
     left_out = list(iter_jsonl(tmp_path / "odvg_skipped.jsonl"))
+    assert {r["drop_stage"] for r in left_out} == {"odvg"}
     assert sorted((r["image_id"], r["drop_reason"]) for r in left_out) == [
         ("000007", "image_missing"), ("000009", "bad_box")
     ]  # fmt: skip
@@ -269,7 +278,13 @@ def test_wds_reads_back_with_webdataset(dataset, tmp_path):
     outdir.mkdir()
     (outdir / "shard-000007.tar").write_bytes(b"stale")  # an earlier run's
     stats = export_wds(dataset["path"], outdir, shard_size=3)
-    assert stats["skipped"] == SKIPPED
+    assert stats["dropped"] == SKIPPED
+    assert stats == read_stats(tmp_path / "wds_stats.json")
+    assert (stats["stage"], stats["records_in"], stats["records_out"]) == ("webdataset", 9, 4)
+    left_out = list(iter_jsonl(tmp_path / "wds_skipped.jsonl"))
+    assert Counter((r["drop_stage"], r["drop_reason"]) for r in left_out) == {
+        ("webdataset", reason): n for reason, n in SKIPPED.items()
+    }
     assert (stats["shards"], stats["samples"], stats["boxes"]) == (2, 4, 7)
     assert sorted(p.name for p in outdir.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
     assert stats["bytes"] == sum(p.stat().st_size for p in outdir.iterdir())
@@ -328,7 +343,8 @@ def test_wds_empty_input(tmp_path):
     assert check_exports(empty, wds_dir=outdir) == []
     # and the other two: valid empty files, nothing skipped
     odvg = export_odvg(empty, tmp_path / "odvg.jsonl")
-    assert (odvg["images"], odvg["skipped"]) == (0, {})
+    assert (odvg["records_in"], odvg["records_out"], odvg["dropped"]) == (0, 0, {})
+    assert read_stats(tmp_path / "new" / "wds_stats.json")["records_in"] == 0
     assert (tmp_path / "odvg.jsonl").read_text() == ""
     assert (tmp_path / "odvg_skipped.jsonl").read_text() == ""
     assert check_exports(empty, odvg=tmp_path / "odvg.jsonl", wds_dir=outdir) == []
@@ -358,13 +374,48 @@ def test_check_exports_reports_differences(dataset, tmp_path):
     bad["grounding"]["regions"][0]["tokens_positive"] = [[0, 1]]
     odvg.write_text("\n".join([json.dumps(bad), *lines[1:-1]]) + "\n")
     (wds_dir / "shard-000001.tar").unlink()
+    skipped = tmp_path / "w_skipped.jsonl"
+    skipped.write_text("".join(skipped.read_text().splitlines(keepends=True)[1:]))
     problems = check_exports(dataset["path"], coco, odvg, wds_dir)
-    assert any("6 images, the masked records give 7" in p for p in problems)
+    assert any(f"odvg {odvg}: 6 images, its stats say 7" in p for p in problems)
     assert any("do not span their phrase (first on line 1)" in p for p in problems)
-    assert any("2 samples, the masked records give 4" in p for p in problems)
+    assert any(f"webdataset {wds_dir}: 2 samples, its stats say 4" in p for p in problems)
+    assert any(f"webdataset {wds_dir}: 1 shards, its stats say 2" in p for p in problems)
+    assert any(p.startswith(f"webdataset drops {skipped}: ") for p in problems)
     assert not any(p.startswith("coco") for p in problems)
+    # the stats against the masked records: one record more than the exports read
+    more = tmp_path / "more.jsonl"
+    more.write_text(Path(dataset["path"]).read_text() + json.dumps({"image_id": "x"}) + "\n")
+    assert check_exports(more, coco=coco) == [
+        f"coco stats {tmp_path / 'c_stats.json'}: 9 records in, the masked records are 10"
+    ]
+    (tmp_path / "c_stats.json").write_text(json.dumps({"stage": "coco", "records_in": 1}))
+    assert "stats lack records_out, dropped" in check_exports(dataset["path"], coco=coco)[0]
     assert check_exports(dataset["path"], coco=tmp_path / "none.json") == [
         f"coco export {tmp_path / 'none.json'} does not exist"
+    ]
+
+
+def test_check_exports_of_emu3_lists(tmp_path):
+    from groundset.exports.emu3 import Emu3Settings, export_emu3
+
+    image = _image(tmp_path / "a.jpg", "JPEG", 0)
+    records = [{"image": image, "image_id": str(i), "source": "s", "caption": "a dog" if i else "",
+                "entities": []} for i in range(4)]  # fmt: skip
+    write_jsonl(tmp_path / "in.jsonl", records)
+    settings = Emu3Settings.from_config({"tokenize": False, "max_items": 2})
+    stats = export_emu3(tmp_path / "in.jsonl", tmp_path / "emu3", settings)
+    assert (stats["records_in"], stats["records_out"]) == (4, 2)
+    assert stats["dropped"] == {"beyond_max_items": 1, "no_caption": 1}
+    datalist = tmp_path / "emu3" / "list" / "datalist.jsonl"
+    errors = list(iter_jsonl(tmp_path / "emu3" / "list" / "error.jsonl"))
+    assert [(e["key"], e["drop_stage"], e["drop_reason"]) for e in errors] == [
+        ("s/0", "emu3", "no_caption"), ("s/3", "emu3", "beyond_max_items")
+    ]  # fmt: skip
+    assert check_exports(tmp_path / "in.jsonl", emu3=datalist) == []
+    datalist.write_text(datalist.read_text().splitlines(keepends=True)[0])
+    assert check_exports(tmp_path / "in.jsonl", emu3=datalist) == [
+        f"emu3 {datalist}: 1 lines, its stats say 2"
     ]
 
 
@@ -380,7 +431,7 @@ def test_workers_give_the_same_files(dataset, tmp_path):
         assert (one / name).read_bytes() == (two / name).read_bytes()
     a = export_wds(dataset["path"], one / "wds", shard_size=3)
     b = export_wds(dataset["path"], two / "wds", shard_size=3, workers=2)
-    assert (a["samples"], a["skipped"]) == (b["samples"], b["skipped"])
+    assert (a["samples"], a["dropped"]) == (b["samples"], b["dropped"])
     assert (one / "wds_skipped.jsonl").read_bytes() == (two / "wds_skipped.jsonl").read_bytes()
     for shard in ("shard-000000.tar", "shard-000001.tar"):
         assert (one / "wds" / shard).read_bytes() == (two / "wds" / shard).read_bytes()

@@ -13,8 +13,10 @@ from PIL import Image
 from groundset.core.io import iter_jsonl, write_jsonl
 from groundset.core.prompts import format_prompt, parse_prompt, prompt_parts, template_problem
 from groundset.core.records import clean_caption, clean_name
-from groundset.exports.common import export_coco, export_odvg, export_wds
+from groundset.exports.coco import export_coco
 from groundset.exports.emu3 import Emu3Settings, export_emu3, prompt_problems, template
+from groundset.exports.odvg import export_odvg
+from groundset.exports.wds import export_wds
 
 HEADER, ENTITY = template()
 # what a model may say: the location syntax's own pieces, whitespace of every kind, unicode

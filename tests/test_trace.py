@@ -20,7 +20,9 @@ from conftest import ROOT
 from groundset.core.config import validate_config
 from groundset.core.io import write_json, write_jsonl
 from groundset.core.stats import drop_line, envelope, write_stats
-from groundset.exports.common import export_coco, export_odvg, export_wds
+from groundset.exports.coco import export_coco
+from groundset.exports.odvg import export_odvg
+from groundset.exports.wds import export_wds
 from groundset.stages.filter.select import SelectFiles, select_shard, selection_rules
 from groundset.stages.manifest import build_manifest
 from groundset.stages.mask import MaskGatherFiles, MaskSettings, gather_masks

@@ -278,21 +278,21 @@ def cmd_export_emu3(args: argparse.Namespace, config: dict) -> dict:
 
 def cmd_export_coco(args: argparse.Namespace, config: dict | None) -> dict:
     """COCO instances (boxes in pixels, RLE masks, SAM2 scores) with the category mapping beside."""
-    from groundset.exports.common import export_coco
+    from groundset.exports.coco import export_coco
 
     return export_coco(args.input, args.output, args.categories)
 
 
 def cmd_export_odvg(args: argparse.Namespace, config: dict | None) -> dict:
     """ODVG grounding lines (caption, regions with pixel boxes and token spans) for Grounding DINO."""
-    from groundset.exports.common import export_odvg
+    from groundset.exports.odvg import export_odvg
 
     return export_odvg(args.input, args.output)
 
 
 def cmd_export_wds(args: argparse.Namespace, config: dict | None) -> dict:
     """WebDataset tar shards: each image's original bytes and its JSON (caption, boxes, masks)."""
-    from groundset.exports.common import export_wds
+    from groundset.exports.wds import export_wds
 
     shard_size = args.shard_size
     if shard_size is None:

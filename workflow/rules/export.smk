@@ -13,10 +13,10 @@ rule emu3_part:
     input:
         masked="masked/masked.jsonl",
     output:
-        records="export/emu3/list/parts/part_{part}.jsonl",
-        errors="export/emu3/list/parts/error_{part}.jsonl",
-        stats="export/emu3/list/parts/stats_{part}.json",
-        features=directory("export/emu3/feature/part_{part}"),
+        records=layout.EMU3_PART.records,
+        errors=layout.EMU3_PART.dropped,
+        stats=layout.EMU3_PART.stats,
+        features=directory(layout.EMU3_PART_FEATURES),
     log:
         "logs/emu3_part/{part}.log",
     benchmark:
@@ -28,24 +28,24 @@ rule emu3_part:
         gpu=EMU3_GPUS,
     params:
         settings=EMU3_SETTINGS,
-        journal="export/emu3/journal/part_{part}.jsonl",
-        store="export/emu3/journal/part_{part}",
+        journal=layout.EMU3_JOURNAL,
+        store=layout.EMU3_STORE,
     script:
         "../scripts/emu3_part.py"
 
 
 rule gather_emu3:
     input:
-        records=expand("export/emu3/list/parts/part_{part}.jsonl", part=range(EMU3_PARTS)),
-        errors=expand("export/emu3/list/parts/error_{part}.jsonl", part=range(EMU3_PARTS)),
-        stats=expand("export/emu3/list/parts/stats_{part}.json", part=range(EMU3_PARTS)),
-        features=expand("export/emu3/feature/part_{part}", part=range(EMU3_PARTS)),
+        records=expand(layout.EMU3_PART.records, part=range(EMU3_PARTS)),
+        errors=expand(layout.EMU3_PART.dropped, part=range(EMU3_PARTS)),
+        stats=expand(layout.EMU3_PART.stats, part=range(EMU3_PARTS)),
+        features=expand(layout.EMU3_PART_FEATURES, part=range(EMU3_PARTS)),
     output:
-        datalist="export/emu3/list/datalist.jsonl",
-        train="export/emu3/list/train.json",
-        errors="export/emu3/list/error.jsonl",
-        prompts="export/emu3/list/prompts.json",
-        stats="export/emu3/emu3_stats.json",
+        datalist=layout.EMU3.records,
+        train=layout.EMU3_TRAIN,
+        errors=layout.EMU3.dropped,
+        prompts=layout.EMU3_PROMPTS,
+        stats=layout.EMU3.stats,
     log:
         "logs/gather_emu3.log",
     conda:
@@ -58,7 +58,7 @@ rule gather_emu3:
         settings=EMU3_SETTINGS,
         # train.json's prefix, which path_list is relative to: absolute, as train.json holds it
         # (a moved workdir rewrites the lists)
-        prefix=os.path.abspath("export/emu3/feature"),
+        prefix=os.path.abspath(layout.EMU3_FEATURES),
     script:
         "../scripts/gather_emu3.py"
 
@@ -69,10 +69,10 @@ rule export_coco:
     input:
         masked="masked/masked.jsonl",
     output:
-        coco="export/coco/coco.json",
-        categories="export/coco/coco_categories.json",
-        skipped="export/coco/coco_skipped.jsonl",
-        stats="export/coco/coco_stats.json",
+        coco=layout.COCO.records,
+        categories=layout.COCO_CATEGORIES,
+        skipped=layout.COCO.dropped,
+        stats=layout.COCO.stats,
     log:
         "logs/export_coco.log",
     benchmark:
@@ -91,9 +91,9 @@ rule export_odvg:
     input:
         masked="masked/masked.jsonl",
     output:
-        odvg="export/odvg/odvg.jsonl",
-        skipped="export/odvg/odvg_skipped.jsonl",
-        stats="export/odvg/odvg_stats.json",
+        odvg=layout.ODVG.records,
+        skipped=layout.ODVG.dropped,
+        stats=layout.ODVG.stats,
     log:
         "logs/export_odvg.log",
     benchmark:
@@ -112,9 +112,9 @@ rule export_wds:
     input:
         masked="masked/masked.jsonl",
     output:
-        shards=directory("export/wds"),
-        skipped="export/wds_skipped.jsonl",
-        stats="export/wds_stats.json",
+        shards=directory(layout.WEBDATASET.records),
+        skipped=layout.WEBDATASET.dropped,
+        stats=layout.WEBDATASET.stats,
     log:
         "logs/export_wds.log",
     benchmark:
@@ -189,10 +189,21 @@ rule draw_sample:
         "../scripts/draw_sample.py"
 
 
-# Every stage's records against their schemas and files; each export (COCO, ODVG, WebDataset)
-# against masked/masked.jsonl: the same images and boxes.
+# The stats envelope and side file of drops of each export in export.formats (which the export
+# check compares with the export itself).
+EXPORT_ACCOUNTS = {
+    f"{fmt}_{what}": getattr(layout.EXPORTS[fmt], what)
+    for fmt in FORMATS
+    if fmt in layout.EXPORTS
+    for what in ("dropped", "stats")
+}
+
+
+# Every stage's records against their schemas and files; each export (COCO, ODVG, WebDataset,
+# Emu3 lists) against its stats envelope, its drops and masked/masked.jsonl's record count.
 rule validate_outputs:
     input:
+        **EXPORT_ACCOUNTS,
         **EMU3_DATALIST,
         **COCO,
         **ODVG,

@@ -1,15 +1,14 @@
-"""Snakemake script of rule export_wds: see groundset.exports.common.export_wds."""
+"""Snakemake script of rule export_wds: see groundset.exports.wds.export_wds."""
 
-from groundset.core.io import write_json
 from groundset.core.runlog import log_to
-from groundset.exports.common import export_wds
+from groundset.exports.wds import export_wds
 
 with log_to(snakemake.log[0]):
-    stats = export_wds(
+    export_wds(
         snakemake.input.masked,
         snakemake.output.shards,
         snakemake.params.shard_size,
         workers=snakemake.threads,  # processes reading .npy masks into RLE
         skipped=snakemake.output.skipped,
+        stats=snakemake.output.stats,
     )
-    write_json(snakemake.output.stats, stats)

@@ -5,7 +5,7 @@ from groundset.tools.validate import validate_outputs
 
 RECORDS = ("manifests", "merged", "deduped", "captioned", "masked")
 # the rule's export inputs (those of export.formats) and check_exports' arguments
-EXPORTS = {"coco": "coco", "odvg": "odvg", "wds": "wds_dir"}
+EXPORTS = {"coco": "coco", "odvg": "odvg", "wds": "wds_dir", "emu3": "emu3"}
 
 
 def paths(name: str) -> list[str]:

@@ -8,8 +8,13 @@ Under the export folder (`groundset export-emu3 --outdir DIR`; `export/emu3` in 
   list/datalist.jsonl              one line per exported image (name, path, image, texts, tokens)
   list/train.json                  {"prefix": <absolute feature folder>, "path_list": [...]}:
                                    the seed's two keys, nothing else; paths relative to prefix
-  list/error.jsonl                 records not exported, each with its reason
+  list/error.jsonl                 records not exported: drop lines (`core.stats.drop_line`)
   list/prompts.json                [{"name", "image", "text"}]: the input of Emu3's prepare_data.py
+`emu3_stats.json` (and each part's `list/parts/stats_<k>.json`) is the stats envelope: records
+read in, exported out, `dropped` by reason (`no_caption`, `image_missing`, `image_unreadable`,
+`bad_name`, and `beyond_max_items` for records past a part's share of `max_items`, each also a
+drop line).
+
 The records are split into `parts` by a hash of their key (`records.record_key`), one job
 (one GPU) per part, whose files are one `Emu3PartFiles`. Every saved feature is journaled, so a
 rerun tokenizes nothing twice and a changed prompt template rewrites only the texts. A part's
@@ -26,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,17 +44,13 @@ from tqdm import tqdm
 
 from groundset.core import prompts
 from groundset.core.config import TUNING, fill_section, keys_for, pick_keys, section_defaults
-from groundset.core.io import atomic_write, dumps_record, iter_jsonl, read_json, write_json
+from groundset.core.io import atomic_write, dumps_record, iter_jsonl, read_json
 from groundset.core.journal import Journal
+from groundset.core.layout import EMU3, EMU3_PART
 from groundset.core.prompts import grid as grid
 from groundset.core.prompts import parse_prompt
-from groundset.core.records import (
-    RecordError,
-    feature_relpath,
-    image_path,
-    record_key,
-    same_image,
-)
+from groundset.core.records import RecordError, feature_relpath, image_path, record_key, same_image
+from groundset.core.stats import add_counts, drop_line, envelope, read_stats, write_stats
 from groundset.stages.mask import publish, resolve_device
 
 log = logging.getLogger(__name__)
@@ -366,10 +368,10 @@ class _PartWriter:
         self.counts["exported"] += 1
 
     def error(self, record: dict, reason: str, detail: str = "") -> None:
-        """One record not exported, with its reason."""
-        entry = {"image_id": record.get("image_id"), "source": record.get("source")}
-        entry.update(image=_image_or_none(record), reason=reason, detail=detail)
-        self.errors.write(dumps_record(entry) + "\n")
+        """One record not exported: its drop line (`reason` repeats `drop_reason` for the tools
+        that still read it)."""
+        line = drop_line(record, EMU3_PART.name, reason, detail or None)
+        self.errors.write(dumps_record({**line, "reason": reason}) + "\n")
         self.reasons[reason] += 1
 
 
@@ -401,6 +403,151 @@ def _check(record: dict) -> str | None:
     return None
 
 
+class _PartRun:
+    """One part's export under way: records in windows, decoded and tokenized in batches, lines
+    written in input order."""
+
+    def __init__(self, files: Emu3PartFiles, settings: Emu3Settings, factory, stack) -> None:
+        """A run writing into `files` (opened on `stack`), its tokenizer made by `factory` when
+        first needed."""
+        self.settings, self.factory = settings, factory
+        self.features_dir = Path(files.features).resolve()
+        self.saved_dir = Path(files.store).resolve() if files.store else self.features_dir
+        self.digest = settings.digest()
+        self.tokenizer: VisionTokenizer | None = None
+        self.journal = Journal(files.journal) if settings.tokenize else None
+        if self.journal is not None:
+            stack.enter_context(self.journal)
+        self.writer = _PartWriter(
+            stack.enter_context(atomic_write(files.records)),
+            stack.enter_context(atomic_write(files.errors)),
+            self.saved_dir,
+            self.features_dir,
+            settings.tokenize,
+        )
+        self.pool = stack.enter_context(ThreadPoolExecutor(max(1, settings.decode_workers)))
+        self.pending: list[_Item] = []
+
+    @property
+    def counts(self) -> Counter:
+        """The part's counts so far."""
+        return self.writer.counts
+
+    def add(self, record: dict) -> None:
+        """One record into the window (flushed when full)."""
+        self.counts["records"] += 1
+        self.pending.append(self.prepare(record))
+        if len(self.pending) >= max(1, self.settings.batch_size) * 4:
+            self.flush()
+
+    def full(self, quota: int | None) -> bool:
+        """Whether the part has exported its quota (pending records flushed to know)."""
+        if quota is None:
+            return False
+        if self.counts["exported"] + sum(not i.problem for i in self.pending) < quota:
+            return False
+        self.flush()
+        return self.counts["exported"] >= quota
+
+    def prepare(self, record: dict) -> _Item:
+        """A record's item: its prompt, and its tokens' shape where the journal has them."""
+        settings = self.settings
+        problem = _check(record)
+        if problem:
+            return _Item(str(record.get("image_id")), record, problem=(problem, ""))
+        prompt = format_prompt(record, settings.header, settings.entity)
+        self.counts["texts_cleaned"] += prompts.texts_cleaned(record, settings.header)
+        item = _Item(record_key(record), record, prompt, feature_relpath(record))
+        if settings.tokenize:
+            self.reuse(item)
+        return item
+
+    def reuse(self, item: _Item) -> None:
+        """Take an item's tokens from an earlier run's feature (its texts rewritten if changed)."""
+        done = self.journal.done(item.key)
+        feature = self.saved_dir / item.feature
+        fresh = done and done.get("digest") == self.digest and same_image(done, item.record)
+        if not (fresh and feature.exists()):
+            return
+        if done.get("texts_sha1") != _sha1(item.prompt):  # the prompt changed: texts only
+            tokens = load_feature(feature)["images"].numpy()
+            save_feature(feature, item.key, tokens, item.prompt)
+            self.journal.append([{**done, "texts_sha1": _sha1(item.prompt)}])
+            self.counts["texts_rewritten"] += 1
+        item.shape = tuple(done["shape"])
+        self.counts["reused"] += 1
+
+    def decode(self, item: _Item) -> None:
+        """An item's pixels at the Emu3 area (or why its image cannot be read)."""
+        try:
+            path = image_path(item.record)
+            item.pixels = load_pixels(path, self.settings.image_area, self.tokenizer.factor)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            item.problem = ("image_unreadable", f"{type(err).__name__}: {err}")
+
+    def tokenize(self, batch: list[_Item]) -> None:
+        """Tokens of a batch of same-size images, saved as features and journaled."""
+        tokens = self.tokenizer.encode(np.stack([item.pixels for item in batch]))
+        entries = []
+        for item, grid_tokens in zip(batch, tokens, strict=True):
+            save_feature(self.saved_dir / item.feature, item.key, grid_tokens, item.prompt)
+            item.shape, item.pixels = tuple(grid_tokens.shape), None
+            entries.append({"key": item.key, "url": item.record.get("url"),
+                            "digest": self.digest, "shape": list(item.shape),
+                            "texts_sha1": _sha1(item.prompt)})  # fmt: skip
+        self.journal.append(entries)
+        self.counts["tokenized"] += len(batch)
+
+    def flush(self) -> None:
+        """Tokenize what the window needs, then write its lines in input order."""
+        needs = [
+            i for i in self.pending if self.settings.tokenize and not i.problem and not i.shape
+        ]
+        if needs and self.tokenizer is None:
+            self.tokenizer = self.factory()
+        list(self.pool.map(self.decode, needs))
+        groups: dict[tuple, list[_Item]] = {}
+        for item in needs:
+            if item.pixels is not None:
+                groups.setdefault(item.pixels.shape, []).append(item)
+        size = self.settings.batch_size
+        for items in groups.values():  # same-size images share a batch
+            for start in range(0, len(items), size):
+                self.tokenize(items[start : start + size])
+        for item in self.pending:
+            if item.problem:
+                self.writer.error(item.record, *item.problem)
+            else:
+                self.writer.item(item, item.shape)
+        self.pending.clear()
+
+    def stats(self, part: int) -> dict:
+        """The part's stats envelope (records beyond its max_items share are dropped)."""
+        counts, settings = self.counts, self.settings
+        dropped = dict(self.writer.reasons)
+        records_in = counts["records"] + counts["beyond_max_items"]
+        return envelope(
+            EMU3_PART.name, records_in, counts["exported"], dropped, part=part,
+            **{k: counts[k] for k in PART_COUNTS},
+            tokenize=settings.tokenize,
+            stand_in_tokenizer=settings.tokenize and settings.tokenizer is None,
+            image_area=settings.image_area,
+            factor=self.tokenizer.factor if self.tokenizer is not None else None,
+            **_legacy(records_in, counts["exported"], dropped),
+        )  # fmt: skip
+
+
+# Counts of a part that its stats keep beside the envelope, and the gather sums.
+PART_COUNTS = ("tokenized", "reused", "texts_rewritten", "texts_cleaned", "feature_copies",
+               "beyond_max_items")  # fmt: skip
+
+
+def _legacy(records_in: int, records_out: int, dropped: dict) -> dict:
+    """The stats keys that repeat the envelope for the tools that still read them."""
+    return {"records": records_in, "exported": records_out,
+            "errors": sum(dropped.values()), "error_reasons": dropped}  # fmt: skip
+
+
 def export_part(
     input_path: str | os.PathLike,
     files: Emu3PartFiles,
@@ -409,136 +556,25 @@ def export_part(
     tokenizer_factory: Callable[[], VisionTokenizer] | None = None,
 ) -> dict:
     """Export the records of one part into `files`: features (unless no-tokenize), list lines,
-    errors, stats."""
-    features_dir = Path(files.features).resolve()
-    saved_dir = Path(files.store).resolve() if files.store else features_dir
+    drop lines (records beyond its max_items share too) and the stats envelope."""
     factory = tokenizer_factory or (lambda: load_tokenizer(settings))
-    digest = settings.digest()
-    tokenizer: VisionTokenizer | None = None
-    window = max(1, settings.batch_size) * 4
-    quota = settings.quota
-    journal = Journal(files.journal) if settings.tokenize else None
-    stack = contextlib.ExitStack()
-    with stack:
-        if journal is not None:
-            stack.enter_context(journal)
-        writer = _PartWriter(
-            stack.enter_context(atomic_write(files.records)),
-            stack.enter_context(atomic_write(files.errors)),
-            saved_dir,
-            features_dir,
-            settings.tokenize,
-        )
-        pool = stack.enter_context(ThreadPoolExecutor(max(1, settings.decode_workers)))
-        pending: list[_Item] = []
-
-        def flush() -> None:
-            nonlocal tokenizer
-            needs = [i for i in pending if settings.tokenize and not i.problem and not i.shape]
-            if needs and tokenizer is None:
-                tokenizer = factory()
-
-            def decode(item: _Item) -> None:
-                try:
-                    path = image_path(item.record)
-                    item.pixels = load_pixels(path, settings.image_area, tokenizer.factor)
-                except (OSError, ValueError, Image.DecompressionBombError) as err:
-                    item.problem = ("image_unreadable", f"{type(err).__name__}: {err}")
-
-            list(pool.map(decode, needs))
-            groups: dict[tuple, list[_Item]] = {}
-            for item in needs:
-                if item.pixels is not None:
-                    groups.setdefault(item.pixels.shape, []).append(item)
-            for items in groups.values():  # same-size images share a batch
-                for start in range(0, len(items), settings.batch_size):
-                    batch = items[start : start + settings.batch_size]
-                    tokens = tokenizer.encode(np.stack([item.pixels for item in batch]))
-                    entries = []
-                    for item, grid_tokens in zip(batch, tokens, strict=True):
-                        feature = saved_dir / item.feature
-                        save_feature(feature, item.key, grid_tokens, item.prompt)
-                        item.shape, item.pixels = tuple(grid_tokens.shape), None
-                        entries.append(
-                            {
-                                "key": item.key,
-                                "url": item.record.get("url"),
-                                "digest": digest,
-                                "shape": list(item.shape),
-                                "texts_sha1": _sha1(item.prompt),
-                            }
-                        )
-                    journal.append(entries)
-                    writer.counts["tokenized"] += len(batch)
-            for item in pending:  # the lists keep the input order
-                if item.problem:
-                    writer.error(item.record, *item.problem)
-                else:
-                    writer.item(item, item.shape)
-            pending.clear()
-
-        def prepare(record: dict) -> _Item:
-            problem = _check(record)
-            if problem:
-                return _Item(str(record.get("image_id")), record, problem=(problem, ""))
-            prompt = format_prompt(record, settings.header, settings.entity)
-            writer.counts["texts_cleaned"] += prompts.texts_cleaned(record, settings.header)
-            item = _Item(record_key(record), record, prompt, feature_relpath(record))
-            if not settings.tokenize:
-                return item
-            done = journal.done(item.key)
-            feature = saved_dir / item.feature
-            fresh = done and done.get("digest") == digest and same_image(done, item.record)
-            if fresh and feature.exists():
-                if done.get("texts_sha1") != _sha1(prompt):  # the prompt changed: texts only
-                    tokens = load_feature(feature)["images"].numpy()
-                    save_feature(feature, item.key, tokens, prompt)
-                    journal.append([{**done, "texts_sha1": _sha1(prompt)}])
-                    writer.counts["texts_rewritten"] += 1
-                item.shape = tuple(done["shape"])
-                writer.counts["reused"] += 1
-            return item
-
+    with contextlib.ExitStack() as stack:
+        run = _PartRun(files, settings, factory, stack)
         records = _records_of_part(input_path, part, settings.parts)
         for record in tqdm(records, desc=f"emu3 part {part}", unit="rec", mininterval=5):
-            if quota is not None:
-                tentative = writer.counts["exported"] + sum(not i.problem for i in pending)
-                if tentative >= quota:
-                    flush()
-                    if writer.counts["exported"] >= quota:
-                        writer.counts["beyond_max_items"] += 1 + sum(1 for _ in records)
-                        break
-            writer.counts["records"] += 1
-            pending.append(prepare(record))
-            if len(pending) >= window:
-                flush()
-        flush()
-    stats = {
-        "part": part,
-        **{
-            k: writer.counts[k]
-            for k in (
-                "records",
-                "exported",
-                "tokenized",
-                "reused",
-                "texts_rewritten",
-                "texts_cleaned",
-                "feature_copies",
-            )
-        },
-        "beyond_max_items": writer.counts["beyond_max_items"],
-        "errors": sum(writer.reasons.values()),
-        "error_reasons": dict(writer.reasons),
-        "tokenize": settings.tokenize,
-        "stand_in_tokenizer": settings.tokenize and settings.tokenizer is None,
-        "image_area": settings.image_area,
-        "factor": tokenizer.factor if tokenizer is not None else None,
-    }
-    if writer.counts["feature_copies"]:
-        log.warning("%s: no hard links here, %d features copied from %s", features_dir,
-                    writer.counts["feature_copies"], saved_dir)  # fmt: skip
-    write_json(files.stats, stats)
+            if run.full(settings.quota):
+                run.counts["beyond_max_items"] += 1
+                run.writer.error(
+                    record, "beyond_max_items", f"export.emu3.max_items {settings.max_items}"
+                )
+                continue
+            run.add(record)
+        run.flush()
+        stats = run.stats(part)
+    if run.counts["feature_copies"]:
+        log.warning("%s: no hard links here, %d features copied from %s", run.features_dir,
+                    run.counts["feature_copies"], run.saved_dir)  # fmt: skip
+    write_stats(files.stats, stats)
     log.info("emu3 part %d: %s", part, stats)
     return stats
 
@@ -551,6 +587,37 @@ def _under(folder: str | os.PathLike, prefix: Path) -> str:
     return "" if rel == "." else rel + "/"
 
 
+class _ListWriter:
+    """The lists of the gather: datalist, train.json (max_items), prompts; and their counts."""
+
+    def __init__(self, datalist, train, prompts, prefix: Path, max_items: int | None) -> None:
+        """Writers into the open list files (their heads written)."""
+        self.datalist, self.train, self.prompts = datalist, train, prompts
+        self.max_items = max_items
+        self.listed = self.not_listed = 0
+        train.write('{"prefix": ' + json.dumps(str(prefix)) + ', "path_list": [')
+        prompts.write("[")
+
+    def add(self, line: dict, under: str) -> None:
+        """One part's list line (its path made relative to the prefix, as train.json lists it)."""
+        line["path"] = under + (line.get("path") or f"{line['name']}.pth")
+        self.datalist.write(dumps_record(line) + "\n")
+        if self.max_items is not None and self.listed >= self.max_items:
+            self.not_listed += 1
+            return
+        sep = ", " if self.listed else ""
+        self.train.write(sep + json.dumps(line["path"]))
+        entry = {"name": line["name"], "image": line["image"],
+                 "text": line.get("texts", line.get("text"))}  # fmt: skip
+        self.prompts.write(sep + json.dumps(entry, ensure_ascii=False))
+        self.listed += 1
+
+    def close(self) -> None:
+        """The lists' ends: train.json holds the seed's keys only (features: emu3_stats.json)."""
+        self.train.write("]}\n")
+        self.prompts.write("]\n")
+
+
 def gather_emu3(
     records: list[str],
     errors: list[str],
@@ -561,79 +628,50 @@ def gather_emu3(
     settings: Emu3Settings,
 ) -> dict:
     """The lists of all parts (their records, errors, stats and feature folders, aligned):
-    datalist.jsonl, train.json (max_items; paths relative to `prefix`), error.jsonl, stats."""
+    datalist.jsonl, train.json (max_items; paths relative to `prefix`), error.jsonl and the
+    stats envelope (the parts' summed)."""
     if not len(records) == len(errors) == len(stats) == len(features):
         raise Emu3Error(
             f"{len(records)} part lists, {len(errors)} error files, {len(stats)} stats and "
             f"{len(features)} feature folders"
         )
     prefix = Path(prefix).resolve()
+    total: dict = {}
     counts: Counter = Counter()
-    reasons: Counter = Counter()
     stand_in = False
     with (
         atomic_write(files.datalist) as datalist,
         atomic_write(files.train) as train,
         atomic_write(files.errors) as error_out,
-        atomic_write(files.prompts) as prompts,
+        atomic_write(files.prompts) as prompts_out,
     ):
-        train.write('{"prefix": ' + json.dumps(str(prefix)) + ', "path_list": [')
-        prompts.write("[")
-        listed = 0
+        lists = _ListWriter(datalist, train, prompts_out, prefix, settings.max_items)
         for part_records, part_errors, part_stats_path, part_features in zip(
             records, errors, stats, features, strict=True
         ):
             under = _under(part_features, prefix)
-            part_stats = read_json(part_stats_path)
+            part_stats = read_stats(part_stats_path)
+            add_counts(total, part_stats)
             stand_in |= bool(part_stats.get("stand_in_tokenizer"))
-            for key in (
-                "records",
-                "exported",
-                "tokenized",
-                "reused",
-                "texts_rewritten",
-                "texts_cleaned",
-                "beyond_max_items",
-                "feature_copies",
-            ):
-                counts[key] += part_stats.get(key, 0)
-            reasons.update(part_stats["error_reasons"])
+            counts.update({k: part_stats.get(k, 0) for k in PART_COUNTS})
             for line in iter_jsonl(part_records):
-                # relative to the prefix, as train.json lists it
-                line["path"] = under + (line.get("path") or f"{line['name']}.pth")
-                datalist.write(dumps_record(line) + "\n")
-                if settings.max_items is not None and listed >= settings.max_items:
-                    counts["not_listed_max_items"] += 1
-                    continue
-                sep = ", " if listed else ""
-                train.write(sep + json.dumps(line["path"]))
-                entry = {
-                    "name": line["name"],
-                    "image": line["image"],
-                    "text": line.get("texts", line.get("text")),
-                }
-                prompts.write(sep + json.dumps(entry, ensure_ascii=False))
-                listed += 1
+                lists.add(line, under)
             with open(part_errors, encoding="utf-8") as handle:
-                for line in handle:
-                    error_out.write(line)
-        train.write("]}\n")  # the seed's keys only (whether features exist: emu3_stats.json)
-        prompts.write("]\n")
-    result = {
-        **{k: counts[k] for k in ("records", "exported", "tokenized", "reused", "texts_rewritten")},
-        "texts_cleaned": counts["texts_cleaned"],
-        "train_items": listed,
-        "not_listed_max_items": counts["not_listed_max_items"],
-        "beyond_max_items": counts["beyond_max_items"],
-        "feature_copies": counts["feature_copies"],
-        "errors": sum(reasons.values()),
-        "error_reasons": dict(reasons),
-        "tokenize": settings.tokenize,
-        "stand_in_tokenizer": stand_in,
-        "image_area": settings.image_area,
-        "feature_dir": str(prefix),
-    }
-    write_json(files.stats, result)
+                shutil.copyfileobj(handle, error_out)
+        lists.close()
+    result = envelope(
+        EMU3.name, total.get("records_in", 0), total.get("records_out", 0),
+        total.get("dropped", {}),
+        **{k: counts[k] for k in PART_COUNTS},
+        train_items=lists.listed,
+        not_listed_max_items=lists.not_listed,
+        tokenize=settings.tokenize,
+        stand_in_tokenizer=stand_in,
+        image_area=settings.image_area,
+        feature_dir=str(prefix),
+        **_legacy(total.get("records_in", 0), total.get("records_out", 0), total.get("dropped", {})),
+    )  # fmt: skip
+    write_stats(files.stats, result)
     log.info("emu3 export: %s", result)
     return result
 

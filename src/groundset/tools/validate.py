@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from pathlib import Path
 from jsonschema import Draft202012Validator
 
 from groundset.core.config import load_schema
+from groundset.core.images import image_header_size
 from groundset.core.records import RecordError, image_path, record_boxes, record_key
 
 STAGES = ("manifest", "filtered", "captioned", "masked")
@@ -58,44 +58,6 @@ def _validators() -> dict[str, Draft202012Validator]:
     """A schema validator per stage."""
     schema = load_schema("records")
     return {stage: Draft202012Validator({**schema, "$ref": f"#/$defs/{stage}"}) for stage in STAGES}
-
-
-def image_header_size(path: str) -> tuple[int, int] | None:
-    """(width, height) from the image header (any size), or None if unreadable."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                return image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return _unguarded_header_size(path)
-    except Exception:  # noqa: BLE001 (PIL raises many types for broken files)
-        return None
-
-
-def _unguarded_header_size(path: str) -> tuple[int, int] | None:
-    """The header size of an image that `Image.open` refuses as a bomb (the header alone is read)."""
-    from PIL import Image
-
-    Image.init()
-    try:
-        with open(path, "rb") as handle:
-            prefix = handle.read(16)
-            for name in Image.ID:  # what Image.open does, less its size check
-                factory, accept = Image.OPEN[name]
-                accepted = not accept or accept(prefix)
-                if not accepted or isinstance(accepted, str):
-                    continue
-                handle.seek(0)
-                try:
-                    return tuple(factory(handle, path).size)
-                except Exception:  # noqa: BLE001 (not this format: try the next)
-                    continue
-    except OSError:
-        return None
-    return None
 
 
 def _size_problems(record: dict, size: tuple[int, int]) -> list[str]:
@@ -290,11 +252,12 @@ def validate_outputs(
     exports: dict[str, str] | None = None, emu3: tuple[str, dict] | None = None,
 ) -> None:  # fmt: skip
     """Validate every file (`schema_only` ones without file checks) and each export against the
-    masked records (`exports`: masked, and coco / odvg / wds_dir where exported; `emu3`: the
+    masked records (`exports`: masked, and coco / odvg / wds_dir / emu3 where exported, each
+    checked against its stats and drops: `exports.check`; `emu3`: the
     Emu3 datalist and the `export.emu3` config section, every prompt parsed back); write the
     report or raise."""
     from groundset.core.io import atomic_write
-    from groundset.exports.common import check_exports
+    from groundset.exports.check import check_exports
 
     skip_files = {os.fspath(p) for p in schema_only}
     reports = [validate_file(path, check_files=os.fspath(path) not in skip_files) for path in paths]
@@ -312,7 +275,10 @@ def validate_outputs(
         named = ", ".join(
             sorted({"wds_dir": "webdataset"}.get(k, k) for k in exports if k != "masked")
         )
-        lines.append(f"exports ({named}): images and boxes match {exports['masked']}")
+        lines.append(
+            f"exports ({named}): images and boxes match their stats, their drop files and "
+            f"{exports['masked']}"
+        )
     if emu3 and exports and "masked" in exports:
         from groundset.exports.emu3 import Emu3Settings, prompt_problems
 
