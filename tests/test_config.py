@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from conftest import RANDOM_WEIGHTS, ROOT, run_snakemake, write_config
+from groundset.checks import workflow_config
 from groundset.core.config import (
     OUTPUT,
     SCHEMA_DIR,
@@ -401,7 +402,6 @@ def sample_with(tmp_path, patch: dict) -> list[str]:
     return ["--configfile", str(config), "--config", f"workdir={tmp_path / 'results'}", "-n"]
 
 
-@pytest.mark.workflow
 @pytest.mark.parametrize(
     "patch, message",
     [
@@ -419,10 +419,24 @@ def sample_with(tmp_path, patch: dict) -> list[str]:
     ],
     ids=["min_score", "checkpoint", "missing_checkpoint", "missing_tokenizer", "typo", "template"],
 )  # fmt: skip
-def test_snakemake_stops_on_a_bad_config_before_any_job(tmp_path, patch, message):
-    done = run_snakemake(sample_with(tmp_path, patch), check=False)
+def test_the_workflow_config_check_names_the_key(patch, message):
+    """What the workflow checks before any job (groundset.checks.workflow_config), paths taken
+    from the launch directory (here the repository, as `make sample` runs)."""
+    sample = yaml.safe_load((ROOT / "config" / "sample.yaml").read_text())
+    with pytest.raises(ConfigError) as error:
+        workflow_config(deep_merge(sample, patch), ROOT)
+    assert re.search(f"^{re.escape(message)}", str(error.value), flags=re.M), str(error.value)
+    for dump in ("$schema", "properties", "Failed validating", "Traceback"):
+        assert dump not in str(error.value)
+
+
+@pytest.mark.workflow
+def test_snakemake_stops_on_a_bad_config_before_any_job(tmp_path):
+    """The plumbing: the check's message reaches the user as one line, before any job."""
+    done = run_snakemake(sample_with(tmp_path, {"caption": {"chunk_sise": 4}}), check=False)
     assert done.returncode != 0
     out = done.stdout + done.stderr  # snakemake logs its errors to either
+    message = "caption.chunk_sise: unknown key (did you mean caption.chunk_size?)"
     assert re.search(f"^{re.escape(message)}", out, flags=re.M), out
     for dump in ("$schema", "properties", "Failed validating", "Traceback"):
         assert dump not in out, out

@@ -4,13 +4,8 @@ import re
 from snakemake.exceptions import WorkflowError
 
 from groundset.stages.caption import Settings, uses_stand_in
-from groundset.core.config import (
-    ConfigError,
-    download_options,
-    find_source,
-    missing_weights,
-    validate_config,
-)
+from groundset.checks import workflow_config
+from groundset.core.config import ConfigError, download_options, find_source
 from groundset.stages.prefilter import PROVENANCE, PrefilterRules
 from groundset.stages.split import read_index
 from groundset.core import layout
@@ -22,36 +17,14 @@ import groundset.stages.filter.score
 import groundset.stages.filter.select
 import groundset.stages.mask
 
-# Schema (defaults filled) and cross-key checks, before any job: one line per problem, each
-# leading with its key path (a WorkflowError: Snakemake prints it without a traceback).
+# The whole config check before any job (groundset.checks): schema and cross-key checks, user
+# paths made absolute against where snakemake was started (LAUNCH_DIR, see the Snakefile), the
+# weights they name, the recipe's filters. One line per problem, each leading with its key path
+# (a WorkflowError: Snakemake prints it without a traceback).
 try:
-    validate_config(config)
+    workflow_config(config, LAUNCH_DIR)
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
-
-
-# User paths are relative to where snakemake was started (LAUNCH_DIR, see the Snakefile); make
-# them absolute before `workdir:`.
-def launch_path(path):
-    """`path` made absolute against the launch directory (None stays None)."""
-    return None if path is None else os.path.join(LAUNCH_DIR, path)
-
-
-for _source in config["sources"]:
-    _source["url_list"] = launch_path(_source["url_list"])
-    _source["serve_dir"] = launch_path(_source["serve_dir"] or None)
-config["filter"]["template"] = launch_path(config["filter"]["template"])
-config["filter"]["models_home"] = launch_path(config["filter"]["models_home"] or None)
-config["mask"]["checkpoint"] = launch_path(config["mask"]["checkpoint"])
-config["export"]["emu3"]["tokenizer"] = launch_path(config["export"]["emu3"]["tokenizer"])
-if missing_weights(config):
-    raise WorkflowError("invalid configuration:\n" + "\n".join(missing_weights(config)))
-# The recipe template names the filters select applies: a wrong one stops the run before any
-# (expensive) score job.
-try:
-    groundset.stages.filter.select.config_rules(config["filter"])
-except ConfigError as error:
-    raise WorkflowError(f"invalid configuration:\n{error}") from None
 
 SOURCES = [source["name"] for source in config["sources"]]
 

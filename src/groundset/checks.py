@@ -1,0 +1,53 @@
+"""The workflow's whole check of a config before any job, in one place (common.smk calls it).
+
+Schema and cross-key checks, user paths made absolute against the launch directory, the model
+weights they name, and the recipe template's filters: every problem a job would meet later,
+found while Snakemake plans, each a line leading with its key.
+"""
+
+from __future__ import annotations
+
+import os
+
+from groundset.core.config import ConfigError, missing_weights, validate_config
+from groundset.stages.filter.select import config_rules
+
+# Config paths (relative to where snakemake was started) a job opens: made absolute first.
+LAUNCH_PATHS = (
+    ("filter", "template"),
+    ("filter", "models_home"),
+    ("mask", "checkpoint"),
+    ("export", "emu3", "tokenizer"),
+)
+
+
+def launch_path(path: str | None, launch_dir: str | os.PathLike) -> str | None:
+    """`path` made absolute against the launch directory (None and "" stay None)."""
+    return os.path.join(os.fspath(launch_dir), path) if path else None
+
+
+def absolute_paths(config: dict, launch_dir: str | os.PathLike) -> None:
+    """Make the config's user paths absolute against `launch_dir` (in place)."""
+    for source in config["sources"]:
+        source["url_list"] = launch_path(source["url_list"], launch_dir)
+        source["serve_dir"] = launch_path(source["serve_dir"], launch_dir)
+    for *section, key in LAUNCH_PATHS:
+        node = config
+        for part in section:
+            node = node[part]
+        node[key] = launch_path(node[key], launch_dir)
+
+
+def workflow_config(config: dict, launch_dir: str | os.PathLike) -> dict:
+    """The config a run uses (defaults filled, paths absolute), or ConfigError naming every
+    problem a job would meet (schema, weights, the recipe template's filters)."""
+    validate_config(config)
+    absolute_paths(config, launch_dir)
+    problems = missing_weights(config)
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(problems))
+    try:
+        config_rules(config["filter"])  # the filters select applies: before any score job
+    except ConfigError as error:
+        raise ConfigError(f"invalid configuration:\n{error}") from None
+    return config
