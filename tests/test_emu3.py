@@ -195,7 +195,7 @@ def test_features_load_as_emu3s_dataset_reads_them(tmp_path, tiny_tokenizer):
         {"tokenizer": str(tiny_tokenizer), "image_area": area, "batch_size": 2, "device": "cpu"}
     )
     stats = export_emu3(input_path, tmp_path / "out", settings)
-    assert stats["exported"] == stats["tokenized"] == stats["train_items"] == len(SIZES)
+    assert stats["records_out"] == stats["tokenized"] == stats["train_items"] == len(SIZES)
     reasons = {"image_missing": 1, "image_unreadable": 1, "no_caption": 1}
     # the stats envelope: every record read is exported or dropped with its reason
     assert stats == read_stats(tmp_path / "out/emu3_stats.json")
@@ -365,7 +365,7 @@ def test_seed_records_without_source_get_the_seeds_feature_paths(tmp_path, tiny_
     )
     out = tmp_path / "out"
     stats = export_emu3(input_path, out, settings)
-    assert stats["exported"] == stats["tokenized"] == 3
+    assert stats["records_out"] == stats["tokenized"] == 3
     ids = [r["image_id"] for r in seed]
     train = json.loads((out / "list/train.json").read_text())
     assert set(train) == {"prefix", "path_list"}  # exactly the seed's keys

@@ -9,7 +9,7 @@ config["caption"]["api_jobs"] = API_JOBS
 
 rule caption_preflight:
     output:
-        "captioned/preflight.json",
+        layout.PREFLIGHT,
     log:
         "logs/caption_preflight.log",
     localrule: True
@@ -35,8 +35,8 @@ rule dedup_records:
         records=config["caption"]["input"],
     output:
         records=DEDUPED,
-        dropped="dedup/dropped.jsonl",
-        stats="dedup/dedup_stats.json",
+        dropped=layout.DEDUP.dropped,
+        stats=layout.DEDUP.stats,
     log:
         "logs/dedup_records.log",
     benchmark:
@@ -59,7 +59,7 @@ checkpoint index_chunks:
     input:
         records=DEDUPED,
         # checked first thing in a run, long before the first chunk
-        preflight="captioned/preflight.json",
+        preflight=layout.PREFLIGHT,
     output:
         index=CHUNK_INDEX,
     log:
@@ -73,9 +73,9 @@ checkpoint index_chunks:
         runtime=30,
     params:
         chunk_size=config["caption"]["chunk_size"],
-        journal_dir="captioned/journal",
+        journal_dir=layout.CAPTION_JOURNALS,
         # the mask jobs' journals follow the same chunks: moved with their records
-        mask_journal_dir="masked/journal",
+        mask_journal_dir=layout.MASK_JOURNALS,
     script:
         "../scripts/index_chunks.py"
 
@@ -85,9 +85,9 @@ rule caption_chunk:
         records=DEDUPED,
         index=CHUNK_INDEX,
     output:
-        records="captioned/chunk_{chunk}.jsonl",
-        errors="captioned/chunk_{chunk}_errors.jsonl",
-        stats="captioned/chunk_{chunk}_stats.json",
+        records=layout.CAPTION_CHUNK.records,
+        errors=layout.CAPTION_CHUNK.dropped,
+        stats=layout.CAPTION_CHUNK.stats,
     log:
         job="logs/caption_chunk/{chunk}.log",
         # the output of the VLM server the job starts (caption.serve.command), if any
@@ -105,7 +105,7 @@ rule caption_chunk:
         gpu=SERVE["gpus"] if SERVING else 0,
     params:
         settings=caption_settings,
-        journal=lambda wildcards: f"captioned/journal/chunk_{wildcards.chunk}.jsonl",
+        journal=lambda wildcards: layout.CAPTION_JOURNAL.format(chunk=wildcards.chunk),
     script:
         "../scripts/caption_chunk.py"
 
@@ -115,9 +115,9 @@ rule gather_captions:
         unpack(caption_chunks),
         index=CHUNK_INDEX,
     output:
-        records="captioned/captioned.jsonl",
-        errors="captioned/errors.jsonl",
-        stats="captioned/caption_stats.json",
+        records=layout.CAPTION.records,
+        errors=layout.CAPTION.dropped,
+        stats=layout.CAPTION.stats,
     log:
         "logs/gather_captions.log",
     conda:

@@ -2,9 +2,9 @@ rule prefilter_urls:
     input:
         url_list,
     output:
-        urls=directory("url_lists/{source}"),
-        stats="url_lists/{source}_stats.json",
-        dropped="url_lists/{source}_dropped.parquet",
+        urls=directory(layout.URL_LISTS),
+        stats=layout.PREFILTER.stats,
+        dropped=layout.PREFILTER.dropped,
     log:
         "logs/prefilter_urls/{source}.log",
     benchmark:
@@ -26,9 +26,9 @@ rule prefilter_urls:
 
 rule download_images:
     input:
-        urls="url_lists/{source}",
+        urls=layout.URL_LISTS,
     output:
-        stats="downloads/{source}_stats.json",
+        stats=layout.DOWNLOAD.stats,
     log:
         "logs/download_images/{source}.log",
     benchmark:

@@ -11,7 +11,7 @@
 
 rule emu3_part:
     input:
-        masked="masked/masked.jsonl",
+        masked=layout.MASK.records,
     output:
         records=layout.EMU3_PART.records,
         errors=layout.EMU3_PART.dropped,
@@ -67,7 +67,7 @@ rule gather_emu3:
 # records it could not take (with drop_reason) beside.
 rule export_coco:
     input:
-        masked="masked/masked.jsonl",
+        masked=layout.MASK.records,
     output:
         coco=layout.COCO.records,
         categories=layout.COCO_CATEGORIES,
@@ -89,7 +89,7 @@ rule export_coco:
 
 rule export_odvg:
     input:
-        masked="masked/masked.jsonl",
+        masked=layout.MASK.records,
     output:
         odvg=layout.ODVG.records,
         skipped=layout.ODVG.dropped,
@@ -110,7 +110,7 @@ rule export_odvg:
 
 rule export_wds:
     input:
-        masked="masked/masked.jsonl",
+        masked=layout.MASK.records,
     output:
         shards=directory(layout.WEBDATASET.records),
         skipped=layout.WEBDATASET.dropped,
@@ -133,11 +133,11 @@ rule export_wds:
 
 rule entity_stats:
     input:
-        "masked/masked.jsonl",
+        layout.MASK.records,
     output:
-        stats="export/stats/stats.json",
+        stats=layout.ENTITY_STATS,
         plots=report(
-            directory("export/stats/plots"),
+            directory(layout.ENTITY_PLOTS),
             patterns=["{name}.png"],
             caption="../report/stats.rst",
             category="2. Statistics",
@@ -158,17 +158,17 @@ rule entity_stats:
 
 rule draw_sample:
     input:
-        "masked/masked.jsonl",
+        layout.MASK.records,
     output:
         boxes=report(
-            directory("export/draw"),
+            directory(layout.DRAWINGS),
             patterns=["{source}/{image_id}.jpg"],
             caption="../report/draw_boxes.rst",
             category="3. Drawings",
             subcategory="boxes",
         ),
         masks=report(
-            directory("export/draw_sam2_mask"),
+            directory(layout.MASK_DRAWINGS),
             patterns=["{source}/{image_id}.png"],
             caption="../report/draw_masks.rst",
             category="3. Drawings",
@@ -208,13 +208,13 @@ rule validate_outputs:
         **COCO,
         **ODVG,
         **WDS,
-        manifests=expand("manifest/{source}.jsonl", source=SOURCES),
+        manifests=expand(layout.MANIFEST.records, source=SOURCES),
         merged=MERGED,
         deduped=DEDUPED,
         captioned=CAPTIONED,
         masked=MASKED,
     output:
-        "validated/report.txt",
+        layout.VALIDATED,
     log:
         "logs/validate_outputs.log",
     benchmark:
@@ -233,11 +233,11 @@ rule stage_counts:
     input:
         VALIDATED,
         EMU3,
-        "export/stats/stats.json",
+        layout.ENTITY_STATS,
     output:
-        json="export/stage_counts.json",
+        json=layout.STAGE_COUNTS,
         html=report(
-            "export/stage_counts.html",
+            layout.STAGE_COUNTS_HTML,
             caption="../report/stage_counts.rst",
             category="1. Records per stage",
         ),

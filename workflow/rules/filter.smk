@@ -1,10 +1,10 @@
 rule build_manifest:
     input:
-        "downloads/{source}_stats.json",
+        layout.DOWNLOAD.stats,
     output:
-        manifest="manifest/{source}.jsonl",
-        stats="manifest/{source}_stats.json",
-        dropped="manifest/{source}_dropped.jsonl",
+        manifest=layout.MANIFEST.records,
+        stats=layout.MANIFEST.stats,
+        dropped=layout.MANIFEST.dropped,
     log:
         "logs/build_manifest/{source}.log",
     benchmark:
@@ -23,9 +23,9 @@ rule build_manifest:
 
 checkpoint index_shards:
     input:
-        "manifest/{source}.jsonl",
+        layout.MANIFEST.records,
     output:
-        index="shards/{source}/index.json",
+        index=layout.SHARD_INDEX,
     log:
         "logs/index_shards/{source}.log",
     conda:
@@ -42,7 +42,7 @@ checkpoint index_shards:
 
 rule build_stand_in_models:
     output:
-        "models/stand_in/models.json",
+        layout.STAND_IN_MODELS,
     log:
         "logs/build_stand_in_models.log",
     conda:
@@ -62,17 +62,17 @@ rule build_stand_in_models:
 # reruns select, the merge and what follows, and no score job.
 rule score_shard:
     input:
-        manifest="manifest/{source}.jsonl",
-        index="shards/{source}/index.json",
+        manifest=layout.MANIFEST.records,
+        index=layout.SHARD_INDEX,
         template=config["filter"]["template"],
         models=STAND_IN_MODELS,
     output:
-        shard="shards/{source}/shard_{shard}.jsonl",
-        probed="probed/{source}/shard_{shard}.jsonl",
-        dropped="probed/{source}/shard_{shard}_dropped.jsonl",
-        recipe="dj_configs/{source}/shard_{shard}.yaml",
-        scored="scored/{source}/shard_{shard}.jsonl",
-        stats="scored/{source}/shard_{shard}_stats.json",
+        shard=layout.SHARD,
+        probed=layout.PROBED,
+        dropped=layout.SCORE.dropped,
+        recipe=layout.DJ_CONFIG,
+        scored=layout.SCORE.records,
+        stats=layout.SCORE.stats,
     log:
         "logs/score_shard/{source}/{shard}.log",
     benchmark:
@@ -97,11 +97,11 @@ rule score_shard:
 # and the new scores rerun select.
 rule select_shard:
     input:
-        "scored/{source}/shard_{shard}.jsonl",
+        layout.SCORE.records,
     output:
-        kept="filtered/{source}/shard_{shard}.jsonl",
-        rejected="rejected/{source}/shard_{shard}.jsonl",
-        stats="filtered/{source}/shard_{shard}_stats.json",
+        kept=layout.SELECT.records,
+        rejected=layout.SELECT.dropped,
+        stats=layout.SELECT.stats,
     log:
         "logs/select_shard/{source}/{shard}.log",
     threads: 1
@@ -122,9 +122,9 @@ rule merge_tiers:
     input:
         filtered_shards,
     output:
-        low="merged/merged_output.jsonl",
-        high="merged/aes_6.jsonl",
-        stats="merged/merge_stats.json",
+        low=layout.MERGED,
+        high=layout.AES_6,
+        stats=layout.MERGE.stats,
     log:
         "logs/merge_tiers.log",
     benchmark:

@@ -14,12 +14,12 @@
 
 rule mask_chunk:
     input:
-        captioned="captioned/chunk_{chunk}.jsonl",
+        captioned=layout.CAPTION_CHUNK.records,
     output:
-        records="masked/chunk_{chunk}.jsonl",
-        dropped="masked/chunk_{chunk}_dropped.jsonl",
-        stats="masked/chunk_{chunk}_stats.json",
-        masks=directory("masks/chunk_{chunk}"),
+        records=layout.MASK_CHUNK.records,
+        dropped=layout.MASK_CHUNK.dropped,
+        stats=layout.MASK_CHUNK.stats,
+        masks=directory(layout.CHUNK_MASKS),
     log:
         "logs/mask_chunk/{chunk}.log",
     benchmark:
@@ -31,8 +31,8 @@ rule mask_chunk:
         gpu=config["mask"]["gpus"],
     params:
         settings=MASK_SETTINGS,
-        journal="masked/journal/chunk_{chunk}.jsonl",
-        store="masked/store",
+        journal=layout.MASK_JOURNAL,
+        store=layout.MASK_STORE,
     script:
         "../scripts/mask_chunk.py"
 
@@ -42,10 +42,10 @@ rule gather_masks:
         unpack(mask_chunks),
         index=CHUNK_INDEX,
     output:
-        records="masked/masked.jsonl",
-        dropped="masked/dropped.jsonl",
-        stats="masked/mask_stats.json",
-        floored=directory("masks/floored"),
+        records=layout.MASK.records,
+        dropped=layout.MASK.dropped,
+        stats=layout.MASK.stats,
+        floored=directory(layout.FLOORED_MASKS),
     log:
         "logs/gather_masks.log",
     conda:

@@ -41,7 +41,12 @@ def benchmark(rule: str, pattern: str = "") -> str:
 # download
 URL_LISTS = "url_lists/{source}"
 PREFILTER = Stage(
-    "prefilter", "prefilter_urls", URL_LISTS, None, "url_lists/{source}_stats.json", "source"
+    "prefilter",
+    "prefilter_urls",
+    URL_LISTS,
+    "url_lists/{source}_dropped.parquet",  # drop lines as parquet: URL lists are big
+    "url_lists/{source}_stats.json",
+    "source",
 )
 DOWNLOADS = "downloads/{source}"
 DOWNLOAD = Stage(
@@ -53,7 +58,7 @@ MANIFEST = Stage(
     "manifest",
     "build_manifest",
     "manifest/{source}.jsonl",
-    None,
+    "manifest/{source}_dropped.jsonl",
     "manifest/{source}_stats.json",
     "source",
 )

@@ -91,11 +91,10 @@ class SkipLog:
             self.handle.write(dumps_record(line) + "\n")
 
     def stats(self, path: PathLike, records_out: int, **extras) -> dict:
-        """The export's stats envelope (records read = exported + skipped), written to `path`;
-        `skipped` repeats `dropped` for the tools that still read it."""
+        """The export's stats envelope (records read = exported + skipped), written to `path`."""
         dropped = dict(self.counts)
         stats = envelope(self.stage, records_out + sum(dropped.values()), records_out, dropped,
-                         **extras, skipped=dropped)  # fmt: skip
+                         **extras)  # fmt: skip
         write_stats(path, stats)
         log.info("%s export: %s", self.stage, stats)
         return stats

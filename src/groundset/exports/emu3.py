@@ -368,10 +368,9 @@ class _PartWriter:
         self.counts["exported"] += 1
 
     def error(self, record: dict, reason: str, detail: str = "") -> None:
-        """One record not exported: its drop line (`reason` repeats `drop_reason` for the tools
-        that still read it)."""
+        """One record not exported: its drop line."""
         line = drop_line(record, EMU3_PART.name, reason, detail or None)
-        self.errors.write(dumps_record({**line, "reason": reason}) + "\n")
+        self.errors.write(dumps_record(line) + "\n")
         self.reasons[reason] += 1
 
 
@@ -533,19 +532,12 @@ class _PartRun:
             stand_in_tokenizer=settings.tokenize and settings.tokenizer is None,
             image_area=settings.image_area,
             factor=self.tokenizer.factor if self.tokenizer is not None else None,
-            **_legacy(records_in, counts["exported"], dropped),
         )  # fmt: skip
 
 
 # Counts of a part that its stats keep beside the envelope, and the gather sums.
 PART_COUNTS = ("tokenized", "reused", "texts_rewritten", "texts_cleaned", "feature_copies",
                "beyond_max_items")  # fmt: skip
-
-
-def _legacy(records_in: int, records_out: int, dropped: dict) -> dict:
-    """The stats keys that repeat the envelope for the tools that still read them."""
-    return {"records": records_in, "exported": records_out,
-            "errors": sum(dropped.values()), "error_reasons": dropped}  # fmt: skip
 
 
 def export_part(
@@ -669,7 +661,6 @@ def gather_emu3(
         stand_in_tokenizer=stand_in,
         image_area=settings.image_area,
         feature_dir=str(prefix),
-        **_legacy(total.get("records_in", 0), total.get("records_out", 0), total.get("dropped", {})),
     )  # fmt: skip
     write_stats(files.stats, result)
     log.info("emu3 export: %s", result)
