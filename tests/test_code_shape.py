@@ -26,12 +26,6 @@ KNOWN_OFFENDERS = {
     "src/groundset/stages/split.py": ["index_manifest"],
     "src/groundset/tools/estimate.py": ["estimate", "format_estimate", "prefilter_pass"],
     "src/groundset/tools/stats.py": ["collect_stats"],
-    "src/groundset/tools/trace.py": [
-        "export_odvg",
-        "export_webdataset",
-        "mask",
-        "tier",
-    ],
     "src/groundset/tools/validate.py": ["_mask_problems", "validate_outputs"],
 }
 KNOWN_CYCLES: set[frozenset[str]] = set()
@@ -44,7 +38,7 @@ KNOWN_STAND_IN_IMPORTERS = {
 # Seams: a stage's one module that reaches the stand-ins, imported only where its config opts in
 # (not a ratchet: these are the shape the issue asks for).
 STAND_IN_SEAMS = {"groundset.stages.caption.seam"}
-TOOLS_CEILING = 3060  # lines of the four tools now; the budget is TOOLS_BUDGET
+TOOLS_CEILING = 3024  # lines of the four tools now; the budget is TOOLS_BUDGET
 
 
 def python_files() -> list[Path]:

@@ -396,11 +396,6 @@ def _value(stats: dict, *path: str) -> float:
     return stats if isinstance(stats, int | float) else 0
 
 
-def _total(run: Path, pattern: str, *path: str) -> float:
-    """A number summed over the stats files of a run matching `pattern`."""
-    return sum(_value(read_json(p), *path) for p in sorted(run.glob(pattern)))
-
-
 def _job_records(run: Path, stage: str) -> tuple[list[tuple[float, float]], float, float]:
     """(records, seconds) of each benchmarked job of a stage, the peak RSS (MB) and the CPU
     seconds of those jobs."""

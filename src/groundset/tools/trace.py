@@ -181,6 +181,20 @@ def _parquet_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
 
 
+def floored_entities(before: dict, after: dict) -> list[str]:
+    """The entities of a mask job's record (`before`) the quality floors took out of the
+    gathered one (`after`), each with its score and inside fraction."""
+    kept = {(e.get("entity"), tuple(e.get("bbox") or ())) for e in after.get("entities") or []}
+    entities = before.get("entities") or []
+    scores = before.get("mask_scores") or [None] * len(entities)
+    inside = before.get("mask_inside_fraction") or [None] * len(entities)
+    return [
+        f"{entity.get('entity')} (score {score}, inside {fraction})"
+        for entity, score, fraction in zip(entities, scores, inside, strict=False)
+        if (entity.get("entity"), tuple(entity.get("bbox") or ())) not in kept
+    ]
+
+
 class _Tracer:
     """One trace: the workdir, the config, the key, and the stages' verdicts as they come."""
 
@@ -541,6 +555,17 @@ class _Tracer:
         caption = (self.config or {}).get("caption") or {}
         return str(caption.get("input") or f"merged/{TIER_FILES[1]}")
 
+    def held_in_tiers(self, tiers: dict, aesthetics: float | None) -> dict[str, bool]:
+        """Per tier file that exists, whether it holds the image (a score below the tier's
+        bound says no without a read)."""
+        held = {}
+        for name in TIER_FILES:
+            path = self.work / "merged" / name
+            if path.exists():
+                below = aesthetics is not None and name in tiers and aesthetics < tiers[name]
+                held[name] = False if below else self.lookup([path]) is not None
+        return held
+
     def tier(self) -> None:
         """Which aesthetic tiers hold the image, and whether the one captioned does."""
         folder = self.work / "merged"
@@ -550,13 +575,7 @@ class _Tracer:
         tiers = read_json(stats).get("tiers", {}) if stats.exists() else {}
         scores = self.stats.get(AESTHETICS_KEY) or []
         aesthetics = max(scores) if scores else None
-        held = {}
-        for name in TIER_FILES:
-            path = folder / name
-            if not path.exists():
-                continue
-            below = aesthetics is not None and name in tiers and aesthetics < tiers[name]
-            held[name] = False if below else self.lookup([path]) is not None
+        held = self.held_in_tiers(tiers, aesthetics)
         wanted = self.caption_input()
         details = {
             "aesthetics": aesthetics,
@@ -565,15 +584,14 @@ class _Tracer:
             "caption_input": wanted,
         }
         name = Path(wanted).name
-        if Path(wanted).parent.name == "merged" and name in held:
-            if held[name]:
-                return self.add("tier", KEPT, **details)
-            if aesthetics is not None and name in tiers and aesthetics < tiers[name]:
-                why = f"aesthetics {aesthetics:.4g} < {tiers[name]} ({name})"
-            else:
-                why = f"not in {name}"
-            return self.add("tier", DROPPED, reason=why, **details)
-        self.add("tier", KEPT if any(held.values()) else NOT_FOUND, **details)
+        if Path(wanted).parent.name != "merged" or name not in held:
+            return self.add("tier", KEPT if any(held.values()) else NOT_FOUND, **details)
+        if held[name]:
+            return self.add("tier", KEPT, **details)
+        why = f"not in {name}"
+        if aesthetics is not None and name in tiers and aesthetics < tiers[name]:
+            why = f"aesthetics {aesthetics:.4g} < {tiers[name]} ({name})"
+        self.add("tier", DROPPED, reason=why, **details)
 
     def dedup(self) -> None:
         """The dedup verdict: kept, or the record it duplicates."""
@@ -675,30 +693,29 @@ class _Tracer:
         self.masked_line = record.get("_line")
         if not self.image and isinstance(record.get("image"), str):
             self.image = record["image"]  # the exports name images by their path
-        names = [e.get("entity") for e in record.get("entities") or []]
         details = {
-            "entities": names,
+            "entities": [e.get("entity") for e in record.get("entities") or []],
             "mask_scores": record.get("mask_scores"),
             "mask_file": record.get("mask_file"),
             "low_quality": record.get("mask_low_quality"),
             "file": self.rel(hit[0]),
             "floors": None if gathered else "not applied yet (no masked/masked.jsonl)",
         }
-        before = self.lookup(chunks) if chunks else None
-        if before is not None:
-            kept_boxes = {(e.get("entity"), tuple(e.get("bbox") or ())) for e in record["entities"]}
-            floored = []
-            entities = before[1].get("entities") or []
-            scores = before[1].get("mask_scores") or [None] * len(entities)
-            inside = before[1].get("mask_inside_fraction") or [None] * len(entities)
-            for entity, score, fraction in zip(entities, scores, inside, strict=False):
-                if (entity.get("entity"), tuple(entity.get("bbox") or ())) not in kept_boxes:
-                    floored.append(f"{entity.get('entity')} (score {score}, inside {fraction})")
-            stats = folder / "mask_stats.json"
-            details["entities_dropped_by_floors"] = floored
-            if floored and stats.exists():
-                details["floors"] = read_json(stats).get("floors")
+        details.update(self.floors_applied(chunks, record))
         self.add("mask", KEPT, **details)
+
+    def floors_applied(self, chunks: list[Path], record: dict) -> dict:
+        """The entities the quality floors took from the image (its mask job's record against
+        the gathered one) and the floors, when any were taken."""
+        before = self.lookup(chunks) if chunks else None
+        if before is None:
+            return {}
+        floored = floored_entities(before[1], record)
+        found = {"entities_dropped_by_floors": floored}
+        stats = self.work / "masked" / "mask_stats.json"
+        if floored and stats.exists():
+            found["floors"] = read_json(stats).get("floors")
+        return found
 
     def export_skipped(self, stage: str, path: Path, fallback: str) -> None:
         """The export's verdict on an image it does not hold: the reason its side file of
@@ -794,40 +811,35 @@ class _Tracer:
         skipped = self.work / "export" / "coco" / "coco_skipped.jsonl"
         self.export_skipped("export coco", skipped, f"not in {self.rel(path)}")
 
+    def odvg_line(self, path: Path) -> dict | None:
+        """The image's ODVG line (by key, or by the image file it names)."""
+        for _, _, line in _scan(path, self.image_id.encode()):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            names = [record.get(k) for k in ("filename", "file_name", "image")]
+            if self.ours(record) or any(self.image_match(n) for n in names):
+                return record
+        return None
+
     def export_odvg(self) -> None:
         """The ODVG line of the image and its grounded regions (export/odvg/odvg.jsonl)."""
+        path = self.work / "export" / "odvg" / "odvg.jsonl"
         if self.formats() is not None and "odvg" not in self.formats():
-            return self.export_off("export odvg", self.work / "export" / "odvg" / "odvg.jsonl")
-        files = [p for p in [self.work / "export" / "odvg" / "odvg.jsonl"] if p.exists()]
-        if not files:
+            return self.export_off("export odvg", path)
+        if not path.exists():
             return self.add("export odvg", NOT_RUN)
-        needle = self.image_id.encode()
-        for path in files:
-            for _, _, line in _scan(path, needle):
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                names = [record.get(k) for k in ("filename", "file_name", "image")]
-                if self.ours(record) or any(self.image_match(n) for n in names):
-                    grounding = record.get("grounding") or {}
-                    regions = grounding.get("regions") or (record.get("detection") or {}).get(
-                        "instances"
-                    )
-                    self.found(path)
-                    phrases = [r.get("phrase") or r.get("category") for r in regions or []]
-                    return self.add(
-                        "export odvg",
-                        KEPT,
-                        file=self.rel(path),
-                        regions=len(regions or []),
-                        phrases=phrases or None,
-                    )
-        self.export_skipped(
-            "export odvg",
-            self.work / "export" / "odvg" / "odvg_skipped.jsonl",
-            f"not in {', '.join(self.rel(p) for p in files)}",
-        )
+        record = self.odvg_line(path)
+        if record is None:
+            skipped = self.work / "export" / "odvg" / "odvg_skipped.jsonl"
+            return self.export_skipped("export odvg", skipped, f"not in {self.rel(path)}")
+        grounding = record.get("grounding") or {}
+        regions = grounding.get("regions") or (record.get("detection") or {}).get("instances")
+        self.found(path)
+        phrases = [r.get("phrase") or r.get("category") for r in regions or []]
+        self.add("export odvg", KEPT, file=self.rel(path), regions=len(regions or []),
+                 phrases=phrases or None)  # fmt: skip
 
     def tar_order(self, tars: list[Path]) -> list[Path]:
         """The tars nearest first to the one the record's line in masked.jsonl points at (the
@@ -838,6 +850,30 @@ class _Tracer:
         guess = min(self.masked_line // size, len(tars) - 1)
         return sorted(tars, key=lambda path: abs(tars.index(path) - guess))
 
+    def wds_sample(self, archive: tarfile.TarFile) -> tuple[str, list[str]] | None:
+        """(key, member extensions) of the image's sample in an open tar, if it holds it."""
+        groups: dict[str, list[tarfile.TarInfo]] = {}
+        for member in archive:
+            base = os.path.basename(member.name)
+            if member.isfile() and self.image_id in base:
+                stem = member.name[: len(member.name) - len(base)] + base.split(".", 1)[0]
+                groups.setdefault(stem, []).append(member)
+        plain = re.sub(r"[^A-Za-z0-9]", "", self.source)
+        for stem, members in groups.items():
+            meta = [m for m in members if m.name.endswith(".json")]
+            if meta:
+                handle = archive.extractfile(meta[0])
+                try:
+                    record = json.load(handle) if handle else {}
+                except ValueError:
+                    record = {}
+                if not self.ours(record) and not self.image_match(record.get("image")):
+                    continue
+            elif plain not in re.sub(r"[^A-Za-z0-9]", "", stem):
+                continue
+            return stem, sorted(m.name[len(stem) :] for m in members)
+        return None
+
     def export_webdataset(self) -> None:
         """The WebDataset tar and the members that hold the image (export/wds/*.tar)."""
         if self.formats() is not None and "webdataset" not in self.formats():
@@ -845,32 +881,13 @@ class _Tracer:
         tars = sorted((self.work / "export" / "wds").glob("*.tar"))
         if not tars:
             return self.add("export webdataset", NOT_RUN)
-        plain = re.sub(r"[^A-Za-z0-9]", "", self.source)
         for path in self.tar_order(tars):
             with tarfile.open(path, "r:") as archive:
-                groups: dict[str, list[tarfile.TarInfo]] = {}
-                for member in archive:
-                    base = os.path.basename(member.name)
-                    if member.isfile() and self.image_id in base:
-                        stem = member.name[: len(member.name) - len(base)] + base.split(".", 1)[0]
-                        groups.setdefault(stem, []).append(member)
-                for stem, members in groups.items():
-                    meta = [m for m in members if m.name.endswith(".json")]
-                    if meta:
-                        handle = archive.extractfile(meta[0])
-                        try:
-                            record = json.load(handle) if handle else {}
-                        except ValueError:
-                            record = {}
-                        if not self.ours(record) and not self.image_match(record.get("image")):
-                            continue
-                    elif plain not in re.sub(r"[^A-Za-z0-9]", "", stem):
-                        continue
-                    self.found(path)
-                    extensions = sorted(m.name[len(stem) :] for m in members)
-                    return self.add(
-                        "export webdataset", KEPT, file=self.rel(path), key=stem, members=extensions
-                    )
+                sample = self.wds_sample(archive)
+            if sample is not None:
+                self.found(path)
+                return self.add("export webdataset", KEPT, file=self.rel(path), key=sample[0],
+                                members=sample[1])  # fmt: skip
         self.export_skipped(
             "export webdataset",
             self.work / "export" / "wds_skipped.jsonl",
@@ -881,21 +898,8 @@ class _Tracer:
         """Every stage in order; after the first drop (before the exports) the rest are not
         reached."""
         steps = [
-            self.prefilter,
-            self.download,
-            self.manifest,
-            self.probe,
-            self.score,
-            self.select,
-            self.tier,
-            self.dedup,
-            self.caption,
-            self.mask,
-            self.export_emu3,
-            self.export_coco,
-            self.export_odvg,
-            self.export_webdataset,
-        ]
+            getattr(self, name.replace(" ", "_")) for name in STAGES
+        ]  # "export coco": export_coco
         for name, step in zip(STAGES, steps, strict=True):
             if self.dropped_at is not None:
                 self.add(name, NOT_REACHED, reason=f"dropped at {self.dropped_at}")
