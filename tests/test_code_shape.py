@@ -22,9 +22,8 @@ KNOWN_OFFENDERS = {
     "src/groundset/core/reproduce.py": ["differences"],
     "src/groundset/stages/dedup.py": ["cluster", "dedup_records"],
     "src/groundset/stages/filter/dj_op.py": ["compute_stats_batched"],
-    "src/groundset/stages/mask.py": ["apply_floors", "mask_chunk"],
     "src/groundset/stages/split.py": ["index_manifest"],
-    "src/groundset/tools/estimate.py": ["estimate", "format_estimate", "prefilter_pass"],
+    "src/groundset/tools/estimate.py": ["prefilter_pass"],
     "src/groundset/tools/stats.py": ["collect_stats"],
     "src/groundset/tools/validate.py": ["_mask_problems", "validate_outputs"],
 }
@@ -38,7 +37,7 @@ KNOWN_STAND_IN_IMPORTERS = {
 # Seams: a stage's one module that reaches the stand-ins, imported only where its config opts in
 # (not a ratchet: these are the shape the issue asks for).
 STAND_IN_SEAMS = {"groundset.stages.caption.seam"}
-TOOLS_CEILING = 3024  # lines of the four tools now; the budget is TOOLS_BUDGET
+TOOLS_CEILING = 3010  # lines of the four tools now; the budget is TOOLS_BUDGET
 
 
 def python_files() -> list[Path]:

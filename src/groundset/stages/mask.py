@@ -388,17 +388,24 @@ def _batches(
         pending = pending[size:]
 
 
-def mask_chunk(
-    records_path: str | os.PathLike,
-    files: MaskChunkFiles,
-    settings: MaskSettings,
-    masker: Masker | Callable[[], Masker] | None = None,
-) -> dict:
-    """Masks for every record of a captioned JSONL into `files`; returns the counts.
+def _journaled(journal: Journal, item: _Item, settings: MaskSettings) -> bool:
+    """Whether the journal holds this image's masks under these settings (and its npy file)."""
+    entry = journal.done(item.key)
+    if entry is None or entry.get("settings") != settings.digest:
+        return False
+    if entry.get("input") != input_digest(flatten_record(item.record)):
+        return False
+    if not same_image(entry, item.record):
+        return False  # another image under this id (a re-download renumbered them)
+    if entry.get("error"):
+        return False  # cheap to try again: the image may be back
+    if settings.mask_format == "rle" or not entry.get("mask_file"):
+        return True
+    return Path(entry["mask_file"]).is_file()
 
-    `masker` may be a factory, called once the first image needs the model. Images already
-    journaled (with their computed mask file still there, for npy) are not computed again.
-    """
+
+def _lazy(masker: Masker | Callable[[], Masker] | None) -> Callable[[], Masker]:
+    """The masker, made on first use when `masker` is a factory."""
     holder: list = [masker]
 
     def get_masker() -> Masker:
@@ -408,61 +415,75 @@ def mask_chunk(
             raise MaskError("records with entities but no model to mask them")
         return holder[0]
 
+    return get_masker
+
+
+def _compute(records_path, journal: Journal, settings: MaskSettings, get_masker, computed_dir: Path,
+             counts: Counter) -> None:  # fmt: skip
+    """Mask every record the journal lacks, journaling each batch as it is done."""
+    todo = (r for r in iter_jsonl(records_path)
+            if not _journaled(journal, _Item(r, record_key(r)), settings))  # fmt: skip
+    with cf.ThreadPoolExecutor(max(1, settings.decode_workers)) as pool, \
+            cf.ThreadPoolExecutor(2) as writer, \
+            tqdm(desc="mask", unit="img", mininterval=5) as bar:  # fmt: skip
+        for batch in _batches(todo, pool, settings.batch_size):
+            entries = _mask_batch(batch, get_masker, settings, computed_dir, writer, counts)
+            journal.append([
+                {**entry, "settings": settings.digest, "input": input_digest(item.record),
+                 "url": item.record.get("url")}  # fmt: skip
+                for item, entry in zip(batch, entries, strict=True)
+            ])  # fmt: skip
+            bar.update(len(batch))
+
+
+def _write_chunk(records_path, files: MaskChunkFiles, journal: Journal, settings: MaskSettings,
+                 counts: Counter, reasons: Counter) -> None:  # fmt: skip
+    """The chunk's masked records (masks published into its folder) and drop lines, in input
+    order, from the journal."""
+    masks_dir = Path(files.masks).resolve()
+    with atomic_write(files.records) as out, atomic_write(files.dropped) as drop:
+        for record in iter_jsonl(records_path):
+            counts["records"] += 1
+            flat = flatten_record(record)
+            entry = journal.done(record_key(flat))
+            if entry is None:
+                raise MaskError(f"{record_key(flat)}: not masked (internal error)")
+            if entry.get("error"):
+                kind = entry["error"].split(":")[0]
+                reasons[kind] += 1
+                drop.write(dumps_record(drop_line(flat, STAGE, kind, entry["error"])) + "\n")
+                continue
+            out_record = _with_masks(flat, entry, settings)
+            if out_record["mask_file"]:  # where the records name it: the mask folder
+                published = masks_dir / mask_relpath(flat)
+                counts["mask_copies"] += publish(Path(out_record["mask_file"]), published)
+                out_record["mask_file"] = str(published)
+            counts["masked"] += 1
+            counts["without_entities"] += not out_record["entities"]
+            counts["entities"] += len(out_record["entities"])
+            counts["mask_bytes"] += entry.get("bytes", 0)
+            out.write(dumps_record(out_record) + "\n")
+
+
+def mask_chunk(
+    records_path: str | os.PathLike,
+    files: MaskChunkFiles,
+    settings: MaskSettings,
+    masker: Masker | Callable[[], Masker] | None = None,
+) -> dict:
+    """Masks for every record of a captioned JSONL into `files`; returns the stats envelope.
+
+    `masker` may be a factory, called once the first image needs the model. Images already
+    journaled (with their computed mask file still there, for npy) are not computed again.
+    """
     counts: Counter = Counter(dict.fromkeys(COUNTS, 0))
     reasons: Counter = Counter()
     began = time.monotonic()
     masks_dir = Path(files.masks).resolve()
     computed_dir = Path(files.store).resolve() if files.store else masks_dir
     with Journal(files.journal) as journal:
-
-        def done(item: _Item) -> bool:
-            entry = journal.done(item.key)
-            if entry is None or entry.get("settings") != settings.digest:
-                return False
-            if entry.get("input") != input_digest(flatten_record(item.record)):
-                return False
-            if not same_image(entry, item.record):
-                return False  # another image under this id (a re-download renumbered them)
-            if entry.get("error"):
-                return False  # cheap to try again: the image may be back
-            if settings.mask_format == "rle" or not entry.get("mask_file"):
-                return True
-            return Path(entry["mask_file"]).is_file()
-
-        todo = (r for r in iter_jsonl(records_path) if not done(_Item(r, record_key(r))))
-        with cf.ThreadPoolExecutor(max(1, settings.decode_workers)) as pool, \
-                cf.ThreadPoolExecutor(2) as writer, \
-                tqdm(desc="mask", unit="img", mininterval=5) as bar:  # fmt: skip
-            for batch in _batches(todo, pool, settings.batch_size):
-                entries = _mask_batch(batch, get_masker, settings, computed_dir, writer, counts)
-                journal.append([
-                    {**entry, "settings": settings.digest, "input": input_digest(item.record),
-                     "url": item.record.get("url")}  # fmt: skip
-                    for item, entry in zip(batch, entries, strict=True)
-                ])  # fmt: skip
-                bar.update(len(batch))
-        with atomic_write(files.records) as out, atomic_write(files.dropped) as drop:
-            for record in iter_jsonl(records_path):
-                counts["records"] += 1
-                flat = flatten_record(record)
-                entry = journal.done(record_key(flat))
-                if entry is None:
-                    raise MaskError(f"{record_key(flat)}: not masked (internal error)")
-                if entry.get("error"):
-                    kind = entry["error"].split(":")[0]
-                    reasons[kind] += 1
-                    drop.write(dumps_record(drop_line(flat, STAGE, kind, entry["error"])) + "\n")
-                    continue
-                out_record = _with_masks(flat, entry, settings)
-                if out_record["mask_file"]:  # where the records name it: the mask folder
-                    published = masks_dir / mask_relpath(flat)
-                    counts["mask_copies"] += publish(Path(out_record["mask_file"]), published)
-                    out_record["mask_file"] = str(published)
-                counts["masked"] += 1
-                counts["without_entities"] += not out_record["entities"]
-                counts["entities"] += len(out_record["entities"])
-                counts["mask_bytes"] += entry.get("bytes", 0)
-                out.write(dumps_record(out_record) + "\n")
+        _compute(records_path, journal, settings, _lazy(masker), computed_dir, counts)
+        _write_chunk(records_path, files, journal, settings, counts, reasons)
     counts["from_journal"] = counts["records"] - counts["computed"]
     counts["seconds"] = round(time.monotonic() - began, 3)
     records_in, masked = counts.pop("records"), counts.pop("masked")
@@ -580,8 +601,11 @@ def apply_floors(
     counts["entities_dropped"] += n - len(pick)
     if len(pick) == n:
         return record
-    if not pick:
-        return None
+    return _keep_entities(record, pick, floored_dir) if pick else None
+
+
+def _keep_entities(record: dict, pick: list[int], floored_dir: Path | None) -> dict:
+    """A masked record with only the entities `pick` (and their masks, in `floored_dir`)."""
     out = {**record}
     for name in ALIGNED:
         if isinstance(record.get(name), list):

@@ -1019,199 +1019,18 @@ def estimate(
         config["caption"]["api_jobs"] = limits["vlm_api"]
     plan = _Plan(config, figures, run, rule_seconds(recorded))
     sources = url_lists(config, sample_rows)
-    filt, caption, mask, export = (
-        config["filter"],
-        config["caption"],
-        config["mask"],
-        config["export"],
-    )
+    caption = config["caption"]
     notes: list[str] = []
-
-    # prefilter: the URL lists' own metadata, one job per source
-    rows = sum(s["rows"] for s in sources)
-    to_download = sum(s["to_download"] for s in sources)
-    sampled = sum(s["sampled_rows"] for s in sources)
-    passed = _figure(
-        to_download / rows if rows else 1.0,
-        "metadata",
-        f"URL-list footers (rows, URL nulls); WIDTH/HEIGHT of {sampled:,} sampled rows",
-    )
-    timing = plan.timing(
-        "prefilter", ASSUMED["prefilter_rows_per_s"]["value"], None, "prefilter_rows_per_s"
-    )
-    listed = [i for i, s in enumerate(sources) if s["rows"]]
-    sizes = [sources[i]["rows"] for i in listed]
-    plan.add("prefilter", rows, passed, sizes, timing, "prefilter_urls", [(i,) for i in listed])
-
-    # download: one img2dataset job per source, processes_count processes each
-    success = plan.figure("download", "download_success")
-    per_process = ASSUMED["download_rows_per_s_per_process"]["value"]
-    timings = [
-        plan.timing(
-            "download",
-            per_process * s["processes"],
-            None,
-            "download_rows_per_s_per_process",
-            threads=s["processes"],
-        )
-        for s in sources
-    ]
-    listed = [i for i, s in enumerate(sources) if s["to_download"]]
-    row = plan.add(
-        "download",
-        to_download,
-        success,
-        [],
-        timings[0] if timings else {},
-        "download_images",
-        [(i,) for i in listed],
-        [
-            timings[i]["start_s"] + sources[i]["to_download"] * timings[i]["per_record_s"]
-            for i in listed
-        ],
-        [sources[i]["processes"] for i in listed],
-    )
-    row["notes"] += [
-        f"{s['name']}: {s['to_download']:,} rows, {s['processes']} processes" for s in sources
-    ]
-    shares = [round(s["to_download"] * success["value"]) for s in sources]
-
-    # manifest: one job per source
-    timing = plan.timing(
-        "manifest", ASSUMED["manifest_records_per_s"]["value"], None, "manifest_records_per_s"
-    )
-    records = plan.add(
-        "manifest",
-        row["records_out"],
-        plan.figure("manifest", "manifest_pass"),
-        [n for n in shares if n],
-        timing,
-        "build_manifest",
-        [(i,) for i, n in enumerate(shares) if n],
-    )["records_out"]
-
-    # score: one job per shard (probe + data-juicer scores), filter.np threads, filter.gpus GPUs
-    name = (
-        "score_images_per_s_per_decode_thread_gpu"
-        if filt["gpus"] > 0
-        else "score_images_per_s_per_cpu_thread"
-    )
-    timing = plan.timing(
-        "score", ASSUMED[name]["value"] * filt["np"], "score_job_start_s", name, threads=filt["np"]
-    )
-    shards = _shards(records, shares, config["shard_size"])
-    score = plan.add(
-        "score",
-        records,
-        plan.figure("score", "probe_pass"),
-        [n for _, n in shards],
-        timing,
-        "score_shard",
-        [key for key, _ in shards],
-    )
-
-    # select: the thresholds, one local job per shard
-    if "pass" in figures.get("select", {}):
-        filter_pass = plan.figure("select", "filter_pass_aesthetics")
-    else:
-        aes, other = assumed("filter_pass_aesthetics"), assumed("filter_pass_other")
-        plan.used.update({"filter_pass_aesthetics", "filter_pass_other"})
-        filter_pass = _figure(
-            aes["value"] * other["value"], "assumed", f"{aes['source']}; x {other['source']}"
-        )
-        if filt["aesthetics"]["min_score"] != 5:
-            notes.append(
-                f"filter_pass_aesthetics is LAION's share >= 5, filter.aesthetics."
-                f"min_score is {filt['aesthetics']['min_score']}"
-            )
-    timing = plan.timing(
-        "select", ASSUMED["select_records_per_s"]["value"], None, "select_records_per_s"
-    )
-    timing["start_s"] = plan.job_seconds("select_shard", "select_job_s")
-    shards = _shards(score["records_out"], shares, config["shard_size"])
-    sizes, keys = [n for _, n in shards], [key for key, _ in shards]
-    kept = plan.add(
-        "select", score["records_out"], filter_pass, sizes, timing, "select_shard", keys
-    )
-
-    # merge: the tiers; the caption input is one of them
-    low, high = filt["aesthetics_tiers"]
-    wanted = Path(caption["input"]).name
-    if "pass" in figures.get(f"merge:{wanted}", {}):
-        tier_pass = plan.figure(f"merge:{wanted}", "tier_high_of_low")
-    elif wanted == TIER_FILES[1] and high > low:
-        tier_pass = plan.figure("", "tier_high_of_low")
-    else:
-        tier_pass = _figure(1.0, "config", f"caption.input {caption['input']}: every kept record")
-        if wanted != TIER_FILES[1] and low > filt["aesthetics"]["min_score"]:
-            notes.append(
-                f"tier {low} is above filter.aesthetics.min_score: fewer than counted "
-                "reach the caption input"
-            )
-    timing = plan.timing(
-        "merge", ASSUMED["merge_records_per_s"]["value"], None, "merge_records_per_s"
-    )
-    count = kept["records_out"]
-    tiered = plan.add(
-        "merge",
-        count,
-        tier_pass,
-        [count] if count else [],
-        timing,
-        "merge_tiers",
-        caption_input=caption["input"],
-    )["records_out"]
-
-    # dedup: before any paid request
-    dedup = caption.get("dedup") or {}
-    if dedup.get("enabled", True):
-        dedup_pass = plan.figure("dedup", "dedup_drop")
-        if dedup_pass["basis"] == "assumed":  # the assumption is the share dropped
-            dedup_pass = {**dedup_pass, "value": 1 - dedup_pass["value"]}
-        per_thread = ASSUMED["dedup_images_per_s_per_thread"]["value"]
-        threads = dedup.get("threads", 1)
-        timing = plan.timing(
-            "dedup", per_thread * threads, None, "dedup_images_per_s_per_thread", threads=threads
-        )
-    else:
-        dedup_pass = _figure(1.0, "config", "caption.dedup.enabled: false")
-        timing = _figure(None, "config", "caption.dedup.enabled: false")
-        timing.update(start_s=0.0, per_record_s=0.0, records_per_s=None)
-    sizes = [tiered] if tiered else []
-    deduped = plan.add("dedup", tiered, dedup_pass, sizes, timing, "dedup_records")["records_out"]
-
-    # caption: one request per deduplicated record, chunk_size records per job
+    _add_prefilter(plan, sources)
+    records, shares = _add_download(plan, sources)
+    score = _add_score(plan, config, records, shares)
+    kept = _add_select(plan, config, score["records_out"], shares, notes)
+    tiered = _add_merge(plan, config, kept, notes)
+    deduped = _add_dedup(plan, caption, tiered)
     chunks = _split(deduped, caption["chunk_size"])
     captioned = _add_caption(plan, caption, deduped, chunks)["records_out"]
-
-    # mask: one job per caption chunk, mask.gpus GPUs each
-    if mask["gpus"] > 0:
-        per_second = ASSUMED["mask_images_per_s_per_gpu"]["value"] * mask["gpus"]
-        name, threads = "mask_images_per_s_per_gpu", 1
-    else:
-        threads = mask["decode_workers"]
-        per_second = ASSUMED["mask_images_per_s_per_cpu_thread"]["value"] * threads
-        name = "mask_images_per_s_per_cpu_thread"
-    timing = plan.timing("mask", per_second, None, name, threads=threads)
-    share = captioned / deduped if deduped else 0.0
-    sized = [(chunk, m) for chunk, m in enumerate(round(n * share) for n in chunks) if m]
-    row = plan.add(
-        "mask",
-        captioned,
-        plan.figure("mask", "mask_pass"),
-        [m for _, m in sized],
-        timing,
-        "mask_chunk",
-        [(chunk,) for chunk, _ in sized],
-        model=mask["model_config"],
-    )
-    if "hiera_l" not in mask["model_config"] and timing["basis"] == "assumed":
-        row["notes"].append("the assumed rate is hiera-large's; smaller models run faster")
-    masked = row["records_out"]
-
-    # exports of the masked records
-    _add_exports(plan, export, masked)
-
+    masked = _add_mask(plan, config["mask"], captioned, deduped, chunks)
+    _add_exports(plan, config["export"], masked)
     cores = cores or os.cpu_count() or 1
     summary = plan.finish(config, cores, limits, jobs)
     result = _totals(plan, summary, masked, notes)
@@ -1227,6 +1046,163 @@ def estimate(
         "assumptions": {name: ASSUMED[name] for name in sorted(plan.used)},
         "notes": notes,
     }
+
+
+def _add_prefilter(plan: _Plan, sources: list[dict]) -> None:
+    """The prefilter: the URL lists' own metadata, one job per source."""
+    rows = sum(s["rows"] for s in sources)
+    to_download = sum(s["to_download"] for s in sources)
+    sampled = sum(s["sampled_rows"] for s in sources)
+    passed = _figure(
+        to_download / rows if rows else 1.0,
+        "metadata",
+        f"URL-list footers (rows, URL nulls); WIDTH/HEIGHT of {sampled:,} sampled rows",
+    )
+    timing = plan.timing(
+        "prefilter", ASSUMED["prefilter_rows_per_s"]["value"], None, "prefilter_rows_per_s"
+    )
+    listed = [i for i, s in enumerate(sources) if s["rows"]]
+    sizes = [sources[i]["rows"] for i in listed]
+    plan.add("prefilter", rows, passed, sizes, timing, "prefilter_urls", [(i,) for i in listed])
+
+
+def _add_download(plan: _Plan, sources: list[dict]) -> tuple[int, list[int]]:
+    """The download (one img2dataset job per source, processes_count processes each) and the
+    manifest (one job per source); the records listed and each source's share of them."""
+    to_download = sum(s["to_download"] for s in sources)
+    success = plan.figure("download", "download_success")
+    per_process = ASSUMED["download_rows_per_s_per_process"]["value"]
+    timings = [
+        plan.timing("download", per_process * s["processes"], None,
+                    "download_rows_per_s_per_process", threads=s["processes"])
+        for s in sources
+    ]  # fmt: skip
+    listed = [i for i, s in enumerate(sources) if s["to_download"]]
+    seconds = [timings[i]["start_s"] + sources[i]["to_download"] * timings[i]["per_record_s"]
+               for i in listed]  # fmt: skip
+    row = plan.add("download", to_download, success, [], timings[0] if timings else {},
+                   "download_images", [(i,) for i in listed], seconds,
+                   [sources[i]["processes"] for i in listed])  # fmt: skip
+    row["notes"] += [
+        f"{s['name']}: {s['to_download']:,} rows, {s['processes']} processes" for s in sources
+    ]
+    shares = [round(s["to_download"] * success["value"]) for s in sources]
+    timing = plan.timing(
+        "manifest", ASSUMED["manifest_records_per_s"]["value"], None, "manifest_records_per_s"
+    )
+    records = plan.add("manifest", row["records_out"], plan.figure("manifest", "manifest_pass"),
+                       [n for n in shares if n], timing, "build_manifest",
+                       [(i,) for i, n in enumerate(shares) if n])["records_out"]  # fmt: skip
+    return records, shares
+
+
+def _add_score(plan: _Plan, config: dict, records: int, shares: list[int]) -> dict:
+    """The score: one job per shard (probe + data-juicer scores), filter.np threads and
+    filter.gpus GPUs each."""
+    filt = config["filter"]
+    name = (
+        "score_images_per_s_per_decode_thread_gpu"
+        if filt["gpus"] > 0
+        else "score_images_per_s_per_cpu_thread"
+    )
+    timing = plan.timing(
+        "score", ASSUMED[name]["value"] * filt["np"], "score_job_start_s", name, threads=filt["np"]
+    )
+    shards = _shards(records, shares, config["shard_size"])
+    return plan.add("score", records, plan.figure("score", "probe_pass"), [n for _, n in shards],
+                    timing, "score_shard", [key for key, _ in shards])  # fmt: skip
+
+
+def _select_pass(plan: _Plan, filt: dict, notes: list[str]) -> dict:
+    """The share the thresholds keep: measured, else LAION's assumed shares."""
+    if "pass" in plan.measured.get("select", {}):
+        return plan.figure("select", "filter_pass_aesthetics")
+    aes, other = assumed("filter_pass_aesthetics"), assumed("filter_pass_other")
+    plan.used.update({"filter_pass_aesthetics", "filter_pass_other"})
+    if filt["aesthetics"]["min_score"] != 5:
+        notes.append(
+            f"filter_pass_aesthetics is LAION's share >= 5, filter.aesthetics."
+            f"min_score is {filt['aesthetics']['min_score']}"
+        )
+    return _figure(
+        aes["value"] * other["value"], "assumed", f"{aes['source']}; x {other['source']}"
+    )
+
+
+def _add_select(plan: _Plan, config: dict, scored: int, shares: list[int], notes: list[str]) -> int:
+    """The select: the thresholds, one local job per shard; the records it keeps."""
+    filter_pass = _select_pass(plan, config["filter"], notes)
+    timing = plan.timing(
+        "select", ASSUMED["select_records_per_s"]["value"], None, "select_records_per_s"
+    )
+    timing["start_s"] = plan.job_seconds("select_shard", "select_job_s")
+    shards = _shards(scored, shares, config["shard_size"])
+    sizes, keys = [n for _, n in shards], [key for key, _ in shards]
+    row = plan.add("select", scored, filter_pass, sizes, timing, "select_shard", keys)
+    return row["records_out"]
+
+
+def _add_merge(plan: _Plan, config: dict, count: int, notes: list[str]) -> int:
+    """The merge into the tiers; the records of the one captioned (caption.input)."""
+    filt, caption = config["filter"], config["caption"]
+    low, high = filt["aesthetics_tiers"]
+    wanted = Path(caption["input"]).name
+    if "pass" in plan.measured.get(f"merge:{wanted}", {}):
+        tier_pass = plan.figure(f"merge:{wanted}", "tier_high_of_low")
+    elif wanted == TIER_FILES[1] and high > low:
+        tier_pass = plan.figure("", "tier_high_of_low")
+    else:
+        tier_pass = _figure(1.0, "config", f"caption.input {caption['input']}: every kept record")
+        if wanted != TIER_FILES[1] and low > filt["aesthetics"]["min_score"]:
+            notes.append(
+                f"tier {low} is above filter.aesthetics.min_score: fewer than counted "
+                "reach the caption input"
+            )
+    timing = plan.timing(
+        "merge", ASSUMED["merge_records_per_s"]["value"], None, "merge_records_per_s"
+    )
+    return plan.add("merge", count, tier_pass, [count] if count else [], timing, "merge_tiers",
+                    caption_input=caption["input"])["records_out"]  # fmt: skip
+
+
+def _add_dedup(plan: _Plan, caption: dict, tiered: int) -> int:
+    """The dedup, before any paid request; the records it keeps."""
+    dedup = caption.get("dedup") or {}
+    if dedup.get("enabled", True):
+        dedup_pass = plan.figure("dedup", "dedup_drop")
+        if dedup_pass["basis"] == "assumed":  # the assumption is the share dropped
+            dedup_pass = {**dedup_pass, "value": 1 - dedup_pass["value"]}
+        per_thread = ASSUMED["dedup_images_per_s_per_thread"]["value"]
+        threads = dedup.get("threads", 1)
+        timing = plan.timing(
+            "dedup", per_thread * threads, None, "dedup_images_per_s_per_thread", threads=threads
+        )
+    else:
+        dedup_pass = _figure(1.0, "config", "caption.dedup.enabled: false")
+        timing = _figure(None, "config", "caption.dedup.enabled: false")
+        timing.update(start_s=0.0, per_record_s=0.0, records_per_s=None)
+    sizes = [tiered] if tiered else []
+    return plan.add("dedup", tiered, dedup_pass, sizes, timing, "dedup_records")["records_out"]
+
+
+def _add_mask(plan: _Plan, mask: dict, captioned: int, deduped: int, chunks: list[int]) -> int:
+    """The masks: one job per caption chunk, mask.gpus GPUs each; the records masked."""
+    if mask["gpus"] > 0:
+        per_second = ASSUMED["mask_images_per_s_per_gpu"]["value"] * mask["gpus"]
+        name, threads = "mask_images_per_s_per_gpu", 1
+    else:
+        threads = mask["decode_workers"]
+        per_second = ASSUMED["mask_images_per_s_per_cpu_thread"]["value"] * threads
+        name = "mask_images_per_s_per_cpu_thread"
+    timing = plan.timing("mask", per_second, None, name, threads=threads)
+    share = captioned / deduped if deduped else 0.0
+    sized = [(chunk, m) for chunk, m in enumerate(round(n * share) for n in chunks) if m]
+    row = plan.add("mask", captioned, plan.figure("mask", "mask_pass"), [m for _, m in sized],
+                   timing, "mask_chunk", [(chunk,) for chunk, _ in sized],
+                   model=mask["model_config"])  # fmt: skip
+    if "hiera_l" not in mask["model_config"] and timing["basis"] == "assumed":
+        row["notes"].append("the assumed rate is hiera-large's; smaller models run faster")
+    return row["records_out"]
 
 
 def _add_caption(plan: _Plan, caption: dict, deduped: int, chunks: list[int]) -> dict:
@@ -1430,11 +1406,10 @@ def _schedule_lines(result: dict) -> list[str]:
     ]
 
 
-def format_estimate(result: dict) -> str:
-    """A readable table of `estimate`'s result: sources, stages, totals, what was assumed."""
-    lines = []
+def _source_lines(result: dict) -> list[str]:
+    """The estimate's table of sources."""
     head = f"{'source':<28} {'files':>5} {'rows':>14} {'to download':>14} {'prefilter pass':>15}"
-    lines += [head, "-" * len(head)]
+    lines = [head, "-" * len(head)]
     for source in result["sources"]:
         lines.append(
             f"{source['name']:<28} {source['files']:>5} {source['rows']:>14,} "
@@ -1442,37 +1417,44 @@ def format_estimate(result: dict) -> str:
         )
         if source.get("error"):
             lines.append(f"  error: {source['error']}")
-    lines.append("")
+    return lines
+
+
+def _stage_line(stage: dict) -> str:
+    """One stage's line of the estimate's table."""
+    rate = stage["rate"].get("records_per_s")
+    shown = "-" if rate is None else f"{rate:,.3g}/s"
+    cost = "-" if stage["cost"] is None else f"{stage['cost']:,.2f}"
+    requests = "-" if stage["requests"] is None else f"{stage['requests']:,}"
+    return (
+        f"{stage['stage']:<18} {stage['records_in']:>13,} {stage['records_out']:>13,} "
+        f"{stage['pass_rate']['value']:>6.3f} {_basis(stage['pass_rate']):<9} "
+        f"{stage['jobs']:>6} {stage['at_once']:>7} {duration(stage['wall_s']):>9} "
+        f"{shown + ' (' + _basis(stage['rate']) + ')':<22} {requests:>10} {cost:>10}"
+    )
+
+
+def _stage_table(result: dict) -> list[str]:
+    """The estimate's table of stages and its total line."""
     head = (
         f"{'stage':<18} {'in':>13} {'out':>13} {'pass':>6} {'(basis)':<9} {'jobs':>6} "
         f"{'at once':>7} {'wall':>9} {'rate (basis)':<22} {'requests':>10} {'cost':>10}"
     )
-    lines += [head, "-" * len(head)]
-    for stage in result["stages"]:
-        rate = stage["rate"].get("records_per_s")
-        shown = "-" if rate is None else f"{rate:,.3g}/s"
-        cost = "-" if stage["cost"] is None else f"{stage['cost']:,.2f}"
-        requests = "-" if stage["requests"] is None else f"{stage['requests']:,}"
-        lines.append(
-            f"{stage['stage']:<18} {stage['records_in']:>13,} {stage['records_out']:>13,} "
-            f"{stage['pass_rate']['value']:>6.3f} {_basis(stage['pass_rate']):<9} "
-            f"{stage['jobs']:>6} {stage['at_once']:>7} {duration(stage['wall_s']):>9} "
-            f"{shown + ' (' + _basis(stage['rate']) + ')':<22} {requests:>10} {cost:>10}"
-        )
+    lines = [head, "-" * len(head), *map(_stage_line, result["stages"]), "-" * len(head)]
     total = result["total"]
     cost = "-" if total["cost"] is None else f"{total['cost']:,.2f}"
-    lines.append("-" * len(head))
     lines.append(
         f"{'total':<18} {'':>13} {total['records_out']:>13,} {'':>6} {'':<9} {'':>6} {'':>7} "
         f"{duration(total['wall_s']):>9} {'':<22} {total['requests']:>10,} {cost:>10}"
     )
-    lines += _schedule_lines(result)
-    for stage in result["stages"]:
-        for note in [stage.get("mode"), *(stage.get("notes") or [])]:
-            if note:
-                lines.append(f"  {stage['stage']}: {note}")
-    for note in result["notes"]:
-        lines.append(f"  note: {note}")
+    return lines
+
+
+def _figure_lines(result: dict) -> list[str]:
+    """The notes, and the assumed and measured figures the estimate used."""
+    lines = [f"  {stage['stage']}: {note}" for stage in result["stages"]
+             for note in [stage.get("mode"), *(stage.get("notes") or [])] if note]  # fmt: skip
+    lines += [f"  note: {note}" for note in result["notes"]]
     if result["assumptions"]:
         lines += ["", "assumed figures (ASSUMED in groundset/estimate.py):"]
         for name, entry in result["assumptions"].items():
@@ -1484,6 +1466,10 @@ def format_estimate(result: dict) -> str:
         for what, figure in (("rate", stage["rate"]), ("pass rate", stage["pass_rate"]))
         if figure.get("basis") == "measured"
     ]
-    if measured:
-        lines += ["", "measured figures:", *measured]
-    return "\n".join(lines)
+    return lines + (["", "measured figures:", *measured] if measured else [])
+
+
+def format_estimate(result: dict) -> str:
+    """A readable table of `estimate`'s result: sources, stages, totals, what was assumed."""
+    lines = [*_source_lines(result), "", *_stage_table(result), *_schedule_lines(result)]
+    return "\n".join(lines + _figure_lines(result))
