@@ -404,6 +404,98 @@ class Clusters:
     compared: int
 
 
+def _neighbours(
+    a: np.ndarray, b: np.ndarray, dist: np.ndarray, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The near pairs as neighbours of each distinct phash (CSR, both directions): (indptr,
+    neighbour, distance)."""
+    src, dst, ndist = np.r_[a, b], np.r_[b, a], np.r_[dist, dist]
+    by_src = np.argsort(src, kind="stable")
+    nbr = dst[by_src].astype(np.int32)
+    nbr_dist = ndist[by_src].astype(np.int32)
+    indptr = np.r_[0, np.cumsum(np.bincount(src, minlength=count))].astype(np.int64)
+    return indptr, nbr, nbr_dist
+
+
+def _contested(
+    sha_id: np.ndarray, url_id: np.ndarray, phash_id: np.ndarray, indptr: np.ndarray
+) -> np.ndarray:
+    """Whether each record shares a key with another or has a near hash: the others are kept
+    and match nobody."""
+    contested = _shared(sha_id) | _shared(url_id) | _shared(phash_id)
+    with_phash = phash_id >= 0
+    contested[with_phash] |= np.diff(indptr)[phash_id[with_phash]] > 0
+    return contested
+
+
+def _slots(ids: np.ndarray) -> np.ndarray:
+    """Per id, the rank (position in `order`) of its kept record, -1 for none yet."""
+    return np.full(int(ids.max(initial=-1)) + 1, -1, dtype=np.int32)
+
+
+def _phash_match(hi: int, rank: int, kh: memoryview, ip: memoryview, nb: memoryview,
+                 nd: memoryview) -> int:  # fmt: skip
+    """The rank of the kept record phash `hi` matches (equal, else the closest near one; ties:
+    the higher-ranked), or -1 after keeping it as phash `hi`'s record."""
+    if kh[hi] >= 0:
+        return kh[hi]
+    best = None
+    for j in range(ip[hi], ip[hi + 1]):
+        target = kh[nb[j]]
+        if target >= 0 and (best is None or (nd[j], target) < best):
+            best = (nd[j], target)
+    if best is not None:
+        return best[1]
+    kh[hi] = rank
+    return -1
+
+
+def _greedy(
+    order: np.ndarray,
+    ranks: np.ndarray,
+    ids: tuple[np.ndarray, np.ndarray, np.ndarray],
+    graph: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy rule's visit of the contested `ranks`: per record (input order), the rank of
+    the kept record it duplicates (-1 when kept) and the kind (1 + index in KINDS, 0 kept)."""
+    n = len(order)
+    kept_sha, kept_url, kept_phash = map(_slots, ids)
+    dup_rank = np.full(n, -1, dtype=np.int32)
+    kind = np.zeros(n, dtype=np.int8)
+    # memoryviews: fast scalar access from Python without a Python object per record
+    o, s, u, h = map(memoryview, (order, *ids))
+    ks, ku, kh, dr, kd = map(memoryview, (kept_sha, kept_url, kept_phash, dup_rank, kind))
+    ip, nb, nd = map(memoryview, graph)
+    for rank in memoryview(ranks):
+        i = o[rank]
+        si, ui, hi = s[i], u[i], h[i]
+        if si >= 0 and ks[si] >= 0:
+            dr[i], kd[i] = ks[si], 1
+        elif ui >= 0 and ku[ui] >= 0:
+            dr[i], kd[i] = ku[ui], 2
+        elif hi >= 0:
+            dr[i] = _phash_match(hi, rank, kh, ip, nb, nd)
+            kd[i] = 3 if dr[i] >= 0 else 0
+        # its bytes and URL now lead to its group's kept record (a dropped record's too: the
+        # same URL listed again is a `url` duplicate, whichever copy was dropped first)
+        target = rank if dr[i] < 0 else dr[i]
+        if si >= 0 and ks[si] < 0:
+            ks[si] = target
+        if ui >= 0 and ku[ui] < 0:
+            ku[ui] = target
+    return dup_rank, kind
+
+
+def _distances(duplicate_of: np.ndarray, phash_id: np.ndarray, phashes: np.ndarray) -> np.ndarray:
+    """Phash bits between each duplicate and its kept record (-1 when either has no phash)."""
+    distance = np.full(len(duplicate_of), -1, dtype=np.int16)
+    both = (duplicate_of >= 0) & (phash_id >= 0)
+    both[both] &= phash_id[duplicate_of[both]] >= 0
+    rows = np.flatnonzero(both)
+    distance[rows] = popcount(phashes[phash_id[rows]] ^ phashes[phash_id[duplicate_of[rows]]])
+    return distance
+
+
 def cluster(
     score: np.ndarray,
     sha_id: np.ndarray,
@@ -415,66 +507,14 @@ def cluster(
     """The greedy rule over compact arrays: visit by descending score (ties: input order), drop
     a record matching a kept one (same sha id, same URL id, phash within `max_distance`) or
     sharing bytes or URL with a dropped one (then the duplicate of that one's kept record)."""
-    n = len(score)
     order = np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable").astype(np.int32)
     a, b, dist, compared = near_pairs(phashes, max_distance)
-    # neighbours of each distinct phash (CSR), both directions
-    src, dst, ndist = np.r_[a, b], np.r_[b, a], np.r_[dist, dist]
-    by_src = np.argsort(src, kind="stable")
-    nbr = dst[by_src].astype(np.int32)
-    nbr_dist = ndist[by_src].astype(np.int32)
-    indptr = np.r_[0, np.cumsum(np.bincount(src, minlength=len(phashes)))].astype(np.int64)
-
-    def slots(ids: np.ndarray) -> np.ndarray:
-        """Per id, the rank (position in `order`) of its kept record, -1 for none yet."""
-        return np.full(int(ids.max(initial=-1)) + 1, -1, dtype=np.int32)
-
-    kept_sha, kept_url, kept_phash = slots(sha_id), slots(url_id), slots(phash_id)
-    dup_rank = np.full(n, -1, dtype=np.int32)
-    kind = np.zeros(n, dtype=np.int8)
-    # memoryviews: fast scalar access from Python without a Python object per record
-    o, s, u, h = (memoryview(x) for x in (order, sha_id, url_id, phash_id))
-    ks, ku, kh, dr, kd = (memoryview(x) for x in (kept_sha, kept_url, kept_phash, dup_rank, kind))
-    ip, nb, nd = memoryview(indptr), memoryview(nbr), memoryview(nbr_dist)
-    # a record sharing no key with another and near no other hash is kept, and matches nobody
-    contested = _shared(sha_id) | _shared(url_id) | _shared(phash_id)
-    with_phash = phash_id >= 0
-    contested[with_phash] |= np.diff(indptr)[phash_id[with_phash]] > 0
-    for rank in memoryview(np.flatnonzero(contested[order])):
-        i = o[rank]
-        si, ui, hi = s[i], u[i], h[i]
-        if si >= 0 and ks[si] >= 0:
-            dr[i], kd[i] = ks[si], 1
-        elif ui >= 0 and ku[ui] >= 0:
-            dr[i], kd[i] = ku[ui], 2
-        elif hi >= 0 and kh[hi] >= 0:
-            dr[i], kd[i] = kh[hi], 3
-        else:
-            best = None
-            if hi >= 0:
-                for j in range(ip[hi], ip[hi + 1]):
-                    target = kh[nb[j]]
-                    if target >= 0 and (best is None or (nd[j], target) < best):
-                        best = (nd[j], target)
-            if best is not None:
-                dr[i], kd[i] = best[1], 3
-            else:
-                dr[i] = -1
-                if hi >= 0:
-                    kh[hi] = rank
-        # its bytes and URL now lead to its group's kept record (a dropped record's too: the
-        # same URL listed again is a `url` duplicate, whichever copy was dropped first)
-        target = rank if dr[i] < 0 else dr[i]
-        if si >= 0 and ks[si] < 0:
-            ks[si] = target
-        if ui >= 0 and ku[ui] < 0:
-            ku[ui] = target
+    graph = _neighbours(a, b, dist, len(phashes))
+    contested = _contested(sha_id, url_id, phash_id, graph[0])
+    ranks = np.flatnonzero(contested[order])
+    dup_rank, kind = _greedy(order, ranks, (sha_id, url_id, phash_id), graph)
     duplicate_of = np.where(dup_rank >= 0, order[np.maximum(dup_rank, 0)], -1).astype(np.int32)
-    distance = np.full(n, -1, dtype=np.int16)
-    both = (duplicate_of >= 0) & (phash_id >= 0)
-    both[both] &= phash_id[duplicate_of[both]] >= 0
-    rows = np.flatnonzero(both)
-    distance[rows] = popcount(phashes[phash_id[rows]] ^ phashes[phash_id[duplicate_of[rows]]])
+    distance = _distances(duplicate_of, phash_id, phashes)
     return Clusters(duplicate_of, kind, distance, len(a), compared)
 
 
