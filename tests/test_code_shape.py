@@ -20,7 +20,6 @@ TOOLS_BUDGET = 1500
 # fail on both), and the lists' end is empty.
 KNOWN_OFFENDERS = {
     "src/groundset/core/reproduce.py": ["differences"],
-    "src/groundset/stages/dedup.py": ["dedup_records"],
     "src/groundset/stages/filter/dj_op.py": ["compute_stats_batched"],
     "src/groundset/stages/mask.py": ["apply_floors", "mask_chunk"],
     "src/groundset/stages/split.py": ["index_manifest"],

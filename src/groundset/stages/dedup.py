@@ -698,6 +698,93 @@ def _duplicate_line(record: dict, groups: Clusters, ordinal: int, target: str) -
     return drop_line(record, "dedup", kind, f"{kind} duplicate of {target}")
 
 
+def _hash_with_cache(
+    input: str | os.PathLike, threads: int, cache: str | os.PathLike | None, counts: Counter
+) -> tuple[_Columns, dict[str, int]]:
+    """Pass 1 with the hash cache at `cache` (if any) open around it; its stale count noted."""
+    hash_cache = HashCache(cache) if cache is not None else None
+    try:
+        return _hash_pass(input, threads, hash_cache, counts)
+    finally:
+        if hash_cache is not None:
+            hash_cache.close()
+            counts["hash_cache_stale"] = hash_cache.stale
+
+
+def _annotate(record: dict, ordinal: int, hashes: _Hashes) -> None:
+    """Write a record's hashes into it: its sha256 (unless it has one), phash or why none."""
+    if hashes.has_sha[ordinal]:
+        record.setdefault("sha256", hashes.sha[ordinal].tobytes().hex())
+    if hashes.reason[ordinal] == 0:
+        record["phash"] = f"{int(hashes.phash[ordinal]):016x}"
+        record.pop("phash_error", None)  # an earlier run's
+    else:
+        record["phash_error"] = REASONS[hashes.reason[ordinal] - 1]
+        record.pop("phash", None)
+
+
+def _write_pass(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    dropped: str | os.PathLike,
+    hashes: _Hashes,
+    groups: Clusters,
+) -> None:
+    """Passes 2 and 3: the kept records to `output`, the duplicates' drop lines to `dropped`."""
+    n = len(hashes.reason)
+    targets = np.unique(groups.duplicate_of[groups.duplicate_of >= 0])
+    keys = _target_keys(input, targets, n) if targets.size else {}
+    written = 0
+    with atomic_write(output) as out, atomic_write(dropped) as bad:
+        for ordinal, record in enumerate(iter_jsonl(input)):
+            if ordinal >= n:
+                raise RuntimeError(f"{input} changed during dedup (more than {n} records)")
+            written += 1
+            _annotate(record, ordinal, hashes)
+            target = int(groups.duplicate_of[ordinal])
+            if target < 0:
+                out.write(dumps_record(record) + "\n")
+                continue
+            bad.write(dumps_record(_duplicate_line(record, groups, ordinal, keys[target])) + "\n")
+        if written != n:
+            raise RuntimeError(f"{input} changed during dedup ({n} records, now {written})")
+
+
+def _counts(
+    hashes: _Hashes,
+    groups: Clusters,
+    reasons: dict[str, int],
+    counts: Counter,
+    distinct: int,
+    times: tuple[float, float, float, float],
+) -> dict:
+    """The stats counts of a run (see `_empty_stats`) from its verdicts and step times (start,
+    hashed, grouped, done)."""
+    n = len(hashes.reason)
+    kept_mask = groups.duplicate_of < 0
+    kinds = Counter(groups.kind[~kept_mask].tolist())
+    start, hashed_at, grouped_at, done = times
+    return dict(
+        records_in=n,
+        kept=int(kept_mask.sum()),
+        dropped_by_kind={name: kinds.get(k + 1, 0) for k, name in enumerate(KINDS)},
+        unhashable=int(n - (hashes.reason == 0).sum()),
+        unhashable_by_reason=reasons,
+        hashed=counts["hashed"],
+        hash_cache_hits=counts["hash_cache_hits"],
+        hash_cache_stale=counts["hash_cache_stale"],
+        distinct_phashes=distinct,
+        near_pairs=groups.near_pairs,
+        near_candidates_compared=groups.compared,
+        seconds=round(done - start, 3),
+        seconds_by_step={
+            "hash": round(hashed_at - start, 3),
+            "group": round(grouped_at - hashed_at, 3),
+            "write": round(done - grouped_at, 3),
+        },
+    )
+
+
 def dedup_records(
     input: str | os.PathLike,
     output: str | os.PathLike,
@@ -722,72 +809,19 @@ def dedup_records(
         return result
 
     counts: Counter = Counter()
-    hash_cache = HashCache(cache) if cache is not None else None
-    try:
-        cols, reasons = _hash_pass(input, threads, hash_cache, counts)
-    finally:
-        if hash_cache is not None:
-            hash_cache.close()
-            counts["hash_cache_stale"] = hash_cache.stale
+    cols, reasons = _hash_with_cache(input, threads, cache, counts)
     hashed_at = time.perf_counter()
     hashes, groups, distinct = _group(cols, max_distance)
     del cols  # what grouping alone needed (scores, URL digests)
-    sha, has_sha, phash, reason = hashes.sha, hashes.has_sha, hashes.phash, hashes.reason
-    has_phash = reason == 0
-    n = len(reason)
     grouped_at = time.perf_counter()
-
-    kept_mask = groups.duplicate_of < 0
-    targets = np.unique(groups.duplicate_of[~kept_mask])
-    keys = _target_keys(input, targets, n) if targets.size else {}
-    written = 0
-    with atomic_write(output) as out, atomic_write(dropped) as bad:
-        for ordinal, record in enumerate(iter_jsonl(input)):
-            if ordinal >= n:
-                raise RuntimeError(f"{input} changed during dedup (more than {n} records)")
-            written += 1
-            if has_sha[ordinal]:
-                record.setdefault("sha256", sha[ordinal].tobytes().hex())
-            if has_phash[ordinal]:
-                record["phash"] = f"{int(phash[ordinal]):016x}"
-                record.pop("phash_error", None)  # an earlier run's
-            else:
-                record["phash_error"] = REASONS[reason[ordinal] - 1]
-                record.pop("phash", None)
-            target = int(groups.duplicate_of[ordinal])
-            if target < 0:
-                out.write(dumps_record(record) + "\n")
-                continue
-            bad.write(dumps_record(_duplicate_line(record, groups, ordinal, keys[target])) + "\n")
-        if written != n:
-            raise RuntimeError(f"{input} changed during dedup ({n} records, now {written})")
-    done = time.perf_counter()
-
-    kinds = Counter(groups.kind[~kept_mask].tolist())
-    result.update(
-        records_in=n,
-        kept=int(kept_mask.sum()),
-        dropped_by_kind={name: kinds.get(k + 1, 0) for k, name in enumerate(KINDS)},
-        unhashable=int(n - has_phash.sum()),
-        unhashable_by_reason=reasons,
-        hashed=counts["hashed"],
-        hash_cache_hits=counts["hash_cache_hits"],
-        hash_cache_stale=counts["hash_cache_stale"],
-        distinct_phashes=distinct,
-        near_pairs=groups.near_pairs,
-        near_candidates_compared=groups.compared,
-        seconds=round(done - start, 3),
-        seconds_by_step={
-            "hash": round(hashed_at - start, 3),
-            "group": round(grouped_at - hashed_at, 3),
-            "write": round(done - grouped_at, 3),
-        },
-    )
+    _write_pass(input, output, dropped, hashes, groups)
+    times = (start, hashed_at, grouped_at, time.perf_counter())
+    result.update(_counts(hashes, groups, reasons, counts, distinct, times))
     result = _envelope(result)
     write_stats(stats, result)
     log.info(
         "dedup: %d records, %d kept, dropped %s, %d unhashable",
-        n,
+        result["records_in"],
         result["records_out"],
         result["dropped"],
         result["unhashable"],
