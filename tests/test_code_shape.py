@@ -22,7 +22,6 @@ KNOWN_OFFENDERS = {
     "src/groundset/stages/filter/dj_op.py": ["compute_stats_batched"],
     "src/groundset/stages/mask.py": ["apply_floors", "mask_chunk"],
     "src/groundset/tools/estimate.py": ["estimate", "format_estimate", "prefilter_pass"],
-    "src/groundset/tools/stats.py": ["collect_stats"],
     "src/groundset/tools/trace.py": [
         "export_odvg",
         "export_webdataset",
