@@ -19,13 +19,7 @@ TOOLS_BUDGET = 1500
 # session. Nothing may join these lists; an entry that is fixed must leave them (the tests
 # fail on both), and the lists' end is empty.
 KNOWN_OFFENDERS = {
-    "src/groundset/core/reproduce.py": ["differences"],
-    "src/groundset/stages/dedup.py": ["cluster", "dedup_records"],
-    "src/groundset/stages/filter/dj_op.py": ["compute_stats_batched"],
-    "src/groundset/stages/split.py": ["index_manifest"],
     "src/groundset/tools/estimate.py": ["prefilter_pass"],
-    "src/groundset/tools/stats.py": ["collect_stats"],
-    "src/groundset/tools/validate.py": ["_mask_problems", "validate_outputs"],
 }
 KNOWN_CYCLES: set[frozenset[str]] = set()
 # Modules outside testing/ that import groundset.testing: the end is one seam, where a config
@@ -37,7 +31,7 @@ KNOWN_STAND_IN_IMPORTERS = {
 # Seams: a stage's one module that reaches the stand-ins, imported only where its config opts in
 # (not a ratchet: these are the shape the issue asks for).
 STAND_IN_SEAMS = {"groundset.stages.caption.seam"}
-TOOLS_CEILING = 3010  # lines of the four tools now; the budget is TOOLS_BUDGET
+TOOLS_CEILING = 2976  # lines of the four tools now; the budget is TOOLS_BUDGET
 
 
 def python_files() -> list[Path]:

@@ -241,3 +241,48 @@ def concat_chunks(
                 with open(path, "rb") as src:
                     shutil.copyfileobj(src, handle, 1 << 20)
     return per_chunk
+
+
+BLOCK = 1 << 22  # bytes read at a time while streaming a file
+
+
+def scan_lines(
+    path: Path, needle: bytes, start: int = 0, count_lines: bool = False
+) -> Iterator[tuple[int, int, bytes]]:
+    """(offset, line number or -1, line) of each line of `path` from byte `start` holding
+    `needle`, read in blocks (only those lines are cut out; line numbers count from `start`)."""
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        rest, rest_at, lines_before = b"", start, 0
+        while True:
+            block = handle.read(BLOCK)
+            data = rest + block
+            cut = len(data) if not block else data.rfind(b"\n") + 1
+            hit = data.find(needle, 0, cut)
+            done = 0
+            while hit != -1:
+                begin = data.rfind(b"\n", 0, hit) + 1
+                end = data.find(b"\n", hit, cut)
+                end = cut if end == -1 else end
+                lineno = -1
+                if count_lines:
+                    lineno = lines_before + data.count(b"\n", done, begin)
+                    lines_before, done = lineno, begin
+                yield rest_at + begin, lineno, data[begin:end]
+                hit = data.find(needle, end, cut)
+            if count_lines:
+                lines_before += data.count(b"\n", done, cut)
+            if not block:
+                return
+            rest, rest_at = data[cut:], rest_at + cut
+
+
+def contains_bytes(path: Path, needle: bytes) -> bool:
+    """Whether the bytes of `path` hold `needle` (streamed in blocks)."""
+    with open(path, "rb") as handle:
+        tail = b""
+        while block := handle.read(BLOCK):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle) :]
+    return False

@@ -38,27 +38,37 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _dict_differences(a: dict, b: dict, where: str, score: str | None) -> list[str]:
+    """`differences` of two objects: their keys, then each value (under its score key, if one)."""
+    if a.keys() != b.keys():
+        return [f"{where or '.'}: keys {sorted(a.keys() ^ b.keys())} in one only"]
+    return [
+        line
+        for key in a
+        for line in differences(
+            a[key],
+            b[key],
+            f"{where}.{key}",
+            key if key in MODEL_SCORES | ROUNDED_SCORES else score,
+        )
+    ]
+
+
+def _list_differences(a: list, b: list, where: str, score: str | None) -> list[str]:
+    """`differences` of two arrays: their lengths, then item by item."""
+    if len(a) != len(b):
+        return [f"{where}: {len(a)} items vs {len(b)}"]
+    return [line for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for line in differences(x, y, f"{where}[{i}]", score)]  # fmt: skip
+
+
 def differences(a: Any, b: Any, where: str = "", score: str | None = None) -> list[str]:
     """Where two JSON values differ beyond the guarantee: numbers under a model-score key
     within its bound, everything else exactly."""
     if isinstance(a, dict) and isinstance(b, dict):
-        if a.keys() != b.keys():
-            return [f"{where or '.'}: keys {sorted(a.keys() ^ b.keys())} in one only"]
-        return [
-            line
-            for key in a
-            for line in differences(
-                a[key],
-                b[key],
-                f"{where}.{key}",
-                key if key in MODEL_SCORES | ROUNDED_SCORES else score,
-            )
-        ]
+        return _dict_differences(a, b, where, score)
     if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return [f"{where}: {len(a)} items vs {len(b)}"]
-        return [line for i, (x, y) in enumerate(zip(a, b, strict=True))
-                for line in differences(x, y, f"{where}[{i}]", score)]  # fmt: skip
+        return _list_differences(a, b, where, score)
     if score is not None and _number(a) and _number(b):
         return [] if scores_agree(score, a, b) else [f"{where}: {a!r} vs {b!r} (beyond the bound)"]
     return [] if a == b and type(a) is type(b) else [f"{where}: {a!r} vs {b!r}"]

@@ -404,6 +404,98 @@ class Clusters:
     compared: int
 
 
+def _neighbours(
+    a: np.ndarray, b: np.ndarray, dist: np.ndarray, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The near pairs as neighbours of each distinct phash (CSR, both directions): (indptr,
+    neighbour, distance)."""
+    src, dst, ndist = np.r_[a, b], np.r_[b, a], np.r_[dist, dist]
+    by_src = np.argsort(src, kind="stable")
+    nbr = dst[by_src].astype(np.int32)
+    nbr_dist = ndist[by_src].astype(np.int32)
+    indptr = np.r_[0, np.cumsum(np.bincount(src, minlength=count))].astype(np.int64)
+    return indptr, nbr, nbr_dist
+
+
+def _contested(
+    sha_id: np.ndarray, url_id: np.ndarray, phash_id: np.ndarray, indptr: np.ndarray
+) -> np.ndarray:
+    """Whether each record shares a key with another or has a near hash: the others are kept
+    and match nobody."""
+    contested = _shared(sha_id) | _shared(url_id) | _shared(phash_id)
+    with_phash = phash_id >= 0
+    contested[with_phash] |= np.diff(indptr)[phash_id[with_phash]] > 0
+    return contested
+
+
+def _slots(ids: np.ndarray) -> np.ndarray:
+    """Per id, the rank (position in `order`) of its kept record, -1 for none yet."""
+    return np.full(int(ids.max(initial=-1)) + 1, -1, dtype=np.int32)
+
+
+def _phash_match(hi: int, rank: int, kh: memoryview, ip: memoryview, nb: memoryview,
+                 nd: memoryview) -> int:  # fmt: skip
+    """The rank of the kept record phash `hi` matches (equal, else the closest near one; ties:
+    the higher-ranked), or -1 after keeping it as phash `hi`'s record."""
+    if kh[hi] >= 0:
+        return kh[hi]
+    best = None
+    for j in range(ip[hi], ip[hi + 1]):
+        target = kh[nb[j]]
+        if target >= 0 and (best is None or (nd[j], target) < best):
+            best = (nd[j], target)
+    if best is not None:
+        return best[1]
+    kh[hi] = rank
+    return -1
+
+
+def _greedy(
+    order: np.ndarray,
+    ranks: np.ndarray,
+    ids: tuple[np.ndarray, np.ndarray, np.ndarray],
+    graph: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy rule's visit of the contested `ranks`: per record (input order), the rank of
+    the kept record it duplicates (-1 when kept) and the kind (1 + index in KINDS, 0 kept)."""
+    n = len(order)
+    kept_sha, kept_url, kept_phash = map(_slots, ids)
+    dup_rank = np.full(n, -1, dtype=np.int32)
+    kind = np.zeros(n, dtype=np.int8)
+    # memoryviews: fast scalar access from Python without a Python object per record
+    o, s, u, h = map(memoryview, (order, *ids))
+    ks, ku, kh, dr, kd = map(memoryview, (kept_sha, kept_url, kept_phash, dup_rank, kind))
+    ip, nb, nd = map(memoryview, graph)
+    for rank in memoryview(ranks):
+        i = o[rank]
+        si, ui, hi = s[i], u[i], h[i]
+        if si >= 0 and ks[si] >= 0:
+            dr[i], kd[i] = ks[si], 1
+        elif ui >= 0 and ku[ui] >= 0:
+            dr[i], kd[i] = ku[ui], 2
+        elif hi >= 0:
+            dr[i] = _phash_match(hi, rank, kh, ip, nb, nd)
+            kd[i] = 3 if dr[i] >= 0 else 0
+        # its bytes and URL now lead to its group's kept record (a dropped record's too: the
+        # same URL listed again is a `url` duplicate, whichever copy was dropped first)
+        target = rank if dr[i] < 0 else dr[i]
+        if si >= 0 and ks[si] < 0:
+            ks[si] = target
+        if ui >= 0 and ku[ui] < 0:
+            ku[ui] = target
+    return dup_rank, kind
+
+
+def _distances(duplicate_of: np.ndarray, phash_id: np.ndarray, phashes: np.ndarray) -> np.ndarray:
+    """Phash bits between each duplicate and its kept record (-1 when either has no phash)."""
+    distance = np.full(len(duplicate_of), -1, dtype=np.int16)
+    both = (duplicate_of >= 0) & (phash_id >= 0)
+    both[both] &= phash_id[duplicate_of[both]] >= 0
+    rows = np.flatnonzero(both)
+    distance[rows] = popcount(phashes[phash_id[rows]] ^ phashes[phash_id[duplicate_of[rows]]])
+    return distance
+
+
 def cluster(
     score: np.ndarray,
     sha_id: np.ndarray,
@@ -415,66 +507,14 @@ def cluster(
     """The greedy rule over compact arrays: visit by descending score (ties: input order), drop
     a record matching a kept one (same sha id, same URL id, phash within `max_distance`) or
     sharing bytes or URL with a dropped one (then the duplicate of that one's kept record)."""
-    n = len(score)
     order = np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable").astype(np.int32)
     a, b, dist, compared = near_pairs(phashes, max_distance)
-    # neighbours of each distinct phash (CSR), both directions
-    src, dst, ndist = np.r_[a, b], np.r_[b, a], np.r_[dist, dist]
-    by_src = np.argsort(src, kind="stable")
-    nbr = dst[by_src].astype(np.int32)
-    nbr_dist = ndist[by_src].astype(np.int32)
-    indptr = np.r_[0, np.cumsum(np.bincount(src, minlength=len(phashes)))].astype(np.int64)
-
-    def slots(ids: np.ndarray) -> np.ndarray:
-        """Per id, the rank (position in `order`) of its kept record, -1 for none yet."""
-        return np.full(int(ids.max(initial=-1)) + 1, -1, dtype=np.int32)
-
-    kept_sha, kept_url, kept_phash = slots(sha_id), slots(url_id), slots(phash_id)
-    dup_rank = np.full(n, -1, dtype=np.int32)
-    kind = np.zeros(n, dtype=np.int8)
-    # memoryviews: fast scalar access from Python without a Python object per record
-    o, s, u, h = (memoryview(x) for x in (order, sha_id, url_id, phash_id))
-    ks, ku, kh, dr, kd = (memoryview(x) for x in (kept_sha, kept_url, kept_phash, dup_rank, kind))
-    ip, nb, nd = memoryview(indptr), memoryview(nbr), memoryview(nbr_dist)
-    # a record sharing no key with another and near no other hash is kept, and matches nobody
-    contested = _shared(sha_id) | _shared(url_id) | _shared(phash_id)
-    with_phash = phash_id >= 0
-    contested[with_phash] |= np.diff(indptr)[phash_id[with_phash]] > 0
-    for rank in memoryview(np.flatnonzero(contested[order])):
-        i = o[rank]
-        si, ui, hi = s[i], u[i], h[i]
-        if si >= 0 and ks[si] >= 0:
-            dr[i], kd[i] = ks[si], 1
-        elif ui >= 0 and ku[ui] >= 0:
-            dr[i], kd[i] = ku[ui], 2
-        elif hi >= 0 and kh[hi] >= 0:
-            dr[i], kd[i] = kh[hi], 3
-        else:
-            best = None
-            if hi >= 0:
-                for j in range(ip[hi], ip[hi + 1]):
-                    target = kh[nb[j]]
-                    if target >= 0 and (best is None or (nd[j], target) < best):
-                        best = (nd[j], target)
-            if best is not None:
-                dr[i], kd[i] = best[1], 3
-            else:
-                dr[i] = -1
-                if hi >= 0:
-                    kh[hi] = rank
-        # its bytes and URL now lead to its group's kept record (a dropped record's too: the
-        # same URL listed again is a `url` duplicate, whichever copy was dropped first)
-        target = rank if dr[i] < 0 else dr[i]
-        if si >= 0 and ks[si] < 0:
-            ks[si] = target
-        if ui >= 0 and ku[ui] < 0:
-            ku[ui] = target
+    graph = _neighbours(a, b, dist, len(phashes))
+    contested = _contested(sha_id, url_id, phash_id, graph[0])
+    ranks = np.flatnonzero(contested[order])
+    dup_rank, kind = _greedy(order, ranks, (sha_id, url_id, phash_id), graph)
     duplicate_of = np.where(dup_rank >= 0, order[np.maximum(dup_rank, 0)], -1).astype(np.int32)
-    distance = np.full(n, -1, dtype=np.int16)
-    both = (duplicate_of >= 0) & (phash_id >= 0)
-    both[both] &= phash_id[duplicate_of[both]] >= 0
-    rows = np.flatnonzero(both)
-    distance[rows] = popcount(phashes[phash_id[rows]] ^ phashes[phash_id[duplicate_of[rows]]])
+    distance = _distances(duplicate_of, phash_id, phashes)
     return Clusters(duplicate_of, kind, distance, len(a), compared)
 
 
@@ -658,6 +698,93 @@ def _duplicate_line(record: dict, groups: Clusters, ordinal: int, target: str) -
     return drop_line(record, "dedup", kind, f"{kind} duplicate of {target}")
 
 
+def _hash_with_cache(
+    input: str | os.PathLike, threads: int, cache: str | os.PathLike | None, counts: Counter
+) -> tuple[_Columns, dict[str, int]]:
+    """Pass 1 with the hash cache at `cache` (if any) open around it; its stale count noted."""
+    hash_cache = HashCache(cache) if cache is not None else None
+    try:
+        return _hash_pass(input, threads, hash_cache, counts)
+    finally:
+        if hash_cache is not None:
+            hash_cache.close()
+            counts["hash_cache_stale"] = hash_cache.stale
+
+
+def _annotate(record: dict, ordinal: int, hashes: _Hashes) -> None:
+    """Write a record's hashes into it: its sha256 (unless it has one), phash or why none."""
+    if hashes.has_sha[ordinal]:
+        record.setdefault("sha256", hashes.sha[ordinal].tobytes().hex())
+    if hashes.reason[ordinal] == 0:
+        record["phash"] = f"{int(hashes.phash[ordinal]):016x}"
+        record.pop("phash_error", None)  # an earlier run's
+    else:
+        record["phash_error"] = REASONS[hashes.reason[ordinal] - 1]
+        record.pop("phash", None)
+
+
+def _write_pass(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    dropped: str | os.PathLike,
+    hashes: _Hashes,
+    groups: Clusters,
+) -> None:
+    """Passes 2 and 3: the kept records to `output`, the duplicates' drop lines to `dropped`."""
+    n = len(hashes.reason)
+    targets = np.unique(groups.duplicate_of[groups.duplicate_of >= 0])
+    keys = _target_keys(input, targets, n) if targets.size else {}
+    written = 0
+    with atomic_write(output) as out, atomic_write(dropped) as bad:
+        for ordinal, record in enumerate(iter_jsonl(input)):
+            if ordinal >= n:
+                raise RuntimeError(f"{input} changed during dedup (more than {n} records)")
+            written += 1
+            _annotate(record, ordinal, hashes)
+            target = int(groups.duplicate_of[ordinal])
+            if target < 0:
+                out.write(dumps_record(record) + "\n")
+                continue
+            bad.write(dumps_record(_duplicate_line(record, groups, ordinal, keys[target])) + "\n")
+        if written != n:
+            raise RuntimeError(f"{input} changed during dedup ({n} records, now {written})")
+
+
+def _counts(
+    hashes: _Hashes,
+    groups: Clusters,
+    reasons: dict[str, int],
+    counts: Counter,
+    distinct: int,
+    times: tuple[float, float, float, float],
+) -> dict:
+    """The stats counts of a run (see `_empty_stats`) from its verdicts and step times (start,
+    hashed, grouped, done)."""
+    n = len(hashes.reason)
+    kept_mask = groups.duplicate_of < 0
+    kinds = Counter(groups.kind[~kept_mask].tolist())
+    start, hashed_at, grouped_at, done = times
+    return dict(
+        records_in=n,
+        kept=int(kept_mask.sum()),
+        dropped_by_kind={name: kinds.get(k + 1, 0) for k, name in enumerate(KINDS)},
+        unhashable=int(n - (hashes.reason == 0).sum()),
+        unhashable_by_reason=reasons,
+        hashed=counts["hashed"],
+        hash_cache_hits=counts["hash_cache_hits"],
+        hash_cache_stale=counts["hash_cache_stale"],
+        distinct_phashes=distinct,
+        near_pairs=groups.near_pairs,
+        near_candidates_compared=groups.compared,
+        seconds=round(done - start, 3),
+        seconds_by_step={
+            "hash": round(hashed_at - start, 3),
+            "group": round(grouped_at - hashed_at, 3),
+            "write": round(done - grouped_at, 3),
+        },
+    )
+
+
 def dedup_records(
     input: str | os.PathLike,
     output: str | os.PathLike,
@@ -682,72 +809,19 @@ def dedup_records(
         return result
 
     counts: Counter = Counter()
-    hash_cache = HashCache(cache) if cache is not None else None
-    try:
-        cols, reasons = _hash_pass(input, threads, hash_cache, counts)
-    finally:
-        if hash_cache is not None:
-            hash_cache.close()
-            counts["hash_cache_stale"] = hash_cache.stale
+    cols, reasons = _hash_with_cache(input, threads, cache, counts)
     hashed_at = time.perf_counter()
     hashes, groups, distinct = _group(cols, max_distance)
     del cols  # what grouping alone needed (scores, URL digests)
-    sha, has_sha, phash, reason = hashes.sha, hashes.has_sha, hashes.phash, hashes.reason
-    has_phash = reason == 0
-    n = len(reason)
     grouped_at = time.perf_counter()
-
-    kept_mask = groups.duplicate_of < 0
-    targets = np.unique(groups.duplicate_of[~kept_mask])
-    keys = _target_keys(input, targets, n) if targets.size else {}
-    written = 0
-    with atomic_write(output) as out, atomic_write(dropped) as bad:
-        for ordinal, record in enumerate(iter_jsonl(input)):
-            if ordinal >= n:
-                raise RuntimeError(f"{input} changed during dedup (more than {n} records)")
-            written += 1
-            if has_sha[ordinal]:
-                record.setdefault("sha256", sha[ordinal].tobytes().hex())
-            if has_phash[ordinal]:
-                record["phash"] = f"{int(phash[ordinal]):016x}"
-                record.pop("phash_error", None)  # an earlier run's
-            else:
-                record["phash_error"] = REASONS[reason[ordinal] - 1]
-                record.pop("phash", None)
-            target = int(groups.duplicate_of[ordinal])
-            if target < 0:
-                out.write(dumps_record(record) + "\n")
-                continue
-            bad.write(dumps_record(_duplicate_line(record, groups, ordinal, keys[target])) + "\n")
-        if written != n:
-            raise RuntimeError(f"{input} changed during dedup ({n} records, now {written})")
-    done = time.perf_counter()
-
-    kinds = Counter(groups.kind[~kept_mask].tolist())
-    result.update(
-        records_in=n,
-        kept=int(kept_mask.sum()),
-        dropped_by_kind={name: kinds.get(k + 1, 0) for k, name in enumerate(KINDS)},
-        unhashable=int(n - has_phash.sum()),
-        unhashable_by_reason=reasons,
-        hashed=counts["hashed"],
-        hash_cache_hits=counts["hash_cache_hits"],
-        hash_cache_stale=counts["hash_cache_stale"],
-        distinct_phashes=distinct,
-        near_pairs=groups.near_pairs,
-        near_candidates_compared=groups.compared,
-        seconds=round(done - start, 3),
-        seconds_by_step={
-            "hash": round(hashed_at - start, 3),
-            "group": round(grouped_at - hashed_at, 3),
-            "write": round(done - grouped_at, 3),
-        },
-    )
+    _write_pass(input, output, dropped, hashes, groups)
+    times = (start, hashed_at, grouped_at, time.perf_counter())
+    result.update(_counts(hashes, groups, reasons, counts, distinct, times))
     result = _envelope(result)
     write_stats(stats, result)
     log.info(
         "dedup: %d records, %d kept, dropped %s, %d unhashable",
-        n,
+        result["records_in"],
         result["records_out"],
         result["dropped"],
         result["unhashable"],

@@ -81,6 +81,35 @@ class ShardSink:
             self.tmp.unlink(missing_ok=True)
 
 
+def _check_blank_lines(path: Path, newlines: np.ndarray, last_byte: int, pos: int) -> None:
+    """Refuse a block (at byte `pos`, after `last_byte`) with a blank line in it or at its start."""
+    starts_blank = len(newlines) > 0 and last_byte == NEWLINE and newlines[0] == 0
+    if starts_blank or (len(newlines) > 1 and np.any(np.diff(newlines) == 1)):
+        raise ValueError(f"{path}: blank line near byte {pos}; every line must be one JSON record")
+
+
+def _add_cuts(
+    ends: list[int], newlines: np.ndarray, pos: int, records: int, shard_size: int
+) -> None:
+    """Append to `ends` the shard ends inside a block at byte `pos` after `records` records."""
+    target = shard_size * (len(ends) + 1)
+    while target <= records + len(newlines):
+        ends.append(pos + int(newlines[target - records - 1]) + 1)
+        target += shard_size
+
+
+def _shard_table(ends: list[int], records: int, shard_size: int) -> list[dict]:
+    """The index's shard entries from their end bytes."""
+    starts = [0, *ends[:-1]] if ends else []
+    shards = []
+    for i, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        count = min(shard_size, records - i * shard_size)
+        shards.append(
+            {"shard": i, "file": shard_name(i), "start": start, "end": end, "records": count}
+        )
+    return shards
+
+
 def index_manifest(
     path: str | os.PathLike, shard_size: int, block: int = BLOCK, sink: ShardSink | None = None
 ) -> dict:
@@ -102,16 +131,9 @@ def index_manifest(
     ):
         while chunk := handle.read(block):
             newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == NEWLINE)
-            starts_blank = len(newlines) > 0 and last_byte == NEWLINE and newlines[0] == 0
-            if starts_blank or (len(newlines) > 1 and np.any(np.diff(newlines) == 1)):
-                raise ValueError(
-                    f"{path}: blank line near byte {pos}; every line must be one JSON record"
-                )
-            target = shard_size * (len(ends) + 1)
+            _check_blank_lines(path, newlines, last_byte, pos)
             cut = len(ends)
-            while target <= records + len(newlines):
-                ends.append(pos + int(newlines[target - records - 1]) + 1)
-                target += shard_size
+            _add_cuts(ends, newlines, pos, records, shard_size)
             if sink is not None:
                 sink.feed(chunk, pos, ends[cut:])
             records += len(newlines)
@@ -124,19 +146,12 @@ def index_manifest(
         ends.append(size)
     if sink is not None:
         sink.finish(add_newline=bool(size) and last_byte != NEWLINE)
-    starts = [0, *ends[:-1]] if ends else []
-    shards = []
-    for i, (start, end) in enumerate(zip(starts, ends, strict=True)):
-        count = min(shard_size, records - i * shard_size)
-        shards.append(
-            {"shard": i, "file": shard_name(i), "start": start, "end": end, "records": count}
-        )
     return {
         "manifest": str(path.resolve()),
         "manifest_bytes": size,
         "records": records,
         "shard_size": shard_size,
-        "shards": shards,
+        "shards": _shard_table(ends, records, shard_size),
     }
 
 

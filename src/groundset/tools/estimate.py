@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from groundset.core import layout
-from groundset.core.config import download_options, validate_config
+from groundset.core.config import download_options, section_defaults, validate_config
 from groundset.core.io import read_json
 from groundset.core.stats import add_counts, read_stats
 from groundset.stages.merge import TIER_FILES
@@ -221,7 +221,7 @@ ASSUMED: dict[str, dict] = {
     },
 }
 SAMPLE_ROWS = 1_000_000  # URL-list rows read (two columns) for the prefilter's pass rate
-BATCH_ROWS = 65_536
+BATCH_ROWS = section_defaults("download.prefilter")["batch_rows"]  # rows per parquet batch
 
 
 def assumed(name: str) -> dict:

@@ -72,39 +72,44 @@ class Histograms:
             self._flush(name)
 
 
-def collect_stats(path: str | os.PathLike) -> dict:
-    """Counts, top entity names and histograms of a captioned or masked JSONL (one pass)."""
-    hist = Histograms()
-    names: Counter = Counter()
-    records = images_with_entities = boxes = 0
-    for record in iter_jsonl(path):
-        records += 1
-        entities = record.get("entities") or []
-        per_image = 0
-        stats = record.get("__dj__stats__") or {}
-        width = (stats.get("image_width") or [record.get("width") or 0])[0] or 0
-        height = (stats.get("image_height") or [record.get("height") or 0])[0] or 0
-        for entity in entities:
-            boxes_of_entity = entity_boxes(entity)
-            names[str(entity.get("entity", "")).strip().lower()] += len(boxes_of_entity)
-            for x1, y1, x2, y2 in boxes_of_entity:
-                per_image += 1
-                hist.add("box_area", [(x2 - x1) * (y2 - y1)])
-                if width and height and y2 > y1:
-                    hist.add("box_aspect", [((x2 - x1) * width) / ((y2 - y1) * height)])
-        boxes += per_image
-        images_with_entities += per_image > 0
-        hist.add("entities_per_image", [min(per_image, 20)])
-        hist.add("mask_score", record.get("mask_scores") or [])
-        for name in (
-            "image_aesthetics_scores",
-            "image_nsfw_score",
-            "image_watermark_prob",
-            "aspect_ratios",
-        ):
-            hist.add(name, stats.get(name) or [])
-    hist.flush()
-    histograms = {
+_SCORE_HISTOGRAMS = (
+    "image_aesthetics_scores",
+    "image_nsfw_score",
+    "image_watermark_prob",
+    "aspect_ratios",
+)  # filled from `__dj__stats__`
+
+
+def _add_boxes(hist: Histograms, names: Counter, record: dict, stats: dict) -> int:
+    """Count a record's boxes into the box histograms and `names`; returns how many boxes."""
+    width = (stats.get("image_width") or [record.get("width") or 0])[0] or 0
+    height = (stats.get("image_height") or [record.get("height") or 0])[0] or 0
+    per_image = 0
+    for entity in record.get("entities") or []:
+        boxes_of_entity = entity_boxes(entity)
+        names[str(entity.get("entity", "")).strip().lower()] += len(boxes_of_entity)
+        for x1, y1, x2, y2 in boxes_of_entity:
+            per_image += 1
+            hist.add("box_area", [(x2 - x1) * (y2 - y1)])
+            if width and height and y2 > y1:
+                hist.add("box_aspect", [((x2 - x1) * width) / ((y2 - y1) * height)])
+    return per_image
+
+
+def _add_record(hist: Histograms, names: Counter, record: dict) -> int:
+    """Count one record into the histograms and `names`; returns its boxes."""
+    stats = record.get("__dj__stats__") or {}
+    per_image = _add_boxes(hist, names, record, stats)
+    hist.add("entities_per_image", [min(per_image, 20)])
+    hist.add("mask_score", record.get("mask_scores") or [])
+    for name in _SCORE_HISTOGRAMS:
+        hist.add(name, stats.get(name) or [])
+    return per_image
+
+
+def _histogram_table(hist: Histograms) -> dict:
+    """The filled histograms as JSON: edges, counts, values and what each counts."""
+    return {
         name: {
             "edges": [round(float(e), 6) for e in HISTOGRAMS[name][0]],
             "counts": hist.counts[name].tolist(),
@@ -113,6 +118,19 @@ def collect_stats(path: str | os.PathLike) -> dict:
         }  # fmt: skip
         for name in HISTOGRAMS
     }
+
+
+def collect_stats(path: str | os.PathLike) -> dict:
+    """Counts, top entity names and histograms of a captioned or masked JSONL (one pass)."""
+    hist = Histograms()
+    names: Counter = Counter()
+    records = images_with_entities = boxes = 0
+    for record in iter_jsonl(path):
+        records += 1
+        per_image = _add_record(hist, names, record)
+        boxes += per_image
+        images_with_entities += per_image > 0
+    hist.flush()
     return {
         "input": str(path),
         "records": records,
@@ -121,7 +139,7 @@ def collect_stats(path: str | os.PathLike) -> dict:
         "entities_per_image_mean": round(boxes / records, 3) if records else 0.0,
         "distinct_entity_names": len(names),
         "top_entities": names.most_common(TOP_NAMES),
-        "histograms": histograms,
+        "histograms": _histogram_table(hist),
     }
 
 

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import ijson
@@ -30,6 +29,8 @@ import pyarrow.parquet as pq
 
 from groundset.core.config import download_options, find_source, validate_config
 from groundset.core.io import clean_json_value, read_json
+from groundset.core.io import contains_bytes as _contains
+from groundset.core.io import scan_lines as _scan
 from groundset.stages.filter.shard import AESTHETICS_KEY, STATS
 from groundset.stages.merge import TIER_FILES
 from groundset.stages.prefilter import PROVENANCE, PrefilterRules, list_parquet_files, open_parquet
@@ -42,23 +43,9 @@ NOT_FOUND = "not found"
 OFF = "off"
 UNKNOWN = "unknown"
 
-STAGES = (
-    "prefilter",
-    "download",
-    "manifest",
-    "probe",
-    "score",
-    "select",
-    "tier",
-    "dedup",
-    "caption",
-    "mask",
-    "export emu3",
-    "export coco",
-    "export odvg",
-    "export webdataset",
-)
-BLOCK = 1 << 22  # bytes read at a time while streaming a file
+# Each stage's verdict, in order (a `_Tracer` method of each name, spaces as underscores).
+STAGES = ("prefilter", "download", "manifest", "probe", "score", "select", "tier", "dedup",
+          "caption", "mask", "export emu3", "export coco", "export odvg", "export webdataset")  # fmt: skip
 WINDOW = 1 << 20  # the bisection of a sorted file stops at this many bytes, then scans
 SCORE_NAMES = {
     AESTHETICS_KEY: "aesthetics",
@@ -70,48 +57,6 @@ SCORE_NAMES = {
 }
 CHUNK = re.compile(r"chunk_(\d+)\.jsonl")
 CHUNK_SIDE = re.compile(r"chunk_(\d+)_(errors|dropped)\.jsonl")
-
-
-def _scan(
-    path: Path, needle: bytes, start: int = 0, count_lines: bool = False
-) -> Iterator[tuple[int, int, bytes]]:
-    """(offset, line number or -1, line) of each line of `path` from byte `start` holding
-    `needle`, read in blocks (only those lines are cut out; line numbers count from `start`)."""
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        rest, rest_at, lines_before = b"", start, 0
-        while True:
-            block = handle.read(BLOCK)
-            data = rest + block
-            cut = len(data) if not block else data.rfind(b"\n") + 1
-            hit = data.find(needle, 0, cut)
-            done = 0
-            while hit != -1:
-                begin = data.rfind(b"\n", 0, hit) + 1
-                end = data.find(b"\n", hit, cut)
-                end = cut if end == -1 else end
-                lineno = -1
-                if count_lines:
-                    lineno = lines_before + data.count(b"\n", done, begin)
-                    lines_before, done = lineno, begin
-                yield rest_at + begin, lineno, data[begin:end]
-                hit = data.find(needle, end, cut)
-            if count_lines:
-                lines_before += data.count(b"\n", done, cut)
-            if not block:
-                return
-            rest, rest_at = data[cut:], rest_at + cut
-
-
-def _contains(path: Path, needle: bytes) -> bool:
-    """Whether the bytes of `path` hold `needle` (streamed in blocks)."""
-    with open(path, "rb") as handle:
-        tail = b""
-        while block := handle.read(BLOCK):
-            if needle in tail + block:
-                return True
-            tail = block[-len(needle) :]
-    return False
 
 
 def _short(value: object, limit: int = 100) -> object:

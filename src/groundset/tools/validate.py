@@ -118,13 +118,7 @@ def _mask_problems(record: dict, size: tuple[int, int] | None, check_files: bool
     if stated is not None and stated[0] != n:
         problems.append(f"mask_shape {stated} for {n} entities")
     if "mask_rle" in record:
-        rles = record["mask_rle"]
-        if len(rles) != n:
-            problems.append(f"{len(rles)} RLE masks for {n} entities")
-        if size and any(r["size"] != [size[1], size[0]] for r in rles):
-            problems.append("an RLE mask's size is not the image's")
-        if stated is not None and any(r["size"] != stated[1:] for r in rles):
-            problems.append(f"mask_shape {stated} disagrees with the RLE masks' sizes")
+        problems += _rle_problems(record["mask_rle"], n, size, stated)
     elif record.get("mask_file"):
         file_problems, shape = _check_mask_file(record["mask_file"], n, size, check_files)
         problems += file_problems
@@ -132,6 +126,18 @@ def _mask_problems(record: dict, size: tuple[int, int] | None, check_files: bool
             problems.append(f"mask_shape {stated} disagrees with the mask file's shape {shape}")
     elif n:
         problems.append(f"{n} entities but no mask_file")
+    return problems
+
+
+def _rle_problems(
+    rles: list[dict], n: int, size: tuple[int, int] | None, stated: list[int] | None
+) -> list[str]:
+    """Problems of a record's RLE masks: their count and sizes against the image and `mask_shape`."""
+    problems = [f"{len(rles)} RLE masks for {n} entities"] if len(rles) != n else []
+    if size and any(r["size"] != [size[1], size[0]] for r in rles):
+        problems.append("an RLE mask's size is not the image's")
+    if stated is not None and any(r["size"] != stated[1:] for r in rles):
+        problems.append(f"mask_shape {stated} disagrees with the RLE masks' sizes")
     return problems
 
 
@@ -247,6 +253,43 @@ def validate_file(
     return report
 
 
+def _exports_verdict(exports: dict[str, str]) -> tuple[str | None, str]:
+    """The exports checked against the masked records: what is bad (None: nothing), the report line."""
+    from groundset.exports.check import check_exports
+
+    problems = check_exports(**exports)
+    for problem in problems:
+        print(f"export: {problem}", file=sys.stderr)
+    named = ", ".join(sorted({"wds_dir": "webdataset"}.get(k, k) for k in exports if k != "masked"))
+    line = f"exports ({named}): images and boxes match their stats, their drop files and "
+    bad = "the exports (" + "; ".join(problems) + ")"
+    return bad if problems else None, line + exports["masked"]
+
+
+def _emu3_verdict(emu3: tuple[str, dict], masked: str) -> tuple[str | None, str]:
+    """The Emu3 prompts parsed back against the masked records: what is bad, the report line."""
+    from groundset.exports.emu3 import Emu3Settings, prompt_problems
+
+    problems = prompt_problems(emu3[0], masked, Emu3Settings.from_config(emu3[1]))
+    for problem in problems[:20]:
+        print(f"emu3: {problem}", file=sys.stderr)
+    bad = f"the Emu3 prompts ({len(problems)} do not parse back to their records)"
+    line = f"emu3 prompts: each parses back to its record's entities and boxes ({emu3[0]})"
+    return bad if problems else None, line
+
+
+def _export_verdicts(
+    exports: dict[str, str] | None, emu3: tuple[str, dict] | None
+) -> list[tuple[str | None, str]]:
+    """The checks of the exports and Emu3 prompts asked for (`validate_outputs`), in order."""
+    if not exports or "masked" not in exports:
+        return []
+    verdicts = [_exports_verdict(exports)] if len(exports) > 1 else []
+    if emu3:
+        verdicts.append(_emu3_verdict(emu3, exports["masked"]))
+    return verdicts
+
+
 def validate_outputs(
     paths: list[str], report_path: str | os.PathLike, schema_only: Collection[str] = (),
     exports: dict[str, str] | None = None, emu3: tuple[str, dict] | None = None,
@@ -257,7 +300,6 @@ def validate_outputs(
     Emu3 datalist and the `export.emu3` config section, every prompt parsed back); write the
     report or raise."""
     from groundset.core.io import atomic_write
-    from groundset.exports.check import check_exports
 
     skip_files = {os.fspath(p) for p in schema_only}
     reports = [validate_file(path, check_files=os.fspath(path) not in skip_files) for path in paths]
@@ -266,30 +308,9 @@ def validate_outputs(
         if not report.ok:
             print(report.text(), file=sys.stderr)
     lines = [r.text() for r in reports]
-    if exports and "masked" in exports and len(exports) > 1:
-        problems = check_exports(**exports)
-        for problem in problems:
-            print(f"export: {problem}", file=sys.stderr)
-        if problems:
-            bad.append("the exports (" + "; ".join(problems) + ")")
-        named = ", ".join(
-            sorted({"wds_dir": "webdataset"}.get(k, k) for k in exports if k != "masked")
-        )
-        lines.append(
-            f"exports ({named}): images and boxes match their stats, their drop files and "
-            f"{exports['masked']}"
-        )
-    if emu3 and exports and "masked" in exports:
-        from groundset.exports.emu3 import Emu3Settings, prompt_problems
-
-        problems = prompt_problems(emu3[0], exports["masked"], Emu3Settings.from_config(emu3[1]))
-        for problem in problems[:20]:
-            print(f"emu3: {problem}", file=sys.stderr)
-        if problems:
-            bad.append(f"the Emu3 prompts ({len(problems)} do not parse back to their records)")
-        lines.append(
-            f"emu3 prompts: each parses back to its record's entities and boxes ({emu3[0]})"
-        )
+    verdicts = _export_verdicts(exports, emu3)
+    bad += [problem for problem, _ in verdicts if problem is not None]
+    lines += [line for _, line in verdicts]
     if bad:
         raise ValueError(f"invalid records in {', '.join(bad)} (see the log for line numbers)")
     with atomic_write(report_path) as handle:

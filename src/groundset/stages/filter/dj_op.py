@@ -21,6 +21,18 @@ OP_NAME = "groundset_image_scores_filter"
 _SCORERS: dict[tuple, scoring.ImageScorer] = {}
 
 
+def _record_stats(record: dict, mine: list[dict]) -> dict:
+    """A record's stats filled from its images' scoring results (the probe's sizes kept)."""
+    record = dict(record)
+    for key in scoring.STATS_KEYS:
+        values = [r.get(key) for r in mine if scoring.SCORE_ERRORS not in r]
+        if key in scoring.SIZE_KEYS and record.get(key) is not None:
+            continue  # the probe's header sizes
+        record[key] = values
+    record[scoring.SCORE_ERRORS] = [r.get(scoring.SCORE_ERRORS, "") for r in mine]
+    return record
+
+
 class ImageScoresFilter(Filter):
     """Compute (never threshold) the five image filters' stats; keep every record."""
 
@@ -61,38 +73,32 @@ class ImageScoresFilter(Filter):
             )
         return _SCORERS[key]
 
+    def _score(self, paths: list[str]) -> list[dict]:
+        """The scoring results of each image path, in order (no model loaded for none)."""
+        scorer = self.scorer() if paths else None
+        # data-juicer sets torch to one thread (on imports and model loads): the job's cores back
+        scoring.set_threads(self.threads)
+        if not paths:
+            return []
+        return scoring.score_paths(
+            scorer,
+            paths,
+            decode_mode=self.decode,
+            batch_size=self.batch_size,
+            threads=self.threads,
+        )
+
     def compute_stats_batched(self, samples, rank=None):
         """Fill the five filters' stats of every record of the batch (one decode per image)."""
         stats = samples[Fields.stats]
         images = [list(paths or []) for paths in samples[self.image_key]]
         todo = [i for i, record in enumerate(stats) if scoring.NSFW not in (record or {})]
-        paths = [path for i in todo for path in images[i]]
-        scorer = self.scorer() if paths else None
-        # data-juicer sets torch to one thread (on imports and model loads): the job's cores back
-        scoring.set_threads(self.threads)
-        results = (
-            scoring.score_paths(
-                scorer,
-                paths,
-                decode_mode=self.decode,
-                batch_size=self.batch_size,
-                threads=self.threads,
-            )
-            if paths
-            else []
-        )
+        results = self._score([path for i in todo for path in images[i]])
         position = 0
         for i in todo:
-            record = dict(stats[i] or {})
             mine = results[position : position + len(images[i])]
             position += len(images[i])
-            for key in scoring.STATS_KEYS:
-                values = [r.get(key) for r in mine if scoring.SCORE_ERRORS not in r]
-                if key in scoring.SIZE_KEYS and record.get(key) is not None:
-                    continue  # the probe's header sizes
-                record[key] = values
-            record[scoring.SCORE_ERRORS] = [r.get(scoring.SCORE_ERRORS, "") for r in mine]
-            stats[i] = record
+            stats[i] = _record_stats(stats[i] or {}, mine)
         return samples
 
     def runtime_np(self):
