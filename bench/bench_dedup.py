@@ -71,7 +71,8 @@ def make_cached_run(folder: Path, records: int) -> tuple[Path, Path]:
     originals: dict[int, tuple[Path, os.stat_result]] = {}
     manifest, cache = folder / "in.jsonl", folder / "hash_cache.sqlite"
     seen: list[tuple[str, int, str]] = []  # (sha256, phash, url) of earlier records
-    with open(manifest, "w") as out, open(cache, "w") as journal:
+    entries = []
+    with open(manifest, "w") as out:
         for i in range(records):
             path = str(links / f"{i:09d}.jpg")
             if i // 50_000 not in originals:  # a file takes ~65,000 hard links at most
@@ -103,7 +104,11 @@ def make_cached_run(folder: Path, records: int) -> tuple[Path, Path]:
                 "error": None,
                 "v": 1,
             }
-            journal.write(json.dumps(entry) + "\n")
+            entries.append(entry)
+    from groundset.stages.dedup import HashCache
+
+    with HashCache(cache) as db:
+        db.append(entries)
     return manifest, cache
 
 
@@ -183,12 +188,12 @@ def main() -> None:
             manifest, cache = make_cached_run(folder, count)
             run = dedup_in_child(folder, manifest, args.threads, cache)
             stats = run["stats"]
-            steps, kinds = stats["seconds_by_step"], stats["dropped_by_kind"]
+            steps, kinds = stats["seconds_by_step"], stats["dropped"]
             assert stats["hashed"] == 0 and stats["hash_cache_hits"] == count, stats
             peaks[count] = run["peak_rss_mb"]
             print(
                 f"{count:>9,}{count / stats['seconds']:11,.0f}{steps['hash']:12.2f}"
-                f"{steps['group']:9.2f}{steps['write']:9.2f}{stats['kept']:9,}"
+                f"{steps['group']:9.2f}{steps['write']:9.2f}{stats['records_out']:9,}"
                 f"{kinds['sha256']:6,}{kinds['url']:6,}{kinds['phash']:7,}{run['peak_rss_mb']:10.0f}"
             )
         if len(peaks) == 2:

@@ -122,7 +122,7 @@ def bench_model(name: str, args, folder: Path, records_path: Path, records: list
 
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
-    assert stats["masked"] == len(records) and stats["computed"] == len(records), stats
+    assert stats["records_out"] == len(records) and stats["computed"] == len(records), stats
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     del predictor, masker
     if device.type == "cuda":
