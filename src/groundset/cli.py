@@ -111,10 +111,10 @@ def cmd_split(args: argparse.Namespace, config: dict) -> dict:
 def _models(config: dict, models_dir: str) -> dict[str, str]:
     """The filter models of a config (the stand-ins, built under `models_dir`, when configured)."""
     from groundset.stages.filter.shard import resolve_models
-    from groundset.testing.models import build_stand_in_models
+    from groundset.stand_ins import stand_in_models
 
     filter_cfg = config["filter"]
-    stand_in = build_stand_in_models(models_dir) if filter_cfg["stand_in_models"] else None
+    stand_in = stand_in_models(models_dir) if filter_cfg["stand_in_models"] else None
     return resolve_models(filter_cfg, stand_in)
 
 

@@ -17,7 +17,6 @@ from typing import IO
 from groundset.core.config import TUNING, keys_for
 from groundset.core.io import atomic_write, read_json
 from groundset.core.stats import envelope, write_stats
-from groundset.testing.sample_server import proxy_env, serve
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +195,7 @@ def download_source(
         fill_section,  # lazily, as below: the manifest imports this module
     )
     from groundset.stages.prefilter import list_parquet_files
+    from groundset.stand_ins import sample_proxy  # only with a serve_dir
 
     # what the options leave out is the schema's default, never img2dataset's own (url, 256 px)
     opts = fill_section("download", opts)
@@ -213,7 +213,7 @@ def download_source(
             env["WANDB_MODE"] = "disabled"
         with contextlib.ExitStack() as stack:
             if serve_dir:
-                env = proxy_env(stack.enter_context(serve(serve_dir)), env)
+                env = stack.enter_context(sample_proxy(serve_dir, env))  # the sample's
             run_img2dataset(kwargs, env, stdout)
     stats = collect_stats(output_folder)
     if stats["records_in"] != expected:

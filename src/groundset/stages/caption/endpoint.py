@@ -118,7 +118,7 @@ def endpoint_for_run(settings: Settings, server_log: str | None = None) -> Itera
     if not uses_stand_in(settings):
         yield resolve_key(settings)
         return
-    from groundset.stages.caption.seam import stand_in_endpoint  # the config opted in
+    from groundset.stand_ins import stand_in_endpoint  # the config opted in
 
     with stand_in_endpoint(settings) as run_settings:
         yield run_settings
