@@ -268,23 +268,19 @@ def _sample(groups: list[tuple[Path, int, int]], budget: int) -> list[tuple[Path
     return [groups[i] for i in picks]
 
 
-def prefilter_pass(
-    files: list[Path], rules: PrefilterRules, budget: int = SAMPLE_ROWS
-) -> dict[str, object]:
-    """Rows, URL nulls and the prefilter's pass rate of a URL list: counts from the footers, the
-    rate from the size (and safety) columns of sampled row groups, in batches."""
-    groups, rows, nulls = _row_groups(files, rules.url_col)
-    out = {"rows": rows, "null_urls": nulls, "sampled_rows": 0, "pass": 1.0, "dropped": {}}
-    if not groups:
-        return out
-    with open_parquet(groups[0][0]) as parquet:
+def _prefilter_columns(path: Path, rules: PrefilterRules) -> list[str]:
+    """The size and safety columns the prefilter reads that a URL-list file has."""
+    with open_parquet(path) as parquet:
         names = parquet.schema_arrow.names
     wanted = ["WIDTH", "width", "HEIGHT", "height"] if rules.size_filter else []
     ceilings = (("punsafe", rules.max_punsafe), ("pwatermark", rules.max_pwatermark))
     wanted += [column for column, limit in ceilings if limit is not None]
-    columns = [c for c in wanted if c in names]
-    if not columns:
-        return out
+    return [c for c in wanted if c in names]
+
+
+def _sampled_drops(groups: list, columns: list[str], rules: PrefilterRules, budget: int
+                   ) -> tuple[int, Counter]:  # fmt: skip
+    """Rows sampled from the row groups and the prefilter's drops among them, by reason."""
     seen, counts = 0, Counter()
     by_file: dict[Path, list[int]] = {}
     for path, group, _ in _sample(groups, budget):
@@ -298,6 +294,20 @@ def prefilter_pass(
                 table = table.append_column(rules.url_col, pa.repeat("u", table.num_rows))
                 counts.update(filter_table(table, rules)[2])
                 seen += table.num_rows
+    return seen, counts
+
+
+def prefilter_pass(
+    files: list[Path], rules: PrefilterRules, budget: int = SAMPLE_ROWS
+) -> dict[str, object]:
+    """Rows, URL nulls and the prefilter's pass rate of a URL list: counts from the footers, the
+    rate from the size (and safety) columns of sampled row groups, in batches."""
+    groups, rows, nulls = _row_groups(files, rules.url_col)
+    out = {"rows": rows, "null_urls": nulls, "sampled_rows": 0, "pass": 1.0, "dropped": {}}
+    columns = _prefilter_columns(groups[0][0], rules) if groups else []
+    if not columns:
+        return out
+    seen, counts = _sampled_drops(groups, columns, rules, budget)
     dropped = sum(counts.values())
     out["sampled_rows"] = seen
     out["dropped"] = {k: round(v / seen, 6) for k, v in counts.items() if v} if seen else {}
