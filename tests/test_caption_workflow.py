@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from conftest import (
     RANDOM_WEIGHTS,
     ROOT,
     fake_vllm,
+    job_counts,
     make_images,
     make_records,
     run_snakemake,
@@ -161,12 +161,8 @@ def test_retry_errors_asks_again_only_for_error_records(tmp_path):
 
 
 def planned(done) -> dict[str, int]:
-    """The 'Job stats' table of a dry-run as {rule: count}; empty when nothing is to be done."""
-    if "Nothing to be done" in done.stdout:
-        return {}
-    table = done.stdout.split("Job stats:")[1].split("\n\n")[0]
-    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M))
-    return {rule: int(n) for rule, n in counts.items() if rule != "total"}
+    """The jobs a dry-run plans, {rule: count} (conftest.job_counts of its output)."""
+    return job_counts(done.stdout)
 
 
 # A new value for each tuning knob (groundset.stages.caption.TUNING_KEYS)

@@ -295,9 +295,9 @@ def cmd_export_wds(args: argparse.Namespace, config: dict | None) -> dict:
     from groundset.exports.wds import export_wds
 
     shard_size = args.shard_size
-    if shard_size is None:
-        shard_size = config["export"]["webdataset"]["shard_size"] if config else 10000
-    return export_wds(args.input, args.outdir, shard_size)
+    if shard_size is None and config:
+        shard_size = config["export"]["webdataset"]["shard_size"]
+    return export_wds(args.input, args.outdir, shard_size)  # None: the schema's default
 
 
 def cmd_dedup(args: argparse.Namespace, config: dict) -> dict:

@@ -25,6 +25,7 @@ from typing import IO
 
 from PIL import Image
 
+from groundset.core.config import section_defaults
 from groundset.core.io import atomic_write, dumps_record, iter_jsonl
 from groundset.core.layout import WEBDATASET
 from groundset.core.records import RecordError, record_relpath
@@ -269,12 +270,15 @@ def _write_samples(input: PathLike, writer: _ShardWriter, skips: SkipLog, worker
 
 
 def export_wds(
-    input: PathLike, outdir: PathLike, shard_size: int = 10000, workers: int = 1,
+    input: PathLike, outdir: PathLike, shard_size: int | None = None, workers: int = 1,
     skipped: PathLike | None = None, stats: PathLike | None = None,
 ) -> dict:  # fmt: skip
     """WebDataset tar shards (image bytes and a json per sample) of a masked JSONL, the records
     it left out (`skipped`, default `<outdir>_skipped.jsonl` beside the folder: drop lines) and
-    its stats envelope (`stats`, default `<outdir>_stats.json`), which it returns."""
+    its stats envelope (`stats`, default `<outdir>_stats.json`), which it returns; `shard_size`
+    None: the schema's export.webdataset.shard_size."""
+    if shard_size is None:
+        shard_size = section_defaults("export.webdataset")["shard_size"]
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, not {shard_size}")
     outdir = Path(outdir)
