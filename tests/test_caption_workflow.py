@@ -30,7 +30,7 @@ KEY_ENV = "GROUNDSET_WF_TEST_KEY"
 TARGET = "captioned/captioned.jsonl"
 
 
-def caption_config(tmp_path: Path, records: Path, **caption) -> Path:
+def write_caption_config(tmp_path: Path, records: Path, **caption) -> Path:
     """A config whose captioning reads a prepared JSONL (no download/filter needed)."""
     config = {
         "workdir": str(tmp_path / "results"),
@@ -70,7 +70,7 @@ def test_quota_holds_across_parallel_chunk_jobs(tmp_path):
     images = make_images(tmp_path / "img", [(40, 40)] * 12)
     make_records(tmp_path / "in.jsonl", images)
     with StandInVLM(latency=0.5, api_key="sk-wf") as server:
-        config = caption_config(
+        config = write_caption_config(
             tmp_path, tmp_path / "in.jsonl", base_url=server.openai_url,
             chunk_size=3, rate_per_second=4, api_jobs=2, concurrency=4,
         )  # fmt: skip
@@ -110,7 +110,7 @@ def test_quota_holds_across_parallel_chunk_jobs(tmp_path):
 
 def test_missing_key_stops_the_run_before_any_job(tmp_path):
     make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(40, 40)]))
-    config = caption_config(tmp_path, tmp_path / "in.jsonl", base_url="http://127.0.0.1:9/v1")
+    config = write_caption_config(tmp_path, tmp_path / "in.jsonl", base_url="http://127.0.0.1:9/v1")
     done = snakemake(config, "--cores", "1", TARGET, key=None, check=False)
     assert done.returncode != 0 and KEY_ENV in done.stdout + done.stderr
     assert not (tmp_path / "results" / "captioned").exists()
@@ -118,7 +118,7 @@ def test_missing_key_stops_the_run_before_any_job(tmp_path):
 
 def test_unreachable_endpoint_fails_the_preflight_and_writes_nothing(tmp_path):
     make_records(tmp_path / "in.jsonl", make_images(tmp_path / "img", [(40, 40)]))
-    config = caption_config(tmp_path, tmp_path / "in.jsonl", base_url="http://127.0.0.1:9/v1")
+    config = write_caption_config(tmp_path, tmp_path / "in.jsonl", base_url="http://127.0.0.1:9/v1")
     done = snakemake(config, "--cores", "1", TARGET, check=False)
     assert done.returncode != 0
     log = (tmp_path / "results" / "logs" / "caption_preflight.log").read_text()
@@ -137,7 +137,7 @@ def test_retry_errors_asks_again_only_for_error_records(tmp_path):
         return moderation if image_digest(image) == refused and n == 1 else None
 
     with StandInVLM(responder, api_key="sk-wf") as server:
-        config = caption_config(tmp_path, tmp_path / "in.jsonl", base_url=server.openai_url,
+        config = write_caption_config(tmp_path, tmp_path / "in.jsonl", base_url=server.openai_url,
                                 chunk_size=2, rate_per_second=None)  # fmt: skip
         snakemake(config, "--cores", "2", TARGET)
         work = tmp_path / "results" / "captioned"
@@ -192,7 +192,7 @@ def test_tuning_knobs_mark_no_chunk_stale_and_output_keys_do(tmp_path):
     base = {"stand_in": True, "chunk_size": 2, "rate_per_second": 4}
 
     def config(**changes) -> Path:
-        return caption_config(tmp_path, tmp_path / "in.jsonl", **{**base, **nested(changes)})
+        return write_caption_config(tmp_path, tmp_path / "in.jsonl", **{**base, **nested(changes)})
 
     # the quota in force reaches the jobs through the config: --resources over caption.api_jobs
     snakemake(config(), "--cores", "2", TARGET, "--resources", "vlm_api=2", key=None)
@@ -234,7 +234,7 @@ def test_the_readmes_own_gpu_config_starts_and_captions(tmp_path, monkeypatch):
     # what this machine cannot give is scaled down; model, command and backend are the README's
     serve = {**readme["serve"], "instances": 1, "cpus": 1, "mem_mb": 500, "startup_timeout_s": 60}
     caption = {**readme, "chunk_size": 1, "concurrency": 2, "serve": serve, "stand_in": False}
-    config = caption_config(tmp_path, tmp_path / "in.jsonl", **caption)
+    config = write_caption_config(tmp_path, tmp_path / "in.jsonl", **caption)
     snakemake(config, "--cores", "2", TARGET, key=None)
     work = tmp_path / "results" / "captioned"
     preflight = json.loads((work / "preflight.json").read_text())
@@ -257,7 +257,7 @@ def test_servers_started_by_the_workflow_share_the_chunks_and_are_gone_after(tmp
                f"--request-log {requests}")  # fmt: skip
     serve = {"command": command, "instances": 2, "gpus": 0, "cpus": 1, "mem_mb": 500,
              "startup_timeout_s": 60}  # fmt: skip
-    config = caption_config(tmp_path, tmp_path / "in.jsonl", chunk_size=2, serve=serve,
+    config = write_caption_config(tmp_path, tmp_path / "in.jsonl", chunk_size=2, serve=serve,
                             model="stand-in", concurrency=1)  # fmt: skip
     snakemake(config, "--cores", "2", TARGET, key=None)
     work = tmp_path / "results"
@@ -281,7 +281,7 @@ def test_servers_started_by_the_workflow_share_the_chunks_and_are_gone_after(tmp
     # the same captions as a plain base_url run against the stand-in
     (tmp_path / "plain").mkdir()
     with StandInVLM(api_key="sk-wf") as server:
-        plain = caption_config(tmp_path / "plain", tmp_path / "in.jsonl", chunk_size=2,
+        plain = write_caption_config(tmp_path / "plain", tmp_path / "in.jsonl", chunk_size=2,
                                base_url=server.openai_url, model="stand-in")  # fmt: skip
         snakemake(plain, "--cores", "2", TARGET)
 

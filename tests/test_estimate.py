@@ -231,7 +231,7 @@ def test_the_workdir_is_the_default_earlier_run(lists, tmp_path):
     assert estimate(config_for(lists, tmp_path / "empty"))["run_dir"] is None
 
 
-def caption_config(tmp_path: Path, **caption: object) -> dict:
+def captioning_run(tmp_path: Path, **caption: object) -> dict:
     """A config whose every record reaches captioning: 2000 fine rows, no losses on the way."""
     folder = url_list(tmp_path / "urls", [(2048, 1536)] * 2000, files=1)
     work = tmp_path / "w"
@@ -249,7 +249,7 @@ def caption_config(tmp_path: Path, **caption: object) -> dict:
 
 
 def test_a_dashscope_quota_sets_the_captioning_time(tmp_path):
-    config = caption_config(tmp_path, rate_per_second=2, api_jobs=2, concurrency=8)
+    config = captioning_run(tmp_path, rate_per_second=2, api_jobs=2, concurrency=8)
     caption = stage(estimate(config, cores=4), "caption")
     assert caption["records_in"] == 2000
     assert caption["requests"] == 2000
@@ -261,7 +261,7 @@ def test_a_dashscope_quota_sets_the_captioning_time(tmp_path):
 
 
 def test_a_quota_the_jobs_cannot_fill(tmp_path):
-    config = caption_config(tmp_path, rate_per_second=100, api_jobs=1, concurrency=3)
+    config = captioning_run(tmp_path, rate_per_second=100, api_jobs=1, concurrency=3)
     caption = stage(estimate(config, cores=4), "caption")
     latency = ASSUMED["caption_answer_latency_s"]["value"]
     assert caption["rate"]["basis"] == "assumed"
@@ -270,7 +270,7 @@ def test_a_quota_the_jobs_cannot_fill(tmp_path):
 
 def test_servers_of_our_own_set_the_captioning_time(tmp_path):
     serve = {"command": "vllm serve M --port {port}", "instances": 2, "gpus": 2}
-    config = caption_config(tmp_path, backend="openai", model="M", serve=serve)
+    config = captioning_run(tmp_path, backend="openai", model="M", serve=serve)
     caption = stage(estimate(config, cores=64, gpus=4, resources={"mem_mb": None}), "caption")
     per_chunk = ASSUMED["serve_start_s"]["value"] + 500 / ASSUMED["serve_images_per_s"]["value"]
     assert (caption["jobs"], caption["at_once"]) == (4, 2)
@@ -282,12 +282,12 @@ def test_servers_of_our_own_set_the_captioning_time(tmp_path):
 
 
 def test_cost_with_and_without_a_price(tmp_path):
-    result = estimate(caption_config(tmp_path, price_per_image=0.004))
+    result = estimate(captioning_run(tmp_path, price_per_image=0.004))
     assert stage(result, "caption")["cost"] == pytest.approx(8.0)
     assert result["total"]["cost"] == pytest.approx(8.0)
     assert result["total"]["requests"] == 2000
     assert "8.00" in format_estimate(result)
-    unpriced = estimate(caption_config(tmp_path / "b"))
+    unpriced = estimate(captioning_run(tmp_path / "b"))
     assert unpriced["total"]["cost"] is None
     assert "cost: caption.price_per_image is not set" in unpriced["notes"]
 
