@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from groundset.core import layout
 from groundset.core.config import download_options, find_source, validate_config
 from groundset.core.io import clean_json_value, read_json
 from groundset.core.io import contains_bytes as _contains
@@ -172,6 +173,10 @@ class _Tracer:
         if verdict == DROPPED and self.dropped_at is None and not stage.startswith("export "):
             self.dropped_at = stage
 
+    def at(self, pattern: str, **wildcards: object) -> Path:
+        """A layout pattern of this source (and `wildcards`) under the workdir."""
+        return Path(layout.under(self.work, pattern, source=self.source, **wildcards))
+
     def rel(self, path: Path) -> str:
         """`path` relative to the workdir when it is under it."""
         try:
@@ -228,7 +233,7 @@ class _Tracer:
 
     def rules(self) -> PrefilterRules | None:
         """The prefilter rules of the run (its stats file), else of the config."""
-        stats = self.work / "url_lists" / f"{self.source}_stats.json"
+        stats = self.at(layout.PREFILTER.stats)
         if stats.exists():
             saved = read_json(stats).get("rules")
             try:
@@ -263,12 +268,12 @@ class _Tracer:
         (its provenance); for a URL the prefilter dropped, that drop line."""
         url_col = (self.rules() or PrefilterRules.from_config({})).url_col
         if url is not None:
-            dropped = self.work / "url_lists" / f"{self.source}_dropped.parquet"
+            dropped = self.at(layout.PREFILTER.dropped)
             if dropped.exists() and (line := _first_row(dropped, "url", url)) is not None:
                 self.found(dropped)
                 self.origin = {**line, "dropped": True}
                 return
-            for path in _parquet_files(self.work / "url_lists" / self.source):
+            for path in _parquet_files(self.at(layout.URL_LISTS)):
                 if (row := _first_row(path, url_col, url)) is not None:
                     self.found(path)
                     self.origin = row
@@ -283,7 +288,7 @@ class _Tracer:
 
     def table_row(self, column: str, value: object) -> tuple[Path, dict] | None:
         """The first img2dataset shard table row of the source whose `column` is `value`."""
-        for table in _parquet_files(self.work / "downloads" / self.source):
+        for table in _parquet_files(self.at(layout.DOWNLOADS)):
             row = _first_row(table, column, value)
             if row is not None:
                 return table, row
@@ -312,13 +317,13 @@ class _Tracer:
         if original is not None:
             self.found(original, f": row {number}")
             return _read_row(original, number)
-        kept = self.work / "url_lists" / self.source / Path(str(name)).name
+        kept = self.at(layout.URL_LISTS) / Path(str(name)).name
         return (_first_row(kept, PROVENANCE[1], number) or {}) if kept.exists() else {}
 
     def prefilter(self) -> None:
         """The URL-list row of the image (its provenance) and the prefilter's verdict on it."""
         if self.origin is None or self.origin.get(PROVENANCE[1]) is None:
-            if not (self.work / "url_lists" / self.source).is_dir():
+            if not self.at(layout.URL_LISTS).is_dir():
                 return self.add("prefilter", NOT_RUN)
             why = "no provenance: the image's URL-list row is not recorded (an older run?)"
             return self.add("prefilter", UNKNOWN, reason=why)
@@ -341,10 +346,10 @@ class _Tracer:
 
     def download(self) -> None:
         """img2dataset's status for the image (its row of the shard tables)."""
-        if not (self.work / "downloads" / self.source).is_dir():
+        if not self.at(layout.DOWNLOADS).is_dir():
             return self.add("download", NOT_RUN)
         if self.download_hit is None:
-            done = (self.work / "downloads" / f"{self.source}_stats.json").exists()
+            done = self.at(layout.DOWNLOAD.stats).exists()
             what = f"key {self.image_id}" if self.image_id else "row of its URL"
             reason = f"no {what} in the shard tables of downloads/{self.source}"
             return self.add("download", NOT_FOUND if done else NOT_RUN, reason=reason)
@@ -405,7 +410,7 @@ class _Tracer:
 
     def manifest(self) -> None:
         """The manifest record (bisected; a full scan only when it should be there)."""
-        path = self.work / "manifest" / f"{self.source}.jsonl"
+        path = self.at(layout.MANIFEST.records)
         if not path.exists():
             return self.add("manifest", NOT_RUN)
         hit = self.bisect(path)
@@ -424,7 +429,7 @@ class _Tracer:
         self.offset, record = hit
         self.found(path)
         self.image = record["image"][0] if isinstance(record.get("image"), list) else None
-        index = self.work / "shards" / self.source / "index.json"
+        index = self.at(layout.SHARD_INDEX)
         if index.exists():
             plan = read_json(index)
             if plan.get("manifest_bytes") == path.stat().st_size:
@@ -505,7 +510,7 @@ class _Tracer:
         bound says no without a read)."""
         held = {}
         for name in TIER_FILES:
-            path = self.work / "merged" / name
+            path = self.at(layout.MERGED).with_name(name)
             if path.exists():
                 below = aesthetics is not None and name in tiers and aesthetics < tiers[name]
                 held[name] = False if below else self.lookup([path]) is not None
@@ -513,10 +518,10 @@ class _Tracer:
 
     def tier(self) -> None:
         """Which aesthetic tiers hold the image, and whether the one captioned does."""
-        folder = self.work / "merged"
+        folder = self.at(layout.MERGED).parent
         if not any((folder / name).exists() for name in TIER_FILES):
             return self.add("tier", NOT_RUN)
-        stats = folder / "merge_stats.json"
+        stats = self.at(layout.MERGE.stats)
         tiers = read_json(stats).get("tiers", {}) if stats.exists() else {}
         scores = self.stats.get(AESTHETICS_KEY) or []
         aesthetics = max(scores) if scores else None
@@ -540,8 +545,7 @@ class _Tracer:
 
     def dedup(self) -> None:
         """The dedup verdict: kept, or the record it duplicates."""
-        folder = self.work / "dedup"
-        kept, dropped = folder / "deduped.jsonl", folder / "dropped.jsonl"
+        kept, dropped = self.at(layout.DEDUP.records), self.at(layout.DEDUP.dropped)
         if not kept.exists() and not dropped.exists():
             dedup_cfg = ((self.config or {}).get("caption") or {}).get("dedup") or {}
             return self.add("dedup", OFF if dedup_cfg.get("enabled") is False else NOT_RUN)
@@ -657,7 +661,7 @@ class _Tracer:
             return {}
         floored = floored_entities(before[1], record)
         found = {"entities_dropped_by_floors": floored}
-        stats = self.work / "masked" / "mask_stats.json"
+        stats = self.at(layout.MASK.stats)
         if floored and stats.exists():
             found["floors"] = read_json(stats).get("floors")
         return found
@@ -691,13 +695,9 @@ class _Tracer:
     def export_emu3(self) -> None:
         """The Emu3 datalist line and whether train.json lists it, or the export error."""
         if self.formats() is not None and "emu3" not in self.formats():
-            return self.export_off("export emu3", self.work / "export" / "emu3" / "list")
-        folder = self.work / "export" / "emu3" / "list"
-        datalist, errors, train = (
-            folder / "datalist.jsonl",
-            folder / "error.jsonl",
-            folder / "train.json",
-        )
+            return self.export_off("export emu3", self.at(layout.EMU3.records).parent)
+        datalist, errors = self.at(layout.EMU3.records), self.at(layout.EMU3.dropped)
+        train = self.at(layout.EMU3_TRAIN)
         if not datalist.exists():
             return self.add("export emu3", NOT_RUN)
         hit = self.lookup([errors])
@@ -741,7 +741,7 @@ class _Tracer:
 
     def export_coco(self) -> None:
         """The COCO image entry and its annotations (export/coco/coco.json)."""
-        path = self.work / "export" / "coco" / "coco.json"
+        path = self.at(layout.COCO.records)
         if self.formats() is not None and "coco" not in self.formats():
             return self.export_off("export coco", path)
         if not path.exists():
@@ -753,7 +753,7 @@ class _Tracer:
         if found is not None:
             self.found(path)
             return self.add("export coco", KEPT, file=self.rel(path), **found)
-        skipped = self.work / "export" / "coco" / "coco_skipped.jsonl"
+        skipped = self.at(layout.COCO.dropped)
         self.export_skipped("export coco", skipped, f"not in {self.rel(path)}")
 
     def odvg_line(self, path: Path) -> dict | None:
@@ -770,14 +770,14 @@ class _Tracer:
 
     def export_odvg(self) -> None:
         """The ODVG line of the image and its grounded regions (export/odvg/odvg.jsonl)."""
-        path = self.work / "export" / "odvg" / "odvg.jsonl"
+        path = self.at(layout.ODVG.records)
         if self.formats() is not None and "odvg" not in self.formats():
             return self.export_off("export odvg", path)
         if not path.exists():
             return self.add("export odvg", NOT_RUN)
         record = self.odvg_line(path)
         if record is None:
-            skipped = self.work / "export" / "odvg" / "odvg_skipped.jsonl"
+            skipped = self.at(layout.ODVG.dropped)
             return self.export_skipped("export odvg", skipped, f"not in {self.rel(path)}")
         grounding = record.get("grounding") or {}
         regions = grounding.get("regions") or (record.get("detection") or {}).get("instances")
@@ -822,8 +822,8 @@ class _Tracer:
     def export_webdataset(self) -> None:
         """The WebDataset tar and the members that hold the image (export/wds/*.tar)."""
         if self.formats() is not None and "webdataset" not in self.formats():
-            return self.export_off("export webdataset", self.work / "export" / "wds")
-        tars = sorted((self.work / "export" / "wds").glob("*.tar"))
+            return self.export_off("export webdataset", self.at(layout.WEBDATASET.records))
+        tars = sorted(self.at(layout.WEBDATASET.records).glob("*.tar"))
         if not tars:
             return self.add("export webdataset", NOT_RUN)
         for path in self.tar_order(tars):
@@ -835,7 +835,7 @@ class _Tracer:
                                 members=sample[1])  # fmt: skip
         self.export_skipped(
             "export webdataset",
-            self.work / "export" / "wds_skipped.jsonl",
+            self.at(layout.WEBDATASET.dropped),
             f"in none of the {len(tars)} tars",
         )
 
