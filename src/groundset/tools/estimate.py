@@ -381,43 +381,37 @@ def _fit(jobs: list[tuple[float, float]]) -> tuple[float, float] | None:
     return 0.0, sum(s for _, s in jobs) / sum(sizes)
 
 
-# Per stage of a run: the rule whose benchmarks time its jobs, and the stats file and keys that
-# give each job's records (`{job}`: the benchmark file's stem, `{group}`: its folder's name).
+# Per stage: the layout stage whose rule's benchmarks (named by the job's wildcards) time its
+# jobs, and the key of its stats that counts each job's records.
 JOB_RECORDS = {
-    "prefilter": ("prefilter_urls", "url_lists/{job}_stats.json", ("records_in",)),
-    "download": ("download_images", "downloads/{job}_stats.json", ("records_in",)),
-    "manifest": ("build_manifest", "manifest/{job}_stats.json", ("records_in",)),
-    "score": ("score_shard", "scored/{group}/shard_{job}_stats.json", ("records_in",)),
-    "merge": ("merge_tiers", "merged/merge_stats.json", ("records_in",)),
-    "dedup": ("dedup_records", "dedup/dedup_stats.json", ("records_in",)),
-    "caption": ("caption_chunk", "captioned/chunk_{job}_stats.json", ("requested",)),
-    "mask": ("mask_chunk", "masked/chunk_{job}_stats.json", ("computed",)),
-    "export emu3": ("emu3_part", "export/emu3/list/parts/stats_{job}.json", ("tokenized",)),
-    "export coco": ("export_coco", "export/coco/coco_stats.json", ("records_out",)),
-    "export odvg": ("export_odvg", "export/odvg/odvg_stats.json", ("records_out",)),
-    "export webdataset": ("export_wds", "export/wds_stats.json", ("records_out",)),
+    "prefilter": (layout.PREFILTER, "records_in"),
+    "download": (layout.DOWNLOAD, "records_in"),
+    "manifest": (layout.MANIFEST, "records_in"),
+    "score": (layout.SCORE, "records_in"),
+    "merge": (layout.MERGE, "records_in"),
+    "dedup": (layout.DEDUP, "records_in"),
+    "caption": (layout.CAPTION_CHUNK, "requested"),
+    "mask": (layout.MASK_CHUNK, "computed"),
+    "export emu3": (layout.EMU3_PART, "tokenized"),
+    "export coco": (layout.COCO, "records_out"),
+    "export odvg": (layout.ODVG, "records_out"),
+    "export webdataset": (layout.WEBDATASET, "records_out"),
 }
-
-
-def _value(stats: dict, *path: str) -> float:
-    """A number inside a stats document (0 where the path is missing)."""
-    for part in path:
-        stats = stats.get(part) if isinstance(stats, dict) else None
-    return stats if isinstance(stats, int | float) else 0
 
 
 def _job_records(run: Path, stage: str) -> tuple[list[tuple[float, float]], float, float]:
     """(records, seconds) of each benchmarked job of a stage, the peak RSS (MB) and the CPU
     seconds of those jobs."""
-    rule, pattern, keys = JOB_RECORDS[stage]
+    kind, key = JOB_RECORDS[stage]
     folder = run / "benchmarks"
-    paths = sorted((folder / rule).rglob("*.tsv")) or sorted(folder.glob(f"{rule}.tsv"))
+    paths = sorted((folder / kind.rule).rglob("*.tsv")) or sorted(folder.glob(f"{kind.rule}.tsv"))
     jobs, peak, cpu = [], 0.0, 0.0
     for path in paths:
         timing = read_benchmark(path)
-        stats_path = run / pattern.format(job=path.stem, group=path.parent.name)
-        stats = read_json(stats_path) if stats_path.exists() else {}
-        records = next((_value(stats, key) for key in keys if _value(stats, key)), 0)
+        names = dict.fromkeys(("shard", "chunk", "part"), path.stem)  # the job's wildcards
+        stats_path = run / kind.path("stats", **names, source=path.stem if kind.per == "source"
+                                     else path.parent.name)  # fmt: skip
+        records = read_stats(stats_path).get(key, 0) if stats_path.exists() else 0
         if timing is not None and records:
             jobs.append((float(records), timing["s"]))
             peak = max(peak, timing["max_rss"])
@@ -443,7 +437,10 @@ def _pass_counts(run: Path) -> dict[str, tuple[float, float]]:
             counts[name] = (total["records_in"], total["records_out"])
             continue
         for tier in TIER_FILES:  # one merge: its tiers' counts
-            counts[f"merge:{tier}"] = (total["records_in"], _value(envelopes[0], "per_tier", tier))
+            counts[f"merge:{tier}"] = (
+                total["records_in"],
+                envelopes[0].get("per_tier", {}).get(tier, 0),
+            )
     return counts
 
 
@@ -455,16 +452,16 @@ def _stand_ins(run: Path) -> dict[str, bool]:
         stats = run / path
         return stats.exists() and bool(read_json(stats).get(key))
 
-    models = (run / "models" / "stand_in" / "models.json").exists()
-    captions = flag("captioned/caption_stats.json", "stand_in")
+    models = (run / layout.STAND_IN_MODELS).exists()
+    captions = flag(layout.CAPTION.stats, "stand_in")
     return {
         "score": models,
         "select": models,
         "merge": models,
         **{f"merge:{name}": models for name in TIER_FILES},
         "caption": captions,
-        "mask": flag("masked/mask_stats.json", "random_weights"),
-        "export emu3": flag("export/emu3/emu3_stats.json", "stand_in_tokenizer"),
+        "mask": flag(layout.MASK.stats, "random_weights"),
+        "export emu3": flag(layout.EMU3.stats, "stand_in_tokenizer"),
     }
 
 
@@ -475,7 +472,7 @@ def measure_run(run: str | os.PathLike) -> dict[str, dict]:
     run = Path(run)
     counts = _pass_counts(run)
     stand_ins = _stand_ins(run)
-    caption_stats = run / "captioned" / "caption_stats.json"
+    caption_stats = run / layout.CAPTION.stats
     served = caption_stats.exists() and read_json(caption_stats).get("rate_per_second", 0) is None
     found: dict[str, dict] = {}
     for stage in dict.fromkeys([*JOB_RECORDS, *counts]):
