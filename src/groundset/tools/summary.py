@@ -196,26 +196,26 @@ def write_stage_counts(
     return rows
 
 
-def _line(r: dict, indent: str = "") -> str:
-    """One line of the text table."""
+def _line(r: dict, width: int, indent: str = "") -> str:
+    """One line of the text table (its first column `width` wide)."""
     reasons = ", ".join(f"{k}={v:,}" for k, v in r["reasons"].items()) or "-"
-    name = indent + r["stage"]
-    return f"{name:<22}{r['in']:>12,}{r['kept']:>12,}{r['dropped']:>10,}  {reasons}"
+    return f"{indent + r['stage']:<{width}}{r['in']:>12,}{r['kept']:>12,}{r['dropped']:>10,}  {reasons}"
 
 
 def format_summary(summary: dict) -> str:
     """`collect`'s result as a text table: each stage, under it its per-source lines."""
     if not summary["stages"]:
         return "no stats found"
-    per_source = {}
-    for source, rows in summary["sources"].items():
-        for r in rows:
-            per_source.setdefault(r["stage"], []).append({**r, "stage": source})
-    lines = [f"{'stage':<22}{'in':>12}{'kept':>12}{'dropped':>10}  reasons"]
+    per_source: dict[str, list[dict]] = {}
+    for source, r in ((s, r) for s, rows in summary["sources"].items() for r in rows):
+        per_source.setdefault(r["stage"], []).append({**r, "stage": source})
+    names = [r["stage"] for r in summary["stages"]] + [f"  {s}" for s in summary["sources"]]
+    width = max(len(name) for name in names) + 2
+    lines = [f"{'stage':<{width}}{'in':>12}{'kept':>12}{'dropped':>10}  reasons"]
     for r in summary["stages"]:
-        lines.append(_line(r))
+        lines.append(_line(r, width))
         if len(per_source.get(r["stage"], [])) > 1:
-            lines += [_line(s, "  ") for s in per_source[r["stage"]]]
+            lines += [_line(s, width, "  ") for s in per_source[r["stage"]]]
     lines += [f"{name} model: {text}" for name, text in summary["models"].items()]
     if summary["WARNING"]:
         bar = "!" * 78
