@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import yaml
 
 from groundset.core import layout
 from groundset.core.config import download_options, section_defaults, validate_config
@@ -40,186 +41,9 @@ from groundset.stages.prefilter import (
 )
 from groundset.tools.summary import stats_files
 
-# Rates and pass rates used where no earlier run measured them. Each says where it comes from;
-# `groundset estimate --from-run DIR` replaces them by a run's own figures.
-ASSUMED: dict[str, dict] = {
-    "download_success": {
-        "value": 0.68,
-        "unit": "of URL rows downloaded",
-        "source": "img2dataset issue #400 (2024, LAION-400M: 67-68% per worker); its author in "
-        "img2dataset #439: '75% success may be normal'; salesforce/LAVIS #498: 60-70%",
-    },
-    "download_rows_per_s_per_process": {
-        "value": 17.5,
-        "unit": "URL rows/s per img2dataset process",
-        "source": "img2dataset dataset_examples/laion-high-resolution.md: 280 samples/s with "
-        "processes_count 16 on one 32-core 2 Gbps machine (>= 1024 px images are bandwidth-bound; "
-        "256 px LAION-400M runs 1300/s, laion400m.md)",
-    },
-    "prefilter_rows_per_s": {
-        "value": 250_000.0,
-        "unit": "rows/s per job",
-        "source": "assumed: arrow compute over batches and a parquet rewrite (negligible next to "
-        "the download)",
-    },
-    "manifest_records_per_s": {
-        "value": 2_000.0,
-        "unit": "records/s per job",
-        "source": "assumed: one sidecar JSON read per image on a shared filesystem "
-        "(bench/bench_manifest.py measures yours)",
-    },
-    "manifest_pass": {
-        "value": 1.0,
-        "unit": "of downloads in the manifest",
-        "source": "assumed: every success has its image and sidecar",
-    },
-    "probe_pass": {
-        "value": 0.995,
-        "unit": "of manifest records decodable",
-        "source": "assumed: img2dataset already fails what it cannot decode (failed_to_resize); "
-        "the probe catches truncated or odd files, rare",
-    },
-    "score_images_per_s_per_cpu_thread": {
-        "value": 0.42,
-        "unit": "images/s per filter.np thread, no GPU",
-        "source": "README 'Speed' (bench/bench_filter.py): score + select 0.84 images/s with "
-        "real-size models on a 2-core CPU (AMX bf16)",
-    },
-    "score_images_per_s_per_decode_thread_gpu": {
-        "value": 9.5,
-        "unit": "images/s per filter.np thread with filter.gpus > 0",
-        "source": "README 'Speed': after start-up the op scores ~19 images/s on 2 cores when "
-        "decoding dominates (tiny models); on a GPU the models are not the bound, decoding is",
-    },
-    "score_job_start_s": {
-        "value": 15.0,
-        "unit": "s per score job",
-        "source": "README 'Speed': both jobs spend ~15 s starting (imports)",
-    },
-    "filter_pass_aesthetics": {
-        "value": 0.26,
-        "unit": "of scored images with aesthetics >= 5",
-        "source": "LAION-Aesthetics V2: 600M of LAION-2B-en's 2.32B score >= 5 (laion.ai)",
-    },
-    "filter_pass_other": {
-        "value": 0.8,
-        "unit": "of images passing the NSFW and watermark ceilings",
-        "source": "assumed: no published figure for these models and thresholds; measure with "
-        "a small run",
-    },
-    "select_records_per_s": {
-        "value": 20_000.0,
-        "unit": "records/s per job",
-        "source": "assumed: one JSON parse and write per record",
-    },
-    "tier_high_of_low": {
-        "value": 0.02,
-        "unit": "of the first tier in the second",
-        "source": "LAION-Aesthetics V2: 12M score >= 6 against 600M >= 5 (laion.ai)",
-    },
-    "merge_records_per_s": {
-        "value": 20_000.0,
-        "unit": "records/s",
-        "source": "assumed: one JSON parse and write per record",
-    },
-    "dedup_drop": {
-        "value": 0.3,
-        "unit": "of records dropped as duplicates",
-        "source": "Webster et al. 2023, On the De-duplication of LAION-2B (arXiv:2303.12733): "
-        "~30% likely duplicated (CLIP features; a 4-bit pHash finds fewer: an upper bound)",
-    },
-    "dedup_images_per_s_per_thread": {
-        "value": 50.0,
-        "unit": "images/s per caption.dedup.threads",
-        "source": "assumed: a reduced-scale JPEG decode and a perceptual hash per image",
-    },
-    "caption_answer_latency_s": {
-        "value": 1.5,
-        "unit": "s per answer",
-        "source": "README 'Pacing' (the 1.5 s answer latency it plans for; bench_caption serve)",
-    },
-    "caption_pass": {
-        "value": 0.95,
-        "unit": "of requests giving a grounded caption",
-        "source": "assumed: refusals, moderation (DataInspectionFailed), unparseable answers "
-        "and captions without a valid box",
-    },
-    "serve_images_per_s": {
-        "value": 10.0,
-        "unit": "images/s per server",
-        "source": "README 'Captioning on your own GPUs': ~10 images/s per GPU (vLLM, 7B model)",
-    },
-    "serve_start_s": {
-        "value": 120.0,
-        "unit": "s per caption job (its server's start)",
-        "source": "README: vLLM loads a 7B model in 1-3 minutes",
-    },
-    "mask_images_per_s_per_gpu": {
-        "value": 38.8,
-        "unit": "images/s per mask job GPU",
-        "source": "README 'Masks' (bench/bench_mask.py): SAM2 hiera-large on an H200, "
-        "1536x1024 images, 3 boxes each",
-    },
-    "mask_images_per_s_per_cpu_thread": {
-        "value": 0.02,
-        "unit": "images/s per mask.decode_workers thread, no GPU",
-        "source": "measured for this module: bench/bench_mask.py --model large --device cpu, "
-        "0.04 images/s on 2 busy cores",
-    },
-    "mask_pass": {
-        "value": 0.99,
-        "unit": "of captioned records keeping an entity",
-        "source": "assumed: the default quality floors are 0 (only vanished images drop)",
-    },
-    "emu3_images_per_s_per_gpu": {
-        "value": 20.0,
-        "unit": "images/s per emu3_part GPU",
-        "source": "assumed: no measurement here (bench/bench_emu3.py --tokenizer measures one)",
-    },
-    "emu3_prompts_per_s": {
-        "value": 5_000.0,
-        "unit": "records/s with tokenize: false",
-        "source": "assumed: prompts and lists only",
-    },
-    "export_records_per_s": {
-        "value": 5_000.0,
-        "unit": "records/s (COCO, ODVG)",
-        "source": "assumed: one JSON parse and write per record",
-    },
-    "webdataset_images_per_s": {
-        "value": 200.0,
-        "unit": "images/s (image bytes copied into tars)",
-        "source": "assumed: ~1 MB per image at ~200 MB/s of disk",
-    },
-    "select_job_s": {
-        "value": 3.0,
-        "unit": "s per select_shard job (start-up)",
-        "source": "measured for this module: a `run:` job is a Snakemake subprocess that reads "
-        "the workflow again, 2.6-3.8 s per job in the sample's .snakemake/metadata (2-core EPYC)",
-    },
-    "stand_in_models_s": {
-        "value": 5.0,
-        "unit": "s for build_stand_in_models",
-        "source": "measured for this module: 4.8-5.0 s in the sample's .snakemake/metadata",
-    },
-    "bookkeeping_job_s": {
-        "value": 0.5,
-        "unit": "s per index, gather, validation, statistics or drawing job",
-        "source": "measured for this module: 0.2-2.6 s each in the sample's .snakemake/metadata "
-        "(they read what the stages wrote: longer on big runs)",
-    },
-    "snakemake_plan_s": {
-        "value": 2.5,
-        "unit": "s of Snakemake's own start and planning, plus snakemake_plan_s_per_job",
-        "source": "README 'Planning speed' (bench/bench_dryrun.py): 248 jobs 3.1 s, 20,012 "
-        "jobs 50 s on a 2-core machine; the sample's jobs start 2.7-3.1 s after `snakemake`",
-    },
-    "snakemake_plan_s_per_job": {
-        "value": 0.0024,
-        "unit": "s of Snakemake's planning per job",
-        "source": "README 'Planning speed': (50 - 3.1) s / (20,012 - 248) jobs",
-    },
-}
+# Rates and pass rates used where no earlier run measured them, each with where it comes from
+# (assumed.yaml beside this module); `--from-run DIR` replaces them by a run's own figures.
+ASSUMED: dict[str, dict] = yaml.safe_load(Path(__file__).with_name("assumed.yaml").read_text())
 SAMPLE_ROWS = 1_000_000  # URL-list rows read (two columns) for the prefilter's pass rate
 BATCH_ROWS = section_defaults("download.prefilter")["batch_rows"]  # rows per parquet batch
 
@@ -1463,7 +1287,7 @@ def _figure_lines(result: dict) -> list[str]:
              for note in [stage.get("mode"), *(stage.get("notes") or [])] if note]  # fmt: skip
     lines += [f"  note: {note}" for note in result["notes"]]
     if result["assumptions"]:
-        lines += ["", "assumed figures (ASSUMED in groundset/estimate.py):"]
+        lines += ["", "assumed figures (src/groundset/tools/assumed.yaml):"]
         for name, entry in result["assumptions"].items():
             lines.append(f"  {name} = {entry['value']:,} {entry['unit']}")
             lines.append(f"      {entry['source']}")
