@@ -287,3 +287,14 @@ def test_config_files_merge_in_order_and_bad_yaml_is_one_line(tmp_path, capsys):
     assert main(["estimate", "--config", str(broken)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{broken}: not valid YAML" in err
+
+
+def test_commands_without_config_read_the_repositorys(tmp_path, capsys, monkeypatch):
+    """`groundset summary` (and trace, estimate) with no --config read config/config.yaml of
+    the repository (the README's own command), not a path beside the package's modules."""
+    from groundset.core.config import DEFAULT_CONFIG
+
+    assert DEFAULT_CONFIG == ROOT / "config" / "config.yaml" and DEFAULT_CONFIG.is_file()
+    monkeypatch.chdir(tmp_path)  # its workdir, `results`, is relative: none here
+    assert main(["summary"]) == 0, capsys.readouterr().err
+    assert "no stats found" in capsys.readouterr().out

@@ -20,7 +20,7 @@ from groundset.core.prompts import template_problem
 # The schemas ship inside the package (package data; in the repository `schemas` is a link to
 # workflow/schemas, the one copy), so an installed groundset validates configs too.
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]  # src/groundset/core/config.py -> the repository
 DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
 # The checkpoint file of each SAM2 model config (sam2.1_hiera_l.yaml -> sam2.1_hiera_large.pt).
 SAM2_SIZES = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
