@@ -298,3 +298,18 @@ def test_commands_without_config_read_the_repositorys(tmp_path, capsys, monkeypa
     monkeypatch.chdir(tmp_path)  # its workdir, `results`, is relative: none here
     assert main(["summary"]) == 0, capsys.readouterr().err
     assert "no stats found" in capsys.readouterr().out
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path):
+    """`groundset summary | head -1`: the pipe closes before the table is written."""
+    from groundset.core.stats import envelope, write_stats
+
+    write_stats(tmp_path / "url_lists" / "s_stats.json", envelope("prefilter", 5, 3, {"x": 2}))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes
+    done = subprocess.run(
+        [sys.executable, "-m", "groundset.cli", "summary", "--workdir", str(tmp_path)],
+        stdout=write, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )  # fmt: skip
+    os.close(write)
+    assert done.returncode == 0 and "Broken pipe" not in done.stderr, done.stderr

@@ -723,11 +723,15 @@ def main(argv: list[str] | None = None) -> int:
         if needs_config:
             config = load_config(args.config, config_overrides(args), WEIGHTS.get(args.command, ()))
         result = args.func(args, config)
+        if result is not None:
+            print(json.dumps(result, indent=2, default=str))
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return getattr(args, "exit_code", 0)
     except (ConfigError, OSError, ValueError, RuntimeError, KeyError, SystemExit) as err:
         print(f"groundset {args.command}: error: {err}", file=sys.stderr)
         return 2
-    if result is not None:
-        print(json.dumps(result, indent=2, default=str))
     return getattr(args, "exit_code", 0)
 
 
