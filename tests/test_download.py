@@ -7,6 +7,7 @@ from PIL import Image
 
 from conftest import write_parquet
 from groundset.core.config import ConfigError, fill_section, load_schema
+from groundset.core.io import iter_jsonl
 from groundset.stages.download import (
     FINGERPRINT_FILE,
     collect_stats,
@@ -154,6 +155,11 @@ def test_real_img2dataset_download_and_resume(tmp_path, served):
     assert stats["records_in"] == 4 and stats["records_out"] == 3
     assert stats["dropped"] == {"failed_to_download": 1, "failed_to_resize": 0}
     assert stats["shards"] == 2 and stats["status"]["HTTP Error 404: not found"] == 1
+    # the row that gave no image is a drop line, beside the folder, with img2dataset's error
+    (line,) = iter_jsonl(tmp_path / "dl_dropped.jsonl")
+    assert (line["drop_stage"], line["drop_reason"]) == ("download", "failed_to_download")
+    assert line["detail"] == "HTTP Error 404: not found" and line["url"].endswith("/img/gone.jpg")
+    assert line["source"] == "dl" and line["key"] == f"dl/{line['image_id']}"
     saved = sorted(out.glob("0000*/*.jpg"))
     assert [p.name for p in saved] == ["000000.jpg", "000010.jpg", "000011.jpg"]
     # skip_reencode keeps the original bytes

@@ -135,6 +135,9 @@ def test_sample_counts_per_stage(sample_run, source):
     assert down["records_in"] == pre["records_out"] == rows - sum(drops.values())
     assert down["dropped"] == {"failed_to_download": failed, "failed_to_resize": undecodable}
     assert down["records_out"] == records
+    failures = list(iter_jsonl(work / "downloads" / f"{source}_dropped.jsonl"))
+    assert Counter(line["drop_reason"] for line in failures) == +Counter(down["dropped"])
+    assert all(line["detail"] and line["url_list_file"] == f"{source}.parquet" for line in failures)
     manifest = read_stats(work / "manifest" / f"{source}_stats.json")
     assert (
         manifest["records_out"] == records and manifest["failed_downloads"] == failed + undecodable

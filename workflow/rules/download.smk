@@ -29,6 +29,7 @@ rule download_images:
         urls=layout.URL_LISTS,
     output:
         stats=layout.DOWNLOAD.stats,
+        dropped=layout.DOWNLOAD.dropped,
     log:
         "logs/download_images/{source}.log",
     benchmark:

@@ -17,4 +17,5 @@ with log_to(snakemake.log[0]) as log:
         snakemake.params.columns,
         serve_dir=snakemake.params.serve_dir,
         stdout=log,
+        dropped=snakemake.output.dropped,
     )

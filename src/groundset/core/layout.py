@@ -50,7 +50,12 @@ PREFILTER = Stage(
 )
 DOWNLOADS = "downloads/{source}"
 DOWNLOAD = Stage(
-    "download", "download_images", DOWNLOADS, None, "downloads/{source}_stats.json", "source"
+    "download",
+    "download_images",
+    DOWNLOADS,
+    "downloads/{source}_dropped.jsonl",  # the rows img2dataset gave no image
+    "downloads/{source}_stats.json",
+    "source",
 )
 
 # filter

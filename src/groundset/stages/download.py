@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import IO
 
 from groundset.core.config import TUNING, keys_for
-from groundset.core.io import atomic_write, read_json
-from groundset.core.stats import envelope, write_stats
+from groundset.core.io import atomic_write, clean_json_value, dumps_record, read_json
+from groundset.core.stats import drop_line, envelope, write_stats
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,28 @@ def provenance_columns(files: list[Path], save_columns: list[str]) -> list[str]:
     return [*save_columns, *(c for c in PROVENANCE if c in present and c not in save_columns)]
 
 
+def write_drop_lines(output_folder: str | os.PathLike, dropped: str | os.PathLike) -> int:
+    """The drop lines of the rows img2dataset gave no image (its shard tables' rows whose status
+    is not success: drop_reason the status, detail its error); return how many."""
+    import pyarrow.parquet as pq  # lazily: the manifest imports this module
+
+    folder = Path(output_folder)
+    count = 0
+    with atomic_write(dropped) as out:
+        for table in sorted(folder.glob("*.parquet")):
+            rows = pq.read_table(table, filters=[("status", "!=", "success")]).to_pylist()
+            for row in rows:
+                record = {
+                    "image_id": row.get("key"),
+                    "source": folder.name,
+                    **clean_json_value(row),
+                }
+                line = drop_line(record, STAGE, str(row.get("status")), row.get("error_message"))
+                out.write(dumps_record(line) + "\n")
+            count += len(rows)
+    return count
+
+
 def run_img2dataset(kwargs: dict, env: dict, stdout: IO | None = None) -> None:
     """Run img2dataset in a child process; raise if it fails."""
     cmd = img2dataset_command(kwargs)
@@ -188,9 +210,12 @@ def download_source(
     save_columns: list[str],
     serve_dir: str | os.PathLike | None = None,
     stdout: IO | None = None,
+    dropped: str | os.PathLike | None = None,
 ) -> dict:
-    """Download every row of `url_list` into `output_folder` (img2dataset `files`), write stats;
-    `opts`: the source's `download` options (what they leave out, the schema fills)."""
+    """Download every row of `url_list` into `output_folder` (img2dataset `files`), write the
+    rows that gave no image as drop lines (`dropped`, default `<output_folder>_dropped.jsonl`)
+    and the stats; `opts`: the source's `download` options (what they leave out, the schema
+    fills)."""
     from groundset.core.config import (
         fill_section,  # lazily, as below: the manifest imports this module
     )
@@ -221,6 +246,10 @@ def download_source(
             f"img2dataset processed {stats['records_in']} of {expected} rows of {url_list}; "
             "rerun to resume the missing shards"
         )
+    lines = write_drop_lines(output_folder, dropped or f"{output_folder}_dropped.jsonl")
+    if lines != sum(stats["dropped"].values()):
+        log.warning("%s: img2dataset's tables name %d failed rows, its stats %s", output_folder,
+                    lines, stats["dropped"])  # fmt: skip
     write_stats(stats_path, stats)
     log.info(
         "%s: %d of %d downloaded, failed: %s",
