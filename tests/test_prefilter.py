@@ -50,14 +50,19 @@ def test_size_and_aspect_rules_drop_before_download(tmp_path, laion_rows):
     assert table.column("url_list_row").to_pylist() == [0, 3, 5]
     # each dropped row is a drop line (in a parquet file beside the list), with its first reason
     dropped = pq.read_table(tmp_path / "out_dropped.parquet").to_pylist()
-    assert dropped == [
-        {"url_list_file": "part0.parquet", "url_list_row": 1, "url": "http://x/b.jpg",
-         "drop_stage": "prefilter", "drop_reason": "too_small"},
-        {"url_list_file": "part0.parquet", "url_list_row": 2, "url": "http://x/c.jpg",
-         "drop_stage": "prefilter", "drop_reason": "aspect_ratio"},
-        {"url_list_file": "part0.parquet", "url_list_row": 4, "url": "",
-         "drop_stage": "prefilter", "drop_reason": "missing_url"},
+    fields = ("url_list_file", "url_list_row", "url", "drop_stage", "drop_reason", "detail")
+    assert [tuple(line[f] for f in fields) for line in dropped] == [
+        ("part0.parquet", 1, "http://x/b.jpg", "prefilter", "too_small",
+         "width or height below 1024 x 1024"),
+        ("part0.parquet", 2, "http://x/c.jpg", "prefilter", "aspect_ratio",
+         "width / height outside [0.5, 2.0]"),
+        ("part0.parquet", 4, "", "prefilter", "missing_url", "no URL in URL"),
     ]  # fmt: skip
+    # the drop fields of every line (no image id yet), and the row's values the rules read
+    assert {(line["key"], line["image_id"], line["source"]) for line in dropped} == {
+        (None, None, "out")
+    }
+    assert (dropped[0]["width"], dropped[0]["height"], dropped[0]["text"]) == (800.0, 1200.0, "b")
 
 
 def test_row_numbers_run_across_batches_and_files(tmp_path):

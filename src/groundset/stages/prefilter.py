@@ -152,28 +152,59 @@ def with_provenance(table: pa.Table, name: str, first_row: int) -> pa.Table:
     return table.append_column(PROVENANCE[0], files).append_column(PROVENANCE[1], rows)
 
 
-def drop_lines(dropped: pa.Table, url_col: str) -> pa.Table:
-    """The drop lines of a batch's failing rows: provenance, URL, `drop_stage`, `drop_reason`."""
-    url = pc.cast(dropped[url_col], pa.string())
-    return pa.table(
-        {
-            **{name: dropped[name] for name in PROVENANCE},
-            "url": url,
-            "drop_stage": pa.array([STAGE] * dropped.num_rows, pa.string()),
-            "drop_reason": dropped["drop_reason"],
-        }
+def reason_details(rules: PrefilterRules) -> dict[str, str]:
+    """What each drop reason means under `rules` (a drop line's `detail`; its row's values are
+    on the line beside it)."""
+    return {
+        "missing_url": f"no URL in {rules.url_col}",
+        "too_small": f"width or height below {rules.min_width} x {rules.min_height}",
+        "aspect_ratio": f"width / height outside [{rules.min_ratio}, {rules.max_ratio}]",
+        "punsafe": f"punsafe above {rules.max_punsafe}",
+        "pwatermark": f"pwatermark above {rules.max_pwatermark}",
+    }
+
+
+def _column_or_null(table: pa.Table, kind: pa.DataType, *names: str) -> pa.Array:
+    """The first of `names` that `table` has, cast to `kind`; nulls when it has none."""
+    column = _column(table, *names)
+    return pa.nulls(table.num_rows, kind) if column is None else pc.cast(column, kind, safe=False)
+
+
+def drop_lines(dropped: pa.Table, rules: PrefilterRules, source: str) -> pa.Table:
+    """The drop lines of a batch's failing rows (DROP_SCHEMA): the drop fields (no key or image
+    id yet: img2dataset gives them), the provenance, and the row's values the rules read."""
+    n = dropped.num_rows
+    reasons = list(REASONS)
+    texts = reason_details(rules)
+    detail = pc.take(
+        pa.array([texts[r] for r in reasons]),
+        pc.index_in(dropped["drop_reason"], pa.array(reasons)),
     )
+    text = [rules.caption_col] if rules.caption_col else []
+    return pa.table({
+        "key": pa.nulls(n, pa.string()),
+        "source": pa.array([source] * n, pa.string()),
+        "image_id": pa.nulls(n, pa.string()),
+        "drop_stage": pa.array([STAGE] * n, pa.string()),
+        "drop_reason": dropped["drop_reason"],
+        "detail": detail,
+        **{name: dropped[name] for name in PROVENANCE},
+        "url": pc.cast(dropped[rules.url_col], pa.string()),
+        "text": _column_or_null(dropped, pa.string(), *text),
+        "width": _column_or_null(dropped, pa.float64(), "WIDTH", "width"),
+        "height": _column_or_null(dropped, pa.float64(), "HEIGHT", "height"),
+        "punsafe": _column_or_null(dropped, pa.float64(), "punsafe"),
+        "pwatermark": _column_or_null(dropped, pa.float64(), "pwatermark"),
+    }, schema=DROP_SCHEMA)  # fmt: skip
 
 
 DROP_SCHEMA = pa.schema(
-    [
-        (PROVENANCE[0], pa.string()),
-        (PROVENANCE[1], pa.int64()),
-        ("url", pa.string()),
-        ("drop_stage", pa.string()),
-        ("drop_reason", pa.string()),
-    ]
-)
+    [("key", pa.string()), ("source", pa.string()), ("image_id", pa.string()),
+     ("drop_stage", pa.string()), ("drop_reason", pa.string()), ("detail", pa.string()),
+     (PROVENANCE[0], pa.string()), (PROVENANCE[1], pa.int64()), ("url", pa.string()),
+     ("text", pa.string()), ("width", pa.float64()), ("height", pa.float64()),
+     ("punsafe", pa.float64()), ("pwatermark", pa.float64())]
+)  # fmt: skip
 
 
 def open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
@@ -238,7 +269,8 @@ def prefilter_file(
     batch_rows: int,
 ) -> tuple[int, int, Counter]:
     """Stream one parquet file into `out` with provenance, its failing rows into `drops`; return
-    its rows in, rows kept and drop counts."""
+    its rows in, rows kept and drop counts (the source: the name of `out`'s folder)."""
+    source = out.parent.name
     counts: Counter = Counter()
     rows_in = rows_out = 0
     with open_parquet(path) as parquet, atomic_write(out, "wb") as handle:
@@ -253,7 +285,7 @@ def prefilter_file(
             if kept.num_rows:
                 writer.write_table(kept.cast(schema))
             if dropped.num_rows:
-                drops.write_table(drop_lines(dropped, rules.url_col).cast(DROP_SCHEMA))
+                drops.write_table(drop_lines(dropped, rules, source))
         writer.close()
     return rows_in, rows_out, counts
 
