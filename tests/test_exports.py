@@ -72,6 +72,7 @@ def dataset(tmp_path: Path) -> dict:
         {  # npy masks, a source name with dots, a phrase used by two boxes
             "image": jpg, "image_id": "000001", "source": "laion-aesthetics_v2_4.75",
             "url": "http://x/a.jpg", "caption": "A Dog and a dogs' cat on grass.",
+            "url_list_file": "part-00000.parquet", "url_list_row": 41,
             "entities": _entities(("dog", box), ("Cat", [0.0, 0.0, 1.2, 0.5]), ("dog", box)),
             "mask_scores": [0.9, 0.8, 0.7], "mask_file": _npy(masks_dir / "1.npy", m1),
             "mask_shape": [3, H, W], "meta": {"similarity": 0.3},
@@ -147,6 +148,9 @@ def test_coco_reads_back_with_pycocotools(dataset, tmp_path):
     assert [i["file_name"] for i in images] == [dataset["records"][k]["image"] for k in EXPORTED]
     assert [(i["width"], i["height"]) for i in images] == [(W, H), (50, 20), (W, H), (W, H)]
     assert images[0]["key"] == "laion-aesthetics_v2_4.75/000001"
+    # the provenance reaches the exports: the URL-list row of every exported image
+    assert (images[0]["url_list_file"], images[0]["url_list_row"]) == ("part-00000.parquet", 41)
+    assert "url_list_row" not in images[1]  # a record without provenance: none made up
     names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
     assert sorted(names.values()) == ["big dog", "cat", "dog", "tree"]
     for image, k in zip(images, EXPORTED, strict=True):
@@ -236,6 +240,7 @@ def test_odvg_lines(dataset, tmp_path):
     ]  # fmt: skip
     lines = list(iter_jsonl(out))
     assert len(lines) == stats["images"] == 7
+    assert (lines[0]["url_list_file"], lines[0]["url_list_row"]) == ("part-00000.parquet", 41)
     assert stats["regions"] == sum(len(line["grounding"]["regions"]) for line in lines) == 10
     for line in lines:
         caption = line["grounding"]["caption"]

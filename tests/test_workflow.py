@@ -533,6 +533,11 @@ def test_sample_emu3_export(sample_run):
         rows, cols = data["images"].shape  # 16384 px area, 2x downsampling of the stand-in
         assert abs(rows * cols * 4 - 16384) / 16384 < 0.1
         assert abs((cols / rows) / (width / height) - 1) < 0.1
+    # every datalist line names its URL-list row, as its masked record does
+    datalist = list(iter_jsonl(work / "export" / "emu3" / "list" / "datalist.jsonl"))
+    assert [(d["url_list_file"], d["url_list_row"]) for d in datalist] == [
+        (r["url_list_file"], r["url_list_row"]) for r in masked
+    ]
     stats = json.loads((work / "export" / "emu3" / "emu3_stats.json").read_text())
     assert stats["train_items"] == 5 and stats["stand_in_tokenizer"] is True
     assert "random_emu3_tokenizer" in run_cli(["summary", "--workdir", str(work)])

@@ -28,6 +28,17 @@ class RecordError(ValueError):
     """A record that lacks what a stage needs (no image, no name for its files)."""
 
 
+# Provenance the prefilter adds to every URL-list row it passes on and every record after
+# carries, the exports too: the URL-list parquet file (relative to the source's url_list) and
+# the row in it.
+PROVENANCE = ("url_list_file", "url_list_row")
+
+
+def provenance(record: dict) -> dict:
+    """The record's provenance fields (those it has)."""
+    return {name: record[name] for name in PROVENANCE if record.get(name) is not None}
+
+
 def _describe(record: dict) -> str:
     """A short excerpt of a record for error messages."""
     return str(record)[:200]

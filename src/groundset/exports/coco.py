@@ -24,7 +24,7 @@ from typing import IO
 
 from groundset.core.io import atomic_write, dumps_record, write_json
 from groundset.core.layout import COCO
-from groundset.core.records import record_key
+from groundset.core.records import provenance, record_key
 from groundset.exports.common import (
     Item,
     PathLike,
@@ -72,6 +72,7 @@ def _coco_image(item: Item, image_id: int) -> dict:
         "source": record.get("source"),
         "url": record.get("url"),
         "caption": item.caption,
+        **provenance(record),
     }
 
 

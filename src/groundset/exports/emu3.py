@@ -49,7 +49,14 @@ from groundset.core.journal import Journal
 from groundset.core.layout import EMU3, EMU3_PART
 from groundset.core.prompts import grid as grid
 from groundset.core.prompts import parse_prompt
-from groundset.core.records import RecordError, feature_relpath, image_path, record_key, same_image
+from groundset.core.records import (
+    RecordError,
+    feature_relpath,
+    image_path,
+    provenance,
+    record_key,
+    same_image,
+)
 from groundset.core.stats import add_counts, drop_line, envelope, read_stats, write_stats
 from groundset.stages.mask import publish, resolve_device
 
@@ -359,6 +366,7 @@ class _PartWriter:
             "image_id": item.record.get("image_id"),
             "source": item.record.get("source"),
             "path": item.feature,
+            **provenance(item.record),
         }
         if self.tokenize:
             line.update(texts=item.prompt, tokens=list(tokens))

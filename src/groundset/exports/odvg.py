@@ -24,6 +24,7 @@ from collections import Counter
 
 from groundset.core.io import atomic_write, dumps_record, iter_jsonl
 from groundset.core.layout import ODVG
+from groundset.core.records import provenance
 from groundset.exports.common import (
     Item,
     PathLike,
@@ -120,6 +121,7 @@ def export_odvg(
                 "height": item.height,
                 "width": item.width,
                 "grounding": {"caption": caption, "regions": regions},
+                **provenance(item.record),
             }
             out.write(dumps_record(line) + "\n")
     return skips.stats(

@@ -12,9 +12,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from groundset.core.io import atomic_write, clean_json_value, dumps_record
+from groundset.core.records import PROVENANCE
 from groundset.core.stats import drop_line, envelope, write_stats
 from groundset.stages.download import collect_stats
-from groundset.stages.prefilter import PROVENANCE
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from groundset.core.config import fill_section, section_defaults
 from groundset.core.io import atomic_write
+from groundset.core.records import PROVENANCE  # the columns it adds (img2dataset saves them)
 from groundset.core.stats import envelope, write_stats
 
 log = logging.getLogger(__name__)
@@ -22,10 +23,6 @@ log = logging.getLogger(__name__)
 STAGE = "prefilter"
 # Exclusive drop reasons, in the order they are tested: a row counts under its first failure.
 REASONS = ("missing_url", "too_small", "aspect_ratio", "punsafe", "pwatermark")
-# Provenance the prefilter adds to every row it passes on (img2dataset saves them with each
-# image, the manifest puts them on its records, every stage after carries them): the URL-list
-# parquet file (relative to the source's url_list) and the row in it.
-PROVENANCE = ("url_list_file", "url_list_row")
 
 
 # The config key each rule mirrors (the filter stage's thresholds, the download's columns).
