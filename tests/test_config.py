@@ -6,7 +6,7 @@ from dataclasses import MISSING, fields
 import pytest
 import yaml
 
-from conftest import RANDOM_WEIGHTS, ROOT, run_snakemake, write_config
+from conftest import RANDOM_WEIGHTS, ROOT, run_snakemake, write_config, write_parquet
 from groundset.checks import workflow_config
 from groundset.core.config import (
     OUTPUT,
@@ -391,7 +391,8 @@ def test_schemas_are_package_data_with_one_copy():
     patterns = project["tool"]["setuptools"]["package-data"]["groundset"]
     package = ROOT / "src" / "groundset"
     shipped = {p.name for pattern in patterns for p in package.glob(pattern)}
-    assert shipped == {p.name for p in (ROOT / "workflow" / "schemas").glob("*.schema.yaml")}
+    schemas = {p.name for p in (ROOT / "workflow" / "schemas").glob("*.schema.yaml")}
+    assert shipped == schemas | {"assumed.yaml"}  # and estimate's assumed figures
     assert groundset.__file__ and load_schema("records")
 
 
@@ -428,6 +429,28 @@ def test_the_workflow_config_check_names_the_key(patch, message):
     assert re.search(f"^{re.escape(message)}", str(error.value), flags=re.M), str(error.value)
     for dump in ("$schema", "properties", "Failed validating", "Traceback"):
         assert dump not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"URL": "u", "TEXT": "t", "url_list_row": 3},
+         r"sources\[0\].url_list \(s\): .*bad.parquet: has column\(s\) \['url_list_row'\], "
+         r"which groundset adds itself"),
+        ({"URL": "u"}, r"sources\[0\].url_list \(s\): .*bad.parquet: missing column\(s\) \['TEXT'\]"),
+    ],
+    ids=["provenance_column", "no_caption"],
+)  # fmt: skip
+def test_the_config_check_reads_the_url_lists_columns(tmp_path, row, message):
+    """A URL list a job would stop on stops the run before any job, naming the source."""
+    write_parquet(tmp_path / "bad.parquet", [row])
+    config = {"sources": [{"name": "s", "url_list": str(tmp_path / "bad.parquet")}],
+              **RANDOM_WEIGHTS}  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        workflow_config(config, tmp_path)
+    # a URL list not there yet is Snakemake's to report (a missing input)
+    config = {"sources": [{"name": "s", "url_list": str(tmp_path / "later")}], **RANDOM_WEIGHTS}
+    assert workflow_config(config, tmp_path)["sources"][0]["url_list"] == str(tmp_path / "later")
 
 
 @pytest.mark.workflow

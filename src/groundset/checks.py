@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import os
 
-from groundset.core.config import ConfigError, missing_weights, validate_config
+from groundset.core.config import ConfigError, download_options, missing_weights, validate_config
 from groundset.stages.filter.select import config_rules
+from groundset.stages.prefilter import (
+    check_columns,
+    check_no_provenance,
+    list_parquet_files,
+    open_parquet,
+)
 
 # Config paths (relative to where snakemake was started) a job opens: made absolute first.
 LAUNCH_PATHS = (
@@ -38,12 +44,35 @@ def absolute_paths(config: dict, launch_dir: str | os.PathLike) -> None:
         node[key] = launch_path(node[key], launch_dir)
 
 
+def url_list_problems(config: dict) -> list[str]:
+    """What the URL lists that exist lack or hold that a job would stop on (their footers read:
+    the URL and caption columns, the saved ones, no column named as groundset's provenance);
+    one line each, naming the source. A list not there yet is left to Snakemake."""
+    problems = []
+    for index, source in enumerate(config["sources"]):
+        try:
+            files = list_parquet_files(source["url_list"])
+        except FileNotFoundError:
+            continue
+        opts = download_options(config, source)
+        for path in files:
+            try:
+                with open_parquet(path) as parquet:
+                    names = parquet.schema_arrow.names
+                check_columns(path, names, opts["url_col"], opts["caption_col"],
+                              source["save_additional_columns"])  # fmt: skip
+                check_no_provenance(path, names)
+            except ValueError as err:
+                problems.append(f"sources[{index}].url_list ({source['name']}): {err}")
+    return problems
+
+
 def workflow_config(config: dict, launch_dir: str | os.PathLike) -> dict:
     """The config a run uses (defaults filled, paths absolute), or ConfigError naming every
-    problem a job would meet (schema, weights, the recipe template's filters)."""
+    problem a job would meet (schema, weights, URL-list columns, the recipe's filters)."""
     validate_config(config)
     absolute_paths(config, launch_dir)
-    problems = missing_weights(config)
+    problems = missing_weights(config) + url_list_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(problems))
     try:
