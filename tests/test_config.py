@@ -444,8 +444,8 @@ def test_the_workflow_config_check_names_the_key(patch, message):
 def test_the_config_check_reads_the_url_lists_columns(tmp_path, row, message):
     """A URL list a job would stop on stops the run before any job, naming the source."""
     write_parquet(tmp_path / "bad.parquet", [row])
-    config = {"sources": [{"name": "s", "url_list": str(tmp_path / "bad.parquet")}],
-              **RANDOM_WEIGHTS}  # fmt: skip
+    source = {"name": "s", "url_list": str(tmp_path / "bad.parquet"), "save_additional_columns": []}
+    config = {"sources": [source], **RANDOM_WEIGHTS}
     with pytest.raises(ConfigError, match=message):
         workflow_config(config, tmp_path)
     # a URL list not there yet is Snakemake's to report (a missing input)
