@@ -447,10 +447,10 @@ def test_the_config_check_reads_the_url_lists_columns(tmp_path, row, message):
     source = {"name": "s", "url_list": str(tmp_path / "bad.parquet"), "save_additional_columns": []}
     config = {"sources": [source], **RANDOM_WEIGHTS}
     with pytest.raises(ConfigError, match=message):
-        workflow_config(config, tmp_path)
+        workflow_config(config, ROOT)
     # a URL list not there yet is Snakemake's to report (a missing input)
     config = {"sources": [{"name": "s", "url_list": str(tmp_path / "later")}], **RANDOM_WEIGHTS}
-    assert workflow_config(config, tmp_path)["sources"][0]["url_list"] == str(tmp_path / "later")
+    assert workflow_config(config, ROOT)["sources"][0]["url_list"] == str(tmp_path / "later")
 
 
 @pytest.mark.workflow
