@@ -313,3 +313,19 @@ def test_a_reader_that_stops_early_is_no_error(tmp_path):
     )  # fmt: skip
     os.close(write)
     assert done.returncode == 0 and "Broken pipe" not in done.stderr, done.stderr
+
+
+def test_trace_says_why_it_found_nothing(tmp_path, capsys):
+    from groundset.core.stats import envelope, write_stats
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["trace", "--workdir", str(empty), "s/000001"]) == 1
+    assert f"no stage has run in {empty} yet" in capsys.readouterr().err
+    write_stats(tmp_path / "url_lists" / "s_stats.json", envelope("prefilter", 1, 1, {}))
+    (tmp_path / "url_lists" / "s").mkdir()
+    assert main(["trace", "--workdir", str(tmp_path), "nosuch/000001"]) == 1
+    err = capsys.readouterr().err  # (the default config's sources, then the workdir's)
+    assert "no source named 'nosuch' in this run (sources: " in err and err.endswith(", s)\n")
+    assert main(["trace", "--workdir", str(tmp_path), "s/000001"]) == 1
+    assert "s/000001 is unknown to every stage of this run" in capsys.readouterr().err

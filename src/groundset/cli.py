@@ -343,6 +343,19 @@ def cmd_estimate(args: argparse.Namespace, config: dict) -> dict | None:
     return None
 
 
+def _unknown(workdir: str, key: str, config: dict | None) -> str:
+    """Why a trace found nothing: no stage has run there, no such source, or no such image."""
+    from groundset.tools.trace import known_sources, parse_key
+
+    sources = known_sources(Path(workdir), config)
+    if not any((Path(workdir) / stage.stats).parent.exists() for stage in layout.STAGES):
+        return f"no stage has run in {workdir} yet (is it the run's workdir?)"
+    source = parse_key(key, sources)[0]
+    if source is not None and source not in sources:
+        return f"no source named {source!r} in this run (sources: {', '.join(sources)})"
+    return f"{key} is unknown to every stage of this run"
+
+
 def cmd_trace(args: argparse.Namespace, config: dict) -> dict | None:
     """Every stage's verdict on one image (SOURCE/IMAGE_ID); exit 1 when no stage knows it."""
     from groundset.tools.trace import format_trace, trace
@@ -350,7 +363,7 @@ def cmd_trace(args: argparse.Namespace, config: dict) -> dict | None:
     workdir = existing_dir(args.workdir or config["workdir"], "the run's workdir")
     result = trace(workdir, args.key, config)
     if result is None:
-        print(f"groundset trace: {args.key} is unknown to every stage of this run", file=sys.stderr)
+        print(f"groundset trace: {_unknown(workdir, args.key, config)}", file=sys.stderr)
         args.exit_code = 1
         return None
     if args.json:
