@@ -141,7 +141,7 @@ def _add_models(summary: dict, extras: dict[str, dict]) -> None:
         summary["models"]["mask"] = mask_model(extras["mask"])
     for name, stage, flag, text in STAND_IN_WARNINGS:
         if extras.get(stage, {}).get(flag):
-            summary["WARNING"][name] = text
+            summary["warnings"][name] = text
 
 
 def collect(workdir: str | os.PathLike, formats: Collection[str] | None = None) -> dict:
@@ -150,14 +150,14 @@ def collect(workdir: str | os.PathLike, formats: Collection[str] | None = None) 
     (the stand-ins that ran). `formats`: the exports to count (export.formats; None: every
     export found, also one a config no longer asks for)."""
     workdir = Path(workdir)
-    summary: dict = {"stages": [], "sources": {}, "models": {}, "WARNING": {}}
+    summary: dict = {"stages": [], "sources": {}, "models": {}, "warnings": {}}
     extras: dict[str, dict] = {}
     for name, stage in stage_table(formats):
         files = stats_files(workdir, stage)
         if files:
             extras[name] = _add_stage(summary, name, files)
     if (workdir / layout.STAND_IN_MODELS).exists():
-        summary["WARNING"]["stand_in_models"] = STAND_IN_MODELS_WARNING
+        summary["warnings"]["stand_in_models"] = STAND_IN_MODELS_WARNING
     _add_models(summary, extras)
     return summary
 
@@ -190,9 +190,9 @@ def write_stage_counts(
     """The counts per stage of a run (the exports of `formats`) as JSON and as an HTML table."""
     summary = collect(workdir, formats)
     rows = summary["stages"]
-    write_json(json_path, {"stages": rows, "warnings": summary["WARNING"]})
+    write_json(json_path, {"stages": rows, "warnings": summary["warnings"]})
     with atomic_write(html_path) as handle:
-        handle.write(stage_table_html(rows, summary["WARNING"]))
+        handle.write(stage_table_html(rows, summary["warnings"]))
     return rows
 
 
@@ -217,7 +217,7 @@ def format_summary(summary: dict) -> str:
         if len(per_source.get(r["stage"], [])) > 1:
             lines += [_line(s, width, "  ") for s in per_source[r["stage"]]]
     lines += [f"{name} model: {text}" for name, text in summary["models"].items()]
-    if summary["WARNING"]:
+    if summary["warnings"]:
         bar = "!" * 78
-        lines += ["", bar, *(f"!! {k}: {t}" for k, t in summary["WARNING"].items()), bar]
+        lines += ["", bar, *(f"!! {k}: {t}" for k, t in summary["warnings"].items()), bar]
     return "\n".join(lines)
