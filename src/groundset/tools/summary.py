@@ -146,7 +146,7 @@ def _add_models(summary: dict, extras: dict[str, dict]) -> None:
 
 def collect(workdir: str | os.PathLike, formats: Collection[str] | None = None) -> dict:
     """Counts of every stage of a run from its stats envelopes: `stages` (one line each, all
-    sources summed), `sources` (the lines of the stages run per source), `models`, `WARNING`
+    sources summed), `sources` (the lines of the stages run per source), `models`, `warnings`
     (the stand-ins that ran). `formats`: the exports to count (export.formats; None: every
     export found, also one a config no longer asks for)."""
     workdir = Path(workdir)
