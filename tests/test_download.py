@@ -155,6 +155,7 @@ def test_real_img2dataset_download_and_resume(tmp_path, served):
     assert stats["records_in"] == 4 and stats["records_out"] == 3
     assert stats["dropped"] == {"failed_to_download": 1, "failed_to_resize": 0}
     assert stats["shards"] == 2 and stats["status"]["HTTP Error 404: not found"] == 1
+    assert stats["stand_in"] is True  # served by the sample's loopback server, as it says
     # the row that gave no image is a drop line, beside the folder, with img2dataset's error
     (line,) = iter_jsonl(tmp_path / "dl_dropped.jsonl")
     assert (line["drop_stage"], line["drop_reason"]) == ("download", "failed_to_download")
@@ -188,6 +189,7 @@ def test_empty_url_list_downloads_nothing(tmp_path):
     pq.write_table(pq.read_table(tmp_path / "u.parquet").slice(0, 0), tmp_path / "u.parquet")
     stats = download_source(url_list, tmp_path / "dl", tmp_path / "s.json", OPTS, [])
     assert stats["records_in"] == 0 and stats["records_out"] == 0
+    assert stats["stand_in"] is False  # no serve_dir: the real URLs
 
 
 def test_columns_img2dataset_reads_are_checked_before_it_runs(tmp_path, monkeypatch):

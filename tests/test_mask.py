@@ -186,7 +186,7 @@ def test_npy_masks_align_with_entities_and_scores(tmp_path, masker):
     )
     assert stats["entities"] == 4 and stats["without_entities"] == 1 and stats["computed"] == 2
     assert stats["dropped"] == {"image_missing": 1, "image_unreadable": 1}
-    assert stats["random_weights"] is True
+    assert stats["random_weights"] is True and stats["stand_in"] is True
     assert stats["mask_bytes"] == sum(
         Path(r["mask_file"]).stat().st_size for r in out if r["mask_file"]
     )

@@ -385,6 +385,7 @@ def test_summary_command_prints_counts(sample_run):
     assert re.search(r"^caption\s+5\s+5\s+0\s", out, re.M), out
     assert "SAM2 with RANDOM weights" in out and re.search(r"^mask\s+5\s+5\s", out, re.M)
     assert "caption model: stand-in (PLACEHOLDER captions" in out
+    assert "sample_server: images come from the bundled sample's loopback server" in out
 
 
 def test_sample_duplicates_are_dropped_before_captioning(sample_run):

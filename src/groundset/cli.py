@@ -145,6 +145,7 @@ def cmd_score(args: argparse.Namespace, config: dict) -> dict:
         models=_models(config, args.models_dir),
         threads=threads,
         probe=probe,
+        stand_in=config["filter"]["stand_in_models"],
     )
     return stats
 

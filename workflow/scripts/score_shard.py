@@ -20,4 +20,5 @@ with log_to(snakemake.log[0]):
         settings=settings,
         models=resolve_models({**snakemake.config["filter"], **settings}, stand_in),
         threads=snakemake.threads,
+        stand_in=stand_in is not None,
     )

@@ -538,6 +538,7 @@ class _PartRun:
             **{k: counts[k] for k in PART_COUNTS},
             tokenize=settings.tokenize,
             stand_in_tokenizer=settings.tokenize and settings.tokenizer is None,
+            stand_in=settings.tokenize and settings.tokenizer is None,
             image_area=settings.image_area,
             factor=self.tokenizer.factor if self.tokenizer is not None else None,
         )  # fmt: skip
@@ -667,6 +668,7 @@ def gather_emu3(
         not_listed_max_items=lists.not_listed,
         tokenize=settings.tokenize,
         stand_in_tokenizer=stand_in,
+        stand_in=stand_in,
         image_area=settings.image_area,
         feature_dir=str(prefix),
     )  # fmt: skip

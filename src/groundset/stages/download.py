@@ -241,6 +241,7 @@ def download_source(
                 env = stack.enter_context(sample_proxy(serve_dir, env))  # the sample's
             run_img2dataset(kwargs, env, stdout)
     stats = collect_stats(output_folder)
+    stats["stand_in"] = bool(serve_dir)  # the sample's loopback server, not the internet
     if stats["records_in"] != expected:
         raise RuntimeError(
             f"img2dataset processed {stats['records_in']} of {expected} rows of {url_list}; "

@@ -509,6 +509,7 @@ def model_facts(settings: MaskSettings) -> dict:
         "mask_format": settings.mask_format,
         "model_config": settings.model_config,
         "random_weights": settings.checkpoint is None,
+        "stand_in": settings.checkpoint is None,  # SAM2 with random weights
     }
 
 

@@ -13,16 +13,19 @@ from groundset.core.io import atomic_write, read_json, write_json
 from groundset.core.stats import add_counts, read_stats
 from groundset.stages.merge import TIER_FILES
 
-# What the summary's banner says where a stand-in ran: (name, the stage, its stats flag, text).
+# What the summary's banner says where a stage's stats say a stand-in ran (`stand_in`).
 STAND_IN_WARNINGS = (
-    ("stand_in_captions", "caption", "stand_in",
+    ("sample_server", "download",
+     "images come from the bundled sample's loopback server (sources[].serve_dir), not from "
+     "their URLs; leave serve_dir unset for a real download"),
+    ("stand_in_captions", "caption",
      "captions and boxes are PLACEHOLDERS from groundset's loopback stand-in server, not a "
      "model; set DASHSCOPE_API_KEY, caption.base_url (a vLLM server) or caption.serve.command "
      "(servers on your GPUs) for real ones (README: Captioning)"),
-    ("random_sam2", "mask", "random_weights",
+    ("random_sam2", "mask",
      "masks come from SAM2 with RANDOM weights (mask.random_weights: true, no checkpoint); set "
      "mask.checkpoint to sam2.1_hiera_large.pt for real masks"),
-    ("random_emu3_tokenizer", "emu3 export", "stand_in_tokenizer",
+    ("random_emu3_tokenizer", "emu3 export",
      "Emu3 visual tokens come from a tiny RANDOM tokenizer (export.emu3.random_weights: true, "
      "no tokenizer); set export.emu3.tokenizer to BAAI/Emu3-VisionTokenizer for real ones"),
 )  # fmt: skip
@@ -139,8 +142,8 @@ def _add_models(summary: dict, extras: dict[str, dict]) -> None:
         summary["models"]["caption"] = caption_model(extras["caption"])
     if "mask" in extras:
         summary["models"]["mask"] = mask_model(extras["mask"])
-    for name, stage, flag, text in STAND_IN_WARNINGS:
-        if extras.get(stage, {}).get(flag):
+    for name, stage, text in STAND_IN_WARNINGS:
+        if extras.get(stage, {}).get("stand_in"):
             summary["warnings"][name] = text
 
 

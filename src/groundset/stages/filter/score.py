@@ -155,8 +155,10 @@ def score_probed(
     models: dict[str, str],
     threads: int = 1,
     probe: dict | None = None,
+    stand_in: bool = False,
 ) -> dict:
-    """Score an already probed shard (`files.probed`): recipe, data-juicer, scored file, stats."""
+    """Score an already probed shard (`files.probed`): recipe, data-juicer, scored file, stats
+    (`stand_in`: the models are groundset's random stand-ins, as the stats say)."""
     with open(template, encoding="utf-8") as handle:
         template_cfg = yaml.safe_load(handle) or {}
     recipe = score_recipe(
@@ -182,6 +184,7 @@ def score_probed(
         device=device,
         precision=scoring.resolve_precision(settings["precision"], device),
         decode=settings["decode"],
+        stand_in=stand_in,
     )
     write_stats(files.stats, stats)
     return stats
