@@ -352,6 +352,25 @@ def test_a_failed_download(run):
     assert verdicts(result)["manifest"] == "not reached"
 
 
+def test_only_the_images_own_shard_table_is_read(run, tmp_path):
+    """A kept image's table comes from its manifest record's folder; a failed one's row from
+    the download drop lines: no other shard table is opened (a big run has thousands)."""
+    work, config = run
+    copy = tmp_path / "results"
+    shutil.copytree(work, copy)
+    tables = copy / "downloads" / SOURCE
+    (tables / "00000.parquet").write_bytes(b"not parquet")  # 000010 is in shard 00001
+    config = {**config, "workdir": str(copy)}
+    assert stage(trace(copy, f"{SOURCE}/{BELOW_TIER}", config), "download")["verdict"] == "kept"
+    failed = pd.read_parquet(work / "downloads" / SOURCE / "00000.parquet").query("key == @FAILED")
+    line = drop_line({**failed.iloc[0].to_dict(), "image_id": FAILED, "source": SOURCE},
+                     "download", "failed_to_download", "HTTP Error 404")  # fmt: skip
+    write_jsonl(copy / "downloads" / f"{SOURCE}_dropped.jsonl", [line])
+    download = stage(trace(copy, f"{SOURCE}/{FAILED}", config), "download")
+    assert (download["verdict"], download["details"]["reason"]) == (
+        "dropped", "failed_to_download: HTTP Error 404")  # fmt: skip
+
+
 def test_an_image_the_probe_could_not_read(run):
     work, config = run
     probe = stage(trace(work, f"{SOURCE}/{UNREADABLE}", config), "probe")

@@ -282,9 +282,24 @@ class _Tracer:
             if self.download_hit is not None:
                 self.image_id = str(self.download_hit[1].get("key"))
             return
-        self.download_hit = self.table_row("key", self.image_id)
+        self.download_hit = self.key_row()
         if self.download_hit is not None:
             self.origin = self.download_hit[1]
+
+    def key_row(self) -> tuple[Path, dict] | None:
+        """The image's img2dataset row: in its shard's table (the manifest record's folder
+        names it), else its download drop line, else in any table (a run without drop lines)."""
+        manifest = self.at(layout.MANIFEST.records)
+        hit = self.bisect(manifest) if manifest.exists() else None
+        if hit is not None:
+            image = hit[1].get("image")
+            folder = Path(str(image[0] if isinstance(image, list) and image else image)).parent
+            table = self.at(layout.DOWNLOADS) / f"{folder.name}.parquet"
+            if table.exists() and (row := _first_row(table, "key", self.image_id)) is not None:
+                return table, row
+        dropped = self.at(layout.DOWNLOAD.dropped)
+        found = self.lookup([dropped]) if dropped.exists() else None
+        return found or self.table_row("key", self.image_id)
 
     def table_row(self, column: str, value: object) -> tuple[Path, dict] | None:
         """The first img2dataset shard table row of the source whose `column` is `value`."""
