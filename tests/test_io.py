@@ -245,3 +245,13 @@ def test_stand_in_models_are_readable_as_the_umask_allows(tmp_path, umask, expec
     files = [p for path in paths.values() for p in Path(path).rglob("*") if p.is_file()]
     assert any(p.suffix == ".safetensors" for p in files)
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {expected}
+
+
+def test_side_files_sit_beside_their_output_whatever_its_name():
+    """`layout.beside`: a file's stem, a folder's whole name (source names have dots)."""
+    from groundset.core.layout import beside
+
+    assert beside("manifest/s.jsonl", "_dropped.jsonl") == Path("manifest/s_dropped.jsonl")
+    folder = "downloads/laion-aesthetics_v2_4.75"
+    assert beside(folder, "_dropped.jsonl", folder=True) == Path(f"{folder}_dropped.jsonl")
+    assert beside("export/wds", "_stats.json", folder=True) == Path("export/wds_stats.json")

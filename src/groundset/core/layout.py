@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,13 @@ STAGES = (PREFILTER, DOWNLOAD, MANIFEST, SCORE, SELECT, MERGE, DEDUP, CAPTION, M
 EXPORTS = {"emu3": EMU3, "coco": COCO, "odvg": ODVG, "webdataset": WEBDATASET}
 # ... and, for the stages split over chunks or parts, their per-job files.
 JOB_STAGES = {"caption": CAPTION_CHUNK, "mask": MASK_CHUNK, "emu3": EMU3_PART}
+
+
+def beside(path: str | os.PathLike, tail: str, folder: bool = False) -> Path:
+    """The default side file of an output (its drops, its stats): `<stem><tail>` beside a file,
+    `<name><tail>` beside a folder (a source name such as `aes_v2_4.75` has a dot)."""
+    path = Path(path)
+    return path.with_name(f"{path.name if folder else path.stem}{tail}")
 
 
 def under(workdir: str | os.PathLike, pattern: str, **wildcards) -> str:

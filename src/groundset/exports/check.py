@@ -210,7 +210,9 @@ def check_exports(
             continue
         records = count_records(masked) if records is None else records
         stats, dropped = (
-            emu3_files(path) if name == "emu3" else (stats_path(path), skipped_path(path))
+            emu3_files(path)
+            if name == "emu3"
+            else (stats_path(path, folder), skipped_path(path, folder))
         )
         envelope, found = envelope_problems(stage, stage, stats, dropped, records)
         problems += found

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from groundset.core.images import image_header_size
 from groundset.core.io import dumps_record, iter_jsonl
+from groundset.core.layout import beside
 from groundset.core.records import RecordError, cleaned_texts, image_path, record_boxes
 from groundset.core.stats import drop_line, envelope, write_stats
 from groundset.stages.mask import encode_rle
@@ -100,20 +101,14 @@ class SkipLog:
         return stats
 
 
-def _beside(output: PathLike, suffix: str) -> Path:
-    """`<output stem><suffix>` beside an output file (or folder)."""
-    output = Path(output)
-    return output.with_name(f"{output.stem if output.suffix else output.name}{suffix}")
-
-
-def skipped_path(output: PathLike) -> Path:
+def skipped_path(output: PathLike, folder: bool = False) -> Path:
     """The default side file of an export's skipped records: `<output stem>_skipped.jsonl`."""
-    return _beside(output, "_skipped.jsonl")
+    return beside(output, "_skipped.jsonl", folder)
 
 
-def stats_path(output: PathLike) -> Path:
+def stats_path(output: PathLike, folder: bool = False) -> Path:
     """The default stats file of an export: `<output stem>_stats.json`."""
-    return _beside(output, "_stats.json")
+    return beside(output, "_stats.json", folder)
 
 
 @dataclass

@@ -283,7 +283,7 @@ def export_wds(
         raise ValueError(f"shard_size must be at least 1, not {shard_size}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    skipped = skipped or skipped_path(outdir)
+    skipped = skipped or skipped_path(outdir, folder=True)
     writer = _ShardWriter(outdir, shard_size)
     with atomic_write(skipped) as skip_file:
         skips = SkipLog(skip_file, WEBDATASET.name)
@@ -297,7 +297,7 @@ def export_wds(
         stale.unlink()
     last = writer.shards - 1
     return skips.stats(
-        stats or stats_path(outdir),
+        stats or stats_path(outdir, folder=True),
         writer.samples,
         shards=writer.shards,
         samples=writer.samples,

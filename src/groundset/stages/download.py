@@ -16,6 +16,7 @@ from typing import IO
 
 from groundset.core.config import TUNING, keys_for
 from groundset.core.io import atomic_write, clean_json_value, dumps_record, read_json
+from groundset.core.layout import beside
 from groundset.core.stats import drop_line, envelope, write_stats
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,8 @@ def download_source(
             f"img2dataset processed {stats['records_in']} of {expected} rows of {url_list}; "
             "rerun to resume the missing shards"
         )
-    lines = write_drop_lines(output_folder, dropped or f"{output_folder}_dropped.jsonl")
+    dropped = dropped or beside(output_folder, "_dropped.jsonl", folder=True)
+    lines = write_drop_lines(output_folder, dropped)
     if lines != sum(stats["dropped"].values()):
         log.warning("%s: img2dataset's tables name %d failed rows, its stats %s", output_folder,
                     lines, stats["dropped"])  # fmt: skip

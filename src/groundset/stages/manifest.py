@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from groundset.core.io import atomic_write, clean_json_value, dumps_record
+from groundset.core.layout import beside
 from groundset.core.records import PROVENANCE
 from groundset.core.stats import drop_line, envelope, write_stats
 from groundset.stages.download import collect_stats
@@ -128,12 +129,6 @@ def iter_records(
     bar.close()
 
 
-def dropped_path(output: str | os.PathLike) -> Path:
-    """The default drop-line file of a manifest: `<stem>_dropped.jsonl` beside it."""
-    output = Path(output)
-    return output.with_name(f"{output.stem}_dropped.jsonl")
-
-
 def build_manifest(
     download_dir: str | os.PathLike,
     output: str | os.PathLike,
@@ -148,7 +143,10 @@ def build_manifest(
     if not download_dir.is_dir():
         raise FileNotFoundError(f"download folder {download_dir} does not exist")
     counts: Counter = Counter()
-    with atomic_write(output) as handle, atomic_write(dropped or dropped_path(output)) as drops:
+    with (
+        atomic_write(output) as handle,
+        atomic_write(dropped or beside(output, "_dropped.jsonl")) as drops,
+    ):
         for record in iter_records(download_dir, source, columns, counts):
             (drops if "drop_stage" in record else handle).write(dumps_record(record) + "\n")
     downloads = collect_stats(download_dir)

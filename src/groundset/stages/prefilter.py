@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from groundset.core.config import fill_section, section_defaults
 from groundset.core.io import atomic_write
+from groundset.core.layout import beside
 from groundset.core.records import PROVENANCE  # the columns it adds (img2dataset saves them)
 from groundset.core.stats import envelope, write_stats
 
@@ -252,11 +253,6 @@ def check_columns(
         )
 
 
-def dropped_path(outdir: str | os.PathLike) -> Path:
-    """The default drop-line file of a prefiltered URL list: `<outdir>_dropped.parquet`."""
-    return Path(f"{os.fspath(outdir).rstrip('/')}_dropped.parquet")
-
-
 def prefilter_file(
     path: Path,
     name: str,
@@ -300,7 +296,7 @@ def prefilter_url_list(
     return the stats envelope.
 
     `batch_rows` None: the schema's default of download.prefilter.batch_rows."""
-    dropped = dropped or dropped_path(outdir)
+    dropped = dropped or beside(outdir, "_dropped.parquet", folder=True)
     if batch_rows is None:
         batch_rows = section_defaults("download.prefilter")["batch_rows"]
     outdir = Path(outdir)
