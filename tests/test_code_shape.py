@@ -26,7 +26,7 @@ KNOWN_STAND_IN_IMPORTERS: set[str] = set()
 # The seam: the one module that reaches the stand-ins, each of its functions imported only where
 # a config opts in (not a ratchet: the shape the issue asks for).
 STAND_IN_SEAMS = {"groundset.stand_ins"}
-TOOLS_CEILING = 2825  # lines of the four tools now; the budget is TOOLS_BUDGET
+TOOLS_CEILING = 2823  # lines of the four tools now; the budget is TOOLS_BUDGET
 
 
 def python_files() -> list[Path]:

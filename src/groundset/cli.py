@@ -346,10 +346,11 @@ def cmd_estimate(args: argparse.Namespace, config: dict) -> dict | None:
 
 def _unknown(workdir: str, key: str, config: dict | None) -> str:
     """Why a trace found nothing: no stage has run there, no such source, or no such image."""
+    from groundset.tools.summary import stats_files
     from groundset.tools.trace import known_sources, parse_key
 
     sources = known_sources(Path(workdir), config)
-    if not any((Path(workdir) / stage.stats).parent.exists() for stage in layout.STAGES):
+    if not any(stats_files(Path(workdir), stage) for stage in layout.STAGES):
         return f"no stage has run in {workdir} yet (is it the run's workdir?)"
     source = parse_key(key, sources)[0]
     if source is not None and source not in sources:

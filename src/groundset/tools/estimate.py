@@ -31,7 +31,7 @@ import yaml
 from groundset.core import layout
 from groundset.core.config import download_options, section_defaults, validate_config
 from groundset.core.io import read_json
-from groundset.core.stats import add_counts, read_stats
+from groundset.core.stats import read_stats
 from groundset.stages.merge import TIER_FILES
 from groundset.stages.prefilter import (
     PrefilterRules,
@@ -39,7 +39,7 @@ from groundset.stages.prefilter import (
     list_parquet_files,
     open_parquet,
 )
-from groundset.tools.summary import stats_files
+from groundset.tools.summary import stage_totals
 
 # Rates and pass rates used where no earlier run measured them, each with where it comes from
 # (assumed.yaml beside this module); `--from-run DIR` replaces them by a run's own figures.
@@ -244,27 +244,21 @@ def _job_records(run: Path, stage: str) -> tuple[list[tuple[float, float]], floa
 
 
 def _pass_counts(run: Path) -> dict[str, tuple[float, float]]:
-    """(records in, records out) per stage of a run, summed over its stats envelopes (the
-    merge once per tier, the exports as `export <format>`)."""
+    """(records in, records out) per stage of a run, its stats envelopes summed (the merge once
+    per tier, the exports as `export <format>`)."""
     stages = [(stage.name, stage) for stage in layout.STAGES]
     stages += [(f"export {fmt}", stage) for fmt, stage in layout.EXPORTS.items()]
     counts = {}
     for name, stage in stages:
-        files = [path for paths in stats_files(run, stage).values() for path in paths]
-        if not files:
+        totals = stage_totals(run, stage)
+        if totals is None:
             continue
-        envelopes = [read_stats(path) for path in files]
-        total: dict = {"records_in": 0, "records_out": 0, "dropped": {}}
-        for stats in envelopes:
-            add_counts(total, stats)
+        total = totals[0]
         if name != "merge":
             counts[name] = (total["records_in"], total["records_out"])
             continue
-        for tier in TIER_FILES:  # one merge: its tiers' counts
-            counts[f"merge:{tier}"] = (
-                total["records_in"],
-                envelopes[0].get("per_tier", {}).get(tier, 0),
-            )
+        for tier in TIER_FILES:  # the merge's pass is its tiers'
+            counts[f"merge:{tier}"] = (total["records_in"], total.get("per_tier", {}).get(tier, 0))
     return counts
 
 

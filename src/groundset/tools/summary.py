@@ -73,13 +73,9 @@ def stats_files(workdir: Path, stage: layout.Stage) -> dict[str, list[Path]]:
 
 def row(name: str, stats: dict) -> dict:
     """One line of the counts table from a (summed) stats envelope."""
-    return {
-        "stage": name,
-        "in": stats["records_in"],
-        "kept": stats["records_out"],
-        "dropped": sum(stats["dropped"].values()),
-        "reasons": {reason: n for reason, n in stats["dropped"].items() if n},
-    }
+    dropped = stats["dropped"]
+    return {"stage": name, "in": stats["records_in"], "kept": stats["records_out"],
+            "dropped": sum(dropped.values()), "reasons": {r: n for r, n in dropped.items() if n}}  # fmt: skip
 
 
 def tier_rows(stats: dict) -> list[dict]:
@@ -102,23 +98,29 @@ def stage_table(formats: Collection[str] | None) -> list[tuple[str, layout.Stage
     return stages + chosen
 
 
-def _add_stage(summary: dict, name: str, files: dict[str, list[Path]]) -> dict:
-    """Sum one stage's envelopes into its table line and its per-source lines; return the
-    last envelope read (its extras name the model and stand-ins)."""
-    total: dict = {"records_in": 0, "records_out": 0, "dropped": {}}
-    last: dict = {}
+def stage_totals(workdir: Path, stage: layout.Stage) -> tuple[dict, dict[str, dict]] | None:
+    """A stage's envelopes summed over all (with the last one's extras, `stand_in` if any
+    says so) and per source ("" for a stage over every source); None before it ran."""
+    files = stats_files(workdir, stage)
+    total, extras, per_source = {"records_in": 0, "records_out": 0, "dropped": {}}, {}, {}
     for source, paths in files.items():
-        per_source: dict = {"records_in": 0, "records_out": 0, "dropped": {}}
+        per_source[source] = {"records_in": 0, "records_out": 0, "dropped": {}}
         for path in paths:
-            last = read_stats(path)
-            add_counts(per_source, last)
-        add_counts(total, per_source)
-        if source:
-            summary["sources"].setdefault(source, []).append(row(name, per_source))
+            stats = read_stats(path)
+            add_counts(per_source[source], stats)
+            extras = {**stats, "stand_in": bool(extras.get("stand_in") or stats.get("stand_in"))}
+        add_counts(total, per_source[source])
+    return ({**extras, **total}, per_source) if files else None
+
+
+def _add_stage(summary: dict, name: str, totals: tuple[dict, dict[str, dict]]) -> None:
+    """One stage's table line, its per-source lines (and the merge's tiers)."""
+    total, per_source = totals
+    for source, counts in ((s, c) for s, c in per_source.items() if s):
+        summary["sources"].setdefault(source, []).append(row(name, counts))
     summary["stages"].append(row(name, total))
     if name == "merge":
-        summary["stages"] += tier_rows({**last, **total})
-    return last
+        summary["stages"] += tier_rows(total)
 
 
 def caption_model(stats: dict) -> str:
@@ -156,9 +158,10 @@ def collect(workdir: str | os.PathLike, formats: Collection[str] | None = None) 
     summary: dict = {"stages": [], "sources": {}, "models": {}, "warnings": {}}
     extras: dict[str, dict] = {}
     for name, stage in stage_table(formats):
-        files = stats_files(workdir, stage)
-        if files:
-            extras[name] = _add_stage(summary, name, files)
+        totals = stage_totals(workdir, stage)
+        if totals is not None:
+            _add_stage(summary, name, totals)
+            extras[name] = totals[0]
     if (workdir / layout.STAND_IN_MODELS).exists():
         summary["warnings"]["stand_in_models"] = STAND_IN_MODELS_WARNING
     _add_models(summary, extras)

@@ -604,9 +604,10 @@ class _Tracer:
 
     def caption(self) -> None:
         """The caption and entities, or the error record's reason."""
-        folder = self.work / "captioned"
-        ok = self.side_files(folder, "captioned.jsonl", CHUNK, "")
-        errors = self.side_files(folder, "errors.jsonl", CHUNK_SIDE, "errors")
+        gathered = self.at(layout.CAPTION.records)
+        folder = gathered.parent
+        ok = self.side_files(folder, gathered.name, CHUNK, "")
+        errors = self.side_files(folder, Path(layout.CAPTION.dropped).name, CHUNK_SIDE, "errors")
         if not ok and not errors:
             return self.add("caption", NOT_RUN)
         hit = self.lookup(errors)
@@ -640,11 +641,11 @@ class _Tracer:
 
     def mask(self) -> None:
         """Masks kept (entities dropped by the quality floors named) or the drop reason."""
-        folder = self.work / "masked"
-        gathered = (folder / "masked.jsonl").exists()
-        dropped = self.side_files(folder, "dropped.jsonl", CHUNK_SIDE, "dropped")
+        masked = self.at(layout.MASK.records)
+        folder, gathered = masked.parent, masked.exists()
+        dropped = self.side_files(folder, Path(layout.MASK.dropped).name, CHUNK_SIDE, "dropped")
         chunks = self.chunk_files(folder, CHUNK) if gathered else []
-        kept = [folder / "masked.jsonl"] if gathered else self.chunk_files(folder, CHUNK)
+        kept = [masked] if gathered else self.chunk_files(folder, CHUNK)
         if not kept and not dropped:
             return self.add("mask", NOT_RUN)
         hit = self.lookup(dropped)
