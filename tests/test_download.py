@@ -240,3 +240,15 @@ def test_options_left_out_are_the_schemas_never_img2datasets(tmp_path, monkeypat
             src.parent, tmp_path / "dl", tmp_path / "s.json", {"resize_mode": "sideways"}, []
         )
     assert len(ran) == 1
+
+
+def test_an_unreadable_shard_table_names_itself_and_the_fix(tmp_path):
+    from groundset.stages.download import write_drop_lines
+
+    (tmp_path / "dl").mkdir()
+    (tmp_path / "dl" / "00000.parquet").write_bytes(b"cut short")
+    with pytest.raises(
+        RuntimeError, match=r"00000.parquet: img2dataset's shard table is unreadable"
+    ):
+        write_drop_lines(tmp_path / "dl", tmp_path / "dl_dropped.jsonl")
+    assert not (tmp_path / "dl_dropped.jsonl").exists()  # nothing half written

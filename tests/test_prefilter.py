@@ -277,3 +277,19 @@ def test_rules_read_a_sources_download_and_name_a_bad_key():
         PrefilterRules.from_config({"filter": {"image_shape": {"min_width": "wide"}}})
     with pytest.raises(ConfigError, match=r"(?m)^download\.prefilter\.max_punsafe: 2 is greater"):
         with_prefilter(max_punsafe=2)
+
+
+def test_nothing_dropped_and_no_rows_are_normal_outcomes(tmp_path):
+    """Zero drops (or zero rows) still write a readable drop file, with the drop-line columns."""
+    from groundset.stages.prefilter import DROP_SCHEMA
+
+    good = write_parquet(tmp_path / "in" / "a.parquet", [{"URL": "u", "TEXT": "t"}])
+    stats = prefilter_url_list(good, tmp_path / "out", PrefilterRules.from_config({}))
+    assert (stats["records_in"], stats["records_out"], sum(stats["dropped"].values())) == (1, 1, 0)
+    dropped = pq.read_table(tmp_path / "out_dropped.parquet")
+    assert dropped.num_rows == 0 and dropped.schema.equals(DROP_SCHEMA)
+    pq.write_table(pq.read_table(good).slice(0, 0), good)  # no rows at all
+    stats = prefilter_url_list(good, tmp_path / "out", PrefilterRules.from_config({}))
+    assert (stats["records_in"], stats["records_out"]) == (0, 0)
+    assert pq.read_table(tmp_path / "out" / "a.parquet").num_rows == 0
+    assert pq.read_table(tmp_path / "out_dropped.parquet").num_rows == 0

@@ -181,7 +181,13 @@ def write_drop_lines(output_folder: str | os.PathLike, dropped: str | os.PathLik
     count = 0
     with atomic_write(dropped) as out:
         for table in sorted(folder.glob("*.parquet")):
-            rows = pq.read_table(table, filters=[("status", "!=", "success")]).to_pylist()
+            try:
+                rows = pq.read_table(table, filters=[("status", "!=", "success")]).to_pylist()
+            except (OSError, ValueError) as err:  # pyarrow's errors are both
+                raise RuntimeError(
+                    f"{table}: img2dataset's shard table is unreadable ({err}); delete it and its "
+                    "_stats.json, then rerun: img2dataset downloads that shard again"
+                ) from err
             for row in rows:
                 record = {
                     "image_id": row.get("key"),
