@@ -67,12 +67,16 @@ def url_list_problems(config: dict) -> list[str]:
     return problems
 
 
-def workflow_config(config: dict, launch_dir: str | os.PathLike) -> dict:
+def workflow_config(
+    config: dict, launch_dir: str | os.PathLike, read_url_lists: bool = True
+) -> dict:
     """The config a run uses (defaults filled, paths absolute), or ConfigError naming every
-    problem a job would meet (schema, weights, URL-list columns, the recipe's filters)."""
+    problem a job would meet (schema, weights, URL-list columns, the recipe's filters).
+    `read_url_lists` False: the URL lists' footers are not read (a job of a run whose main
+    process checked them)."""
     validate_config(config)
     absolute_paths(config, launch_dir)
-    problems = missing_weights(config) + url_list_problems(config)
+    problems = missing_weights(config) + (url_list_problems(config) if read_url_lists else [])
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(problems))
     try:

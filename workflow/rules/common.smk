@@ -22,7 +22,8 @@ import groundset.stages.mask
 # weights they name, the recipe's filters. One line per problem, each leading with its key path
 # (a WorkflowError: Snakemake prints it without a traceback).
 try:
-    workflow_config(config, LAUNCH_DIR)
+    # the URL lists' footers once, where the run is planned, not again in every job
+    workflow_config(config, LAUNCH_DIR, read_url_lists=workflow.is_main_process)
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 
