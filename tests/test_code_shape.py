@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "groundset"
 MAX_LINES, MAX_COMPLEXITY = 60, 15
 TOOLS = ("trace", "estimate", "summary", "validate")
-TOOLS_BUDGET = 1500
 
 # A ratchet (issue 23 is not finished): what still breaks the rules above, as of its first
 # session. Nothing may join these lists; an entry that is fixed must leave them (the tests
@@ -26,7 +25,7 @@ KNOWN_STAND_IN_IMPORTERS: set[str] = set()
 # The seam: the one module that reaches the stand-ins, each of its functions imported only where
 # a config opts in (not a ratchet: the shape the issue asks for).
 STAND_IN_SEAMS = {"groundset.stand_ins"}
-TOOLS_CEILING = 2823  # lines of the four tools now; the budget is TOOLS_BUDGET
+TOOLS_CEILING = 2802  # lines of the four tools now: a ratchet, lowered as they shrink
 
 
 def python_files() -> list[Path]:
@@ -119,4 +118,4 @@ def test_inspection_tools_within_budget() -> None:
     lines = {
         tool: len((PACKAGE / "tools" / f"{tool}.py").read_text().splitlines()) for tool in TOOLS
     }
-    assert sum(lines.values()) <= max(TOOLS_BUDGET, TOOLS_CEILING), lines
+    assert sum(lines.values()) <= TOOLS_CEILING, lines

@@ -243,44 +243,28 @@ def _job_records(run: Path, stage: str) -> tuple[list[tuple[float, float]], floa
     return jobs, peak, cpu
 
 
-def _pass_counts(run: Path) -> dict[str, tuple[float, float]]:
-    """(records in, records out) per stage of a run, its stats envelopes summed (the merge once
-    per tier, the exports as `export <format>`)."""
+def _pass_counts(run: Path) -> dict[str, tuple[float, float, bool]]:
+    """(records in, records out, stand-in) per stage of a run, its stats envelopes summed (the
+    merge once per tier, the exports as `export <format>`); select and merge inherit the stand-in
+    filter models of the scores they read."""
     stages = [(stage.name, stage) for stage in layout.STAGES]
     stages += [(f"export {fmt}", stage) for fmt, stage in layout.EXPORTS.items()]
+    models = (run / layout.STAND_IN_MODELS).exists()
     counts = {}
     for name, stage in stages:
         totals = stage_totals(run, stage)
         if totals is None:
             continue
         total = totals[0]
-        if name != "merge":
-            counts[name] = (total["records_in"], total["records_out"])
-            continue
-        for tier in TIER_FILES:  # the merge's pass is its tiers'
-            counts[f"merge:{tier}"] = (total["records_in"], total.get("per_tier", {}).get(tier, 0))
+        stand_in = total["stand_in"] or (models and name in ("select", "merge"))
+        counts[name] = (total["records_in"], total["records_out"], stand_in)
+        for tier in TIER_FILES if name == "merge" else ():  # the merge's pass is its tiers'
+            counts[f"merge:{tier}"] = (
+                total["records_in"],
+                total["per_tier"].get(tier, 0),
+                stand_in,
+            )
     return counts
-
-
-def _stand_ins(run: Path) -> dict[str, bool]:
-    """Per stage, whether the run's figures come from stand-ins (random or placeholder models)."""
-
-    def flag(path: str, key: str) -> bool:
-        """Whether the stats file `path` of the run sets `key`."""
-        stats = run / path
-        return stats.exists() and bool(read_json(stats).get(key))
-
-    models = (run / layout.STAND_IN_MODELS).exists()
-    captions = flag(layout.CAPTION.stats, "stand_in")
-    return {
-        "score": models,
-        "select": models,
-        "merge": models,
-        **{f"merge:{name}": models for name in TIER_FILES},
-        "caption": captions,
-        "mask": flag(layout.MASK.stats, "random_weights"),
-        "export emu3": flag(layout.EMU3.stats, "stand_in_tokenizer"),
-    }
 
 
 def measure_run(run: str | os.PathLike) -> dict[str, dict]:
@@ -289,12 +273,12 @@ def measure_run(run: str | os.PathLike) -> dict[str, dict]:
     stats files), and whether stand-ins made them."""
     run = Path(run)
     counts = _pass_counts(run)
-    stand_ins = _stand_ins(run)
     caption_stats = run / layout.CAPTION.stats
     served = caption_stats.exists() and read_json(caption_stats).get("rate_per_second", 0) is None
     found: dict[str, dict] = {}
     for stage in dict.fromkeys([*JOB_RECORDS, *counts]):
-        entry: dict = {"stand_in": stand_ins.get(stage, False)}
+        records_in, records_out, stand_in = counts.get(stage, (0, 0, False))
+        entry: dict = {"stand_in": stand_in}
         if stage in JOB_RECORDS:
             jobs, peak, cpu = _job_records(run, stage)
             fit = _fit(jobs)
@@ -305,7 +289,6 @@ def measure_run(run: str | os.PathLike) -> dict[str, dict]:
                 entry.update(
                     mean_s=seconds / len(jobs), mean_records=sum(n for n, _ in jobs) / len(jobs)
                 )
-        records_in, records_out = counts.get(stage, (0, 0))
         if records_in > 0:
             entry["pass"] = records_out / records_in
         if stage == "caption":

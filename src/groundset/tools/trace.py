@@ -468,29 +468,32 @@ class _Tracer:
         pattern = re.compile(rf"shard_\d+{suffix}\.jsonl")
         return sorted(p for p in folder.glob("shard_*.jsonl") if pattern.fullmatch(p.name))
 
-    def probe(self) -> None:
-        """Whether the probe could decode the image (its drop file names why not)."""
-        dropped, kept = self.shard_files("probed", "_dropped"), self.shard_files("probed")
+    def kept_or_dropped(self, stage: str, dropped: list[Path], kept: list[Path],
+                        missing: str | None = None, count_lines: bool = False
+                        ) -> tuple[Path, dict] | None:  # fmt: skip
+        """The record in a stage's kept files; else None, its verdict recorded: not run (no file
+        yet), dropped (its drop line's reason) or not found (`missing` says why)."""
         if not any(p.exists() for p in dropped + kept):
-            return self.add("probe", NOT_RUN)
+            return self.add(stage, NOT_RUN)
         hit = self.lookup(dropped)
         if hit is not None:
-            return self.add("probe", DROPPED, reason=drop_text(hit[1]), file=self.rel(hit[0]))
-        hit = self.lookup(kept)
-        if hit is None:
-            return self.add("probe", NOT_FOUND)
-        self.add("probe", KEPT, file=self.rel(hit[0]))
+            return self.add(stage, DROPPED, reason=drop_text(hit[1]), file=self.rel(hit[0]))
+        hit = self.lookup(kept, count_lines=count_lines)
+        return hit if hit is not None else self.add(stage, NOT_FOUND, reason=missing)
+
+    def probe(self) -> None:
+        """Whether the probe could decode the image (its drop file names why not)."""
+        hit = self.kept_or_dropped("probe", self.shard_files("probed", "_dropped"),
+                                   self.shard_files("probed"))  # fmt: skip
+        if hit is not None:
+            self.add("probe", KEPT, file=self.rel(hit[0]))
 
     def score(self) -> None:
         """The five filters' scores data-juicer computed for the image."""
-        files = self.shard_files("scored")
-        if not any(p.exists() for p in files):
-            return self.add("score", NOT_RUN)
-        hit = self.lookup(files)
-        if hit is None:
-            return self.add("score", NOT_FOUND)
-        self.stats = hit[1].get(STATS) or {}
-        self.add("score", KEPT, file=self.rel(hit[0]), **_scores(self.stats))
+        hit = self.kept_or_dropped("score", [], self.shard_files("scored"))
+        if hit is not None:
+            self.stats = hit[1].get(STATS) or {}
+            self.add("score", KEPT, file=self.rel(hit[0]), **_scores(self.stats))
 
     def select(self) -> None:
         """The thresholds' verdict: kept in filtered/, or the filter that dropped it and why."""
@@ -646,14 +649,10 @@ class _Tracer:
         dropped = self.side_files(folder, Path(layout.MASK.dropped).name, CHUNK_SIDE, "dropped")
         chunks = self.chunk_files(folder, CHUNK) if gathered else []
         kept = [masked] if gathered else self.chunk_files(folder, CHUNK)
-        if not kept and not dropped:
-            return self.add("mask", NOT_RUN)
-        hit = self.lookup(dropped)
-        if hit is not None:
-            return self.add("mask", DROPPED, reason=drop_text(hit[1]), file=self.rel(hit[0]))
-        hit = self.lookup(kept, count_lines=True)
+        missing = "not masked yet (its chunk has not run)"
+        hit = self.kept_or_dropped("mask", dropped, kept, missing, count_lines=True)
         if hit is None:
-            return self.add("mask", NOT_FOUND, reason="not masked yet (its chunk has not run)")
+            return
         record = hit[1]
         self.masked_line = record.get("_line")
         if not self.image and isinstance(record.get("image"), str):
@@ -716,12 +715,9 @@ class _Tracer:
         train = self.at(layout.EMU3_TRAIN)
         if not datalist.exists():
             return self.add("export emu3", NOT_RUN)
-        hit = self.lookup([errors])
-        if hit is not None:
-            return self.add("export emu3", DROPPED, reason=drop_text(hit[1]))
-        hit = self.lookup([datalist])
+        hit = self.kept_or_dropped("export emu3", [errors], [datalist])
         if hit is None:
-            return self.add("export emu3", NOT_FOUND)
+            return
         line = hit[1]
         listed = train.exists() and _contains(train, json.dumps(line.get("path")).encode())
         if listed:
