@@ -10,6 +10,7 @@ from groundset.core.config import ConfigError, fill_section, load_schema
 from groundset.core.io import iter_jsonl
 from groundset.stages.download import (
     FINGERPRINT_FILE,
+    NOT_IMG2DATASET,
     collect_stats,
     download_source,
     img2dataset_command,
@@ -232,7 +233,9 @@ def test_options_left_out_are_the_schemas_never_img2datasets(tmp_path, monkeypat
         download_source(src.parent, tmp_path / "dl", tmp_path / "s.json", {"thread_count": 3}, [])
     (kwargs,) = ran
     schema = load_schema("config")["properties"]["download"]["properties"]
-    defaults = {k: v["default"] for k, v in schema.items() if k not in ("prefilter", "extra_args")}
+    ours = NOT_IMG2DATASET  # groundset's own keys: never img2dataset arguments
+    defaults = {k: v["default"] for k, v in schema.items() if k not in ours}
+    assert not ours & set(kwargs)
     assert {k: kwargs[k] for k in defaults} == {**defaults, "thread_count": 3}
     assert (kwargs["url_col"], kwargs["image_size"], kwargs["resize_mode"]) == ("URL", 1024, "no")
     with pytest.raises(ConfigError, match=r"(?m)^download\.resize_mode: 'sideways' is not one of"):

@@ -1,3 +1,4 @@
+import functools
 import os
 import re
 
@@ -8,6 +9,7 @@ from groundset.checks import workflow_config
 from groundset.core.config import ConfigError, download_options, find_source
 from groundset.stages.prefilter import PROVENANCE, PrefilterRules
 from groundset.stages.split import read_index
+from groundset.stages.parts import find_part, plan_parts, url_list_root
 from groundset.core import layout
 import groundset.stages.caption
 import groundset.stages.download
@@ -46,6 +48,7 @@ if not SERVING and not uses_stand_in(Settings.from_config(config["caption"])):
 # Small bookkeeping rules run inside the snakemake process, not as cluster jobs.
 localrules:
     all,
+    plan_parts,
     index_chunks,
     select_shard,
     gather_captions,
@@ -54,8 +57,15 @@ localrules:
     stage_counts,
 
 
+# At most download.max_parallel download parts at once (from --resources, else the config;
+# none: no limit).
+if config["download"]["max_parallel"] is not None:
+    workflow.global_resources.setdefault("download_parts", config["download"]["max_parallel"])
+
+
 wildcard_constraints:
     source="|".join(re.escape(name) for name in SOURCES),
+    download_part=r"[0-9a-f]{8}",
     shard=r"\d+",
     chunk=r"\d+",
     part=r"\d+",
@@ -82,9 +92,30 @@ def prefilter_rules(wildcards):
     return vars(PrefilterRules.from_config(config, source_download(wildcards)))
 
 
-def url_list(wildcards):
-    """The URL list (parquet file or folder) of a source."""
-    return source_config(wildcards)["url_list"]
+@functools.cache
+def source_parts(source):
+    """The download parts of a source (groundset.stages.parts), from its URL list's footers."""
+    opts = download_options(config, find_source(config, source))
+    return plan_parts(find_source(config, source)["url_list"], opts["part_rows"])
+
+
+def download_part(wildcards):
+    """The download part named by the wildcards."""
+    return find_part(source_parts(wildcards.source), wildcards.download_part)
+
+
+def part_file(wildcards):
+    """The URL-list file of the part named by the wildcards."""
+    root = url_list_root(source_config(wildcards)["url_list"])
+    return str(root / download_part(wildcards).file)
+
+
+def source_downloads(wildcards):
+    """Input function of the manifest: the plan and every download part's stats of a source."""
+    parts = source_parts(wildcards.source)
+    names = [part.name for part in parts]
+    stats = expand(layout.DOWNLOAD.stats, source=wildcards.source, download_part=names)
+    return {"plan": layout.PARTS.format(source=wildcards.source), "stats": stats}
 
 
 def download_threads(wildcards):

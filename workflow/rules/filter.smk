@@ -1,6 +1,6 @@
 rule build_manifest:
     input:
-        layout.DOWNLOAD.stats,
+        unpack(source_downloads),
     output:
         manifest=layout.MANIFEST.records,
         stats=layout.MANIFEST.stats,
@@ -15,7 +15,7 @@ rule build_manifest:
     resources:
         mem_mb=1000,
     params:
-        folder=lambda wildcards, input: input[0].removesuffix("_stats.json"),
+        folders=lambda wildcards, input: [p.removesuffix("_stats.json") for p in input.stats],
         columns=lambda wildcards: source_config(wildcards)["save_additional_columns"],
     script:
         "../scripts/build_manifest.py"

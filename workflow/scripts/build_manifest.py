@@ -5,10 +5,11 @@ from groundset.stages.manifest import build_manifest
 
 with log_to(snakemake.log[0]):
     build_manifest(
-        snakemake.params.folder,
+        snakemake.params.folders,
         snakemake.output.manifest,
         snakemake.wildcards.source,
         snakemake.params.columns,
         snakemake.output.stats,
         snakemake.output.dropped,
+        parts=True,
     )

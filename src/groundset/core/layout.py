@@ -1,5 +1,5 @@
 """Every file of a run, named once, relative to the workdir: the rules, the CLI and the tools read
-these patterns (Snakemake wildcards `{source}`, `{shard}`, `{chunk}`, `{part}`) and nothing else.
+these patterns (Snakemake wildcards `{source}`, `{download_part}`, `{shard}`, `{chunk}`, `{part}`) and nothing else.
 
 `STAGES` is the table the inspection tools loop over: for each stage, the rule whose jobs write
 it, what it passes on, its side file of drops (one drop line each, `groundset.core.stats`) and
@@ -39,24 +39,25 @@ def benchmark(rule: str, pattern: str = "") -> str:
     return f"benchmarks/{rule}/{pattern}.tsv" if pattern else f"benchmarks/{rule}.tsv"
 
 
-# download
+# download: per download part (groundset.stages.parts), a source's URL list cut by rows
+PARTS = "url_lists/{source}_parts.json"  # the source's plan of parts (which are current)
 URL_LISTS = "url_lists/{source}"
 PREFILTER = Stage(
     "prefilter",
     "prefilter_urls",
-    URL_LISTS,
-    "url_lists/{source}_dropped.parquet",  # drop lines as parquet: URL lists are big
-    "url_lists/{source}_stats.json",
-    "source",
+    "url_lists/{source}/{download_part}.parquet",
+    "url_lists/{source}/{download_part}_dropped.parquet",  # drop lines as parquet: lists are big
+    "url_lists/{source}/{download_part}_stats.json",
+    "download_part",
 )
 DOWNLOADS = "downloads/{source}"
 DOWNLOAD = Stage(
     "download",
-    "download_images",
-    DOWNLOADS,
-    "downloads/{source}_dropped.jsonl",  # the rows img2dataset gave no image
-    "downloads/{source}_stats.json",
-    "source",
+    "download_part",
+    "downloads/{source}/{download_part}",  # img2dataset's output folder of the part
+    "downloads/{source}/{download_part}_dropped.jsonl",  # the rows img2dataset gave no image
+    "downloads/{source}/{download_part}_stats.json",
+    "download_part",
 )
 
 # filter

@@ -27,9 +27,9 @@ FAILURES = ("failed_to_download", "failed_to_resize")
 
 FINGERPRINT_FILE = "groundset_url_list.sha256"
 # Keys of the `download` config that are groundset's own, not img2dataset arguments.
-NOT_IMG2DATASET = {"prefilter", "extra_args"}
+NOT_IMG2DATASET = {"prefilter", "extra_args", "part_rows", "max_parallel"}
 # `download:` keys that change what img2dataset writes (which URLs succeed, the bytes, the
-# layout and ids): the params of download_images.
+# layout and ids): the params of download_part.
 OUTPUT_KEYS = keys_for("download", "download")
 # Tuning knobs: how fast img2dataset downloads (and where it reports), never what: the job
 # reads them from the config at run time, so changing one marks nothing stale.
@@ -172,12 +172,21 @@ def provenance_columns(files: list[Path], save_columns: list[str]) -> list[str]:
     return [*save_columns, *(c for c in PROVENANCE if c in present and c not in save_columns)]
 
 
-def write_drop_lines(output_folder: str | os.PathLike, dropped: str | os.PathLike) -> int:
+def write_drop_lines(
+    output_folder: str | os.PathLike,
+    dropped: str | os.PathLike,
+    source: str | None = None,
+    part: str | None = None,
+) -> int:
     """The drop lines of the rows img2dataset gave no image (its shard tables' rows whose status
-    is not success: drop_reason the status, detail its error); return how many."""
+    is not success: drop_reason the status, detail its error); return how many. `source`
+    (default: the folder's name) and `part` (a download part: image ids `<part>_<key>`)."""
     import pyarrow.parquet as pq  # lazily: the manifest imports this module
 
+    from groundset.stages.parts import image_id  # lazily, as above
+
     folder = Path(output_folder)
+    source = source or folder.name
     count = 0
     with atomic_write(dropped) as out:
         for table in sorted(folder.glob("*.parquet")):
@@ -189,9 +198,10 @@ def write_drop_lines(output_folder: str | os.PathLike, dropped: str | os.PathLik
                     "_stats.json, then rerun: img2dataset downloads that shard again"
                 ) from err
             for row in rows:
+                key = row.get("key")
                 record = {
-                    "image_id": row.get("key"),
-                    "source": folder.name,
+                    "image_id": image_id(part, key) if part and key is not None else key,
+                    "source": source,
                     **clean_json_value(row),
                 }
                 line = drop_line(record, STAGE, str(row.get("status")), row.get("error_message"))
@@ -218,11 +228,13 @@ def download_source(
     serve_dir: str | os.PathLike | None = None,
     stdout: IO | None = None,
     dropped: str | os.PathLike | None = None,
+    part: dict | None = None,
+    source: str | None = None,
 ) -> dict:
     """Download every row of `url_list` into `output_folder` (img2dataset `files`), write the
     rows that gave no image as drop lines (`dropped`, default `<output_folder>_dropped.jsonl`)
     and the stats; `opts`: the source's `download` options (what they leave out, the schema
-    fills)."""
+    fills); `part`: the download part it is (its name prefixes the drop lines' image ids)."""
     from groundset.core.config import (
         fill_section,  # lazily, as below: the manifest imports this module
     )
@@ -249,13 +261,15 @@ def download_source(
             run_img2dataset(kwargs, env, stdout)
     stats = collect_stats(output_folder)
     stats["stand_in"] = bool(serve_dir)  # the sample's loopback server, not the internet
+    if part is not None:
+        stats["part"] = part
     if stats["records_in"] != expected:
         raise RuntimeError(
             f"img2dataset processed {stats['records_in']} of {expected} rows of {url_list}; "
             "rerun to resume the missing shards"
         )
     dropped = dropped or beside(output_folder, "_dropped.jsonl", folder=True)
-    lines = write_drop_lines(output_folder, dropped)
+    lines = write_drop_lines(output_folder, dropped, source, part and part["name"])
     if lines != sum(stats["dropped"].values()):
         log.warning("%s: img2dataset's tables name %d failed rows, its stats %s", output_folder,
                     lines, stats["dropped"])  # fmt: skip

@@ -16,6 +16,7 @@ from groundset.core.layout import beside
 from groundset.core.records import PROVENANCE
 from groundset.core.stats import drop_line, envelope, write_stats
 from groundset.stages.download import collect_stats
+from groundset.stages.parts import image_id
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +60,19 @@ def scan_shard(shard: Path) -> tuple[list[str], dict[str, str]]:
     return sidecars, images
 
 
-def make_record(image_path: Path, meta: dict, source: str, columns: list[str] | None) -> dict:
+def make_record(
+    image_path: Path, meta: dict, source: str, columns: list[str] | None, part: str | None = None
+) -> dict:
     """One manifest record from an image path and its img2dataset sidecar (the prefilter's
-    provenance, where the sidecar has it, as top-level fields)."""
+    provenance, where the sidecar has it, as top-level fields; `part`: the download part, whose
+    name prefixes the image id)."""
     if columns is None:
         columns = sorted(k for k in meta if k not in IMG2DATASET_KEYS)
     caption = meta.get("caption")
     record = {
         "image": [str(image_path)],
         "text": "" if caption is None else str(caption),
-        "image_id": image_path.stem,
+        "image_id": image_id(part, image_path.stem) if part else image_path.stem,
         "source": source,
         "url": meta.get("url"),
         "meta": {c: clean_json_value(meta.get(c)) for c in columns if c not in PROVENANCE},
@@ -79,86 +83,103 @@ def make_record(image_path: Path, meta: dict, source: str, columns: list[str] | 
     return record
 
 
-def sidecar_drop(shard: Path, stem: str, source: str, meta: dict | None, reason: str, detail: str):
+def sidecar_drop(sidecar: Path, ident: str, source: str, meta: dict | None, reason: str,
+                 detail: str) -> dict:  # fmt: skip
     """The drop line of a sidecar the manifest does not pass on (its fields as far as read)."""
-    fields = {"image_id": stem, "source": source, "sidecar": str(shard / f"{stem}.json")}
+    fields = {"image_id": ident, "source": source, "sidecar": str(sidecar)}
     if meta:
         fields.update(url=meta.get("url"), **{c: meta[c] for c in PROVENANCE if c in meta})
     return drop_line(fields, STAGE, reason, detail)
 
 
-def read_sidecar(shard: Path, stem: str, images: dict[str, str], source: str) -> dict:
-    """One sidecar as a record, or as a drop line (`drop_stage` set) saying why not."""
+def read_sidecar(shard: Path, stem: str, images: dict[str, str], source: str, ident: str) -> dict:
+    """One sidecar as a record, or as a drop line (`drop_stage` set) saying why not (`ident`:
+    the image id it has)."""
+    sidecar = shard / f"{stem}.json"
     try:
-        with open(shard / f"{stem}.json", encoding="utf-8") as handle:
+        with open(sidecar, encoding="utf-8") as handle:
             meta = json.load(handle)
     except (OSError, ValueError) as err:
-        log.warning("%s/%s.json: unreadable sidecar (%s)", shard, stem, err)
-        return sidecar_drop(shard, stem, source, None, "bad_sidecar", str(err))
+        log.warning("%s: unreadable sidecar (%s)", sidecar, err)
+        return sidecar_drop(sidecar, ident, source, None, "bad_sidecar", str(err))
     if not isinstance(meta, dict):
-        return sidecar_drop(shard, stem, source, None, "bad_sidecar", "not a JSON object")
+        return sidecar_drop(sidecar, ident, source, None, "bad_sidecar", "not a JSON object")
     status = meta.get("status", "success")
     if status != "success":
         detail = f"{status}: {meta.get('error_message')}"
-        return sidecar_drop(shard, stem, source, meta, "not_success", detail)
+        return sidecar_drop(sidecar, ident, source, meta, "not_success", detail)
     name = images.get(stem)
     if name is None:
         log.warning("%s/%s: sidecar without an image file", shard, stem)
-        return sidecar_drop(shard, stem, source, meta, "image_missing", "no image file")
+        return sidecar_drop(sidecar, ident, source, meta, "image_missing", "no image file")
     return {"meta": meta, "name": name}
 
 
+def download_folders(download_dir: str | os.PathLike | list, parts: bool) -> list[tuple]:
+    """(part or None, folder) of each img2dataset output folder, in image id order: one folder,
+    or with `parts` the folders of download parts (each named by its part)."""
+    folders = download_dir if isinstance(download_dir, list) else [download_dir]
+    folders = sorted(Path(folder).resolve() for folder in folders)
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"download folder {folder} does not exist")
+    return [(folder.name if parts else None, folder) for folder in folders]
+
+
 def iter_records(
-    download_dir: str | os.PathLike, source: str, columns: list[str] | None, counts: Counter
+    download_dir: str | os.PathLike | list,
+    source: str,
+    columns: list[str] | None,
+    counts: Counter,
+    parts: bool = False,
 ) -> Iterator[dict]:
     """Stream records of every sidecar: a manifest record, or a drop line (`drop_stage` set)
     for one not passed on; `counts` gets sidecars and drops by reason."""
-    root = Path(download_dir).resolve()
     bar = tqdm(unit="img", desc=f"manifest {source}", mininterval=5)
-    for shard in shard_dirs(root):
-        sidecars, images = scan_shard(shard)
-        for stem in sidecars:
-            counts["sidecars"] += 1
-            read = read_sidecar(shard, stem, images, source)
-            if "drop_stage" in read:
-                counts[read["drop_reason"]] += 1
-                yield read
-                continue
-            bar.update()
-            yield make_record(shard / read["name"], read["meta"], source, columns)
+    for part, root in download_folders(download_dir, parts):
+        for shard in shard_dirs(root):
+            sidecars, images = scan_shard(shard)
+            for stem in sidecars:
+                counts["sidecars"] += 1
+                ident = image_id(part, stem) if part else stem
+                read = read_sidecar(shard, stem, images, source, ident)
+                if "drop_stage" in read:
+                    counts[read["drop_reason"]] += 1
+                    yield read
+                    continue
+                bar.update()
+                yield make_record(shard / read["name"], read["meta"], source, columns, part)
     bar.close()
 
 
 def build_manifest(
-    download_dir: str | os.PathLike,
+    download_dir: str | os.PathLike | list,
     output: str | os.PathLike,
     source: str,
     columns: list[str] | None = None,
     stats_path: str | os.PathLike | None = None,
     dropped: str | os.PathLike | None = None,
+    parts: bool = False,
 ) -> dict:
     """Write the manifest JSONL of one source and its drop lines (`dropped`, default
-    `<stem>_dropped.jsonl`) atomically; return (and optionally write) the stats envelope."""
-    download_dir = Path(download_dir)
-    if not download_dir.is_dir():
-        raise FileNotFoundError(f"download folder {download_dir} does not exist")
+    `<stem>_dropped.jsonl`) atomically; return (and optionally write) the stats envelope.
+
+    `download_dir`: img2dataset's output folder, or with `parts` a list of the folders of a
+    source's download parts (each named by its part: image ids `<part>_<key>`)."""
+    folders = download_folders(download_dir, parts)
     counts: Counter = Counter()
     with (
         atomic_write(output) as handle,
         atomic_write(dropped or beside(output, "_dropped.jsonl")) as drops,
     ):
-        for record in iter_records(download_dir, source, columns, counts):
+        for record in iter_records(download_dir, source, columns, counts, parts):
             (drops if "drop_stage" in record else handle).write(dumps_record(record) + "\n")
-    downloads = collect_stats(download_dir)
+    failed = sum(sum(collect_stats(folder)["dropped"].values()) for _, folder in folders)
     reasons = {reason: counts[reason] for reason in REASONS}
     kept = counts["sidecars"] - sum(reasons.values())
+    extras = {"parts": [part for part, _ in folders]} if parts else {}
     stats = envelope(
-        STAGE,
-        counts["sidecars"],
-        kept,
-        reasons,
-        source=source,
-        failed_downloads=sum(downloads["dropped"].values()),
+        STAGE, counts["sidecars"], kept, reasons, source=source, failed_downloads=failed, **extras
     )
     if stats_path:
         write_stats(stats_path, stats)

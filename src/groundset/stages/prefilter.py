@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,6 +254,23 @@ def check_columns(
         )
 
 
+def row_batches(parquet: pq.ParquetFile, start: int, stop: int, batch_rows: int
+                ) -> Iterator[tuple[int, pa.Table]]:  # fmt: skip
+    """Batches of the rows [start, stop) of an open parquet file, each with its first row's
+    number (only the row groups that hold them are read)."""
+    offset = 0
+    for group in range(parquet.num_row_groups):
+        count = parquet.metadata.row_group(group).num_rows
+        if offset < stop and offset + count > start:
+            row = offset
+            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group]):
+                low, high = max(start - row, 0), min(stop - row, batch.num_rows)
+                if low < high:
+                    yield row + low, pa.Table.from_batches([batch]).slice(low, high - low)
+                row += batch.num_rows
+        offset += count
+
+
 def prefilter_file(
     path: Path,
     name: str,
@@ -260,17 +278,20 @@ def prefilter_file(
     drops: pq.ParquetWriter,
     rules: PrefilterRules,
     batch_rows: int,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[int, int, Counter]:
-    """Stream one parquet file into `out` with provenance, its failing rows into `drops`; return
-    its rows in, rows kept and drop counts (the source: the name of `out`'s folder)."""
+    """Stream one parquet file (its `rows` [start, stop); None: all) into `out` with provenance,
+    its failing rows into `drops`; return its rows in, rows kept and drop counts (the source:
+    the name of `out`'s folder)."""
     source = out.parent.name
     counts: Counter = Counter()
     rows_in = rows_out = 0
     with open_parquet(path) as parquet, atomic_write(out, "wb") as handle:
         schema = with_provenance(parquet.schema_arrow.empty_table(), name, 0).schema
         writer = pq.ParquetWriter(handle, schema)
-        for batch in parquet.iter_batches(batch_size=batch_rows):
-            table = with_provenance(pa.Table.from_batches([batch]), name, rows_in)
+        start, stop = rows or (0, parquet.metadata.num_rows)
+        for first, batch in row_batches(parquet, start, stop, batch_rows):
+            table = with_provenance(batch, name, first)
             kept, dropped, reasons = filter_table(table, rules)
             rows_in += table.num_rows
             rows_out += kept.num_rows
@@ -281,6 +302,46 @@ def prefilter_file(
                 drops.write_table(drop_lines(dropped, rules, source))
         writer.close()
     return rows_in, rows_out, counts
+
+
+def check_file(path: Path, rules: PrefilterRules, required_columns: list[str]) -> None:
+    """Raise a clear error if a URL-list file lacks a column img2dataset reads or already has
+    a provenance column."""
+    with open_parquet(path) as parquet:
+        names = parquet.schema_arrow.names
+    check_columns(path, names, rules.url_col, rules.caption_col, required_columns)
+    check_no_provenance(path, names)
+
+
+def prefilter_part(
+    path: str | os.PathLike,
+    part: dict,
+    out: str | os.PathLike,
+    stats_path: str | os.PathLike,
+    dropped: str | os.PathLike,
+    rules: PrefilterRules,
+    required_columns: list[str] | None = None,
+    batch_rows: int | None = None,
+) -> dict:
+    """Prefilter one download part (`part`: name, file, start, stop; `path`: its URL-list
+    file) into the parquet file `out` with provenance, its drop lines into `dropped`; write and
+    return the stats envelope."""
+    path = Path(path)
+    check_file(path, rules, required_columns or [])
+    if batch_rows is None:
+        batch_rows = section_defaults("download.prefilter")["batch_rows"]
+    with atomic_write(dropped, "wb") as handle:
+        drops = pq.ParquetWriter(handle, DROP_SCHEMA)
+        rows_in, rows_out, counts = prefilter_file(
+            path, part["file"], Path(out), drops, rules, batch_rows, (part["start"], part["stop"])
+        )
+        drops.close()
+    reasons = {reason: counts.get(reason, 0) for reason in REASONS}
+    stats = envelope(STAGE, rows_in, rows_out, reasons, rules=rules.__dict__, part=part)
+    write_stats(stats_path, stats)
+    log.info("%s rows %d-%d: %d kept, dropped %s", path, part["start"], part["stop"], rows_out,
+             dict(counts))  # fmt: skip
+    return stats
 
 
 def prefilter_url_list(
@@ -304,10 +365,7 @@ def prefilter_url_list(
     files = list_parquet_files(url_list)
     root = Path(url_list) if Path(url_list).is_dir() else Path(url_list).parent
     for path in files:  # every file's columns first: a bad file fails before any is written
-        with open_parquet(path) as parquet:
-            names = parquet.schema_arrow.names
-        check_columns(path, names, rules.url_col, rules.caption_col, required_columns or [])
-        check_no_provenance(path, names)
+        check_file(path, rules, required_columns or [])
     totals: Counter = Counter()
     rows = [0, 0]
     per_file = {}

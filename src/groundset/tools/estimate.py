@@ -33,6 +33,7 @@ from groundset.core.config import download_options, section_defaults, validate_c
 from groundset.core.io import read_json
 from groundset.core.stats import read_stats
 from groundset.stages.merge import TIER_FILES
+from groundset.stages.parts import plan_parts
 from groundset.stages.prefilter import (
     PrefilterRules,
     filter_table,
@@ -154,11 +155,15 @@ def url_lists(config: dict, budget: int = SAMPLE_ROWS) -> list[dict]:
             "pass": 1.0,
             "dropped": {},
             "processes": opts["processes_count"],
+            "parts": [],
         }
         try:
             files = list_parquet_files(source["url_list"])
             rules = PrefilterRules.from_config(config, opts)
             entry.update(files=len(files), **prefilter_pass(files, rules, budget))
+            entry["parts"] = [
+                part.rows for part in plan_parts(source["url_list"], opts["part_rows"])
+            ]
         except (OSError, ValueError) as error:
             entry["error"] = str(error)
         entry["to_download"] = round(max(0, entry["rows"] - entry["null_urls"]) * entry["pass"])
@@ -232,7 +237,7 @@ def _job_records(run: Path, stage: str) -> tuple[list[tuple[float, float]], floa
     jobs, peak, cpu = [], 0.0, 0.0
     for path in paths:
         timing = read_benchmark(path)
-        names = dict.fromkeys(("shard", "chunk", "part"), path.stem)  # the job's wildcards
+        names = dict.fromkeys(("shard", "chunk", "part", "download_part"), path.stem)  # wildcards
         stats_path = run / kind.path("stats", **names, source=path.stem if kind.per == "source"
                                      else path.parent.name)  # fmt: skip
         records = read_stats(stats_path).get(key, 0) if stats_path.exists() else 0
@@ -387,8 +392,8 @@ PROFILE_MEM_MB = {"score_shard": 32000, "mask_chunk": 32000, "emu3_part": 32000}
 # but the rules without inputs last (Snakemake prefers jobs with bigger inputs).
 AFTER: dict[str, tuple[tuple[str, int], ...]] = {
     "prefilter_urls": (),
-    "download_images": (("prefilter_urls", 1),),
-    "build_manifest": (("download_images", 1),),
+    "download_part": (("prefilter_urls", 2),),
+    "build_manifest": (("download_part", 1),),
     "index_shards": (("build_manifest", 1),),
     "score_shard": (("index_shards", 1), ("build_stand_in_models", 0)),
     "select_shard": (("score_shard", 2),),
@@ -447,7 +452,8 @@ def rule_needs(config: dict) -> dict[str, tuple[int, dict[str, int]]]:
     filt, caption, mask = config["filter"], config["caption"], config["mask"]
     serve, emu3 = caption["serve"], config["export"]["emu3"]
     needs = {rule: (1, {"mem_mb": mem}) for rule, mem in LIGHT_MEM_MB.items()}
-    needs["download_images"] = (1, {"mem_mb": 8000})  # threads: each source's processes_count
+    # threads: each source's processes_count; download.max_parallel parts at once
+    needs["download_part"] = (1, {"mem_mb": 8000, "download_parts": 1})
     needs["score_shard"] = (filt["np"], {"mem_mb": 16000, "gpu": filt["gpus"]})
     needs["dedup_records"] = ((caption.get("dedup") or {}).get("threads", 1), {"mem_mb": 4000})
     if serve.get("command"):
@@ -856,8 +862,15 @@ def estimate(
     }
 
 
+def _part_keys(sources: list[dict], sizes: dict) -> tuple[list[tuple[int, int]], list[float]]:
+    """(source, part) of every download part with rows, and its size by `sizes[source]`
+    (a function of the part's rows)."""
+    keys = [(i, j) for i, s in enumerate(sources) for j, rows in enumerate(s["parts"]) if rows]
+    return keys, [sizes[i](sources[i]["parts"][j]) for i, j in keys]
+
+
 def _add_prefilter(plan: _Plan, sources: list[dict]) -> None:
-    """The prefilter: the URL lists' own metadata, one job per source."""
+    """The prefilter: the URL lists' own metadata, one job per download part."""
     rows = sum(s["rows"] for s in sources)
     to_download = sum(s["to_download"] for s in sources)
     sampled = sum(s["sampled_rows"] for s in sources)
@@ -869,14 +882,13 @@ def _add_prefilter(plan: _Plan, sources: list[dict]) -> None:
     timing = plan.timing(
         "prefilter", ASSUMED["prefilter_rows_per_s"]["value"], None, "prefilter_rows_per_s"
     )
-    listed = [i for i, s in enumerate(sources) if s["rows"]]
-    sizes = [sources[i]["rows"] for i in listed]
-    plan.add("prefilter", rows, passed, sizes, timing, "prefilter_urls", [(i,) for i in listed])
+    keys, sizes = _part_keys(sources, {i: int for i in range(len(sources))})
+    plan.add("prefilter", rows, passed, sizes, timing, "prefilter_urls", keys)
 
 
 def _add_download(plan: _Plan, sources: list[dict]) -> tuple[int, list[int]]:
-    """The download (one img2dataset job per source, processes_count processes each) and the
-    manifest (one job per source); the records listed and each source's share of them."""
+    """The download (one img2dataset job per download part, processes_count processes each)
+    and the manifest (one job per source); the records listed and each source's share."""
     to_download = sum(s["to_download"] for s in sources)
     success = plan.figure("download", "download_success")
     per_process = ASSUMED["download_rows_per_s_per_process"]["value"]
@@ -885,14 +897,20 @@ def _add_download(plan: _Plan, sources: list[dict]) -> tuple[int, list[int]]:
                     "download_rows_per_s_per_process", threads=s["processes"])
         for s in sources
     ]  # fmt: skip
-    listed = [i for i, s in enumerate(sources) if s["to_download"]]
-    seconds = [timings[i]["start_s"] + sources[i]["to_download"] * timings[i]["per_record_s"]
-               for i in listed]  # fmt: skip
+
+    def seconds_of(i: int):
+        """Seconds of a part of source i, from its rows (the source's prefilter pass)."""
+        share = sources[i]["to_download"] / sources[i]["rows"] if sources[i]["rows"] else 0.0
+        return lambda rows: timings[i]["start_s"] + rows * share * timings[i]["per_record_s"]
+
+    keys, seconds = _part_keys(sources, {i: seconds_of(i) for i in range(len(sources))})
     row = plan.add("download", to_download, success, [], timings[0] if timings else {},
-                   "download_images", [(i,) for i in listed], seconds,
-                   [sources[i]["processes"] for i in listed])  # fmt: skip
+                   "download_part", keys, seconds,
+                   [sources[i]["processes"] for i, _ in keys])  # fmt: skip
     row["notes"] += [
-        f"{s['name']}: {s['to_download']:,} rows, {s['processes']} processes" for s in sources
+        f"{s['name']}: {s['to_download']:,} rows in {len(s['parts'])} part(s), "
+        f"{s['processes']} processes each"
+        for s in sources
     ]
     shares = [round(s["to_download"] * success["value"]) for s in sources]
     timing = plan.timing(
@@ -1090,13 +1108,14 @@ def _add_exports(plan: _Plan, export: dict, masked: int) -> None:
 def global_resources(
     config: dict, gpus: int | None, resources: dict[str, int | None] | None
 ) -> dict[str, int | None]:
-    """The global resources of a local run: the local profile's, vlm_api and vlm_server as
-    common.smk sets them from the config, then `resources` and `gpus` (the `gpu` resource)."""
+    """The global resources of a local run: the local profile's, vlm_api, vlm_server and
+    download_parts as common.smk sets them from the config, then `resources` and `gpus`."""
     serve = config["caption"]["serve"]
     limits = {
         **LOCAL_RESOURCES,
         "vlm_api": config["caption"]["api_jobs"],
         "vlm_server": serve["instances"],
+        "download_parts": config["download"]["max_parallel"],
         **(resources or {}),
     }
     if gpus is not None:

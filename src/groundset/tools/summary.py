@@ -12,6 +12,7 @@ from groundset.core import layout
 from groundset.core.io import atomic_write, read_json, write_json
 from groundset.core.stats import add_counts, read_stats
 from groundset.stages.merge import TIER_FILES
+from groundset.stages.parts import read_plan
 
 # What the summary's banner says where a stage's stats say a stand-in ran (`stand_in`).
 STAND_IN_WARNINGS = (
@@ -60,10 +61,27 @@ def _shard_files(workdir: Path, stage: layout.Stage) -> dict[str, list[Path]]:
     return found
 
 
+def _part_files(workdir: Path, stage: layout.Stage) -> dict[str, list[Path]]:
+    """The stats files of a per-download-part stage by source: those of the parts of the
+    source's current plan (a file removed from a URL list leaves its parts' files behind)."""
+    found: dict[str, list[Path]] = {}
+    plans: dict[str, set[str] | None] = {}
+    for path in sorted(workdir.glob(stage.stats.format(source="*", download_part="*"))):
+        source, part = path.relative_to(workdir).parts[1], path.name.split("_", 1)[0]
+        if source not in plans:
+            plan = workdir / layout.PARTS.format(source=source)
+            plans[source] = {p.name for p in read_plan(plan)} if plan.exists() else None
+        if plans[source] is None or part in plans[source]:
+            found.setdefault(source, []).append(path)
+    return found
+
+
 def stats_files(workdir: Path, stage: layout.Stage) -> dict[str, list[Path]]:
     """A stage's stats files by source ("" for a stage over every source)."""
     if stage.per == "shard":
         return _shard_files(workdir, stage)
+    if stage.per == "download_part":
+        return _part_files(workdir, stage)
     if stage.per == "source":
         paths = sorted(workdir.glob(stage.stats.format(source="*")))
         return {_source_of(path, stage.stats, workdir): [path] for path in paths}

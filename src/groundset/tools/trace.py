@@ -34,6 +34,7 @@ from groundset.core.io import contains_bytes as _contains
 from groundset.core.io import scan_lines as _scan
 from groundset.stages.filter.shard import AESTHETICS_KEY, STATS
 from groundset.stages.merge import TIER_FILES
+from groundset.stages.parts import image_id, part_of
 from groundset.stages.prefilter import PROVENANCE, PrefilterRules, list_parquet_files, open_parquet
 
 KEPT = "kept"
@@ -122,11 +123,6 @@ def _first_row(path: Path, column: str, value: object) -> dict | None:
     return clean_json_value(rows[0]) if rows else None
 
 
-def _parquet_files(folder: Path) -> list[Path]:
-    """The parquet files of a folder, sorted ([] for no folder)."""
-    return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-
-
 def floored_entities(before: dict, after: dict) -> list[str]:
     """The entities of a mask job's record (`before`) the quality floors took out of the
     gathered one (`after`), each with its score and inside fraction."""
@@ -176,6 +172,10 @@ class _Tracer:
     def at(self, pattern: str, **wildcards: object) -> Path:
         """A layout pattern of this source (and `wildcards`) under the workdir."""
         return Path(layout.under(self.work, pattern, source=self.source, **wildcards))
+
+    def parts(self, pattern: str) -> list[Path]:
+        """The files of a per-download-part layout pattern of this source, every part's."""
+        return sorted(self.work.glob(pattern.format(source=self.source, download_part="*")))
 
     def rel(self, path: Path) -> str:
         """`path` relative to the workdir when it is under it."""
@@ -233,8 +233,7 @@ class _Tracer:
 
     def rules(self) -> PrefilterRules | None:
         """The prefilter rules of the run (its stats file), else of the config."""
-        stats = self.at(layout.PREFILTER.stats)
-        if stats.exists():
+        for stats in self.parts(layout.PREFILTER.stats)[:1]:
             saved = read_json(stats).get("rules")
             try:
                 return PrefilterRules(**saved)
@@ -268,19 +267,20 @@ class _Tracer:
         (its provenance); for a URL the prefilter dropped, that drop line."""
         url_col = (self.rules() or PrefilterRules.from_config({})).url_col
         if url is not None:
-            dropped = self.at(layout.PREFILTER.dropped)
-            if dropped.exists() and (line := _first_row(dropped, "url", url)) is not None:
-                self.found(dropped)
-                self.origin = {**line, "dropped": True}
-                return
-            for path in _parquet_files(self.at(layout.URL_LISTS)):
+            for dropped in self.parts(layout.PREFILTER.dropped):
+                if (line := _first_row(dropped, "url", url)) is not None:
+                    self.found(dropped)
+                    self.origin = {**line, "dropped": True}
+                    return
+            for path in self.parts(layout.PREFILTER.records):
                 if (row := _first_row(path, url_col, url)) is not None:
                     self.found(path)
                     self.origin = row
                     break
             self.download_hit = self.table_row("url", url)
             if self.download_hit is not None:
-                self.image_id = str(self.download_hit[1].get("key"))
+                table, row = self.download_hit  # its part: the folder of the table
+                self.image_id = image_id(table.parent.name, str(row.get("key")))
             return
         self.download_hit = self.key_row()
         if self.download_hit is not None:
@@ -291,19 +291,25 @@ class _Tracer:
         names it), else its download drop line, else in any table (a run without drop lines)."""
         manifest = self.at(layout.MANIFEST.records)
         hit = self.bisect(manifest) if manifest.exists() else None
+        key = self.image_id.rsplit("_", 1)[-1]  # img2dataset's, within the part
         if hit is not None:
             image = hit[1].get("image")
             folder = Path(str(image[0] if isinstance(image, list) and image else image)).parent
-            table = self.at(layout.DOWNLOADS) / f"{folder.name}.parquet"
-            if table.exists() and (row := _first_row(table, "key", self.image_id)) is not None:
+            table = folder.parent / f"{folder.name}.parquet"
+            if table.exists() and (row := _first_row(table, "key", key)) is not None:
                 return table, row
-        dropped = self.at(layout.DOWNLOAD.dropped)
-        found = self.lookup([dropped]) if dropped.exists() else None
-        return found or self.table_row("key", self.image_id)
+        part = part_of(self.image_id)
+        dropped = self.at(layout.DOWNLOAD.dropped, download_part=part) if part else None
+        found = self.lookup([dropped]) if dropped and dropped.exists() else None
+        return found or self.table_row("key", key, part)
 
-    def table_row(self, column: str, value: object) -> tuple[Path, dict] | None:
-        """The first img2dataset shard table row of the source whose `column` is `value`."""
-        for table in _parquet_files(self.at(layout.DOWNLOADS)):
+    def table_row(
+        self, column: str, value: object, part: str | None = None
+    ) -> tuple[Path, dict] | None:
+        """The first img2dataset shard table row of the source (of its download `part`: None,
+        any) whose `column` is `value`."""
+        folders = layout.DOWNLOAD.records.format(source=self.source, download_part=part or "*")
+        for table in sorted(self.work.glob(f"{folders}/*.parquet")):
             row = _first_row(table, column, value)
             if row is not None:
                 return table, row
@@ -332,8 +338,12 @@ class _Tracer:
         if original is not None:
             self.found(original, f": row {number}")
             return _read_row(original, number)
-        kept = self.at(layout.URL_LISTS) / Path(str(name)).name
-        return (_first_row(kept, PROVENANCE[1], number) or {}) if kept.exists() else {}
+        for kept in self.parts(layout.PREFILTER.records):
+            rows = pq.read_table(kept, filters=[(PROVENANCE[0], "=", name),
+                                                (PROVENANCE[1], "=", number)]).to_pylist()  # fmt: skip
+            if rows:
+                return clean_json_value(rows[0])
+        return {}
 
     def prefilter(self) -> None:
         """The URL-list row of the image (its provenance) and the prefilter's verdict on it."""
@@ -364,7 +374,7 @@ class _Tracer:
         if not self.at(layout.DOWNLOADS).is_dir():
             return self.add("download", NOT_RUN)
         if self.download_hit is None:
-            done = self.at(layout.DOWNLOAD.stats).exists()
+            done = bool(self.parts(layout.DOWNLOAD.stats))
             what = f"key {self.image_id}" if self.image_id else "row of its URL"
             reason = f"no {what} in the shard tables of downloads/{self.source}"
             return self.add("download", NOT_FOUND if done else NOT_RUN, reason=reason)

@@ -1,4 +1,4 @@
-"""Snakemake script of rule download_images: see groundset.stages.download."""
+"""Snakemake script of rule download_part: see groundset.stages.download."""
 
 from groundset.core.config import download_options, find_source
 from groundset.core.runlog import log_to
@@ -18,4 +18,6 @@ with log_to(snakemake.log[0]) as log:
         serve_dir=snakemake.params.serve_dir,
         stdout=log,
         dropped=snakemake.output.dropped,
+        part=snakemake.params.part,
+        source=snakemake.wildcards.source,
     )
