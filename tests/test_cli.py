@@ -119,12 +119,12 @@ def test_summary_formats_counts_per_stage(tmp_path, capsys):
     from groundset.core.stats import envelope, write_stats
 
     for source, rows in (("s", 5), ("t", 4)):
-        write_stats(
-            tmp_path / "url_lists" / f"{source}_stats.json",
+        write_stats(  # one download part each
+            tmp_path / "url_lists" / source / "0a0b0c0d_stats.json",
             envelope("prefilter", rows, rows - 2, {"too_small": 2, "punsafe": 0}),
         )
         write_stats(
-            tmp_path / "downloads" / f"{source}_stats.json",
+            tmp_path / "downloads" / source / "0a0b0c0d_stats.json",
             envelope("download", rows - 2, rows - 3, {"failed_to_download": 1}),
         )
     write_stats(tmp_path / "manifest" / "s_stats.json", envelope("manifest", 2, 2, {}))
@@ -304,7 +304,9 @@ def test_a_reader_that_stops_early_is_no_error(tmp_path):
     """`groundset summary | head -1`: the pipe closes before the table is written."""
     from groundset.core.stats import envelope, write_stats
 
-    write_stats(tmp_path / "url_lists" / "s_stats.json", envelope("prefilter", 5, 3, {"x": 2}))
+    write_stats(
+        tmp_path / "url_lists" / "s" / "0a0b0c0d_stats.json", envelope("prefilter", 5, 3, {"x": 2})
+    )
     read, write = os.pipe()
     os.close(read)  # the reader is gone before the command writes
     done = subprocess.run(
@@ -322,8 +324,9 @@ def test_trace_says_why_it_found_nothing(tmp_path, capsys):
     empty.mkdir()
     assert main(["trace", "--workdir", str(empty), "s/000001"]) == 1
     assert f"no stage has run in {empty} yet" in capsys.readouterr().err
-    write_stats(tmp_path / "url_lists" / "s_stats.json", envelope("prefilter", 1, 1, {}))
-    (tmp_path / "url_lists" / "s").mkdir()
+    write_stats(
+        tmp_path / "url_lists" / "s" / "0a0b0c0d_stats.json", envelope("prefilter", 1, 1, {})
+    )
     assert main(["trace", "--workdir", str(tmp_path), "nosuch/000001"]) == 1
     err = capsys.readouterr().err  # (the default config's sources, then the workdir's)
     assert "no source named 'nosuch' in this run (sources: " in err and err.endswith(", s)\n")

@@ -168,9 +168,9 @@ def write_bench(path: Path, seconds: float, rss: float = 100.0) -> None:
 def fake_run(work: Path) -> Path:
     """An earlier run's benchmarks and stats files (download 80% success at 10 rows/s, two
     score shards of 100 and 300 records taking 30 and 70 s: 10 s start-up, 0.2 s per record)."""
-    write_bench(work / "benchmarks" / "download_images" / "src.tsv", 100.0, rss=512.0)
+    write_bench(work / "benchmarks" / "download_part" / "src" / "0a0b0c0d.tsv", 100.0, rss=512.0)
     write_stats(
-        work / "downloads" / "src_stats.json",
+        work / "downloads" / "src" / "0a0b0c0d_stats.json",
         envelope("download", 1000, 800, {"failed_to_download": 200}),
     )
     write_stats(work / "manifest" / "src_stats.json", envelope("manifest", 800, 800, {}))
@@ -237,7 +237,7 @@ def captioning_run(tmp_path: Path, **caption: object) -> dict:
     work = tmp_path / "w"
     (work / "benchmarks").mkdir(parents=True)
     for name, stats in (
-        ("downloads/src_stats.json", envelope("download", 10, 10, {})),
+        ("downloads/src/0a0b0c0d_stats.json", envelope("download", 10, 10, {})),
         ("manifest/src_stats.json", envelope("manifest", 10, 10, {})),
         ("dedup/dedup_stats.json", envelope("dedup", 10, 10, {})),
         ("merged/merge_stats.json", merge_stats(10, 10, 10)),

@@ -6,7 +6,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_parquet
 from groundset.stages.manifest import build_manifest
 from groundset.stages.parts import (
     Part,

@@ -230,7 +230,7 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
     assert code == 0, output
     planned = job_counts(output)
     assert planned.get("score_shard") == 1, planned  # only the killed shard
-    assert "download_images" not in planned and "index_shards" not in planned, planned
+    assert "download_part" not in planned and "index_shards" not in planned, planned
     assert killed.exists()
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # no finished shard recomputed
 
@@ -244,8 +244,10 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
         rule = re.match(r"rule_(\w+?)_wildcards|rule_(\w+)$", rule_comment)
         if rule:
             states.setdefault(rule.group(1) or rule.group(2), []).append(state)
-    for rule in ("download_images", "score_shard", "caption_chunk", "mask_chunk", "emu3_part"):
+    for rule in ("download_part", "score_shard", "caption_chunk", "mask_chunk", "emu3_part"):
         assert "COMPLETED" in states.get(rule, []), (rule, accounted)
+    # the sample's URL lists in parts of 10 rows: two download parts per source, each a job
+    assert states["download_part"] == ["COMPLETED"] * 4, states["download_part"]
     assert "FAILED" in states["score_shard"], states["score_shard"]  # the killed one
     assert "stage_counts" not in states  # a local rule: runs in the snakemake process
 

@@ -27,7 +27,8 @@ from groundset.stages.filter.select import SelectFiles, select_shard, selection_
 from groundset.stages.manifest import build_manifest
 from groundset.stages.mask import MaskGatherFiles, MaskSettings, gather_masks
 from groundset.stages.merge import merge_tiers
-from groundset.stages.prefilter import PrefilterRules, run_prefilter
+from groundset.stages.parts import part_name, plan_parts, write_plan
+from groundset.stages.prefilter import PrefilterRules, prefilter_part
 from groundset.stages.split import split_manifest
 from groundset.tools import trace as trace_module
 from groundset.tools.trace import format_trace, parse_key, trace
@@ -47,15 +48,19 @@ ROWS = [
     ("h", 1400, 1400),
 ]
 KEPT_URLS = ["a", "b", "c", "d", "e", "f", "g", "h"]
-IDS = ["000000", "000001", "000002", "000003", "000010", "000011", "000012", "000013"]
-FAILED = "000001"  # 404
-UNREADABLE = "000002"  # the probe drops it
-NSFW = "000003"  # the NSFW filter drops it
-BELOW_TIER = "000010"  # aesthetics 5.5: merged_output only
-DUPLICATE = "000011"  # dedup: a duplicate of 000000
-REFUSED = "000012"  # the VLM refused
-NO_MASK = "000013"  # every entity below the mask floors
-AESTHETICS = {"000000": 7.0, "000003": 6.8, "000010": 5.5, "000011": 6.5, "000012": 6.4}
+# one download part (part_rows null: the whole file); image ids are <part>_<img2dataset key>
+PART = part_name("part-0.parquet", 0, len(ROWS))
+KEYS = ["000000", "000001", "000002", "000003", "000010", "000011", "000012", "000013"]
+IDS = [f"{PART}_{key}" for key in KEYS]
+FIRST = IDS[0]
+FAILED = IDS[1]  # 404
+UNREADABLE = IDS[2]  # the probe drops it
+NSFW = IDS[3]  # the NSFW filter drops it
+BELOW_TIER = IDS[4]  # aesthetics 5.5: merged_output only
+DUPLICATE = IDS[5]  # dedup: a duplicate of FIRST
+REFUSED = IDS[6]  # the VLM refused
+NO_MASK = IDS[7]  # every entity below the mask floors
+AESTHETICS = {FIRST: 7.0, NSFW: 6.8, BELOW_TIER: 5.5, DUPLICATE: 6.5, REFUSED: 6.4}
 
 
 def url(name: str) -> str:
@@ -84,11 +89,12 @@ def write_downloads(folder: Path, work: Path) -> dict[str, Path]:
     for shard in range(2):
         rows = []
         for i in range(4):
-            key = IDS[shard * 4 + i]
+            key = KEYS[shard * 4 + i]  # img2dataset's, within the part
             name = KEPT_URLS[shard * 4 + i]
             status, error = (
-                ("failed_to_download", "HTTP Error 404") if key == FAILED else ("success", None)
-            )
+                ("failed_to_download", "HTTP Error 404") if IDS[shard * 4 + i] == FAILED
+                else ("success", None)
+            )  # fmt: skip
             meta = {
                 "caption": f"alt {name}",
                 "url": url(name),
@@ -109,10 +115,10 @@ def write_downloads(folder: Path, work: Path) -> dict[str, Path]:
                 sub.mkdir(parents=True, exist_ok=True)
                 (sub / f"{key}.jpg").write_bytes(b"\xff\xd8\xff\xd9")
                 (sub / f"{key}.json").write_text(json.dumps(meta))
-                images[key] = (sub / f"{key}.jpg").resolve()
+                images[IDS[shard * 4 + i]] = (sub / f"{key}.jpg").resolve()
         pd.DataFrame(rows).to_parquet(folder / f"{shard:05d}.parquet", index=False)
         write_json(folder / f"{shard:05d}_stats.json", {"count": 4, "successes": 4 - (shard == 0)})
-    write_stats(work / "downloads" / f"{SOURCE}_stats.json",
+    write_stats(work / "downloads" / SOURCE / f"{PART}_stats.json",
                 envelope("download", 8, 7, {"failed_to_download": 1}))  # fmt: skip
     return images
 
@@ -159,15 +165,15 @@ def build_run(root: Path) -> tuple[Path, dict]:
     frame.to_parquet(url_list, index=False)
     config = config_for(work, url_list.parent)
     rules = PrefilterRules.from_config(config)
-    run_prefilter(
-        url_list.parent,
-        work / "url_lists" / SOURCE,
-        work / "url_lists" / f"{SOURCE}_stats.json",
-        rules,
-    )
-    images = write_downloads(work / "downloads" / SOURCE, work)
+    (part,) = plan_parts(url_list.parent, None)
+    lists = work / "url_lists" / SOURCE
+    prefilter_part(url_list, vars(part), lists / f"{PART}.parquet", lists / f"{PART}_stats.json",
+                   lists / f"{PART}_dropped.parquet", rules)  # fmt: skip
+    write_plan(work / "url_lists" / f"{SOURCE}_parts.json", SOURCE, [part])
+    images = write_downloads(work / "downloads" / SOURCE / PART, work)
     manifest = work / "manifest" / f"{SOURCE}.jsonl"
-    build_manifest(work / "downloads" / SOURCE, manifest, SOURCE, [], work / "manifest" / "s.json")
+    build_manifest([work / "downloads" / SOURCE / PART], manifest, SOURCE, [],
+                   work / "manifest" / "s.json", parts=True)  # fmt: skip
     index = split_manifest(manifest, work / "shards" / SOURCE, 4)
     template = config["filter"]["template"]
     select_rules = selection_rules(template, config["filter"])
@@ -201,7 +207,7 @@ def build_run(root: Path) -> tuple[Path, dict]:
         merged / "merge_stats.json",
     )
     high = {r["image_id"]: r for r in map(json.loads, (merged / "aes_6.jsonl").open())}
-    assert sorted(high) == ["000000", DUPLICATE, REFUSED, NO_MASK]
+    assert sorted(high) == [FIRST, DUPLICATE, REFUSED, NO_MASK]
     write_jsonl(work / "dedup" / "deduped.jsonl", [r for k, r in high.items() if k != DUPLICATE])
     write_jsonl(
         work / "dedup" / "dropped.jsonl",
@@ -209,7 +215,7 @@ def build_run(root: Path) -> tuple[Path, dict]:
             {
                 **high[DUPLICATE],
                 "phash": "8f0f0f0f0f0f0f0f",
-                "duplicate_of": f"{SOURCE}/000000",
+                "duplicate_of": f"{SOURCE}/{FIRST}",
                 "duplicate_kind": "phash",
                 "phash_distance": 2,
                 "drop_stage": "dedup",
@@ -219,7 +225,7 @@ def build_run(root: Path) -> tuple[Path, dict]:
     )
     write_stats(work / "dedup" / "dedup_stats.json", envelope("dedup", 4, 3, {"phash": 1}))
     captioned = {}
-    for key, names in (("000000", ["dog", "cat"]), (NO_MASK, ["tree"])):
+    for key, names in ((FIRST, ["dog", "cat"]), (NO_MASK, ["tree"])):
         entities = [{"entity": n, "bboxes": [[0.1, 0.1, 0.5, 0.5]]} for n in names]
         captioned[key] = {
             **high[key],
@@ -237,7 +243,7 @@ def build_run(root: Path) -> tuple[Path, dict]:
     masks = work / "masks" / "chunk_0" / SOURCE
     masks.mkdir(parents=True)
     chunk = [
-        masked_record(captioned["000000"], [0.9, 0.2], masks / "000000.npy"),
+        masked_record(captioned[FIRST], [0.9, 0.2], masks / f"{FIRST}.npy"),
         masked_record(captioned[NO_MASK], [0.1], masks / f"{NO_MASK}.npy"),
     ]
     masked = work / "masked"
@@ -257,14 +263,14 @@ def build_run(root: Path) -> tuple[Path, dict]:
         MaskSettings.from_config(config["mask"]),
     )
     emu3 = work / "export" / "emu3" / "list"
-    path = f"part_0/{SOURCE}/000000.pth"
+    path = f"part_0/{SOURCE}/{FIRST}.pth"
     write_jsonl(
         emu3 / "datalist.jsonl",
         [
             {
-                "name": f"{SOURCE}/000000",
-                "image": str(images["000000"]),
-                "image_id": "000000",
+                "name": f"{SOURCE}/{FIRST}",
+                "image": str(images[FIRST]),
+                "image_id": FIRST,
                 "source": SOURCE,
                 "path": path,
                 "texts": "A photo",
@@ -299,8 +305,8 @@ def stage(result: dict, name: str) -> dict:
 
 def test_an_image_kept_all_the_way(run):
     work, config = run
-    result = trace(work, f"{SOURCE}/000000", config)
-    assert result["key"] == f"{SOURCE}/000000"
+    result = trace(work, f"{SOURCE}/{FIRST}", config)
+    assert result["key"] == f"{SOURCE}/{FIRST}"
     json.dumps(result)  # what `groundset trace --json` prints
     assert set(verdicts(result).values()) == {"kept"}, verdicts(result)
     prefilter = stage(result, "prefilter")["details"]
@@ -317,7 +323,7 @@ def test_an_image_kept_all_the_way(run):
     assert stage(result, "export coco")["details"]["annotations"] == 1
     assert stage(result, "export odvg")["details"]["phrases"] == ["dog"]
     wds = stage(result, "export webdataset")["details"]
-    assert (wds["key"], wds["members"]) == (f"{SOURCE}__000000", [".jpg", ".json"])
+    assert (wds["key"], wds["members"]) == (f"{SOURCE}__{FIRST}", [".jpg", ".json"])
     for path in ("manifest/src.jsonl", "rejected/src/shard_0.jsonl"):
         assert (path in result["found_in"]) == (path == "manifest/src.jsonl")
     assert "filtered/src/shard_0.jsonl" in result["found_in"]
@@ -333,7 +339,8 @@ def test_a_row_the_prefilter_dropped_is_traced_by_its_url(run):
         assert prefilter["details"]["row"] == 1
         assert verdicts(result)["download"] == "not reached"
         listed = Path(config["sources"][0]["url_list"]) / "part-0.parquet"
-        assert result["found_in"] == [f"url_lists/{SOURCE}_dropped.parquet", f"{listed}: row 1"]
+        drops = f"url_lists/{SOURCE}/{PART}_dropped.parquet"
+        assert result["found_in"] == [drops, f"{listed}: row 1"]
 
 
 def test_a_url_of_a_kept_row_gives_its_image_id(run):
@@ -358,14 +365,15 @@ def test_only_the_images_own_shard_table_is_read(run, tmp_path):
     work, config = run
     copy = tmp_path / "results"
     shutil.copytree(work, copy)
-    tables = copy / "downloads" / SOURCE
+    tables = copy / "downloads" / SOURCE / PART
     (tables / "00000.parquet").write_bytes(b"not parquet")  # 000010 is in shard 00001
     config = {**config, "workdir": str(copy)}
     assert stage(trace(copy, f"{SOURCE}/{BELOW_TIER}", config), "download")["verdict"] == "kept"
-    failed = pd.read_parquet(work / "downloads" / SOURCE / "00000.parquet").query("key == @FAILED")
+    table = work / "downloads" / SOURCE / PART / "00000.parquet"
+    failed = pd.read_parquet(table).query("key == @KEYS[1]")
     line = drop_line({**failed.iloc[0].to_dict(), "image_id": FAILED, "source": SOURCE},
                      "download", "failed_to_download", "HTTP Error 404")  # fmt: skip
-    write_jsonl(copy / "downloads" / f"{SOURCE}_dropped.jsonl", [line])
+    write_jsonl(copy / "downloads" / SOURCE / f"{PART}_dropped.jsonl", [line])
     download = stage(trace(copy, f"{SOURCE}/{FAILED}", config), "download")
     assert (download["verdict"], download["details"]["reason"]) == (
         "dropped", "failed_to_download: HTTP Error 404")  # fmt: skip
@@ -401,9 +409,9 @@ def test_a_duplicate_names_what_it_duplicates(run):
     work, config = run
     dedup = stage(trace(work, f"{SOURCE}/{DUPLICATE}", config), "dedup")
     assert dedup["verdict"] == "dropped"
-    assert dedup["details"]["duplicate_of"] == f"{SOURCE}/000000"
+    assert dedup["details"]["duplicate_of"] == f"{SOURCE}/{FIRST}"
     assert dedup["details"]["reason"] == (
-        f"duplicate of {SOURCE}/000000 (perceptual hashes 2 bits apart)"
+        f"duplicate of {SOURCE}/{FIRST} (perceptual hashes 2 bits apart)"
     )
 
 
@@ -433,7 +441,7 @@ def test_stages_not_run_yet(run, tmp_path):
     early = tmp_path / "results"
     for folder in ("url_lists", "downloads", "manifest", "shards", "probed", "scored"):
         shutil.copytree(work / folder, early / folder)
-    result = trace(early, f"{SOURCE}/000000", {**config, "workdir": str(early)})
+    result = trace(early, f"{SOURCE}/{FIRST}", {**config, "workdir": str(early)})
     shown = verdicts(result)
     assert shown["score"] == "kept"
     for name in ("select", "tier", "dedup", "caption", "mask", "export emu3", "export coco"):
@@ -441,12 +449,12 @@ def test_stages_not_run_yet(run, tmp_path):
     only_list = tmp_path / "only_list"
     shutil.copytree(work / "url_lists", only_list / "url_lists")
     # before the download no image has an id (img2dataset gives them): a URL still traces
-    assert trace(only_list, f"{SOURCE}/000000", config) is None
+    assert trace(only_list, f"{SOURCE}/{FIRST}", config) is None
     result = trace(only_list, url("a"), config)
     assert verdicts(result)["prefilter"] == "kept"
     assert stage(result, "prefilter")["details"]["row"] == 0
     assert verdicts(result)["download"] == "not run yet"
-    off = trace(early, f"{SOURCE}/000000", {**config, "caption": {"dedup": {"enabled": False}}})
+    off = trace(early, f"{SOURCE}/{FIRST}", {**config, "caption": {"dedup": {"enabled": False}}})
     assert verdicts(off)["dedup"] == "off"
 
 
@@ -459,7 +467,7 @@ def test_chunks_stand_in_for_their_gather(run, tmp_path):
     (copy / "captioned" / "errors.jsonl").rename(copy / "captioned" / "chunk_0_errors.jsonl")
     for name in ("masked.jsonl", "dropped.jsonl"):
         (copy / "masked" / name).unlink()
-    result = trace(copy, f"{SOURCE}/000000", {**config, "workdir": str(copy)})
+    result = trace(copy, f"{SOURCE}/{FIRST}", {**config, "workdir": str(copy)})
     assert stage(result, "caption")["details"]["file"] == "captioned/chunk_0.jsonl"
     mask = stage(result, "mask")
     assert mask["verdict"] == "kept"
@@ -507,12 +515,12 @@ def test_a_url_two_sources_list_is_traced_in_both(run, tmp_path):
     both = copy.deepcopy(config)
     both["sources"].append({**config["sources"][0], "name": "again"})
     result = trace(work, url("a"), both)
-    assert result["key"] == f"{SOURCE}/000000"
+    assert result["key"] == f"{SOURCE}/{FIRST}"
     (other,) = result["also_in"]
     assert other["key"].startswith("again/") and other["url"] == url("a")
     assert stage(other, "prefilter")["details"]["row"] == 0
     text = format_trace(result)
-    assert f"trace {SOURCE}/000000" in text and f"trace {other['key']}" in text
+    assert f"trace {SOURCE}/{FIRST}" in text and f"trace {other['key']}" in text
 
 
 def test_the_manifest_is_bisected(tmp_path, monkeypatch):

@@ -28,12 +28,15 @@ from conftest import (
     write_config,
     write_parquet,
 )
+from groundset.core import layout
 from groundset.core.io import iter_jsonl
 from groundset.core.prompts import parse_prompt, prompt_parts
 from groundset.core.records import clean_caption
 from groundset.core.stats import read_stats
 from groundset.exports.emu3 import template
+from groundset.stages.parts import part_name
 from groundset.stages.split import index_manifest, write_index
+from groundset.tools.summary import stage_totals
 
 # One xdist worker: these tests share (and some change) the sample run's workdir.
 pytestmark = [pytest.mark.workflow, pytest.mark.xdist_group("sample")]
@@ -94,8 +97,9 @@ def test_fresh_dry_run_plans_every_source_in_parallel(tmp_path):
     args = [*PROFILE, "--configfile", "config/sample.yaml", "--config", f"workdir={tmp_path}", "-n"]
     counts = job_counts(run_snakemake(args).stdout)
     assert counts == {
-        "prefilter_urls": 2,
-        "download_images": 2,
+        "plan_parts": 2,
+        "prefilter_urls": 4,  # download.part_rows 10: two parts per source
+        "download_part": 4,
         "build_manifest": 2,
         "index_shards": 2,
         "merge_tiers": 1,
@@ -123,19 +127,21 @@ EXPECTED = {
 def test_sample_counts_per_stage(sample_run, source):
     rows, drops, failed, undecodable, records, shard_sizes = EXPECTED[source]
     work = sample_run["workdir"]
-    pre = read_stats(work / "url_lists" / f"{source}_stats.json")
-    assert (pre["stage"], pre["records_in"]) == ("prefilter", rows)
+    pre = stage_totals(work, layout.PREFILTER)[1][source]  # its parts' envelopes summed
+    assert pre["records_in"] == rows
     assert {k: v for k, v in pre["dropped"].items() if v} == drops
     # each prefilter drop is a drop line, naming its URL-list row
-    lines = pq.read_table(work / "url_lists" / f"{source}_dropped.parquet").to_pylist()
+    lines = [line for path in sorted((work / "url_lists" / source).glob("*_dropped.parquet"))
+             for line in pq.read_table(path).to_pylist()]  # fmt: skip
     assert Counter(line["drop_reason"] for line in lines) == drops
     listed = sample_rows(source).reset_index()
     assert all(listed.loc[line["url_list_row"], "URL"] == line["url"] for line in lines)
-    down = read_stats(work / "downloads" / f"{source}_stats.json")
+    down = stage_totals(work, layout.DOWNLOAD)[1][source]
     assert down["records_in"] == pre["records_out"] == rows - sum(drops.values())
     assert down["dropped"] == {"failed_to_download": failed, "failed_to_resize": undecodable}
     assert down["records_out"] == records
-    failures = list(iter_jsonl(work / "downloads" / f"{source}_dropped.jsonl"))
+    failures = [line for path in sorted((work / "downloads" / source).glob("*_dropped.jsonl"))
+                for line in iter_jsonl(path)]  # fmt: skip
     assert Counter(line["drop_reason"] for line in failures) == +Counter(down["dropped"])
     assert all(line["detail"] and line["url_list_file"] == f"{source}.parquet" for line in failures)
     manifest = read_stats(work / "manifest" / f"{source}_stats.json")
@@ -221,15 +227,17 @@ def test_changing_a_tier_reruns_only_the_merge_and_what_follows(sample_run, tmp_
     assert job_counts(run_snakemake(args).stdout) == SAMPLE_FROM_MERGE
 
 
+def download_status(work: Path, source: str) -> Counter:
+    """img2dataset's status counts of a source, its parts' summed."""
+    parts = (work / "downloads" / source).glob("*_stats.json")
+    return sum((Counter(read_stats(path)["status"]) for path in parts), Counter())
+
+
 def test_sample_broken_urls_fail_with_their_reasons(sample_run):
-    down = json.loads(
-        (sample_run["workdir"] / "downloads" / "laion-high-resolution_stats.json").read_text()
-    )
-    assert down["status"]["HTTP Error 404: not found"] == 1
-    aes = json.loads(
-        (sample_run["workdir"] / "downloads" / "laion-aesthetics_v2_4.75_stats.json").read_text()
-    )
-    assert any("502" in reason and "unreachable" in reason for reason in aes["status"])
+    down = download_status(sample_run["workdir"], "laion-high-resolution")
+    assert down["HTTP Error 404: not found"] == 1
+    aes = download_status(sample_run["workdir"], "laion-aesthetics_v2_4.75")
+    assert any("502" in reason and "unreachable" in reason for reason in aes)
     urls = {
         r["url"]
         for r in iter_jsonl(sample_run["workdir"] / "manifest" / "laion-high-resolution.jsonl")
@@ -258,10 +266,9 @@ def test_sample_manifest_records_match_the_url_list(sample_run, source):
         assert record["source"] == source and record["text"] == row["TEXT"]
         image = record["image"][0]
         assert os.path.isabs(image) and os.path.isfile(image)
-        assert (
-            image.startswith(str(work / "downloads" / source))
-            and record["image_id"] == os.path.basename(image)[:-4]
-        )
+        part = Path(image).parent.parent.name  # downloads/<source>/<part>/00000/<key>.jpg
+        assert image.startswith(str(work / "downloads" / source / part))
+        assert record["image_id"] == f"{part}_{os.path.basename(image)[:-4]}"
         assert list(record["meta"]) == ["similarity", "hash", "punsafe", "pwatermark", extra]
         for key, value in record["meta"].items():
             assert value == row[key], (record["url"], key)
@@ -290,8 +297,8 @@ def test_download_speed_knobs_rerun_nothing_and_output_keys_redo_the_downloads(
              "prefilter": {"batch_rows": 100}}  # fmt: skip
     assert planned(knobs) == {}
     redone = planned({"image_size": 512})
-    assert redone.get("download_images") == 2 and "prefilter_urls" not in redone, redone
-    assert planned({"prefilter": {"max_punsafe": 0.5}}).get("prefilter_urls") == 2
+    assert redone.get("download_part") == 4 and "prefilter_urls" not in redone, redone
+    assert planned({"prefilter": {"max_punsafe": 0.5}}).get("prefilter_urls") == 4
 
 
 def test_rerun_after_completion_does_nothing(sample_run):
@@ -615,11 +622,16 @@ def _lay_down_manifest(tmp_path, records: int) -> dict:
         **STAND_IN_CAPTIONS,
         **RANDOM_WEIGHTS,
     }
+    part = part_name("urls.parquet", 0, 1)  # its one download part
     paths = [
-        "url_lists/big/urls.parquet",
-        "url_lists/big_stats.json",
-        "downloads/big_stats.json",
+        "url_lists/big_parts.json",
+        f"url_lists/big/{part}.parquet",
+        f"url_lists/big/{part}_stats.json",
+        f"url_lists/big/{part}_dropped.parquet",
+        f"downloads/big/{part}_stats.json",
+        f"downloads/big/{part}_dropped.jsonl",
         "manifest/big_stats.json",
+        "manifest/big_dropped.jsonl",
         "manifest/big.jsonl",
     ]
     for i, rel in enumerate(paths):
@@ -633,8 +645,6 @@ def _lay_down_manifest(tmp_path, records: int) -> dict:
             path.write_text("{}")
         stamp = time.time() - 100 + i  # upstream first, all in the past
         os.utime(path, (stamp, stamp))
-        if rel.startswith("url_lists/big/"):
-            os.utime(path.parent, (stamp, stamp))  # a directory output: its mtime counts
     return {"config": write_config(tmp_path / "big.yaml", config), "work": work}
 
 
@@ -642,9 +652,7 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
     laid = _lay_down_manifest(tmp_path, 1180)
     args = [*PROFILE, "--configfile", str(laid["config"]), "--cores", "1"]
     before = run_snakemake([*args, "-n"]).stdout
-    assert job_counts(before).get("index_shards") == 1 and "download_images" not in job_counts(
-        before
-    )
+    assert job_counts(before).get("index_shards") == 1 and "download_part" not in job_counts(before)
     run_snakemake([*args, "--until", "index_shards"])
     index = json.loads((laid["work"] / "shards" / "big" / "index.json").read_text())
     assert len(index["shards"]) == 118
@@ -808,7 +816,9 @@ def test_missing_url_list_is_named(tmp_path):
         check=False,
     )
     out = done.stdout + done.stderr
-    assert done.returncode != 0 and "nowhere.parquet" in out and "Missing input" in out
+    # the download parts are planned from the list's footers: a missing list stops the run first
+    assert done.returncode != 0 and "sources[0].url_list (s): URL list" in out
+    assert f"{tmp_path / 'nowhere.parquet'} does not exist" in out and "Traceback" not in out
 
 
 def test_url_list_without_url_column_fails_naming_file_and_column(tmp_path):

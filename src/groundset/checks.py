@@ -47,12 +47,14 @@ def absolute_paths(config: dict, launch_dir: str | os.PathLike) -> None:
 def url_list_problems(config: dict) -> list[str]:
     """What the URL lists that exist lack or hold that a job would stop on (their footers read:
     the URL and caption columns, the saved ones, no column named as groundset's provenance);
-    one line each, naming the source. A list not there yet is left to Snakemake."""
+    one line each, naming the source. A list that is not there is one too: its download parts
+    are planned from its footers."""
     problems = []
     for index, source in enumerate(config["sources"]):
         try:
             files = list_parquet_files(source["url_list"])
-        except FileNotFoundError:
+        except FileNotFoundError as err:
+            problems.append(f"sources[{index}].url_list ({source['name']}): {err}")
             continue
         opts = download_options(config, source)
         for path in files:

@@ -9,6 +9,8 @@ rule plan_parts:
         layout.PARTS,
     log:
         "logs/plan_parts/{source}.log",
+    conda:
+        "../envs/groundset.yaml"
     threads: 1
     resources:
         mem_mb=500,

@@ -219,6 +219,20 @@ def run_img2dataset(kwargs: dict, env: dict, stdout: IO | None = None) -> None:
         raise RuntimeError(f"img2dataset exited with status {done.returncode}")
 
 
+def fetch(kwargs: dict, serve_dir: str | os.PathLike | None, stdout: IO | None) -> None:
+    """Run img2dataset with `kwargs` (wandb off unless asked; with a `serve_dir`, through the
+    sample's loopback server)."""
+    from groundset.stand_ins import sample_proxy  # only with a serve_dir
+
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    if not kwargs.get("enable_wandb"):
+        env["WANDB_MODE"] = "disabled"
+    with contextlib.ExitStack() as stack:
+        if serve_dir:
+            env = stack.enter_context(sample_proxy(serve_dir, env))  # the sample's
+        run_img2dataset(kwargs, env, stdout)
+
+
 def download_source(
     url_list: str | os.PathLike,
     output_folder: str | os.PathLike,
@@ -239,7 +253,6 @@ def download_source(
         fill_section,  # lazily, as below: the manifest imports this module
     )
     from groundset.stages.prefilter import list_parquet_files
-    from groundset.stand_ins import sample_proxy  # only with a serve_dir
 
     # what the options leave out is the schema's default, never img2dataset's own (url, 256 px)
     opts = fill_section("download", opts)
@@ -252,13 +265,7 @@ def download_source(
         kwargs = img2dataset_kwargs(
             opts, str(Path(url_list).resolve()), str(output_folder), save_columns
         )
-        env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-        if not kwargs.get("enable_wandb"):
-            env["WANDB_MODE"] = "disabled"
-        with contextlib.ExitStack() as stack:
-            if serve_dir:
-                env = stack.enter_context(sample_proxy(serve_dir, env))  # the sample's
-            run_img2dataset(kwargs, env, stdout)
+        fetch(kwargs, serve_dir, stdout)
     stats = collect_stats(output_folder)
     stats["stand_in"] = bool(serve_dir)  # the sample's loopback server, not the internet
     if part is not None:

@@ -370,6 +370,7 @@ LOCAL_RESOURCES: dict[str, int | None] = {"mem_mb": 16000, "gpu": 1}
 LIGHT_MEM_MB = {
     "build_stand_in_models": 2000,
     "caption_preflight": 500,
+    "plan_parts": 500,
     "prefilter_urls": 2000,
     "build_manifest": 1000,
     "index_shards": 500,
@@ -393,7 +394,7 @@ PROFILE_MEM_MB = {"score_shard": 32000, "mask_chunk": 32000, "emu3_part": 32000}
 AFTER: dict[str, tuple[tuple[str, int], ...]] = {
     "prefilter_urls": (),
     "download_part": (("prefilter_urls", 2),),
-    "build_manifest": (("download_part", 1),),
+    "build_manifest": (("download_part", 1), ("plan_parts", 1)),
     "index_shards": (("build_manifest", 1),),
     "score_shard": (("index_shards", 1), ("build_stand_in_models", 0)),
     "select_shard": (("score_shard", 2),),
@@ -428,6 +429,7 @@ AFTER: dict[str, tuple[tuple[str, int], ...]] = {
     "stage_counts": (("validate_outputs", 0), ("gather_emu3", 0), ("entity_stats", 0)),
     "build_stand_in_models": (),
     "caption_preflight": (),
+    "plan_parts": (),
 }
 # The bookkeeping rules between the stages: no stage row of their own, one job each (or one per
 # job of the rule named), the ASSUMED figure for their time where no run measured it.
@@ -435,6 +437,7 @@ OTHER_RULES: dict[str, tuple[str | None, str]] = {
     "build_stand_in_models": (None, "stand_in_models_s"),
     "caption_preflight": (None, "bookkeeping_job_s"),
     "index_shards": ("build_manifest", "bookkeeping_job_s"),
+    "plan_parts": ("build_manifest", "bookkeeping_job_s"),
     "index_chunks": (None, "bookkeeping_job_s"),
     "gather_captions": (None, "bookkeeping_job_s"),
     "gather_masks": (None, "bookkeeping_job_s"),

@@ -780,7 +780,8 @@ class _Tracer:
 
     def odvg_line(self, path: Path) -> dict | None:
         """The image's ODVG line (by key, or by the image file it names)."""
-        for _, _, line in _scan(path, self.image_id.encode()):
+        needle = Path(self.image).name if self.image else self.image_id
+        for _, _, line in _scan(path, needle.encode()):
             try:
                 record = json.loads(line)
             except ValueError:
