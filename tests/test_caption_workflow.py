@@ -21,6 +21,7 @@ from conftest import (
     make_records,
     run_snakemake,
     write_config,
+    write_parquet,
 )
 from groundset.stages.caption import TUNING_KEYS
 from groundset.testing.vlm import Reply, StandInVLM, image_digest
@@ -32,9 +33,11 @@ TARGET = "captioned/captioned.jsonl"
 
 def write_caption_config(tmp_path: Path, records: Path, **caption) -> Path:
     """A config whose captioning reads a prepared JSONL (no download/filter needed)."""
+    # the URL list is not read (the captions start from `records`), but the plan needs one
+    unused = write_parquet(tmp_path / "unused.parquet", [{"URL": "http://x/a.jpg", "TEXT": "t"}])
     config = {
         "workdir": str(tmp_path / "results"),
-        "sources": [{"name": "src", "url_list": str(tmp_path / "unused.parquet")}],
+        "sources": [{"name": "src", "url_list": str(unused), "save_additional_columns": []}],
         "caption": {
             "input": str(records),
             "backend": "openai",

@@ -450,9 +450,12 @@ def test_the_config_check_reads_the_url_lists_columns(tmp_path, row, message):
         workflow_config(config, ROOT)
     # a job of a run whose main process checked them does not read the footers again
     assert workflow_config(copy.deepcopy(config), ROOT, read_url_lists=False)["sources"]
-    # a URL list not there yet is Snakemake's to report (a missing input)
+    # a URL list that is not there: its download parts cannot be planned, so the check says so
     config = {"sources": [{"name": "s", "url_list": str(tmp_path / "later")}], **RANDOM_WEIGHTS}
-    assert workflow_config(config, ROOT)["sources"][0]["url_list"] == str(tmp_path / "later")
+    with pytest.raises(
+        ConfigError, match=r"sources\[0\].url_list \(s\): URL list .*later does not"
+    ):
+        workflow_config(config, ROOT)
 
 
 @pytest.mark.workflow
