@@ -127,7 +127,7 @@ def test_summary_formats_counts_per_stage(tmp_path, capsys):
             tmp_path / "downloads" / source / "0a0b0c0d_stats.json",
             envelope("download", rows - 2, rows - 3, {"failed_to_download": 1}),
         )
-    write_stats(tmp_path / "manifest" / "s_stats.json", envelope("manifest", 2, 2, {}))
+    write_stats(tmp_path / "manifest" / "s" / "0a0b0c0d_stats.json", envelope("manifest", 2, 2, {}))
     assert main(["summary", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1].split() == ["prefilter", "9", "5", "4", "too_small=4"]
@@ -136,9 +136,9 @@ def test_summary_formats_counts_per_stage(tmp_path, capsys):
     assert out[7].split() == ["manifest", "2", "2", "0", "-"]  # one source: no source lines
     # the select counts are those of the shards of the current index: a smaller shard_size
     # left shard_1's files of an earlier run behind
-    write_json(tmp_path / "shards" / "s" / "index.json", {"shards": [{"shard": 0}]})
+    write_json(tmp_path / "shards" / "s" / "0a0b0c0d" / "index.json", {"shards": [{"shard": 0}]})
     for shard, kept in ((0, 2), (1, 7)):
-        write_stats(tmp_path / "filtered" / "s" / f"shard_{shard}_stats.json",
+        write_stats(tmp_path / "filtered" / "s" / "0a0b0c0d" / f"shard_{shard}_stats.json",
                     envelope("select", kept + 1, kept, {"image_shape_filter": 1}))  # fmt: skip
     assert main(["summary", "--workdir", str(tmp_path), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

@@ -173,15 +173,19 @@ def fake_run(work: Path) -> Path:
         work / "downloads" / "src" / "0a0b0c0d_stats.json",
         envelope("download", 1000, 800, {"failed_to_download": 200}),
     )
-    write_stats(work / "manifest" / "src_stats.json", envelope("manifest", 800, 800, {}))
+    write_stats(
+        work / "manifest" / "src" / "0a0b0c0d_stats.json", envelope("manifest", 800, 800, {})
+    )
     for shard, (records, seconds) in enumerate([(100, 30.0), (300, 70.0)]):
-        write_bench(work / "benchmarks" / "score_shard" / "src" / f"{shard}.tsv", seconds)
+        write_bench(
+            work / "benchmarks" / "score_shard" / "src" / "0a0b0c0d" / f"{shard}.tsv", seconds
+        )
         write_stats(
-            work / "scored" / "src" / f"shard_{shard}_stats.json",
+            work / "scored" / "src" / "0a0b0c0d" / f"shard_{shard}_stats.json",
             envelope("score", records, records, {}),
         )
         write_stats(
-            work / "filtered" / "src" / f"shard_{shard}_stats.json",
+            work / "filtered" / "src" / "0a0b0c0d" / f"shard_{shard}_stats.json",
             envelope("select", records, records // 4, {"x": records - records // 4}),
         )
     write_stats(work / "merged" / "merge_stats.json", merge_stats(100, 100, 10))
@@ -212,7 +216,9 @@ def test_an_earlier_run_gives_measured_figures(lists, tmp_path):
     assert download["wall_s"] == pytest.approx(5 * 0.1)
     score = stage(result, "score")
     assert score["rate"]["basis"] == "measured"
-    assert score["wall_s"] == pytest.approx(10.0 + 0.2 * score["records_in"])
+    # shards are cut per download part (one per file here), one after another on the one GPU
+    assert score["jobs"] == 2
+    assert score["wall_s"] == pytest.approx(2 * 10.0 + 0.2 * score["records_in"])
     assert stage(result, "select")["pass_rate"]["value"] == 0.25
     assert stage(result, "merge")["pass_rate"] == {
         "value": 0.1,
@@ -238,11 +244,11 @@ def captioning_run(tmp_path: Path, **caption: object) -> dict:
     (work / "benchmarks").mkdir(parents=True)
     for name, stats in (
         ("downloads/src/0a0b0c0d_stats.json", envelope("download", 10, 10, {})),
-        ("manifest/src_stats.json", envelope("manifest", 10, 10, {})),
+        ("manifest/src/0a0b0c0d_stats.json", envelope("manifest", 10, 10, {})),
         ("dedup/dedup_stats.json", envelope("dedup", 10, 10, {})),
         ("merged/merge_stats.json", merge_stats(10, 10, 10)),
-        ("scored/src/shard_0_stats.json", envelope("score", 10, 10, {})),
-        ("filtered/src/shard_0_stats.json", envelope("select", 10, 10, {})),
+        ("scored/src/0a0b0c0d/shard_0_stats.json", envelope("score", 10, 10, {})),
+        ("filtered/src/0a0b0c0d/shard_0_stats.json", envelope("select", 10, 10, {})),
     ):
         write_stats(work / name, stats)
     return config_for(folder, work, caption={"chunk_size": 500, **caption})

@@ -214,10 +214,11 @@ def test_sample_on_slurm_survives_a_killed_job_and_matches_the_local_run(
     assert "Auto-selected partition 'debug'" in output
     memory = cluster.run("sacct", "-X", "-n", "-P", "-o", "Comment,ReqMem").stdout
     assert re.search(r"rule_score_shard\S*\|32000M", memory), memory
-    source, shard = re.fullmatch(r"rule_score_shard_wildcards_(.+)_(\d+)", comment).groups()
-    killed = workdir / "filtered" / source / f"shard_{shard}.jsonl"
+    pattern = r"rule_score_shard_wildcards_(.+)_([0-9a-f]{8})_(\d+)"  # source, download part, shard
+    source, part, shard = re.fullmatch(pattern, comment).groups()
+    killed = workdir / "filtered" / source / part / f"shard_{shard}.jsonl"
     assert not killed.exists()
-    finished = {p: p.stat().st_mtime_ns for p in (workdir / "filtered").glob("*/shard_*.jsonl")}
+    finished = {p: p.stat().st_mtime_ns for p in (workdir / "filtered").glob("*/*/shard_*.jsonl")}
     assert finished, "no other shard finished: keep-going did not carry on"
 
     started = time.monotonic()

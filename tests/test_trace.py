@@ -171,31 +171,33 @@ def build_run(root: Path) -> tuple[Path, dict]:
                    lists / f"{PART}_dropped.parquet", rules)  # fmt: skip
     write_plan(work / "url_lists" / f"{SOURCE}_parts.json", SOURCE, [part])
     images = write_downloads(work / "downloads" / SOURCE / PART, work)
-    manifest = work / "manifest" / f"{SOURCE}.jsonl"
+    manifest = work / "manifest" / SOURCE / f"{PART}.jsonl"
     build_manifest([work / "downloads" / SOURCE / PART], manifest, SOURCE, [],
                    work / "manifest" / "s.json", parts=True)  # fmt: skip
-    index = split_manifest(manifest, work / "shards" / SOURCE, 4)
+    index = split_manifest(manifest, work / "shards" / SOURCE / PART, 4)
     template = config["filter"]["template"]
     select_rules = selection_rules(template, config["filter"])
     filtered = []
     for entry in index["shards"]:
         i = entry["shard"]
-        records = [json.loads(line) for line in (work / "shards" / SOURCE / entry["file"]).open()]
+        records = [
+            json.loads(line) for line in (work / "shards" / SOURCE / PART / entry["file"]).open()
+        ]
         bad = [
             drop_line(r, "score", "truncated", "truncated: image file is truncated")
             for r in records
             if r["image_id"] == UNREADABLE
         ]
         good = [r for r in records if r["image_id"] != UNREADABLE]
-        write_jsonl(work / "probed" / SOURCE / f"shard_{i}_dropped.jsonl", bad)
-        write_jsonl(work / "probed" / SOURCE / f"shard_{i}.jsonl", good)
-        scored = work / "scored" / SOURCE / f"shard_{i}.jsonl"
+        write_jsonl(work / "probed" / SOURCE / PART / f"shard_{i}_dropped.jsonl", bad)
+        write_jsonl(work / "probed" / SOURCE / PART / f"shard_{i}.jsonl", good)
+        scored = work / "scored" / SOURCE / PART / f"shard_{i}.jsonl"
         write_jsonl(scored, [{**r, "__dj__stats__": stats_of(r["image_id"])} for r in good])
         files = SelectFiles(
             str(scored),
-            str(work / "filtered" / SOURCE / f"shard_{i}.jsonl"),
-            str(work / "rejected" / SOURCE / f"shard_{i}.jsonl"),
-            str(work / "filtered" / SOURCE / f"shard_{i}_stats.json"),
+            str(work / "filtered" / SOURCE / PART / f"shard_{i}.jsonl"),
+            str(work / "rejected" / SOURCE / PART / f"shard_{i}.jsonl"),
+            str(work / "filtered" / SOURCE / PART / f"shard_{i}_stats.json"),
         )
         select_shard(files, select_rules, progress=False)
         filtered.append(files.kept)
@@ -324,9 +326,10 @@ def test_an_image_kept_all_the_way(run):
     assert stage(result, "export odvg")["details"]["phrases"] == ["dog"]
     wds = stage(result, "export webdataset")["details"]
     assert (wds["key"], wds["members"]) == (f"{SOURCE}__{FIRST}", [".jpg", ".json"])
-    for path in ("manifest/src.jsonl", "rejected/src/shard_0.jsonl"):
-        assert (path in result["found_in"]) == (path == "manifest/src.jsonl")
-    assert "filtered/src/shard_0.jsonl" in result["found_in"]
+    manifest = f"manifest/src/{PART}.jsonl"
+    for path in (manifest, f"rejected/src/{PART}/shard_0.jsonl"):
+        assert (path in result["found_in"]) == (path == manifest)
+    assert f"filtered/src/{PART}/shard_0.jsonl" in result["found_in"]
 
 
 def test_a_row_the_prefilter_dropped_is_traced_by_its_url(run):

@@ -34,7 +34,7 @@ from groundset.core.prompts import parse_prompt, prompt_parts
 from groundset.core.records import clean_caption
 from groundset.core.stats import read_stats
 from groundset.exports.emu3 import template
-from groundset.stages.parts import part_name
+from groundset.stages.parts import part_name, read_plan
 from groundset.stages.split import index_manifest, write_index
 from groundset.tools.summary import stage_totals
 
@@ -100,8 +100,8 @@ def test_fresh_dry_run_plans_every_source_in_parallel(tmp_path):
         "plan_parts": 2,
         "prefilter_urls": 4,  # download.part_rows 10: two parts per source
         "download_part": 4,
-        "build_manifest": 2,
-        "index_shards": 2,
+        "build_manifest": 4,  # per part, as the split
+        "index_shards": 4,
         "merge_tiers": 1,
         "dedup_records": 1,
         "caption_preflight": 1,
@@ -109,6 +109,26 @@ def test_fresh_dry_run_plans_every_source_in_parallel(tmp_path):
         "gather_captions": 1,
         **FINAL_JOBS,
     }
+
+
+def source_parts(work: Path, source: str) -> list[str]:
+    """The download parts of a source's plan, in URL-list order."""
+    return [part.name for part in read_plan(work / "url_lists" / f"{source}_parts.json")]
+
+
+def source_records(work: Path, source: str):
+    """The manifest records of a source: its parts' manifests, in plan order."""
+    for part in source_parts(work, source):
+        yield from iter_jsonl(work / "manifest" / source / f"{part}.jsonl")
+
+
+def source_shards(work: Path, source: str) -> list[tuple[str, int, int]]:
+    """(part, shard, records) of every shard of a source, its parts in plan order."""
+    shards = []
+    for part in source_parts(work, source):
+        index = json.loads((work / "shards" / source / part / "index.json").read_text())
+        shards += [(part, s["shard"], s["records"]) for s in index["shards"]]
+    return shards
 
 
 def sample_rows(name: str) -> pd.DataFrame:
@@ -144,20 +164,21 @@ def test_sample_counts_per_stage(sample_run, source):
                 for line in iter_jsonl(path)]  # fmt: skip
     assert Counter(line["drop_reason"] for line in failures) == +Counter(down["dropped"])
     assert all(line["detail"] and line["url_list_file"] == f"{source}.parquet" for line in failures)
-    manifest = read_stats(work / "manifest" / f"{source}_stats.json")
-    assert (
-        manifest["records_out"] == records and manifest["failed_downloads"] == failed + undecodable
-    )
+    manifest = stage_totals(work, layout.MANIFEST)[1][source]
+    parts = [read_stats(path) for path in (work / "manifest" / source).glob("*_stats.json")]
+    assert manifest["records_out"] == records and len(parts) == 2  # part_rows 10: two parts
+    assert sum(stats["failed_downloads"] for stats in parts) == failed + undecodable
     # provenance: every manifest record names its row of the URL list, and that row is its URL
-    for record in iter_jsonl(work / "manifest" / f"{source}.jsonl"):
+    for record in source_records(work, source):
         assert record["url_list_file"] == f"{source}.parquet"
         assert listed.loc[record["url_list_row"], "URL"] == record["url"]
-    index = json.loads((work / "shards" / source / "index.json").read_text())
-    assert [s["records"] for s in index["shards"]] == shard_sizes
+    shards = source_shards(work, source)  # (part, shard, records), the parts in row order
+    assert [n for _, _, n in shards] == shard_sizes
     kept = 0
-    for shard, size in enumerate(shard_sizes):
-        scores = read_stats(work / "scored" / source / f"shard_{shard}_stats.json")
-        stats = read_stats(work / "filtered" / source / f"shard_{shard}_stats.json")
+    for part, shard, size in shards:
+        at = f"{source}/{part}/shard_{shard}"
+        scores = read_stats(work / "scored" / f"{at}_stats.json")
+        stats = read_stats(work / "filtered" / f"{at}_stats.json")
         assert scores["records_in"] == size and stats["records_in"] == scores["records_out"]
         assert list(stats["dropped"]) == sorted(
             [
@@ -168,7 +189,7 @@ def test_sample_counts_per_stage(sample_run, source):
                 "image_aesthetics_filter",
             ]
         )
-        filtered = list(iter_jsonl(work / "filtered" / source / f"shard_{shard}.jsonl"))
+        filtered = list(iter_jsonl(work / "filtered" / f"{at}.jsonl"))
         assert len(filtered) == stats["records_out"]
         for record in filtered:
             s = record["__dj__stats__"]
@@ -177,15 +198,15 @@ def test_sample_counts_per_stage(sample_run, source):
             assert (
                 s["image_watermark_prob"][0] <= 0.8 and 5 <= s["image_aesthetics_scores"][0] <= 10
             )
-        recipe = (work / "dj_configs" / source / f"shard_{shard}.yaml").read_text()
+        recipe = (work / "dj_configs" / f"{at}.yaml").read_text()
         assert "stand-in-aesthetics-predictor-v2-linear" in recipe
         assert "groundset_image_scores_filter" in recipe  # scores only: no threshold in it
         assert stats["bounds"]["image_aesthetics_filter"]["min_score"] == 5.0  # 0-10, as configured
-        rejected = list(iter_jsonl(work / "rejected" / source / f"shard_{shard}.jsonl"))
+        rejected = list(iter_jsonl(work / "rejected" / f"{at}.jsonl"))
         assert len(rejected) == sum(stats["dropped"].values())
         assert all(r["drop_stage"] == "select" and ": " in r["detail"] for r in rejected)
         assert Counter(r["drop_reason"] for r in rejected) == +Counter(stats["dropped"])
-        scored = work / "scored" / source / f"shard_{shard}.jsonl"
+        scored = work / "scored" / f"{at}.jsonl"
         assert sum(1 for _ in iter_jsonl(scored)) == stats["records_in"]
         kept += len(filtered)
     assert kept > 0
@@ -196,7 +217,7 @@ def test_sample_merge_tiers(sample_run):
     filtered = [
         r
         for source in EXPECTED
-        for path in sorted((work / "filtered" / source).glob("shard_?.jsonl"))
+        for path in sorted((work / "filtered" / source).glob("*/shard_?.jsonl"))
         for r in iter_jsonl(path)
     ]
     low = list(iter_jsonl(work / "merged" / "merged_output.jsonl"))
@@ -238,10 +259,7 @@ def test_sample_broken_urls_fail_with_their_reasons(sample_run):
     assert down["HTTP Error 404: not found"] == 1
     aes = download_status(sample_run["workdir"], "laion-aesthetics_v2_4.75")
     assert any("502" in reason and "unreachable" in reason for reason in aes)
-    urls = {
-        r["url"]
-        for r in iter_jsonl(sample_run["workdir"] / "manifest" / "laion-high-resolution.jsonl")
-    }
+    urls = {r["url"] for r in source_records(sample_run["workdir"], "laion-high-resolution")}
     for broken in (
         "missing.jpg",
         "empty.jpg",
@@ -260,7 +278,7 @@ def test_sample_manifest_records_match_the_url_list(sample_run, source):
     work = sample_run["workdir"]
     rows = sample_rows(source)
     extra = "LANGUAGE" if source == "laion-high-resolution" else "AESTHETIC_SCORE"
-    records = list(iter_jsonl(work / "manifest" / f"{source}.jsonl"))
+    records = list(source_records(work, source))
     for record in records:
         row = rows.loc[record["url"]]
         assert record["source"] == source and record["text"] == row["TEXT"]
@@ -275,11 +293,10 @@ def test_sample_manifest_records_match_the_url_list(sample_run, source):
         if record["url"].endswith(".jpg") and "cmyk" not in record["url"]:
             original = SAMPLE / "www" / "img" / record["url"].rsplit("/", 1)[1]
             assert Path(image).read_bytes() == original.read_bytes()  # no re-encode
-    shards = b"".join(
-        (work / "shards" / source / f"shard_{i}.jsonl").read_bytes()
-        for i in range(len(EXPECTED[source][5]))
-    )
-    assert shards == (work / "manifest" / f"{source}.jsonl").read_bytes()
+    for part in source_parts(work, source):  # each part's shards are its manifest, cut
+        shards = b"".join((work / "shards" / source / part / f"shard_{shard}.jsonl").read_bytes()
+                          for p, shard, _ in source_shards(work, source) if p == part)  # fmt: skip
+        assert shards == (work / "manifest" / source / f"{part}.jsonl").read_bytes()
 
 
 def test_download_speed_knobs_rerun_nothing_and_output_keys_redo_the_downloads(
@@ -319,15 +336,17 @@ def private_sample(sample_run, tmp_path) -> dict:
 def test_deleting_one_shard_reruns_only_that_shard(private_sample):
     work = private_sample["workdir"]
     before = (work / "merged" / "merged_output.jsonl").read_bytes()
-    for rel in ("shards/{}/shard_1.jsonl", "scored/{}/shard_1.jsonl", "filtered/{}/shard_1.jsonl"):
-        (work / rel.format("laion-high-resolution")).unlink()
+    part, shard, _ = source_shards(work, "laion-high-resolution")[1]  # its second shard
+    at = f"laion-high-resolution/{part}/shard_{shard}.jsonl"
+    for folder in ("shards", "scored", "filtered"):
+        (work / folder / at).unlink()
     done = run_snakemake([*private_sample["args"], "-n"])
     assert job_counts(done.stdout) == {
         "score_shard": 1,
         "select_shard": 1,
         **SAMPLE_FROM_MERGE,
     }, re.findall(r"reason: .*", done.stdout)
-    assert "filtered/laion-high-resolution/shard_1.jsonl" in done.stdout
+    assert f"filtered/{at}" in done.stdout
     journals = sorted((work / "captioned" / "journal").glob("chunk_*.jsonl"))
     paid = [path.read_bytes() for path in journals]
     captions = (work / "captioned" / "captioned.jsonl").read_bytes()
@@ -348,8 +367,10 @@ def test_killed_filter_job_reruns_cleanly(private_sample):
         name: (work / "merged" / name).read_bytes()
         for name in ("merged_output.jsonl", "aes_6.jsonl")
     }
-    (work / "filtered" / "laion-high-resolution" / "shard_0.jsonl").unlink()
-    (work / "scored" / "laion-high-resolution" / "shard_0.jsonl").unlink()
+    part, shard, _ = source_shards(work, "laion-high-resolution")[0]
+    at = work / "scored" / "laion-high-resolution" / part / f"shard_{shard}"
+    (work / "filtered" / "laion-high-resolution" / part / f"shard_{shard}.jsonl").unlink()
+    at.with_suffix(".jsonl").unlink()
     cmd = [
         sys.executable,
         "-m",
@@ -361,14 +382,14 @@ def test_killed_filter_job_reruns_cleanly(private_sample):
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    work_dir = work / "scored" / "laion-high-resolution" / "shard_0_work"
+    work_dir = at.with_name(f"{at.name}_work")
     deadline = time.time() + 120
     while not any(work_dir.glob("*/logs")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)  # data-juicer has started on the shard
     assert proc.poll() is None, "snakemake finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (work / "scored" / "laion-high-resolution" / "shard_0.jsonl").exists()
+    assert not at.with_suffix(".jsonl").exists()
     run_snakemake([*private_sample["args"], "--unlock"])  # a SIGKILL leaves snakemake's lock behind
     run_snakemake([*private_sample["args"], "--rerun-incomplete"])
     for name, content in before.items():
@@ -610,6 +631,9 @@ def test_sample_report_names_every_stage_with_its_counts(sample_run, tmp_path):
     assert [row["stage"] for row in summary["stages"]] == stages
 
 
+BIG_PART = part_name("urls.parquet", 0, 1)  # the one download part of _lay_down_manifest's list
+
+
 def _lay_down_manifest(tmp_path, records: int) -> dict:
     """A config whose upstream outputs exist, with a manifest of `records` lines (no download)."""
     url_list = write_parquet(tmp_path / "urls.parquet", [{"URL": "http://x/a.jpg", "TEXT": "t"}])
@@ -622,7 +646,7 @@ def _lay_down_manifest(tmp_path, records: int) -> dict:
         **STAND_IN_CAPTIONS,
         **RANDOM_WEIGHTS,
     }
-    part = part_name("urls.parquet", 0, 1)  # its one download part
+    part = BIG_PART
     paths = [
         "url_lists/big_parts.json",
         f"url_lists/big/{part}.parquet",
@@ -630,9 +654,9 @@ def _lay_down_manifest(tmp_path, records: int) -> dict:
         f"url_lists/big/{part}_dropped.parquet",
         f"downloads/big/{part}_stats.json",
         f"downloads/big/{part}_dropped.jsonl",
-        "manifest/big_stats.json",
-        "manifest/big_dropped.jsonl",
-        "manifest/big.jsonl",
+        f"manifest/big/{part}_stats.json",
+        f"manifest/big/{part}_dropped.jsonl",
+        f"manifest/big/{part}.jsonl",
     ]
     for i, rel in enumerate(paths):
         path = work / rel
@@ -654,7 +678,7 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
     before = run_snakemake([*args, "-n"]).stdout
     assert job_counts(before).get("index_shards") == 1 and "download_part" not in job_counts(before)
     run_snakemake([*args, "--until", "index_shards"])
-    index = json.loads((laid["work"] / "shards" / "big" / "index.json").read_text())
+    index = json.loads((laid["work"] / "shards" / "big" / BIG_PART / "index.json").read_text())
     assert len(index["shards"]) == 118
     counts = job_counts(run_snakemake([*args, "-n"]).stdout)
     assert counts == {
@@ -672,22 +696,22 @@ def test_dry_run_lists_one_job_per_shard_after_the_split(tmp_path):
 # The per-item jobs of the filter, mask and Emu3 stages, with the files each reads and writes.
 ITEM_JOBS = {
     "score_shard": (
-        ["shards/big/index.json"],
+        [f"shards/big/{BIG_PART}/index.json"],
         [
-            "shards/big/shard_0.jsonl",
-            "probed/big/shard_0.jsonl",
-            "probed/big/shard_0_dropped.jsonl",
-            "dj_configs/big/shard_0.yaml",
-            "scored/big/shard_0.jsonl",
-            "scored/big/shard_0_stats.json",
+            f"shards/big/{BIG_PART}/shard_0.jsonl",
+            f"probed/big/{BIG_PART}/shard_0.jsonl",
+            f"probed/big/{BIG_PART}/shard_0_dropped.jsonl",
+            f"dj_configs/big/{BIG_PART}/shard_0.yaml",
+            f"scored/big/{BIG_PART}/shard_0.jsonl",
+            f"scored/big/{BIG_PART}/shard_0_stats.json",
         ],
     ),
     "select_shard": (
         [],
         [
-            "filtered/big/shard_0.jsonl",
-            "rejected/big/shard_0.jsonl",
-            "filtered/big/shard_0_stats.json",
+            f"filtered/big/{BIG_PART}/shard_0.jsonl",
+            f"rejected/big/{BIG_PART}/shard_0.jsonl",
+            f"filtered/big/{BIG_PART}/shard_0_stats.json",
         ],
     ),
     "mask_chunk": (
@@ -745,13 +769,19 @@ def test_tuning_knobs_mark_no_filter_mask_or_emu3_job_stale(tmp_path):
             if rel.endswith("/"):
                 path.mkdir(parents=True)
             elif rel.endswith("index.json"):  # read while planning: the manifest's one shard
-                write_index(index_manifest(work / "manifest" / "big.jsonl", 10), path)
+                write_index(
+                    index_manifest(work / "manifest" / "big" / f"{BIG_PART}.jsonl", 10), path
+                )
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("{}\n")
             stamp += 1
             os.utime(path, (stamp, stamp))
-    targets = ["filtered/big/shard_0.jsonl", "masked/chunk_0.jsonl", "export/emu3/list/train.json"]
+    targets = [
+        f"filtered/big/{BIG_PART}/shard_0.jsonl",
+        "masked/chunk_0.jsonl",
+        "export/emu3/list/train.json",
+    ]
     args = [*PROFILE, "--cores", "1", *targets, "--allowed-rules", *ITEM_JOBS]
 
     def stale(*overrides: dict) -> set[str]:

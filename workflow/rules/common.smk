@@ -110,12 +110,10 @@ def part_file(wildcards):
     return str(root / download_part(wildcards).file)
 
 
-def source_downloads(wildcards):
-    """Input function of the manifest: the plan and every download part's stats of a source."""
-    parts = source_parts(wildcards.source)
-    names = [part.name for part in parts]
-    stats = expand(layout.DOWNLOAD.stats, source=wildcards.source, download_part=names)
-    return {"plan": layout.PARTS.format(source=wildcards.source), "stats": stats}
+def source_manifests(source):
+    """The manifests of every download part of a source."""
+    names = [part.name for part in source_parts(source)]
+    return expand(layout.MANIFEST.records, source=source, download_part=names)
 
 
 def download_threads(wildcards):
@@ -123,20 +121,22 @@ def download_threads(wildcards):
     return source_download(wildcards)["processes_count"]
 
 
-def shard_ids(source):
-    """Shard indices of a source, known once its manifest is indexed (checkpoint)."""
-    index = checkpoints.index_shards.get(source=source).output.index
+def shard_ids(source, part):
+    """Shard indices of a download part, known once its manifest is indexed (checkpoint)."""
+    index = checkpoints.index_shards.get(source=source, download_part=part).output.index
     return [entry["shard"] for entry in read_index(index)["shards"]]
 
 
-def source_filtered(source):
-    """Filtered shards of a source (one data-juicer job each)."""
-    return expand(layout.SELECT.records, source=source, shard=shard_ids(source))
+def part_filtered(source, part):
+    """Filtered shards of a download part (one data-juicer job each)."""
+    return expand(layout.SELECT.records, source=source, download_part=part,
+                  shard=shard_ids(source, part))  # fmt: skip
 
 
 def filtered_shards(wildcards):
-    """Input function of the merge: every filtered shard of every source."""
-    return [path for source in SOURCES for path in source_filtered(source)]
+    """Input function of the merge: every filtered shard of every part of every source."""
+    return [path for source in SOURCES for part in source_parts(source)
+            for path in part_filtered(source, part.name)]  # fmt: skip
 
 
 # Plain values, not input functions: per-shard jobs are many, and each function call costs
@@ -150,21 +150,28 @@ SCORE_SETTINGS = groundset.stages.filter.score.score_settings(config["filter"])
 SELECT_SETTINGS = groundset.stages.filter.shard.select_settings(config["filter"])
 
 
-def source_targets(source):
-    """Input function of `all` for one source: every filtered shard.
+def part_targets(source, part):
+    """Input function of `all` for one download part: its filtered shards.
 
-    One function per source, so that each source's checkpoint is awaited on its own and
-    all sources run in parallel; listing per-shard outputs remakes a deleted one.
+    One function per part, so that each part's checkpoint is awaited on its own and all parts
+    run in parallel; listing per-shard outputs remakes a deleted one.
     """
 
     def targets(wildcards):
-        return source_filtered(source)
+        return part_filtered(source, part)
 
-    targets.__name__ = f"targets_of_{source}"
+    targets.__name__ = f"targets_of_{source}_{part}"
     return targets
 
 
-ALL_TARGETS = [source_targets(source) for source in SOURCES]
+# Planned where the run is planned (a job's own process needs no targets of `all`).
+ALL_TARGETS = [
+    part_targets(source, part.name)
+    for source in (SOURCES if workflow.is_main_process else [])
+    for part in source_parts(source)
+]
+# The plans of the parts: a file added or removed rewrites its source's (and reruns the merge)
+PLANS = expand(layout.PARTS, source=SOURCES)
 MERGED = [layout.MERGED, layout.AES_6]
 
 

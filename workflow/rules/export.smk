@@ -208,7 +208,7 @@ rule validate_outputs:
         **COCO,
         **ODVG,
         **WDS,
-        manifests=expand(layout.MANIFEST.records, source=SOURCES),
+        manifests=[path for source in SOURCES for path in source_manifests(source)],
         merged=MERGED,
         deduped=DEDUPED,
         captioned=CAPTIONED,

@@ -1,33 +1,35 @@
 rule build_manifest:
     input:
-        unpack(source_downloads),
+        stats=layout.DOWNLOAD.stats,
     output:
         manifest=layout.MANIFEST.records,
         stats=layout.MANIFEST.stats,
         dropped=layout.MANIFEST.dropped,
     log:
-        "logs/build_manifest/{source}.log",
+        "logs/build_manifest/{source}/{download_part}.log",
     benchmark:
-        "benchmarks/build_manifest/{source}.tsv"
+        "benchmarks/build_manifest/{source}/{download_part}.tsv"
     conda:
         "../envs/groundset.yaml"
     threads: 1
     resources:
         mem_mb=1000,
     params:
-        folders=lambda wildcards, input: [p.removesuffix("_stats.json") for p in input.stats],
+        folder=lambda wildcards, input: input.stats.removesuffix("_stats.json"),
         columns=lambda wildcards: source_config(wildcards)["save_additional_columns"],
     script:
         "../scripts/build_manifest.py"
 
 
+# One checkpoint per download part: a part's shards are planned, and scored, as soon as its own
+# manifest is there, while later parts still download.
 checkpoint index_shards:
     input:
         layout.MANIFEST.records,
     output:
         index=layout.SHARD_INDEX,
     log:
-        "logs/index_shards/{source}.log",
+        "logs/index_shards/{source}/{download_part}.log",
     conda:
         "../envs/groundset.yaml"
     threads: 1
@@ -74,9 +76,9 @@ rule score_shard:
         scored=layout.SCORE.records,
         stats=layout.SCORE.stats,
     log:
-        "logs/score_shard/{source}/{shard}.log",
+        "logs/score_shard/{source}/{download_part}/{shard}.log",
     benchmark:
-        "benchmarks/score_shard/{source}/{shard}.tsv"
+        "benchmarks/score_shard/{source}/{download_part}/{shard}.tsv"
     conda:
         "../envs/filter.yaml"
     threads: config["filter"]["np"]
@@ -103,7 +105,7 @@ rule select_shard:
         rejected=layout.SELECT.dropped,
         stats=layout.SELECT.stats,
     log:
-        "logs/select_shard/{source}/{shard}.log",
+        "logs/select_shard/{source}/{download_part}/{shard}.log",
     threads: 1
     resources:
         mem_mb=500,
@@ -120,7 +122,8 @@ rule select_shard:
 
 rule merge_tiers:
     input:
-        filtered_shards,
+        shards=filtered_shards,
+        plans=PLANS,
     output:
         low=layout.MERGED,
         high=layout.AES_6,

@@ -5,7 +5,7 @@ from groundset.stages.manifest import build_manifest
 
 with log_to(snakemake.log[0]):
     build_manifest(
-        snakemake.params.folders,
+        [snakemake.params.folder],
         snakemake.output.manifest,
         snakemake.wildcards.source,
         snakemake.params.columns,

@@ -5,7 +5,7 @@ from groundset.stages.merge import merge_tiers
 
 with log_to(snakemake.log[0]):
     merge_tiers(
-        list(snakemake.input),
+        list(snakemake.input.shards),
         (snakemake.output.low, snakemake.output.high),
         snakemake.params.tiers,
         snakemake.output.stats,

@@ -16,7 +16,7 @@ with log_to(snakemake.log[0]):
         int(shard),
         job_files(ScoreFiles, snakemake),
         template=snakemake.input.template,
-        name=f"{source}_shard_{shard}",  # data-juicer's project name, not a path
+        name=f"{source}_{snakemake.wildcards.download_part}_shard_{shard}",  # a project name
         settings=settings,
         models=resolve_models({**snakemake.config["filter"], **settings}, stand_in),
         threads=snakemake.threads,

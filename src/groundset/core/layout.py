@@ -60,34 +60,35 @@ DOWNLOAD = Stage(
     "download_part",
 )
 
-# filter
+# filter: per download part, so that a part added later leaves the shards already scored as
+# they are and a part's shards are scored while later parts still download
 MANIFEST = Stage(
     "manifest",
     "build_manifest",
-    "manifest/{source}.jsonl",
-    "manifest/{source}_dropped.jsonl",
-    "manifest/{source}_stats.json",
-    "source",
+    "manifest/{source}/{download_part}.jsonl",
+    "manifest/{source}/{download_part}_dropped.jsonl",
+    "manifest/{source}/{download_part}_stats.json",
+    "download_part",
 )
-SHARD_INDEX = "shards/{source}/index.json"
-SHARD = "shards/{source}/shard_{shard}.jsonl"
-DJ_CONFIG = "dj_configs/{source}/shard_{shard}.yaml"
+SHARD_INDEX = "shards/{source}/{download_part}/index.json"
+SHARD = "shards/{source}/{download_part}/shard_{shard}.jsonl"
+DJ_CONFIG = "dj_configs/{source}/{download_part}/shard_{shard}.yaml"
 STAND_IN_MODELS = "models/stand_in/models.json"
-PROBED = "probed/{source}/shard_{shard}.jsonl"
+PROBED = "probed/{source}/{download_part}/shard_{shard}.jsonl"
 SCORE = Stage(
     "score",
     "score_shard",
-    "scored/{source}/shard_{shard}.jsonl",
-    "probed/{source}/shard_{shard}_dropped.jsonl",
-    "scored/{source}/shard_{shard}_stats.json",
+    "scored/{source}/{download_part}/shard_{shard}.jsonl",
+    "probed/{source}/{download_part}/shard_{shard}_dropped.jsonl",
+    "scored/{source}/{download_part}/shard_{shard}_stats.json",
     "shard",
 )
 SELECT = Stage(
     "select",
     "select_shard",
-    "filtered/{source}/shard_{shard}.jsonl",
-    "rejected/{source}/shard_{shard}.jsonl",
-    "filtered/{source}/shard_{shard}_stats.json",
+    "filtered/{source}/{download_part}/shard_{shard}.jsonl",
+    "rejected/{source}/{download_part}/shard_{shard}.jsonl",
+    "filtered/{source}/{download_part}/shard_{shard}_stats.json",
     "shard",
 )
 MERGED = "merged/merged_output.jsonl"

@@ -237,9 +237,12 @@ def _job_records(run: Path, stage: str) -> tuple[list[tuple[float, float]], floa
     jobs, peak, cpu = [], 0.0, 0.0
     for path in paths:
         timing = read_benchmark(path)
-        names = dict.fromkeys(("shard", "chunk", "part", "download_part"), path.stem)  # wildcards
-        stats_path = run / kind.path("stats", **names, source=path.stem if kind.per == "source"
-                                     else path.parent.name)  # fmt: skip
+        # the job's wildcards: benchmarks/<rule>/<source>[/<download part>]/<job>.tsv
+        names = dict.fromkeys(("shard", "chunk", "part", "download_part"), path.stem)
+        names["source"] = path.parent.name
+        if kind.per == "shard":
+            names.update(source=path.parent.parent.name, download_part=path.parent.name)
+        stats_path = run / kind.path("stats", **names)
         records = read_stats(stats_path).get(key, 0) if stats_path.exists() else 0
         if timing is not None and records:
             jobs.append((float(records), timing["s"]))
@@ -388,17 +391,17 @@ LIGHT_MEM_MB = {
 }
 PROFILE_MEM_MB = {"score_shard": 32000, "mask_chunk": 32000, "emu3_part": 32000}
 # What each rule's jobs wait for (their inputs in workflow/rules/*.smk): (rule, n) waits for
-# that rule's jobs whose key is the first n parts of its own ((source,), (source, shard),
-# (chunk,)), n = 0 for all of them. In the order the scheduler prefers ready jobs: the DAG's,
+# that rule's jobs whose key is the first n parts of its own ((source, part), (source, part,
+# shard), (chunk,)), n = 0 for all of them. In the order the scheduler prefers ready jobs: the DAG's,
 # but the rules without inputs last (Snakemake prefers jobs with bigger inputs).
 AFTER: dict[str, tuple[tuple[str, int], ...]] = {
     "prefilter_urls": (),
     "download_part": (("prefilter_urls", 2),),
-    "build_manifest": (("download_part", 1), ("plan_parts", 1)),
-    "index_shards": (("build_manifest", 1),),
-    "score_shard": (("index_shards", 1), ("build_stand_in_models", 0)),
-    "select_shard": (("score_shard", 2),),
-    "merge_tiers": (("select_shard", 0),),
+    "build_manifest": (("download_part", 2),),
+    "index_shards": (("build_manifest", 2),),
+    "score_shard": (("index_shards", 2), ("build_stand_in_models", 0)),
+    "select_shard": (("score_shard", 3),),
+    "merge_tiers": (("select_shard", 0), ("plan_parts", 0)),
     "dedup_records": (("merge_tiers", 0),),
     "index_chunks": (("dedup_records", 0), ("caption_preflight", 0)),
     "caption_chunk": (("index_chunks", 0),),
@@ -437,7 +440,7 @@ OTHER_RULES: dict[str, tuple[str | None, str]] = {
     "build_stand_in_models": (None, "stand_in_models_s"),
     "caption_preflight": (None, "bookkeeping_job_s"),
     "index_shards": ("build_manifest", "bookkeeping_job_s"),
-    "plan_parts": ("build_manifest", "bookkeeping_job_s"),
+    "plan_parts": (None, "bookkeeping_job_s"),
     "index_chunks": (None, "bookkeeping_job_s"),
     "gather_captions": (None, "bookkeeping_job_s"),
     "gather_masks": (None, "bookkeeping_job_s"),
@@ -792,15 +795,18 @@ def _fill(row: dict, jobs: list[Job], spans: list[tuple[float, float]]) -> None:
         row["gpu_hours"] = sum(t * g for t, g in zip(took, gpus, strict=True)) / 3600
 
 
-def _shards(total: int, shares: list[int], size: int) -> list[tuple[tuple[int, int], int]]:
-    """((source, shard), records) of each job when `total` records, split between sources as
-    `shares`, are cut into jobs of `size` per source (shards are per source)."""
-    whole = sum(shares)
+Shares = list[tuple[tuple[int, int], int]]  # ((source, part), records) of each download part
+
+
+def _shards(total: int, shares: Shares, size: int) -> list[tuple[tuple[int, int, int], int]]:
+    """((source, part, shard), records) of each job when `total` records, split between the
+    download parts as `shares`, are cut into jobs of `size` per part (shards are per part)."""
+    whole = sum(n for _, n in shares)
     if not whole:
         return []
     return [
-        ((source, shard), n)
-        for source, share in enumerate(shares)
+        ((*key, shard), n)
+        for key, share in shares
         for shard, n in enumerate(_split(round(total * share / whole), size))
     ]
 
@@ -889,7 +895,7 @@ def _add_prefilter(plan: _Plan, sources: list[dict]) -> None:
     plan.add("prefilter", rows, passed, sizes, timing, "prefilter_urls", keys)
 
 
-def _add_download(plan: _Plan, sources: list[dict]) -> tuple[int, list[int]]:
+def _add_download(plan: _Plan, sources: list[dict]) -> tuple[int, Shares]:
     """The download (one img2dataset job per download part, processes_count processes each)
     and the manifest (one job per source); the records listed and each source's share."""
     to_download = sum(s["to_download"] for s in sources)
@@ -915,17 +921,20 @@ def _add_download(plan: _Plan, sources: list[dict]) -> tuple[int, list[int]]:
         f"{s['processes']} processes each"
         for s in sources
     ]
-    shares = [round(s["to_download"] * success["value"]) for s in sources]
+    kept = [s["to_download"] / s["rows"] if s["rows"] else 0.0 for s in sources]
+    shares = [((i, j), round(sources[i]["parts"][j] * kept[i] * success["value"]))
+              for i, j in keys]  # fmt: skip
+    shares = [(key, n) for key, n in shares if n]
     timing = plan.timing(
         "manifest", ASSUMED["manifest_records_per_s"]["value"], None, "manifest_records_per_s"
     )
     records = plan.add("manifest", row["records_out"], plan.figure("manifest", "manifest_pass"),
-                       [n for n in shares if n], timing, "build_manifest",
-                       [(i,) for i, n in enumerate(shares) if n])["records_out"]  # fmt: skip
+                       [n for _, n in shares], timing, "build_manifest",
+                       [key for key, _ in shares])["records_out"]  # fmt: skip
     return records, shares
 
 
-def _add_score(plan: _Plan, config: dict, records: int, shares: list[int]) -> dict:
+def _add_score(plan: _Plan, config: dict, records: int, shares: Shares) -> dict:
     """The score: one job per shard (probe + data-juicer scores), filter.np threads and
     filter.gpus GPUs each."""
     filt = config["filter"]
@@ -958,7 +967,7 @@ def _select_pass(plan: _Plan, filt: dict, notes: list[str]) -> dict:
     )
 
 
-def _add_select(plan: _Plan, config: dict, scored: int, shares: list[int], notes: list[str]) -> int:
+def _add_select(plan: _Plan, config: dict, scored: int, shares: Shares, notes: list[str]) -> int:
     """The select: the thresholds, one local job per shard; the records it keeps."""
     filter_pass = _select_pass(plan, config["filter"], notes)
     timing = plan.timing(

@@ -3,6 +3,7 @@ summing each stage's stats envelopes (per source where a stage runs per source o
 
 from __future__ import annotations
 
+import functools
 import html
 import os
 from collections.abc import Collection
@@ -36,57 +37,45 @@ STAND_IN_MODELS_WARNING = (
 )
 
 
-def _source_of(path: Path, pattern: str, workdir: Path) -> str:
-    """The `{source}` a stats file of a per-source pattern was written for."""
-    prefix, suffix = pattern.split("{source}", 1)
-    rel = path.relative_to(workdir).as_posix()
-    return rel[len(prefix) : len(rel) - len(suffix)]
+@functools.cache
+def _plan(workdir: Path, source: str) -> frozenset[str] | None:
+    """The download parts of a source's current plan (None: none written yet)."""
+    plan = workdir / layout.PARTS.format(source=source)
+    return frozenset(p.name for p in read_plan(plan)) if plan.exists() else None
 
 
-def _shard_files(workdir: Path, stage: layout.Stage) -> dict[str, list[Path]]:
-    """The stats files of a per-shard stage by source: those of the shards of the source's
-    current index (a smaller shard_size leaves older shards' files behind), all without one."""
-    pattern = stage.stats.format(source="*", shard="*")
-    sources = sorted({path.relative_to(workdir).parts[1] for path in workdir.glob(pattern)})
-    found: dict[str, list[Path]] = {}
-    for source in sources:
-        index = workdir / layout.SHARD_INDEX.format(source=source)
-        if index.exists():
-            shards = [entry["shard"] for entry in read_json(index)["shards"]]
-            paths = [workdir / stage.path("stats", source=source, shard=s) for s in shards]
-        else:
-            paths = sorted(workdir.glob(stage.stats.format(source=source, shard="*")))
-        if any(path.exists() for path in paths):
-            found[source] = [path for path in paths if path.exists()]
-    return found
+@functools.cache
+def _index(workdir: Path, source: str, part: str) -> frozenset[str] | None:
+    """The shards of a download part's current index (None: not indexed yet)."""
+    index = workdir / layout.SHARD_INDEX.format(source=source, download_part=part)
+    shards = read_json(index)["shards"] if index.exists() else None
+    return None if shards is None else frozenset(str(entry["shard"]) for entry in shards)
 
 
-def _part_files(workdir: Path, stage: layout.Stage) -> dict[str, list[Path]]:
-    """The stats files of a per-download-part stage by source: those of the parts of the
-    source's current plan (a file removed from a URL list leaves its parts' files behind)."""
-    found: dict[str, list[Path]] = {}
-    plans: dict[str, set[str] | None] = {}
-    for path in sorted(workdir.glob(stage.stats.format(source="*", download_part="*"))):
-        source, part = path.relative_to(workdir).parts[1], path.name.split("_", 1)[0]
-        if source not in plans:
-            plan = workdir / layout.PARTS.format(source=source)
-            plans[source] = {p.name for p in read_plan(plan)} if plan.exists() else None
-        if plans[source] is None or part in plans[source]:
-            found.setdefault(source, []).append(path)
-    return found
+def _current(workdir: Path, path: Path, stage: layout.Stage) -> str | None:
+    """The source of a per-part or per-shard stats file when its part is in the source's current
+    plan and its shard in the part's current index (a file removed from a URL list, a smaller
+    shard_size leave older files behind), else None."""
+    source, *rest = path.relative_to(workdir).parts[1:]
+    part, name = (rest[0], rest[1]) if stage.per == "shard" else (rest[0].split("_")[0], "")
+    shard = name.removeprefix("shard_").split("_")[0]
+    parts, shards = _plan(workdir, source), _index(workdir, source, part) if name else None
+    current = (parts is None or part in parts) and (shards is None or shard in shards)
+    return source if current else None
 
 
 def stats_files(workdir: Path, stage: layout.Stage) -> dict[str, list[Path]]:
     """A stage's stats files by source ("" for a stage over every source)."""
-    if stage.per == "shard":
-        return _shard_files(workdir, stage)
-    if stage.per == "download_part":
-        return _part_files(workdir, stage)
-    if stage.per == "source":
-        paths = sorted(workdir.glob(stage.stats.format(source="*")))
-        return {_source_of(path, stage.stats, workdir): [path] for path in paths}
-    path = workdir / stage.stats
-    return {"": [path]} if path.exists() else {}
+    if stage.per not in ("shard", "download_part"):
+        path = workdir / stage.stats
+        return {"": [path]} if path.exists() else {}
+    _plan.cache_clear()  # the plans and indexes as they are now
+    _index.cache_clear()
+    found: dict[str, list[Path]] = {}
+    for path in sorted(workdir.glob(stage.stats.format(source="*", download_part="*", shard="*"))):
+        if (source := _current(workdir, path, stage)) is not None:
+            found.setdefault(source, []).append(path)
+    return found
 
 
 def row(name: str, stats: dict) -> dict:

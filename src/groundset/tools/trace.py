@@ -170,7 +170,10 @@ class _Tracer:
             self.dropped_at = stage
 
     def at(self, pattern: str, **wildcards: object) -> Path:
-        """A layout pattern of this source (and `wildcards`) under the workdir."""
+        """A layout pattern of this source and the image's download part (and `wildcards`)
+        under the workdir."""
+        part = part_of(self.image_id) if self.image_id else None
+        wildcards = {"download_part": part or "", **wildcards}
         return Path(layout.under(self.work, pattern, source=self.source, **wildcards))
 
     def parts(self, pattern: str) -> list[Path]:
@@ -472,7 +475,7 @@ class _Tracer:
 
     def shard_files(self, stage: str, suffix: str = "") -> list[Path]:
         """The files of a per-shard stage that may hold the record: its shard's, else all."""
-        folder = self.work / stage / self.source
+        folder = self.work / stage / self.source / (part_of(self.image_id) or "")
         if self.shard is not None:
             return [folder / f"shard_{self.shard}{suffix}.jsonl"]
         pattern = re.compile(rf"shard_\d+{suffix}\.jsonl")
@@ -880,11 +883,9 @@ class _Tracer:
 def known_sources(workdir: Path, config: dict | None) -> list[str]:
     """The sources of the config, then any other the workdir has outputs of."""
     names = [s["name"] for s in (config or {}).get("sources") or []]
-    for folder in ("url_lists", "downloads", "shards", "scored"):
+    for folder in ("url_lists", "downloads", "manifest", "shards", "scored"):
         if (workdir / folder).is_dir():
             names += [p.name for p in (workdir / folder).iterdir() if p.is_dir()]
-    if (workdir / "manifest").is_dir():
-        names += [p.stem for p in (workdir / "manifest").glob("*.jsonl")]
     return list(dict.fromkeys(names))
 
 
