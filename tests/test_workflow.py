@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from conftest import (
     RANDOM_WEIGHTS,
@@ -814,6 +815,36 @@ def test_tuning_knobs_mark_no_filter_mask_or_emu3_job_stale(tmp_path):
     assert stale({"mask": {"mask_format": "rle"}}) == {"mask_chunk"}
     assert stale({"mask": {"min_score": 0.5}}) == set()  # a floor: the gather only, no mask job
     assert stale({"export": {"emu3": {"image_area": 4096}}}) == {"emu3_part"}  # and its gather
+
+
+def test_a_part_added_later_leaves_the_scored_shards_as_they_are(tmp_path):
+    """A URL-list file added to a source scored up to its select: the new part's jobs are
+    planned up to its own split, and not one score job of the part already scored."""
+    laid = _lay_down_manifest(tmp_path, 3)
+    work = laid["work"]
+    stamp = time.time() - 50
+    for rel in [*ITEM_JOBS["score_shard"][0], *ITEM_JOBS["score_shard"][1],
+                *ITEM_JOBS["select_shard"][1]]:  # fmt: skip
+        path = work / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith("index.json"):
+            write_index(index_manifest(work / "manifest" / "big" / f"{BIG_PART}.jsonl", 10), path)
+        else:
+            path.write_text("{}\n")
+        stamp += 1
+        os.utime(path, (stamp, stamp))
+    args = [*PROFILE, "--cores", "1", "-n", "--until", "merge_tiers"]
+    before = job_counts(run_snakemake([*args, "--configfile", str(laid["config"])]).stdout)
+    assert "score_shard" not in before and "download_part" not in before, before
+    # the URL list becomes the folder holding urls.parquet and a new file: its part keeps its name
+    write_parquet(tmp_path / "new.parquet", [{"URL": "http://x/b.jpg", "TEXT": "t"}])
+    config = yaml.safe_load(laid["config"].read_text())
+    config["sources"][0]["url_list"] = str(tmp_path)
+    grown = write_config(tmp_path / "grown.yaml", config)
+    after = job_counts(run_snakemake([*args, "--configfile", str(grown)]).stdout)
+    # (plan_parts too in a real run: the plan laid down here has no record of its params)
+    assert after == {"prefilter_urls": 1, "download_part": 1, "build_manifest": 1,
+                     "index_shards": 1, "merge_tiers": 1}, after  # fmt: skip
 
 
 def test_config_errors_stop_before_any_job(tmp_path):
