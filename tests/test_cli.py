@@ -248,8 +248,8 @@ def test_estimate_and_dedup_commands(tmp_path, capsys):
                   "WIDTH": [1200, 600] * (n // 2), "HEIGHT": 1100}).to_parquet(url_list)  # fmt: skip
     config = write_config(
         tmp_path / "c.yaml",
-        {"sources": [{"name": "s", "url_list": str(url_list)}], **RANDOM_WEIGHTS,
-         "caption": {"price_per_image": 0.01}},
+        {"sources": [{"name": "s", "url_list": str(url_list), "save_additional_columns": []}],
+         **RANDOM_WEIGHTS, "caption": {"price_per_image": 0.01}},
     )  # fmt: skip
     assert main(["estimate", "--config", str(config), "--json", "--no-measured"]) == 0
     result = json.loads(capsys.readouterr().out)

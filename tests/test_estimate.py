@@ -69,7 +69,8 @@ def config_for(url_folder: Path, workdir: Path, **sections: object) -> dict:
     """A validated config of one source (`sections`: top-level keys, mappings merged in)."""
     config = {
         "workdir": str(workdir),
-        "sources": [{"name": "src", "url_list": str(url_folder)}],
+        # the test lists have no LAION extras to save (the run would refuse them otherwise)
+        "sources": [{"name": "src", "url_list": str(url_folder), "save_additional_columns": []}],
         "mask": {"random_weights": True},
         "export": {"emu3": {"random_weights": True}},
     }
@@ -465,3 +466,14 @@ def test_the_sample_estimate_matches_its_own_run(sample_run, monkeypatch):
         assert result["run_wall_s"] == pytest.approx(took)
     assert one["schedule"]["makespan_s"] >= two["schedule"]["makespan_s"]
     assert stage(two, "mask")["at_once"] == 1  # gpu=1: the mask jobs one at a time
+
+
+def test_a_url_list_the_run_would_refuse_is_an_error_not_a_count(tmp_path):
+    """A file without the URL column stops the run before any job: the estimate says so."""
+    folder = url_list(tmp_path / "urls", [(2048, 1536)] * 10)
+    pd.DataFrame([{"TEXT": "t", "WIDTH": 2048, "HEIGHT": 1536}]).to_parquet(folder / "x.parquet")
+    config = config_for(folder, tmp_path / "w")
+    (source,) = estimate(config, measured=False)["sources"]
+    assert "x.parquet: missing column(s) ['URL']" in source["error"]
+    assert source["to_download"] == 0
+    assert "error: " in format_estimate(estimate(config, measured=False))

@@ -36,6 +36,7 @@ from groundset.stages.merge import TIER_FILES
 from groundset.stages.parts import plan_parts
 from groundset.stages.prefilter import (
     PrefilterRules,
+    check_file,
     filter_table,
     list_parquet_files,
     open_parquet,
@@ -160,6 +161,8 @@ def url_lists(config: dict, budget: int = SAMPLE_ROWS) -> list[dict]:
         try:
             files = list_parquet_files(source["url_list"])
             rules = PrefilterRules.from_config(config, opts)
+            for path in files:  # what would stop the run (a missing column) stops the count
+                check_file(path, rules, source["save_additional_columns"])
             entry.update(files=len(files), **prefilter_pass(files, rules, budget))
             entry["parts"] = [
                 part.rows for part in plan_parts(source["url_list"], opts["part_rows"])
@@ -871,11 +874,10 @@ def estimate(
     }
 
 
-def _part_keys(sources: list[dict], sizes: dict) -> tuple[list[tuple[int, int]], list[float]]:
-    """(source, part) of every download part with rows, and its size by `sizes[source]`
-    (a function of the part's rows)."""
+def _part_keys(sources: list[dict], size) -> tuple[list[tuple[int, int]], list[float]]:
+    """(source, part) of every download part with rows, and its `size(source, rows)`."""
     keys = [(i, j) for i, s in enumerate(sources) for j, rows in enumerate(s["parts"]) if rows]
-    return keys, [sizes[i](sources[i]["parts"][j]) for i, j in keys]
+    return keys, [size(i, sources[i]["parts"][j]) for i, j in keys]
 
 
 def _add_prefilter(plan: _Plan, sources: list[dict]) -> None:
@@ -891,7 +893,7 @@ def _add_prefilter(plan: _Plan, sources: list[dict]) -> None:
     timing = plan.timing(
         "prefilter", ASSUMED["prefilter_rows_per_s"]["value"], None, "prefilter_rows_per_s"
     )
-    keys, sizes = _part_keys(sources, {i: int for i in range(len(sources))})
+    keys, sizes = _part_keys(sources, lambda _, rows: rows)
     plan.add("prefilter", rows, passed, sizes, timing, "prefilter_urls", keys)
 
 
@@ -907,12 +909,9 @@ def _add_download(plan: _Plan, sources: list[dict]) -> tuple[int, Shares]:
         for s in sources
     ]  # fmt: skip
 
-    def seconds_of(i: int):
-        """Seconds of a part of source i, from its rows (the source's prefilter pass)."""
-        share = sources[i]["to_download"] / sources[i]["rows"] if sources[i]["rows"] else 0.0
-        return lambda rows: timings[i]["start_s"] + rows * share * timings[i]["per_record_s"]
-
-    keys, seconds = _part_keys(sources, {i: seconds_of(i) for i in range(len(sources))})
+    kept = [s["to_download"] / s["rows"] if s["rows"] else 0.0 for s in sources]  # prefilter
+    keys, seconds = _part_keys(sources, lambda i, rows: timings[i]["start_s"]
+                               + rows * kept[i] * timings[i]["per_record_s"])  # fmt: skip
     row = plan.add("download", to_download, success, [], timings[0] if timings else {},
                    "download_part", keys, seconds,
                    [sources[i]["processes"] for i, _ in keys])  # fmt: skip
@@ -921,7 +920,6 @@ def _add_download(plan: _Plan, sources: list[dict]) -> tuple[int, Shares]:
         f"{s['processes']} processes each"
         for s in sources
     ]
-    kept = [s["to_download"] / s["rows"] if s["rows"] else 0.0 for s in sources]
     shares = [((i, j), round(sources[i]["parts"][j] * kept[i] * success["value"]))
               for i, j in keys]  # fmt: skip
     shares = [(key, n) for key, n in shares if n]

@@ -10,7 +10,8 @@ bisected, and its offset names the one shard whose probe, score and select files
 How an image maps to its URL-list row: the provenance the pre-download filter writes on every
 row it passes on (`url_list_file`, `url_list_row`), which img2dataset saves in its shard tables
 and the manifest keeps on every record; a row the prefilter dropped is a drop line of
-`url_lists/<source>_dropped.parquet`. Nothing of img2dataset's key numbering is re-derived.
+`url_lists/<source>/<part>_dropped.parquet`. Nothing of img2dataset's key numbering is
+re-derived.
 """
 
 from __future__ import annotations
