@@ -458,6 +458,15 @@ def test_the_config_check_reads_the_url_lists_columns(tmp_path, row, message):
         workflow_config(config, ROOT)
 
 
+def test_a_run_wide_download_key_in_a_source_is_refused(tmp_path):
+    """download.max_parallel caps parts over the whole run: a source's own would be ignored."""
+    write_parquet(tmp_path / "u.parquet", [{"URL": "u", "TEXT": "t"}])
+    source = {"name": "s", "url_list": str(tmp_path / "u.parquet"), "save_additional_columns": [],
+              "download": {"max_parallel": 2}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"sources\[0\].download.max_parallel: a cap over"):
+        workflow_config({"sources": [source], **RANDOM_WEIGHTS}, ROOT)
+
+
 @pytest.mark.workflow
 def test_snakemake_stops_on_a_bad_config_before_any_job(tmp_path):
     """The plumbing: the check's message reaches the user as one line, before any job."""

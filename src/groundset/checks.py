@@ -69,6 +69,16 @@ def url_list_problems(config: dict) -> list[str]:
     return problems
 
 
+def run_wide_overrides(config: dict) -> list[str]:
+    """Per-source `download` keys that only hold for the whole run (they would be ignored)."""
+    return [
+        f"sources[{index}].download.max_parallel: a cap over the whole run; set "
+        "download.max_parallel instead"
+        for index, source in enumerate(config["sources"])
+        if "max_parallel" in (source.get("download") or {})
+    ]
+
+
 def workflow_config(
     config: dict, launch_dir: str | os.PathLike, read_url_lists: bool = True
 ) -> dict:
@@ -78,7 +88,8 @@ def workflow_config(
     process checked them)."""
     validate_config(config)
     absolute_paths(config, launch_dir)
-    problems = missing_weights(config) + (url_list_problems(config) if read_url_lists else [])
+    problems = missing_weights(config) + run_wide_overrides(config)
+    problems += url_list_problems(config) if read_url_lists else []
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(problems))
     try:

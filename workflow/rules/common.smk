@@ -9,6 +9,7 @@ from groundset.checks import workflow_config
 from groundset.core.config import ConfigError, download_options, find_source
 from groundset.stages.prefilter import PROVENANCE, PrefilterRules
 from groundset.stages.split import read_index
+from groundset.stages.parts import NAME_PATTERN as PART_NAME
 from groundset.stages.parts import find_part, plan_parts, url_list_root
 from groundset.core import layout
 import groundset.stages.caption
@@ -65,7 +66,7 @@ if config["download"]["max_parallel"] is not None:
 
 wildcard_constraints:
     source="|".join(re.escape(name) for name in SOURCES),
-    download_part=r"[0-9a-f]{8}",
+    download_part=PART_NAME,
     shard=r"\d+",
     chunk=r"\d+",
     part=r"\d+",

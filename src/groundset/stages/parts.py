@@ -20,6 +20,8 @@ from groundset.core.io import atomic_write, read_json
 from groundset.stages.prefilter import list_parquet_files, open_parquet
 
 SEPARATOR = "_"  # between the part and img2dataset's key in an image id
+NAME_LENGTH = 8  # hex digits of a part's name
+NAME_PATTERN = rf"[0-9a-f]{{{NAME_LENGTH}}}"  # the `download_part` wildcard
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class Part:
 
 def part_name(file: str, start: int, stop: int) -> str:
     """The stable name of the rows [start, stop) of a URL-list file."""
-    return hashlib.sha1(f"{file}\0{start}\0{stop}".encode()).hexdigest()[:8]
+    return hashlib.sha1(f"{file}\0{start}\0{stop}".encode()).hexdigest()[:NAME_LENGTH]
 
 
 def url_list_root(url_list: str | os.PathLike) -> Path:
@@ -88,7 +90,12 @@ def image_id(part: str, key: str) -> str:
 def part_of(image_id: str) -> str | None:
     """The part of an image id (None for an id without one: a run from before parts)."""
     part, sep, _ = str(image_id).partition(SEPARATOR)
-    return part if sep and len(part) == 8 else None
+    return part if sep and len(part) == NAME_LENGTH else None
+
+
+def key_of(image_id: str) -> str:
+    """img2dataset's key of an image id, within its part (the id itself without a part)."""
+    return str(image_id).partition(SEPARATOR)[2] if part_of(image_id) else str(image_id)
 
 
 def write_plan(path: str | os.PathLike, source: str, parts: list[Part]) -> None:

@@ -35,7 +35,7 @@ from groundset.core.io import contains_bytes as _contains
 from groundset.core.io import scan_lines as _scan
 from groundset.stages.filter.shard import AESTHETICS_KEY, STATS
 from groundset.stages.merge import TIER_FILES
-from groundset.stages.parts import image_id, part_of
+from groundset.stages.parts import image_id, key_of, part_of
 from groundset.stages.prefilter import PROVENANCE, PrefilterRules, list_parquet_files, open_parquet
 
 KEPT = "kept"
@@ -295,7 +295,7 @@ class _Tracer:
         names it), else its download drop line, else in any table (a run without drop lines)."""
         manifest = self.at(layout.MANIFEST.records)
         hit = self.bisect(manifest) if manifest.exists() else None
-        key = self.image_id.rsplit("_", 1)[-1]  # img2dataset's, within the part
+        key = key_of(self.image_id)  # img2dataset's, within the part
         if hit is not None:
             image = hit[1].get("image")
             folder = Path(str(image[0] if isinstance(image, list) and image else image)).parent
